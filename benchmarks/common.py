@@ -1,0 +1,101 @@
+"""Shared helpers for the benchmarks: timing, peak memory, machine description, result files."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class PeakMemory:
+    """Peak resident memory above the level at entry (CPU), or CUDA peak allocation on a GPU."""
+
+    def __init__(self, device: str = "cpu", interval: float = 0.002):
+        self.device = device
+        self.interval = interval
+        self.peak = 0
+
+    def __enter__(self):
+        if self.device.startswith("cuda"):
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.base = torch.cuda.memory_allocated()
+            return self
+        self.base = _rss_bytes()
+        self.peak = self.base
+        self._stop = threading.Event()
+
+        def watch():
+            while not self._stop.is_set():
+                self.peak = max(self.peak, _rss_bytes())
+                time.sleep(self.interval)
+
+        self._thread = threading.Thread(target=watch, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.startswith("cuda"):
+            torch.cuda.synchronize()
+            self.peak = torch.cuda.max_memory_allocated()
+            return
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _rss_bytes())
+
+    @property
+    def mib(self) -> float:
+        return (self.peak - self.base) / 2**20
+
+
+def best_time(fn: Callable[[], Any], repeats: int = 3, warmup: int = 1, device: str = "cpu") -> float:
+    """Smallest wall time of ``repeats`` calls after ``warmup`` calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def machine() -> str:
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}"
+    return (f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
+            f"{os.cpu_count()} cores, torch {torch.__version__}")
+
+
+def write(name: str, rows: list[dict], markdown: str) -> Path:
+    """Write ``results/<name>.json`` and ``results/<name>.md``; return the markdown path."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{name}.json").write_text(json.dumps(rows, indent=2))
+    path = RESULTS / f"{name}.md"
+    path.write_text(markdown)
+    return path
+
+
+def md_table(rows: list[dict], columns: list[str]) -> str:
+    def fmt(v):
+        return f"{v:.3g}" if isinstance(v, float) else str(v)
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in columns) + " |" for r in rows]
+    return "\n".join(lines)

@@ -1,0 +1,147 @@
+"""Per-sample Fisher estimation: gradsel's vmap engine against the batch-of-one loop and the batched floor.
+
+Run: ``python -m benchmarks.fisher_speed [--device cuda]``. Writes ``benchmarks/results/fisher_speed{,_cuda}.md``.
+
+Three ways over the same samples, in one process:
+- ``batched``: one ordinary forward+backward of the whole batch (no per-sample gradients): the floor;
+- ``vmap``: ``gradsel.fisher`` (torch.func, chunked);
+- ``loop``: ``gradsel.fisher_loop``, one backward per sample, as the FISH Mask / FISH-Tuning code does it.
+Peak memory is measured for the vmap engine at 1× and 4× the samples with the same chunk: it must not grow.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import os
+
+import torch
+
+import gradsel
+
+from .common import PeakMemory, best_time, machine, md_table, write
+
+
+def bert_case(device: str):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=30522, hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
+                        intermediate_size=1024, num_labels=2, attn_implementation="eager")
+    model = BertForSequenceClassification(config).to(device)
+
+    def batch(n, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        ids = torch.randint(1000, 30522, (n, 64), generator=g)
+        lengths = torch.randint(32, 65, (n,), generator=g)
+        mask = (torch.arange(64)[None] < lengths[:, None]).long()
+        return {"input_ids": (ids * mask).to(device), "attention_mask": mask.to(device),
+                "labels": torch.randint(0, 2, (n,), generator=g).to(device)}
+
+    def floor(b):
+        model.zero_grad(set_to_none=True)
+        model(**b).loss.backward()
+
+    return "BERT (4 layers, hidden 256), seq 64", model, batch, 16, floor
+
+
+def unet_case(device: str):
+    import segmentation_models_pytorch as smp
+
+    torch.manual_seed(0)
+    model = smp.Unet("resnet18", encoder_weights=None, classes=2).to(device)
+
+    def batch(n, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        return (torch.randn(n, 3, 128, 128, generator=g).to(device),
+                torch.randint(0, 2, (n, 128, 128), generator=g).to(device))
+
+    def floor(b):
+        model.zero_grad(set_to_none=True)
+        torch.nn.functional.cross_entropy(model(b[0]), b[1]).backward()
+
+    return "smp Unet-resnet18, 128×128", model, batch, 8, floor
+
+
+def split(batch, n: int) -> list:
+    """A batch cut into a list of batches of ``n`` samples."""
+    if isinstance(batch, dict):
+        size = len(next(iter(batch.values())))
+        return [{k: v[i:i + n] for k, v in batch.items()} for i in range(0, size, n)]
+    return [tuple(x[i:i + n] for x in batch) for i in range(0, len(batch[0]), n)]
+
+
+def _peak_worker(case: str, device: str, batches: int, queue) -> None:
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    _, model, batch, n, _ = globals()[case](device)
+    model.eval()
+    data = split(batch(batches * n, seed=1), n)
+    with PeakMemory(device) as mem:
+        gradsel.fisher(model, data, chunk_size=n, progress=False)
+    queue.put(mem.mib)
+
+
+def fresh_process_peak(case: str, device: str, batches: int) -> float:
+    """Peak memory of one estimate over ``batches`` batches, in a fresh process (no allocator caches)."""
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_peak_worker, args=(case, device, batches, queue))
+    # large blocks through mmap, so that freed tensors leave the resident set and it shows the live peak
+    old = os.environ.get("MALLOC_MMAP_THRESHOLD_")
+    os.environ["MALLOC_MMAP_THRESHOLD_"] = "131072"
+    try:
+        proc.start()
+    finally:
+        if old is None:
+            os.environ.pop("MALLOC_MMAP_THRESHOLD_")
+        else:
+            os.environ["MALLOC_MMAP_THRESHOLD_"] = old
+    value = queue.get()
+    proc.join()
+    return value
+
+
+def run(device: str = "cpu", repeats: int = 3) -> list[dict]:
+    rows = []
+    for make in (bert_case, unet_case):
+        label, model, batch, n, floor = make(device)
+        model.eval()
+        b = batch(n)
+        params = sum(p.numel() for p in model.parameters())
+        t_floor = best_time(lambda: floor(b), repeats, device=device)
+        t_vmap = best_time(lambda: gradsel.fisher(model, b, chunk_size=n, progress=False), repeats, device=device)
+        t_loop = best_time(lambda: gradsel.fisher_loop(model, b, progress=False), repeats, device=device)
+        mem1 = fresh_process_peak(make.__name__, device, 1)
+        mem4 = fresh_process_peak(make.__name__, device, 4)
+        rows.append({
+            "model": label, "params (M)": round(params / 1e6, 1), "batch": n,
+            "batched fwd+bwd (s)": t_floor, "vmap (s)": t_vmap, "loop (s)": t_loop,
+            "vmap samples/s": n / t_vmap, "loop samples/s": n / t_loop,
+            "vmap speed-up over loop": t_loop / t_vmap, "vmap / batched": t_vmap / t_floor,
+            "peak MiB, 1x samples": mem1, "peak MiB, 4x samples": mem4,
+        })
+        print(rows[-1], flush=True)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    rows = run(args.device, args.repeats)
+    cols = ["model", "params (M)", "batch", "batched fwd+bwd (s)", "vmap (s)", "loop (s)", "vmap samples/s",
+            "loop samples/s", "vmap speed-up over loop", "vmap / batched", "peak MiB, 1x samples",
+            "peak MiB, 4x samples"]
+    md = (f"# Fisher estimation speed\n\nMachine: {machine()}. Command: `python -m benchmarks.fisher_speed "
+          f"--device {args.device}`. Best of {args.repeats} after a warm-up; eval mode; chunk = batch. "
+          "Peak memory is the resident-set growth during one estimate (CUDA: peak allocation), over the "
+          "batch and over 4 batches of the same size: the vmap engine's memory is bounded by the chunk.\n\n"
+          + md_table(rows, cols) + "\n")
+    path = write("fisher_speed" + ("" if args.device == "cpu" else "_" + args.device.split(":")[0]), rows, md)
+    print(md)
+    print(f"written to {path}")
+
+
+if __name__ == "__main__":
+    main()

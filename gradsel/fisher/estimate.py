@@ -1,0 +1,396 @@
+"""Diagonal Fisher from per-sample gradients: the torch.func engine and the batch-of-one reference loop."""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Mapping, Sequence
+from typing import Any, Callable, Iterator
+
+import torch
+from torch import nn
+from torch.func import functional_call, grad, vmap
+from torch.utils import _pytree as pytree
+from tqdm.auto import tqdm
+
+from ..errors import GradselError
+from ..params import ParamSpec, resolve
+from .batches import BatchReader, ForwardFn, LossFn, iter_batches
+from .rules import LazyGrads, output_rules
+from .result import Fisher
+
+__all__ = ["fisher", "fisher_loop", "eval_mode"]
+
+KINDS = ("empirical", "mc")
+ENGINES = ("auto", "vmap", "loop")
+DEFAULT_MEMORY_BUDGET = 1 << 30  # bytes of per-sample gradients held at once
+MAX_CHUNK = 32
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Put every module in eval mode; give each its own previous mode back afterwards."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+class _Runner(nn.Module):
+    """Wraps model + batch reader so that ``functional_call`` can run a user's ``forward`` too."""
+
+    def __init__(self, model: nn.Module, reader: BatchReader):
+        super().__init__()
+        self.model = model
+        self.reader = reader
+
+    def forward(self, batch: Any) -> torch.Tensor:
+        return self.reader.loss(self.reader.run(self.model, batch), batch)
+
+
+class _Engine:
+    """Computes per-sample gradients of the candidate parameters for a batch: ``{name: (n, *shape)}``."""
+
+    name = "?"
+
+    def __init__(self, model: nn.Module, names: list[str], reader: BatchReader):
+        self.model = model
+        self.reader = reader
+        self.runner = _Runner(model, reader)
+        params = dict(model.named_parameters())
+        self.names = names
+        self.cands = {n: params[n].detach() for n in names}
+        chosen = set(names)
+        self.consts = {"model." + n: p.detach() for n, p in params.items() if n not in chosen}
+        self.consts.update({"model." + n: b for n, b in model.named_buffers()})
+
+    def _call(self, cands: dict[str, torch.Tensor], batch: Any, extra: dict | None = None) -> torch.Tensor:
+        tensors = {"model." + n: t for n, t in cands.items()}
+        tensors.update(self.consts)
+        if extra:
+            tensors.update(extra)
+        return functional_call(self.runner, tensors, (batch,))
+
+
+class _VmapEngine(_Engine):
+    name = "vmap"
+
+    def __init__(self, model: nn.Module, names: list[str], reader: BatchReader):
+        super().__init__(model, names, reader)
+        self.rules = output_rules(model, names)
+
+    def __call__(self, batch: Any) -> dict[str, torch.Tensor | LazyGrads]:
+        batch = self.reader.for_vmap(self.model, batch)
+        n = self.reader.size(batch)
+        leaves, spec, is_batched = self.reader.batched_leaves(batch, n)
+        batched = [x for x, b in zip(leaves, is_batched) if b]
+        shapes = self._rule_outputs(self.reader.take(batch, slice(0, 1))) if self.rules else {}
+        probes = {name: torch.zeros((n, *shape), dtype=dtype, device=self.cands[name].device)
+                  for name, (shape, dtype) in shapes.items()}
+        cands = {name: t for name, t in self.cands.items() if name not in probes}
+        fixed = {"model." + name: self.cands[name] for name in probes}
+        live: dict[str, Any] = {}
+        seen_inputs: dict[str, torch.Tensor] = {}
+
+        def add_probe(name):
+            def hook(module, inputs, output):
+                if name in live:
+                    seen_inputs[name] = inputs[0]
+                    return output + live[name]
+            return hook
+
+        def one_sample(cands, probes, rows):
+            it = iter(rows)
+            full = [next(it).unsqueeze(0) if b else x for x, b in zip(leaves, is_batched)]
+            live.clear()
+            live.update(probes)
+            seen_inputs.clear()
+            loss = self._call(cands, pytree.tree_unflatten(full, spec), fixed)
+            return loss, dict(seen_inputs)
+
+        handles = [self.rules[name][0].register_forward_hook(add_probe(name)) for name in probes]
+        try:
+            with warnings.catch_warnings():
+                # SDPA has no vmap batching rule yet; torch warns once per op and runs a correct slow path
+                warnings.filterwarnings("ignore", message="There is a performance drop")
+                (grads, probe_grads), inputs = vmap(grad(one_sample, argnums=(0, 1), has_aux=True),
+                                                    in_dims=(None, 0, 0))(cands, probes, batched)
+        finally:
+            for h in handles:
+                h.remove()
+            live.clear()
+        for name in probes:
+            module, rule = self.rules[name]
+            grads[name] = rule(module, inputs[name], probe_grads[name])
+        return {name: grads[name] for name in self.names}
+
+    def _rule_outputs(self, one: Any) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """Shape (for one sample) and dtype of each rule layer's output; layers called more than once
+        per forward are left to vmap."""
+        calls: dict[str, list] = {name: [] for name in self.rules}
+        handles = [m.register_forward_hook(lambda mod, i, out, name=name: calls[name].append(out))
+                   for name, (m, _) in self.rules.items()]
+        try:
+            with torch.no_grad():
+                self.reader.run(self.model, one)
+        finally:
+            for h in handles:
+                h.remove()
+        return {name: (tuple(outs[0].shape), outs[0].dtype) for name, outs in calls.items() if len(outs) == 1}
+
+
+class _LoopEngine(_Engine):
+    """The reference: one backward per sample, on a batch of size one."""
+
+    name = "loop"
+
+    def __call__(self, batch: Any) -> dict[str, torch.Tensor]:
+        n = self.reader.size(batch)
+        out: dict[str, list[torch.Tensor]] = {name: [] for name in self.names}
+        for i in range(n):
+            one = self.reader.take(batch, slice(i, i + 1))
+            leaves = {name: t.clone().requires_grad_(True) for name, t in self.cands.items()}
+            loss = self._call(leaves, one)
+            grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
+            for name, g in zip(self.names, grads):
+                out[name].append(torch.zeros_like(leaves[name]) if g is None else g)
+        return {name: torch.stack(gs) for name, gs in out.items()}
+
+
+def _as_masks(per_sample: Any, names: list[str], model: nn.Module) -> dict[str, torch.Tensor | None] | None:
+    """Normalise ``per_sample=``: ``True`` → all candidates; names → whole tensors; dict → bool masks."""
+    if per_sample is None or per_sample is False:
+        return None
+    if per_sample is True:
+        return {n: None for n in names}
+    if isinstance(per_sample, Mapping):
+        masks = dict(per_sample)
+    elif isinstance(per_sample, Sequence) and not isinstance(per_sample, str):
+        masks = {n: None for n in per_sample}
+    else:
+        raise GradselError("per_sample= takes True, a list of parameter names or a dict name → bool mask")
+    unknown = [n for n in masks if n not in names]
+    if unknown:
+        raise GradselError(f"per_sample= names parameters that are not candidates: {unknown[:5]}; "
+                           "add them to params= or leave them out")
+    return masks
+
+
+def _sample_filter(samples: Any) -> torch.Tensor | None:
+    """A sorted index tensor of the samples to use, or None for all."""
+    if samples is None:
+        return None
+    t = torch.as_tensor(samples)
+    if t.dtype == torch.bool:
+        t = t.nonzero().flatten()
+    if t.dtype not in (torch.int64, torch.int32) or t.dim() != 1:
+        raise GradselError("samples= takes a 1-D tensor of sample indices or a boolean mask over samples")
+    return torch.unique(t.long())  # sorted, without repeats
+
+
+def _total_hint(data: Any, num_samples: int | None, subset: torch.Tensor | None) -> int | None:
+    totals = [x for x in (num_samples, None if subset is None else len(subset)) if x is not None]
+    if totals:
+        return min(totals)
+    dataset = getattr(data, "dataset", None)
+    try:
+        return len(dataset) if dataset is not None else None
+    except TypeError:
+        return None
+
+
+def fisher(model: nn.Module, data: Any, *, params: ParamSpec | None = None, loss: LossFn | None = None,
+           forward: ForwardFn | None = None, kind: str = "empirical", num_samples: int | None = None,
+           chunk_size: int | None = None, progress: bool = True, per_sample: Any = None,
+           samples: Any = None, engine: str = "auto", seed: int = 0,
+           memory_budget: int = DEFAULT_MEMORY_BUDGET) -> Fisher:
+    """Estimate the diagonal Fisher information from per-sample gradients.
+
+    Each entry is ``mean_i g_i²`` where ``g_i`` is the gradient that a batch holding only sample ``i``
+    gives. The engine is ``torch.func.vmap(grad(...))`` over chunks of each batch; the squares of a
+    chunk are summed before the next chunk runs, so memory is bounded by ``chunk_size × parameters``.
+    The model runs in eval mode (dropout off, BatchNorm on running statistics); its modes, parameters,
+    buffers and ``.grad`` fields are left as they were.
+
+    Args:
+        model: any ``nn.Module``.
+        data: a DataLoader/iterable of batches, or one batch. Batches are ``(inputs, targets, ...)``
+            (cross-entropy on the logits; classification ``(N,)`` or segmentation ``(N, H, W)`` targets),
+            HF-style dicts (``model(**batch).loss``), or anything read by ``forward``/``loss``.
+        params: candidate parameters (names, globs, module classes, callable); default all that require
+            grad, or a peft model's adapter parameters.
+        loss: ``loss(outputs, batch) -> scalar`` for one sample (a batch of size one).
+        forward: ``forward(model, batch) -> outputs``.
+        kind: ``"empirical"`` uses the data's labels; ``"mc"`` draws labels from the model's predictive
+            distribution (one draw per sample), which estimates the true Fisher.
+        num_samples: stop after exactly this many samples.
+        chunk_size: samples per vmap call; default derived from ``memory_budget``.
+        progress: show a progress bar.
+        per_sample: also return each sample's ``Σ_j g_ij²`` over a parameter subset (``True`` for all
+            candidates, a list of names, or a dict name → bool mask) as ``Fisher.per_sample``.
+        samples: only use these sample positions (indices into the data's order, or a bool mask).
+        engine: ``"auto"`` (vmap, falling back to the loop with a warning), ``"vmap"`` or ``"loop"``.
+        seed: seeds the label draws of ``kind="mc"``.
+        memory_budget: bytes of per-sample gradients to hold at once when ``chunk_size`` is not given.
+
+    Returns:
+        A :class:`Fisher` mapping name → tensor of the parameter's shape.
+
+    >>> import torch, torch.nn as nn
+    >>> model = nn.Linear(3, 2)
+    >>> batch = (torch.randn(8, 3), torch.randint(0, 2, (8,)))
+    >>> f = fisher(model, batch, progress=False)
+    >>> f["weight"].shape, f.num_samples
+    (torch.Size([2, 3]), 8)
+    """
+    if kind not in KINDS:
+        raise GradselError(f"kind={kind!r} is not known: use one of {KINDS}")
+    if engine not in ENGINES:
+        raise GradselError(f"engine={engine!r} is not known: use one of {ENGINES}")
+    if num_samples is not None and (not isinstance(num_samples, int) or num_samples < 1):
+        raise GradselError(f"num_samples must be a positive integer, got {num_samples!r}")
+    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+        raise GradselError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+    names = resolve(model, params)
+    masks = _as_masks(per_sample, names, model)
+    subset = _sample_filter(samples)
+    reader = BatchReader(forward, loss)
+    all_params = dict(model.named_parameters())
+    acc_dtype = {n: torch.float64 if all_params[n].dtype == torch.float64 else torch.float32 for n in names}
+    acc = {n: torch.zeros(all_params[n].shape, dtype=acc_dtype[n], device=all_params[n].device) for n in names}
+    flat_masks = None
+    if masks is not None:
+        flat_masks = {n: None if m is None else torch.as_tensor(m, dtype=torch.bool).reshape(-1).to(acc[n].device)
+                      for n, m in masks.items()}
+    contributions: list[torch.Tensor] = []
+    used_index: list[torch.Tensor] = []
+
+    if chunk_size is None:
+        # per-sample gradients that vmap materialises (rule layers hold far less), times 3 for the
+        # square and the sum; at most 32 samples so that activations stay small too
+        ruled = set(output_rules(model, names)) if engine != "loop" else set()
+        dense = sum(all_params[n].numel() for n in names if n not in ruled)
+        chunk_size = int(min(MAX_CHUNK, max(1, memory_budget // max(1, dense * 4 * 3))))
+    generator = torch.Generator().manual_seed(seed)
+
+    run: _Engine = (_LoopEngine if engine == "loop" else _VmapEngine)(model, names, reader)
+    used = 0
+    seen = 0
+    bar = tqdm(total=_total_hint(data, num_samples, subset), unit="sample", desc="fisher", disable=not progress,
+               leave=False)
+    try:
+        with eval_mode(model), torch.enable_grad():
+            for batch in iter_batches(data):
+                reader.check(batch)
+                n = reader.size(batch)
+                index = torch.arange(seen, seen + n)
+                seen += n
+                if subset is not None:
+                    keep = torch.isin(index, subset)
+                    if not keep.any():
+                        continue
+                    if not keep.all():
+                        batch = reader.take(batch, keep.nonzero().flatten())
+                    index = index[keep]
+                if num_samples is not None and used + len(index) > num_samples:
+                    index = index[: num_samples - used]
+                    batch = reader.take(batch, slice(0, len(index)))
+                if kind == "mc":
+                    batch = reader.with_sampled_labels(model, batch, generator)
+                for start in range(0, len(index), chunk_size):
+                    rows = index[start:start + chunk_size]
+                    chunk = reader.take(batch, slice(start, start + len(rows)))
+                    grads = _per_sample_grads(run, chunk, engine)
+                    if isinstance(run, _VmapEngine) and grads is None:
+                        run = _LoopEngine(model, names, reader)
+                        grads = run(chunk)
+                    c = _accumulate(acc, grads, rows, flat_masks)
+                    del grads, chunk  # free this chunk's per-sample gradients before the next is formed
+                    if c is not None:
+                        contributions.append(c)
+                    used_index.append(rows)
+                    used += len(rows)
+                    bar.update(len(rows))
+                if num_samples is not None and used >= num_samples:
+                    break
+    finally:
+        bar.close()
+    if used == 0:
+        raise GradselError("no samples were read from data: check that the loader is not empty "
+                           "(and that samples= selects some)")
+    if num_samples is not None and used < num_samples:
+        warnings.warn(f"num_samples={num_samples} asked for, but data held only {used}; the Fisher uses {used}",
+                      stacklevel=2)
+    scores = {n: a.div_(used) for n, a in acc.items()}
+    return Fisher(scores, used, kind=kind,
+                  per_sample=torch.cat(contributions) if masks is not None else None,
+                  sample_index=torch.cat(used_index), engine=run.name)
+
+
+def _per_sample_grads(run: _Engine, chunk: Any, engine: str) -> dict[str, torch.Tensor] | None:
+    """Run the engine; with ``engine="auto"`` a failure of vmap returns None (the caller falls back)."""
+    if engine != "auto" or not isinstance(run, _VmapEngine):
+        return run(chunk)
+    try:
+        return run(chunk)
+    except GradselError:
+        raise
+    except Exception as exc:  # vmap cannot run every model; the loop can
+        reason = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+        warnings.warn(f"gradsel.fisher: torch.func.vmap cannot run {type(run.model).__name__} "
+                      f"({type(exc).__name__}: {reason}); falling back to the batch-of-one loop, which is slower. "
+                      "Pass engine='loop' to skip the attempt.", RuntimeWarning, stacklevel=3)
+        return None
+
+
+def _accumulate(acc: dict[str, torch.Tensor], grads: dict[str, Any], rows: torch.Tensor,
+                masks: dict[str, torch.Tensor | None] | None) -> torch.Tensor | None:
+    """Add the chunk's squared gradients to ``acc``; return per-sample contributions if asked for."""
+    c = len(rows)
+    contrib = torch.zeros(c, dtype=torch.float64) if masks is not None else None
+    for name, g in grads.items():
+        want = masks is not None and name in masks
+        mask = masks.get(name) if want else None
+        if isinstance(g, LazyGrads):
+            totals, part = g.accumulate(acc[name], mask, want)
+            if not bool(torch.isfinite(totals.sum())):
+                _raise_nonfinite(name, rows, (~torch.isfinite(totals)).nonzero().flatten())
+        else:
+            sq = g.to(acc[name].dtype)
+            # vmap may return an expanded (stride-0) tensor, e.g. for a bias: square those out of place
+            sq = sq.square_() if sq.is_contiguous() else sq.square()
+            flat = sq.reshape(c, -1)
+            total = sq.sum(0)
+            if not bool(torch.isfinite(total.sum())):
+                _raise_nonfinite(name, rows, (~torch.isfinite(flat).all(1)).nonzero().flatten())
+            acc[name].add_(total)
+            part = (flat.sum(1) if mask is None else flat @ mask.to(flat.dtype)) if want else None
+        if part is not None:
+            contrib += part.double().cpu()
+    return contrib
+
+
+def _raise_nonfinite(name: str, rows: torch.Tensor, bad: torch.Tensor) -> None:
+    first = int(rows[int(bad[0])]) if len(bad) else int(rows[0])
+    raise GradselError(f"the per-sample gradient of {name!r} for sample {first} is NaN or Inf "
+                       "(or its square overflows): check that sample's inputs and labels, the loss, "
+                       "and the learning rate of any training before; estimate in float32, not fp16")
+
+
+def fisher_loop(model: nn.Module, data: Any, **kwargs) -> Fisher:
+    """The reference estimator: one backward per sample (a batch of size one), as FISH Mask computes it.
+
+    Same arguments and result as :func:`fisher`; slower. Used by the tests and as vmap's fallback.
+
+    >>> import torch, torch.nn as nn
+    >>> model = nn.Linear(3, 2)
+    >>> batch = (torch.randn(4, 3), torch.randint(0, 2, (4,)))
+    >>> torch.allclose(fisher_loop(model, batch, progress=False)["weight"],
+    ...                fisher(model, batch, progress=False)["weight"], atol=1e-6)
+    True
+    """
+    kwargs["engine"] = "loop"
+    return fisher(model, data, **kwargs)

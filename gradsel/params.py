@@ -1,0 +1,102 @@
+"""Which parameters a method looks at: name specs, globs, module classes, callables."""
+
+from __future__ import annotations
+
+import fnmatch
+from typing import Callable, Iterable, Union
+
+import torch
+from torch import nn
+
+from .errors import GradselError
+
+__all__ = ["ParamSpec", "resolve", "named_parameters", "is_peft_model", "adapter_names"]
+
+ParamSpec = Union[str, type, Callable[[str, torch.Tensor], bool], Iterable]
+
+
+def named_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """All parameters of ``model`` by name, tied ones once (the order of ``named_parameters``)."""
+    return dict(model.named_parameters())
+
+
+def is_peft_model(model: nn.Module) -> bool:
+    """True for a peft ``PeftModel`` (checked without importing peft)."""
+    return hasattr(model, "peft_config") and hasattr(model, "base_model")
+
+
+def adapter_names(model: nn.Module) -> list[str]:
+    """Names of a peft model's adapter parameters (``lora_A``/``lora_B`` and the like)."""
+    prefix = getattr(getattr(model, "base_model", None), "prefix", None) or "lora_"
+    return [n for n, p in model.named_parameters() if prefix in n and p.requires_grad]
+
+
+def _flatten_specs(spec) -> list:
+    if spec is None:
+        return []
+    if isinstance(spec, (str, type)) or callable(spec) and not isinstance(spec, (list, tuple, set)):
+        return [spec]
+    return list(spec)
+
+
+def _describe(spec) -> str:
+    if isinstance(spec, type):
+        return f"module class {spec.__name__}"
+    if isinstance(spec, str):
+        return repr(spec)
+    return f"callable {getattr(spec, '__name__', spec)!r}"
+
+
+def _match(model: nn.Module, params: dict[str, nn.Parameter], spec) -> list[str]:
+    if isinstance(spec, str):
+        if spec in params:
+            return [spec]
+        return [n for n in params if fnmatch.fnmatchcase(n, spec)]
+    if isinstance(spec, type):
+        if not issubclass(spec, nn.Module):
+            raise GradselError(f"{spec.__name__} is not an nn.Module class; pass module classes, names or globs")
+        ids = {id(p) for m in model.modules() if isinstance(m, spec) for p in m.parameters(recurse=False)}
+        return [n for n, p in params.items() if id(p) in ids]
+    if callable(spec):
+        return [n for n, p in params.items() if spec(n, p)]
+    raise GradselError(f"cannot read parameter spec {spec!r}: use a name, a glob, an nn.Module class or a callable")
+
+
+def resolve(model: nn.Module, params: ParamSpec | None = None, exclude: ParamSpec | None = None,
+            *, what: str = "params") -> list[str]:
+    """Names of the parameters that ``params`` picks from ``model``, minus ``exclude``.
+
+    ``params`` may be a name, a glob (``"encoder.*.weight"``), an ``nn.Module`` class, a callable
+    ``(name, param) -> bool`` or a list of these. ``None`` means every parameter with
+    ``requires_grad``, or a peft model's adapter parameters.
+
+    Raises:
+        GradselError: when a spec matches no parameter, or nothing is left.
+
+    >>> import torch.nn as nn
+    >>> resolve(nn.Sequential(nn.Linear(2, 2), nn.ReLU(), nn.Linear(2, 1)), "2.*")
+    ['2.weight', '2.bias']
+    """
+    all_params = named_parameters(model)
+    if params is None:
+        names = adapter_names(model) if is_peft_model(model) else [n for n, p in all_params.items() if p.requires_grad]
+    else:
+        chosen: set[str] = set()
+        for spec in _flatten_specs(params):
+            hit = _match(model, all_params, spec)
+            if not hit:
+                raise GradselError(
+                    f"{what}={_describe(spec)} matches no parameter of {type(model).__name__}. "
+                    f"Parameter names look like: {', '.join(list(all_params)[:6])}, ... "
+                    f"Use exact names, globs such as 'encoder.*', module classes or a callable.")
+            chosen.update(hit)
+        names = [n for n in all_params if n in chosen]
+    for spec in _flatten_specs(exclude):
+        hit = set(_match(model, all_params, spec))
+        if not hit:
+            raise GradselError(f"exclude={_describe(spec)} matches no parameter of {type(model).__name__}")
+        names = [n for n in names if n not in hit]
+    if not names:
+        raise GradselError(f"no candidate parameters are left for {type(model).__name__}: "
+                           "check params=/exclude= and that some parameters require grad")
+    return names
