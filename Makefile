@@ -22,7 +22,7 @@ demo: setup
 	$(PY) -m recipes.demo
 
 test: setup
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -m "not slow" tests gradsel --doctest-modules
 
 test-slow: setup
 	$(PY) -m pytest -q -m slow

@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from ..errors import GradselError
 from ..params import ParamSpec, resolve
-from .batches import BatchReader, ForwardFn, LossFn, iter_batches
+from .batches import BatchReader, ForwardFn, LossFn, is_single_batch, iter_batches
 from .rules import LazyGrads, output_rules
 from .result import Fisher
 
@@ -191,10 +191,17 @@ def _sample_filter(samples: Any) -> torch.Tensor | None:
     return torch.unique(t.long())  # sorted, without repeats
 
 
-def _total_hint(data: Any, num_samples: int | None, subset: torch.Tensor | None) -> int | None:
+def _total_hint(data: Any, reader: BatchReader, num_samples: int | None,
+                subset: torch.Tensor | None) -> int | None:
+    """How many samples the progress bar should expect, when that can be known without reading data."""
     totals = [x for x in (num_samples, None if subset is None else len(subset)) if x is not None]
     if totals:
         return min(totals)
+    if isinstance(data, (list, tuple)) and not is_single_batch(data):
+        try:
+            return sum(reader.size(b) for b in data)
+        except GradselError:
+            return None  # the batches are read (and complained about) properly below
     dataset = getattr(data, "dataset", None)
     try:
         return len(dataset) if dataset is not None else None
@@ -279,7 +286,7 @@ def fisher(model: nn.Module, data: Any, *, params: ParamSpec | None = None, loss
     run: _Engine = (_LoopEngine if engine == "loop" else _VmapEngine)(model, names, reader)
     used = 0
     seen = 0
-    bar = tqdm(total=_total_hint(data, num_samples, subset), unit="sample", desc="fisher", disable=not progress,
+    bar = tqdm(total=_total_hint(data, reader, num_samples, subset), unit="sample", desc="fisher", disable=not progress,
                leave=False)
     try:
         with eval_mode(model), torch.enable_grad():

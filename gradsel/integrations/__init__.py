@@ -1,0 +1,1 @@
+"""Thin wrappers around the core for other libraries; each imports its library lazily."""

@@ -1,0 +1,304 @@
+"""``select`` and the ``Selection`` it returns: masks, counts, persistence, application."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import GradselError
+from .fisher import Fisher
+from .masking import MaskHandle
+from .params import ParamSpec, resolve
+from .policies import Context, Policy, get_policy
+from .report import table
+
+__all__ = ["select", "Selection", "resolve_budget"]
+
+FORMAT_VERSION = 1
+
+
+def resolve_budget(keep: float | int, total: int) -> int:
+    """The exact element count for ``keep``: a fraction in (0, 1] of ``total``, or an integer count.
+
+    A fraction gives ``round(keep * total)``, at least 1. Integers are counts (``keep=1`` is one
+    element; ``keep=1.0`` is everything).
+    """
+    if isinstance(keep, bool) or not isinstance(keep, (int, float)):
+        raise GradselError(f"keep must be a fraction in (0, 1] or an integer count, got {keep!r}")
+    if isinstance(keep, int):
+        if not 1 <= keep <= total:
+            raise GradselError(f"keep={keep} elements is outside 1..{total:,} (the number of candidate elements); "
+                               "pass a smaller count or a fraction such as keep=0.005")
+        return keep
+    if not (0.0 < keep <= 1.0):
+        raise GradselError(f"keep={keep} is outside (0, 1]: pass the fraction of candidate elements to train "
+                           "(e.g. 0.005 for 0.5%) or an integer count")
+    return max(1, min(total, round(keep * total)))
+
+
+def _jsonable(value: Any) -> Any:
+    try:
+        json.dumps(value)
+        return value
+    except TypeError:
+        if isinstance(value, dict):
+            return {str(k): _jsonable(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [_jsonable(v) for v in value]
+        if isinstance(value, torch.Tensor):
+            return value.tolist()
+        return repr(value)
+
+
+class Selection:
+    """Boolean masks per parameter (True = trained) and what produced them.
+
+    Attributes:
+        masks: name → bool tensor of the parameter's shape, for every candidate and every ``always=``
+            parameter.
+        policy: the policy's registered name.
+        options: the policy's options.
+        candidates: names of the ranked parameters.
+        always: names of parameters trained in full, outside the ranking.
+        shapes: name → shape of every masked parameter.
+        budget: the number of candidate elements selected (exact).
+        seed: the seed given to ``select``.
+        info: what the policy recorded (e.g. IRD rounds, jsdrift history).
+    """
+
+    def __init__(self, masks: dict[str, torch.Tensor], *, policy: str, options: dict | None = None,
+                 candidates: list[str], always: list[str] | None = None, budget: int | None = None,
+                 seed: int = 0, info: dict | None = None, policy_object: Policy | None = None):
+        self.masks = {n: m.detach().to("cpu", torch.bool) for n, m in masks.items()}
+        self.policy = policy
+        self.options = dict(options or {})
+        self.candidates = list(candidates)
+        self.always = list(always or [])
+        self.shapes = {n: tuple(m.shape) for n, m in self.masks.items()}
+        self.budget = self.selected() if budget is None else budget
+        self.seed = seed
+        self.info = info if info is not None else {}
+        self._policy_object = policy_object
+
+    # -- counts ------------------------------------------------------------------------------------------
+    def selected(self) -> int:
+        """Number of selected candidate elements, counted from the masks."""
+        return sum(int(self.masks[n].sum()) for n in self.candidates)
+
+    def total(self) -> int:
+        """Number of candidate elements."""
+        return sum(self.masks[n].numel() for n in self.candidates)
+
+    def trainable(self) -> int:
+        """Selected candidate elements plus every ``always=`` element."""
+        return self.selected() + sum(self.masks[n].numel() for n in self.always)
+
+    def rows(self, by: str | int = "tensor") -> list[dict]:
+        """Per-group counts: ``by="tensor"``, or an int ``d`` to group by the first ``d`` name parts."""
+        groups: dict[str, dict] = {}
+        for name in self.candidates + self.always:
+            key = name if by == "tensor" else ".".join(name.split(".")[: int(by)])
+            if name in self.always:
+                key += " (always)"
+            row = groups.setdefault(key, {"group": key, "selected": 0, "total": 0})
+            row["selected"] += int(self.masks[name].sum())
+            row["total"] += self.masks[name].numel()
+        for row in groups.values():
+            row["share"] = row["selected"] / row["total"] if row["total"] else 0.0
+        return list(groups.values())
+
+    def summary(self, by: str | int = "tensor", *, markdown: bool = False) -> str:
+        """A table of selected / total / share per group, then the candidate and overall totals."""
+        rows = self.rows(by)
+        sel, tot = self.selected(), self.total()
+        rows.append({"group": "candidates", "selected": sel, "total": tot, "share": sel / tot})
+        if self.always:
+            all_tot = tot + sum(self.masks[n].numel() for n in self.always)
+            rows.append({"group": "trainable (candidates + always)", "selected": self.trainable(),
+                         "total": all_tot, "share": self.trainable() / all_tot})
+        head = f"Selection: policy={self.policy}, budget={self.budget:,} of {tot:,} candidate elements"
+        return head + "\n\n" + table(rows, ["group", "selected", "total", "share"], markdown=markdown)
+
+    def __repr__(self) -> str:
+        return (f"Selection(policy={self.policy!r}, selected={self.selected():,}/{self.total():,}, "
+                f"tensors={len(self.candidates)}, always={len(self.always)})")
+
+    # -- application -------------------------------------------------------------------------------------
+    def policy_object(self) -> Policy:
+        if self._policy_object is None:
+            self._policy_object = get_policy(self.policy, **self.options)
+        return self._policy_object
+
+    def apply(self, model: nn.Module, optimizer: Any = None) -> MaskHandle:
+        """Train only the selection: returns a handle (context manager; ``.step()``, ``.remove()``).
+
+        With ``optimizer`` given, masked entries stay bit-for-bit unchanged under any torch optimizer,
+        weight decay and momentum included. The model's state_dict keys and module classes are not
+        changed.
+
+        >>> import torch, torch.nn as nn, gradsel
+        >>> model = nn.Linear(4, 2)
+        >>> sel = gradsel.select(model, (torch.randn(8, 4), torch.randint(0, 2, (8,))), keep=3, progress=False)
+        >>> opt = torch.optim.AdamW(model.parameters(), lr=0.1, weight_decay=0.1)
+        >>> before = model.weight.detach().clone()
+        >>> with sel.apply(model, opt) as handle:
+        ...     nn.functional.mse_loss(model(torch.randn(8, 4)), torch.randn(8, 2)).backward()
+        ...     opt.step(); handle.step()
+        >>> bool(torch.equal(model.weight[~sel.masks["weight"]], before[~sel.masks["weight"]]))
+        True
+        """
+        return MaskHandle(self, model, optimizer)
+
+    def check(self, model: nn.Module) -> None:
+        """Raise a GradselError naming the first parameter whose name or shape differs from ``model``."""
+        params = dict(model.named_parameters())
+        for name, shape in self.shapes.items():
+            if name not in params:
+                raise GradselError(f"the selection names parameter {name!r}, which {type(model).__name__} does not "
+                                   f"have: it was made for a different model (policy {self.policy!r})")
+            if tuple(params[name].shape) != tuple(shape):
+                raise GradselError(f"parameter {name!r} has shape {tuple(params[name].shape)} in the model but "
+                                   f"{tuple(shape)} in the selection: it was made for a different model")
+
+    # -- persistence -------------------------------------------------------------------------------------
+    def metadata(self) -> dict:
+        return {"format": FORMAT_VERSION, "policy": self.policy, "options": _jsonable(self.options),
+                "candidates": self.candidates, "always": self.always,
+                "shapes": {n: list(s) for n, s in self.shapes.items()}, "budget": self.budget,
+                "selected": self.selected(), "total": self.total(), "seed": self.seed,
+                "info": _jsonable(self.info)}
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write masks and metadata to a safetensors file (atomically: temp file, then rename)."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tensors = {n: m.contiguous() for n, m in self.masks.items()}
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+        os.close(fd)
+        try:
+            save_file(tensors, tmp, metadata={"gradsel": json.dumps(self.metadata())})
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, model: nn.Module | None = None) -> "Selection":
+        """Read a selection saved by :meth:`save`; with ``model``, check that it matches."""
+        from safetensors import safe_open
+
+        path = Path(path)
+        if not path.exists():
+            raise GradselError(f"no selection file at {path}")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = json.loads((f.metadata() or {})["gradsel"])
+                masks = {n: f.get_tensor(n) for n in f.keys()}
+        except (KeyError, json.JSONDecodeError) as exc:
+            raise GradselError(f"{path} is not a gradsel selection file (no gradsel metadata)") from exc
+        except Exception as exc:  # safetensors raises its own errors on truncated or corrupted files
+            raise GradselError(f"cannot read {path}: {exc}; the file is truncated or corrupted") from exc
+        names = meta["candidates"] + meta["always"]
+        if sorted(masks) != sorted(names):
+            raise GradselError(f"{path} is inconsistent: masks for {sorted(set(masks) ^ set(names))[:5]} "
+                               "do not match its metadata")
+        sel = cls({n: masks[n] for n in names}, policy=meta["policy"], options=meta["options"],
+                  candidates=meta["candidates"], always=meta["always"], budget=meta["budget"], seed=meta["seed"],
+                  info=meta.get("info", {}))
+        if sel.selected() != meta["selected"]:
+            raise GradselError(f"{path} is corrupted: its masks select {sel.selected()} elements, "
+                               f"its metadata says {meta['selected']}")
+        if model is not None:
+            sel.check(model)
+        return sel
+
+
+def select(model: nn.Module, data: Any = None, policy: str | Policy = "fish", *, keep: float | int | None = None,
+           params: ParamSpec | None = None, exclude: ParamSpec | None = None, always: ParamSpec | None = None,
+           fisher: Fisher | None = None, seed: int = 0, loss=None, forward=None, num_samples: int | None = None,
+           kind: str = "empirical", chunk_size: int | None = None, progress: bool = True,
+           **options: Any) -> Selection:
+    """Choose which parameter elements of ``model`` to train.
+
+    Args:
+        model: any ``nn.Module``.
+        data: batches for the Fisher estimate (see :func:`gradsel.fisher`); not needed by ``random`` or
+            when ``fisher=`` is given.
+        policy: a registered name (``gradsel.list_policies()``) or a :class:`Policy` instance.
+        keep: how many candidate elements to train: a fraction in (0, 1] or an integer count. Exact.
+        params: candidate parameters (names, globs, module classes, callable); default all that require
+            grad, or a peft model's adapter parameters.
+        exclude: parameters to drop from the candidates.
+        always: parameters trained in full and kept out of the ranking (e.g. ``"classifier.*"``).
+        fisher: scores computed before, reused instead of estimating again.
+        seed: seed for random policies and Monte-Carlo labels.
+        loss, forward, num_samples, kind, chunk_size, progress: passed to :func:`gradsel.fisher`.
+        **options: the policy's own options (e.g. ``budget="per_tensor"`` for ``fish``).
+
+    Returns:
+        A :class:`Selection`.
+
+    >>> import torch, torch.nn as nn, gradsel
+    >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    >>> batch = (torch.randn(16, 4), torch.randint(0, 2, (16,)))
+    >>> sel = gradsel.select(model, batch, "fish", keep=0.25, always="2.*", progress=False)
+    >>> sel.selected(), sel.total()
+    (10, 40)
+    """
+    pol = get_policy(policy, **options)
+    always_names = resolve(model, always, what="always") if always is not None else []
+    names = [n for n in resolve(model, params, exclude) if n not in set(always_names)]
+    if not names:
+        raise GradselError("every candidate is also in always=: nothing is left to rank")
+    all_params = dict(model.named_parameters())
+    shapes = {n: all_params[n].shape for n in names}
+    total = sum(all_params[n].numel() for n in names)
+    if keep is None:
+        if pol.default_keep is None:
+            raise GradselError(f"policy {pol.name!r} needs keep=: a fraction in (0, 1] or an integer count")
+        keep = pol.default_keep
+    k = resolve_budget(keep, total)
+    if fisher is not None:
+        missing = [n for n in names if n not in fisher]
+        if missing:
+            raise GradselError(f"fisher= has no scores for {missing[:5]}: estimate it with the same params=")
+        bad = [n for n in names if tuple(fisher[n].shape) != tuple(shapes[n])]
+        if bad:
+            raise GradselError(f"fisher= scores for {bad[0]!r} have shape {tuple(fisher[bad[0]].shape)}, "
+                               f"the parameter {tuple(shapes[bad[0]])}: they belong to another model")
+    ctx = Context(model=model, data=data, candidates=names, shapes=dict(shapes), k=k, seed=seed,
+                  fisher_options=dict(loss=loss, forward=forward, num_samples=num_samples, kind=kind,
+                                      chunk_size=chunk_size, progress=progress, seed=seed),
+                  _scores=fisher)
+    masks = pol.select(ctx)
+    _check_masks(pol, masks, shapes, k)
+    masks = {n: masks[n] for n in names}
+    for n in always_names:
+        masks[n] = torch.ones(all_params[n].shape, dtype=torch.bool)
+    return Selection(masks, policy=pol.name, options=pol.options, candidates=names, always=always_names,
+                     budget=k, seed=seed, info=ctx.info, policy_object=pol)
+
+
+def _check_masks(pol: Policy, masks: dict, shapes: dict, k: int) -> None:
+    """A policy's output must be bool masks of the right shapes with exactly k selected."""
+    missing = [n for n in shapes if n not in masks]
+    if missing:
+        raise GradselError(f"policy {pol.name!r} returned no mask for {missing[:5]}")
+    for n, shape in shapes.items():
+        m = masks[n]
+        if not isinstance(m, torch.Tensor) or m.dtype != torch.bool or tuple(m.shape) != tuple(shape):
+            raise GradselError(f"policy {pol.name!r} returned a bad mask for {n!r}: need a bool tensor of shape "
+                               f"{tuple(shape)}, got {getattr(m, 'dtype', type(m))} {tuple(getattr(m, 'shape', ()))}")
+    count = sum(int(masks[n].sum()) for n in shapes)
+    if count != k and not pol.progressive:
+        raise GradselError(f"policy {pol.name!r} selected {count} elements, the budget is {k}: a policy must "
+                           "select exactly ctx.k (use gradsel.policies.top_k)")
