@@ -154,6 +154,8 @@ class MaskHandle:
         for h in self._opt_hooks:
             h.remove()
         self._opt_hooks = []
+        if self.controller is not None and hasattr(self.controller, "close"):
+            self.controller.close()
         self.removed = True
 
     def state_dict(self) -> dict:

@@ -1,0 +1,191 @@
+"""What jsdrift's freezing saves: step and backward time before and after freezing, in one process.
+
+Run: ``python -m benchmarks.jsdrift_speed``. Writes ``benchmarks/results/jsdrift_speed.{md,json}``.
+
+For the BERT-from-config and the smp Unet, four ways to train the same steps:
+
+- ``unfrozen``: plain training (the baseline);
+- ``mask-only``: the same groups frozen the way the reference FisherAdapTune code does it, by zeroing their
+  gradients (the full backward still runs);
+- ``jsdrift frozen``: the same groups frozen by gradsel's jsdrift mechanism (``requires_grad`` off, optimizer
+  state released), so autograd skips their weight gradients and everything below the last trainable layer;
+- ``jsdrift live``: a real jsdrift run from scratch (probe Fisher every ``interval`` steps), reporting the
+  step time before and after its first freeze and the probe estimate's share of the step time.
+
+The frozen groups for the first three are the first half of the parameter tensors in model order
+(embeddings and early layers / the encoder's first stages): the usual candidates for early freezing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+from torch import nn
+
+import gradsel
+from gradsel.policies.jsdrift import JSDrift
+
+from .common import best_time, machine, md_table, write
+
+
+def bert(device):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(BertConfig(
+        vocab_size=30522, hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024,
+        num_labels=2, attn_implementation="eager")).to(device)
+    g = torch.Generator().manual_seed(0)
+
+    def batch():
+        ids = torch.randint(1000, 30522, (16, 64), generator=g)
+        return {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device),
+                "labels": (ids[:, 0] % 2).to(device)}
+
+    return "BERT 4×256, batch 16, seq 64", model, batch, lambda m, b: m(**b).loss
+
+
+def unet(device):
+    import segmentation_models_pytorch as smp
+
+    torch.manual_seed(0)
+    model = smp.Unet("resnet18", encoder_weights=None, classes=2).to(device)
+    g = torch.Generator().manual_seed(0)
+
+    def batch():
+        x = torch.randn(8, 3, 128, 128, generator=g)
+        return x.to(device), (x[:, 0] > 0).long().to(device)
+
+    return "smp Unet-resnet18, batch 8, 128×128", model, batch, lambda m, b: nn.functional.cross_entropy(m(b[0]), b[1])
+
+
+def _timed_steps(model, batch, loss_fn, opt, steps, handle=None, warmup=3):
+    """Median step and backward seconds over ``steps`` (after ``warmup`` steps)."""
+    total, backward = [], []
+    for i in range(steps + warmup):
+        b = batch()
+        t0 = time.perf_counter()
+        loss = loss_fn(model, b)
+        opt.zero_grad(set_to_none=True)
+        t1 = time.perf_counter()
+        loss.backward()
+        t2 = time.perf_counter()
+        opt.step()
+        if handle is not None:
+            handle.step()
+        t3 = time.perf_counter()
+        if i >= warmup:
+            total.append(t3 - t0)
+            backward.append(t2 - t1)
+    return _median(total), _median(backward)
+
+
+def _median(xs):
+    xs = sorted(xs)
+    return xs[len(xs) // 2] if xs else float("nan")
+
+
+def run(device="cpu", steps=8):
+    rows = []
+    for make in (bert, unet):
+        label, model, batch, loss_fn = make(device)
+        model.train()
+        names = [n for n, _ in model.named_parameters()]
+        early = names[: len(names) // 2]
+        share = sum(model.get_parameter(n).numel() for n in early) / sum(p.numel() for p in model.parameters())
+        init = {k: v.clone() for k, v in model.state_dict().items()}
+
+        def fresh():
+            model.load_state_dict(init)
+            return torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01)
+
+        opt = fresh()
+        t_plain, b_plain = _timed_steps(model, batch, loss_fn, opt, steps)
+
+        # mask-only: zero the gradients of the early half (hooks), full backward
+        opt = fresh()
+        def zero(p):
+            p.grad.zero_()
+
+        hooks = [model.get_parameter(n).register_post_accumulate_grad_hook(zero) for n in early]
+        t_mask, b_mask = _timed_steps(model, batch, loss_fn, opt, steps)
+        for h in hooks:
+            h.remove()
+
+        # gradsel: the same groups frozen through jsdrift's mechanism
+        opt = fresh()
+        probe = [batch()]
+        sel = gradsel.select(model, probe, JSDrift(interval=10 ** 9, probe_samples=4), progress=False)
+        handle = sel.apply(model, opt)
+        handle.controller._freeze(early)
+        t_frozen, b_frozen = _timed_steps(model, batch, loss_fn, opt, steps, handle)
+        handle.remove()
+
+        # a live run: probe Fisher every `interval` steps, relative rule so that some groups settle
+        opt = fresh()
+        interval = 5
+        policy = JSDrift(interval=interval, probe_samples=8, rule="relative", lam=-0.5, patience=1, floor=0.3)
+        sel = gradsel.select(model, [batch()], policy, progress=False)
+        handle = sel.apply(model, opt)
+        probe_time = best_time(lambda: handle.controller._scores(), repeats=2, warmup=0, device=device)
+        per_step, first_freeze = [], None
+        for _ in range(6 * interval):
+            b = batch()
+            t0 = time.perf_counter()
+            opt.zero_grad(set_to_none=True)
+            loss_fn(model, b).backward()
+            opt.step()
+            handle.step()
+            per_step.append(time.perf_counter() - t0)
+            if first_freeze is None and handle.controller.frozen:
+                first_freeze = handle.steps
+        live_share = handle.controller.trainable_share()
+        # steps that ran a probe measurement are excluded from the before/after means
+        plain_steps = [t for i, t in enumerate(per_step, 1) if i % interval]
+        cut = first_freeze or len(per_step)
+        before = [t for i, t in enumerate(per_step, 1) if i % interval and i <= cut] or plain_steps
+        after = [t for i, t in enumerate(per_step, 1) if i % interval and i > cut] or [float("nan")]
+        handle.remove()
+
+        rows.append({
+            "model": label, "frozen share (first half of tensors)": share,
+            "unfrozen step (s)": t_plain, "unfrozen backward (s)": b_plain,
+            "mask-only step (s)": t_mask, "mask-only backward (s)": b_mask,
+            "jsdrift frozen step (s)": t_frozen, "jsdrift frozen backward (s)": b_frozen,
+            "backward saved vs mask-only": 1 - b_frozen / b_mask, "step saved vs unfrozen": 1 - t_frozen / t_plain,
+            "live: first freeze at step": first_freeze, "live: trainable share after 30 steps": live_share,
+            "live: step before freeze (s)": _median(before), "live: step after (s)": _median(after),
+            "probe estimate (s)": probe_time, "probe share of step time (interval 5)": probe_time / interval / t_plain,
+            "probe share of step time (interval 50)": probe_time / 50 / t_plain,
+        })
+        print(rows[-1], flush=True)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--steps", type=int, default=8)
+    args = parser.parse_args()
+    rows = run(args.device, args.steps)
+    fixed = ["model", "frozen share (first half of tensors)", "unfrozen step (s)", "unfrozen backward (s)",
+             "mask-only step (s)", "mask-only backward (s)", "jsdrift frozen step (s)", "jsdrift frozen backward (s)",
+             "backward saved vs mask-only", "step saved vs unfrozen"]
+    live = ["model", "live: first freeze at step", "live: trainable share after 30 steps",
+            "live: step before freeze (s)", "live: step after (s)", "probe estimate (s)",
+            "probe share of step time (interval 5)", "probe share of step time (interval 50)"]
+    md = (f"# jsdrift: what freezing saves\n\nMachine: {machine()}. Command: `python -m benchmarks.jsdrift_speed "
+          f"--device {args.device} --steps {args.steps}`. Medians over {args.steps} steps after 3 warm-up steps, "
+          "AdamW, train mode; the same first half of the tensors frozen in each of the three fixed runs.\n\n"
+          "## Same groups frozen three ways\n\n" + md_table(rows, fixed) +
+          "\n\n## A live jsdrift run (probe Fisher on 8 samples every 5 steps, relative rule, floor 0.3)\n\n"
+          + md_table(rows, live) + "\n")
+    path = write("jsdrift_speed" + ("" if args.device == "cpu" else "_" + args.device.split(":")[0]), rows, md)
+    print(md)
+    print(f"written to {path}")
+
+
+if __name__ == "__main__":
+    main()

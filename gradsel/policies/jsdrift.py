@@ -1,0 +1,461 @@
+"""jsdrift: progressive freezing by Jensen–Shannon drift of the Fisher (FisherAdapTune, arXiv 2606.10196).
+
+gradsel's version:
+
+1. Parameter groups: one per tensor (default), ``blocks=B`` row blocks per tensor, ``groups="auto"``
+   (module prefixes up to the first layer index: HF encoder layers, timm blocks, smp encoder and decoder
+   blocks), or a user mapping ``{group: [names or globs]}``.
+2. Every ``interval`` steps a diagonal Fisher per active group: from a fixed probe set with the per-sample
+   estimator (``source="probe"``, default), or from the squared mini-batch gradients that training
+   computed since the last measurement (``source="train"``: no extra passes, but a batch gradient squared
+   is not a per-sample Fisher, and it only sees what the optimizer saw).
+3. Each group's Fisher normalised into a probability distribution over its elements, so the distance
+   is scale-invariant by construction (the reference code bins log-values into a histogram whose
+   bins move when the Fisher is rescaled). Jensen–Shannon distance (base 2, in [0, 1]) to the previous
+   measurement, smoothed exponentially.
+4. A group freezes when its smoothed drift has been below ``threshold`` for ``patience`` measurements
+   (``rule="threshold"``) or below ``mean + lam * std`` of the active groups' drifts
+   (``rule="relative"``, ``lam=-1``: one standard deviation steadier than the average), after ``warmup``
+   steps, most stable first, never taking the trainable share below ``floor``. Frozen stays frozen.
+5. Freezing is real: a tensor whose groups are all frozen stops requiring grad (autograd skips its weight
+   gradient) and its optimizer state is released; a partly frozen tensor is masked like a static
+   selection (its frozen rows never move, under AdamW with weight decay too).
+6. History (drift per group per measurement, freeze steps, trainable share) is kept for plots
+   (:func:`plot_drift`), tables (:func:`drift_table`) and checkpoints (``handle.state_dict()``).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import GradselError
+from ..fisher import fisher
+from ..fisher.batches import BatchReader, iter_batches
+from ..report import table
+from .base import Context, Policy
+from .registry import register_policy
+
+__all__ = ["JSDrift", "js_distance", "plot_drift", "drift_table", "build_groups"]
+
+_EPS = 1e-30
+
+
+def js_distance(p: torch.Tensor, q: torch.Tensor) -> float:
+    """Jensen–Shannon distance (base 2, in [0, 1]) between two non-negative score vectors.
+
+    Each is normalised to sum to one first, so multiplying either by a positive constant changes nothing.
+    An all-zero vector counts as uniform.
+
+    >>> import torch
+    >>> round(js_distance(torch.tensor([1., 0.]), torch.tensor([0., 5.])), 6)
+    1.0
+    >>> js_distance(torch.tensor([1., 2., 3.]), torch.tensor([10., 20., 30.]))
+    0.0
+    """
+    p = _normalise(p)
+    q = _normalise(q)
+    m = 0.5 * (p + q)
+
+    def kl(a):
+        nz = a > 0
+        return float((a[nz] * (a[nz] / m[nz]).log2()).sum())
+
+    return math.sqrt(max(0.0, 0.5 * kl(p) + 0.5 * kl(q)))
+
+
+def _normalise(x: torch.Tensor) -> torch.Tensor:
+    x = x.detach().reshape(-1).double().clamp_min(0)
+    total = x.sum()
+    if total <= 0:
+        return torch.full_like(x, 1.0 / x.numel())
+    return x / total
+
+
+@dataclass
+class Group:
+    """A named set of parameter elements decided about together: ``(tensor name, row slice or None)``."""
+
+    name: str
+    parts: list[tuple[str, tuple[int, int] | None]]
+
+    def gather(self, scores: dict[str, torch.Tensor]) -> torch.Tensor:
+        return torch.cat([(scores[n] if rows is None else scores[n][rows[0]:rows[1]]).reshape(-1)
+                          for n, rows in self.parts])
+
+    def numel(self, shapes: dict[str, tuple]) -> int:
+        total = 0
+        for n, rows in self.parts:
+            shape = shapes[n]
+            per_row = math.prod(shape[1:]) if len(shape) > 1 else 1
+            total += math.prod(shape) if rows is None else (rows[1] - rows[0]) * per_row
+        return total
+
+    def tensors(self) -> list[str]:
+        return sorted({n for n, _ in self.parts})
+
+
+_INDEX = re.compile(r"^\d+$")
+
+
+def _auto_key(name: str) -> str:
+    """Module prefix up to the first integer component (a layer / block index), else the first two parts."""
+    parts = name.split(".")
+    for i, p in enumerate(parts[:-1]):
+        if _INDEX.match(p):
+            return ".".join(parts[: i + 1])
+    return ".".join(parts[: min(2, len(parts) - 1)]) or name
+
+
+def build_groups(candidates: list[str], shapes: dict[str, tuple], groups: Any = "tensor",
+                 blocks: int = 1) -> list[Group]:
+    """The groups for ``groups=`` / ``blocks=`` over ``candidates`` (every candidate in exactly one group)."""
+    if blocks < 1:
+        raise GradselError(f"blocks must be a positive integer, got {blocks}")
+    if isinstance(groups, dict):
+        out, taken = [], {}
+        for gname, specs in groups.items():
+            specs = [specs] if isinstance(specs, str) else list(specs)
+            members = [n for n in candidates if any(n == s or n.startswith(s + ".") or fnmatch.fnmatchcase(n, s)
+                                                   for s in specs)]
+            if not members:
+                raise GradselError(f"group {gname!r} ({specs}) matches no candidate parameter")
+            for n in members:
+                if n in taken:
+                    raise GradselError(f"parameter {n!r} is in two groups: {taken[n]!r} and {gname!r}")
+                taken[n] = gname
+            out.append(Group(gname, [(n, None) for n in members]))
+        rest = [n for n in candidates if n not in taken]
+        return out + [Group(n, [(n, None)]) for n in rest]
+    if groups == "auto":
+        keyed: dict[str, list[str]] = {}
+        for n in candidates:
+            keyed.setdefault(_auto_key(n), []).append(n)
+        return [Group(k, [(n, None) for n in ns]) for k, ns in keyed.items()]
+    if groups != "tensor":
+        raise GradselError(f"groups={groups!r} is not known: use 'tensor', 'auto' or a dict name -> [patterns]")
+    out = []
+    for n in candidates:
+        rows = shapes[n][0] if len(shapes[n]) else 1
+        if blocks == 1 or len(shapes[n]) == 0 or rows < blocks:
+            out.append(Group(n, [(n, None)]))
+            continue
+        edges = [round(i * rows / blocks) for i in range(blocks + 1)]
+        out += [Group(f"{n}[{i}/{blocks}]", [(n, (edges[i], edges[i + 1]))]) for i in range(blocks)]
+    return out
+
+
+def _take_probe(data: Any, num: int, reader: BatchReader) -> list:
+    """The first ``num`` samples of ``data`` as a fixed list of batches."""
+    out, have = [], 0
+    for batch in iter_batches(data):
+        reader.check(batch)
+        n = reader.size(batch)
+        if have + n > num:
+            batch = reader.take(batch, slice(0, num - have))
+            n = num - have
+        out.append(batch)
+        have += n
+        if have >= num:
+            break
+    if have == 0:
+        raise GradselError("jsdrift needs probe data: pass data to select() or probe=")
+    return out
+
+
+@register_policy("jsdrift")
+class JSDrift(Policy):
+    """Progressive freezing of parameter groups whose Fisher distribution has stopped drifting.
+
+    Options:
+        interval: steps between Fisher measurements.
+        source: ``"probe"`` (per-sample Fisher on a fixed probe set) or ``"train"`` (training gradients).
+        probe: batches for the probe set (default: the data given to ``select``).
+        probe_samples: how many probe samples to keep.
+        groups: ``"tensor"``, ``"auto"`` or a dict group name → list of names / prefixes / globs.
+        blocks: split each tensor into this many row blocks (with ``groups="tensor"``).
+        smoothing: weight of the newest distance in the exponential smoothing (1 = no smoothing).
+        rule: ``"threshold"`` or ``"relative"``.
+        threshold: drift below which a group counts as stable (``rule="threshold"``).
+        lam: with ``rule="relative"``, stable means below ``mean + lam * std`` of the active groups.
+        patience: consecutive stable measurements before a group freezes.
+        warmup: no freezing before this step.
+        floor: never freeze below this share of trainable candidate elements.
+    """
+
+    progressive = True
+    default_keep = 1.0
+
+    def __init__(self, interval: int = 10, source: str = "probe", probe: Any = None, probe_samples: int = 32,
+                 groups: Any = "tensor", blocks: int = 1, smoothing: float = 0.5, rule: str = "threshold",
+                 threshold: float = 0.05, lam: float = -1.0, patience: int = 2, warmup: int = 0,
+                 floor: float = 0.0):
+        if source not in ("probe", "train"):
+            raise GradselError(f"source={source!r} is not known: use 'probe' or 'train'")
+        if rule not in ("threshold", "relative"):
+            raise GradselError(f"rule={rule!r} is not known: use 'threshold' or 'relative'")
+        if not (isinstance(interval, int) and interval >= 1):
+            raise GradselError(f"interval must be a positive integer, got {interval!r}")
+        if not 0.0 < smoothing <= 1.0:
+            raise GradselError(f"smoothing must be in (0, 1], got {smoothing}")
+        if not 0.0 <= floor <= 1.0:
+            raise GradselError(f"floor is a share of candidate elements in [0, 1], got {floor}")
+        super().__init__(interval=interval, source=source, probe_samples=probe_samples, groups=groups,
+                         blocks=blocks, smoothing=smoothing, rule=rule, threshold=threshold, lam=lam,
+                         patience=patience, warmup=warmup, floor=floor)
+        self.probe = probe
+        self.fisher_options: dict = {}
+
+    def select(self, ctx: Context) -> dict[str, torch.Tensor]:
+        if ctx.k != ctx.total:
+            raise GradselError("jsdrift starts with every candidate trainable and freezes groups during training: "
+                               "leave keep= out (or 1.0) and set floor= for the least trainable share")
+        build_groups(ctx.candidates, ctx.shapes, self.options["groups"], self.options["blocks"])  # validate now
+        opts = dict(ctx.fisher_options)
+        self.fisher_options = {k: opts.get(k) for k in ("loss", "forward", "chunk_size", "kind", "seed")}
+        if self.options["source"] == "probe":
+            source = self.probe if self.probe is not None else ctx.data
+            reader = BatchReader(opts.get("forward"), opts.get("loss"))
+            self.probe = _take_probe(source, self.options["probe_samples"], reader)
+        return {n: torch.ones(s, dtype=torch.bool) for n, s in ctx.shapes.items()}
+
+    def controller(self, selection, model: nn.Module, handle) -> "DriftController":
+        if self.options["source"] == "probe" and self.probe is None:
+            raise GradselError("this jsdrift policy has no probe set (a loaded selection keeps none): build it with "
+                               "gradsel.select(model, data, 'jsdrift', ...) or pass probe=")
+        return DriftController(self, selection, model, handle)
+
+
+class DriftController:
+    """Measures drift every ``interval`` steps and freezes stable groups through the handle."""
+
+    def __init__(self, policy: JSDrift, selection, model: nn.Module, handle):
+        self.policy = policy
+        self.o = policy.options
+        self.selection = selection
+        self.model = model
+        self.handle = handle
+        self.shapes = {n: tuple(selection.shapes[n]) for n in selection.candidates}
+        self.groups = build_groups(selection.candidates, self.shapes, self.o["groups"], self.o["blocks"])
+        self.sizes = {g.name: g.numel(self.shapes) for g in self.groups}
+        self.total = sum(self.sizes.values())
+        self.step_count = 0
+        self.prev: dict[str, torch.Tensor] = {}
+        self.smoothed: dict[str, float] = {}
+        self.stable: dict[str, int] = {}
+        self.frozen: dict[str, int] = {}  # group -> step it froze
+        self.history: dict[str, Any] = {"steps": [], "drift": {}, "smoothed": {}, "share": [], "frozen": self.frozen}
+        self._buffers: dict[str, torch.Tensor] = {}
+        self._hooks: dict[str, Any] = {}
+        if self.o["source"] == "train":
+            self._attach_train_hooks()
+        else:
+            self._measure()  # the baseline distribution at step 0
+        selection.info["jsdrift"] = self.history
+
+    # -- measurement ---------------------------------------------------------------------------------
+    def _active(self) -> list[Group]:
+        return [g for g in self.groups if g.name not in self.frozen]
+
+    def _attach_train_hooks(self) -> None:
+        """Sum the squared (masked) training gradients of every active tensor between measurements."""
+        params = dict(self.model.named_parameters())
+        for name in sorted({n for g in self._active() for n in g.tensors()} - set(self._hooks)):
+            self._buffers[name] = torch.zeros_like(params[name], dtype=torch.float32)
+
+            def add(q, name=name):
+                if q.grad is not None:
+                    self._buffers[name].add_(q.grad.detach().float().square())
+
+            self._hooks[name] = params[name].register_post_accumulate_grad_hook(add)
+
+    def _scores(self) -> dict[str, torch.Tensor]:
+        names = sorted({n for g in self._active() for n in g.tensors()})
+        if self.o["source"] == "train":
+            scores = {n: self._buffers[n].clone() for n in names}
+            for b in self._buffers.values():
+                b.zero_()
+            return scores
+        opts = {k: v for k, v in self.policy.fisher_options.items() if v is not None}
+        return dict(fisher(self.model, self.policy.probe, params=names, progress=False, **opts))
+
+    def _measure(self) -> None:
+        active = self._active()
+        if not active:
+            return
+        scores = self._scores()
+        record = {}
+        for g in active:
+            dist = _normalise(g.gather(scores)).float()
+            if g.name in self.prev:
+                d = js_distance(self.prev[g.name], dist)
+                a = self.o["smoothing"]
+                self.smoothed[g.name] = d if g.name not in self.smoothed else a * d + (1 - a) * self.smoothed[g.name]
+                record[g.name] = d
+            self.prev[g.name] = dist
+        if record:
+            self.history["steps"].append(self.step_count)
+            for g in active:
+                if g.name in record:
+                    self.history["drift"].setdefault(g.name, []).append([self.step_count, record[g.name]])
+                    self.history["smoothed"].setdefault(g.name, []).append([self.step_count, self.smoothed[g.name]])
+            self._decide(active)
+        self.history["share"].append([self.step_count, self.trainable_share()])
+
+    def _decide(self, active: list[Group]) -> None:
+        drifts = {g.name: self.smoothed[g.name] for g in active if g.name in self.smoothed}
+        if not drifts:
+            return
+        if self.o["rule"] == "threshold":
+            limit = self.o["threshold"]
+        else:
+            vals = torch.tensor(list(drifts.values()), dtype=torch.float64)
+            limit = float(vals.mean() + self.o["lam"] * (vals.std() if len(vals) > 1 else 0.0))
+        for name, d in drifts.items():
+            self.stable[name] = self.stable.get(name, 0) + 1 if d < limit else 0
+        if self.step_count < self.o["warmup"]:
+            return
+        ready = sorted((d, i, name) for i, (name, d) in enumerate(drifts.items())
+                       if self.stable[name] >= self.o["patience"])
+        trainable = self.trainable_elements()
+        to_freeze = []
+        for _, _, name in ready:
+            if (trainable - self.sizes[name]) / self.total < self.o["floor"]:
+                break
+            trainable -= self.sizes[name]
+            to_freeze.append(name)
+        if to_freeze:
+            self._freeze(to_freeze)
+
+    def _freeze(self, names: list[str]) -> None:
+        by_name = {g.name: g for g in self.groups}
+        masks: dict[str, torch.Tensor] = {}
+        for gname in names:
+            self.frozen[gname] = self.step_count
+            self.prev.pop(gname, None)
+            for n, rows in by_name[gname].parts:
+                m = masks.setdefault(n, self.selection.masks[n].clone())
+                if rows is None:
+                    m[:] = False
+                else:
+                    m[rows[0]:rows[1]] = False
+        self.handle.update(masks)
+        for n, m in masks.items():  # tensors that left training need no gradient statistics
+            if not bool(m.any()) and n in self._hooks:
+                self._hooks.pop(n).remove()
+                del self._buffers[n]
+
+    # -- public --------------------------------------------------------------------------------------
+    def trainable_elements(self) -> int:
+        return sum(self.sizes[g.name] for g in self.groups if g.name not in self.frozen)
+
+    def trainable_share(self) -> float:
+        return self.trainable_elements() / self.total
+
+    def step(self) -> None:
+        self.step_count += 1
+        if self.step_count % self.o["interval"] == 0:
+            self._measure()
+
+    def close(self) -> None:
+        for h in self._hooks.values():
+            h.remove()
+        self._hooks = {}
+
+    def state_dict(self) -> dict:
+        return {"step": self.step_count, "prev": {k: v.clone() for k, v in self.prev.items()},
+                "smoothed": dict(self.smoothed), "stable": dict(self.stable), "frozen": dict(self.frozen),
+                "history": _copy_history(self.history),
+                "buffers": {k: v.clone() for k, v in self._buffers.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step_count = int(state["step"])
+        self.prev = {k: v.clone() for k, v in state["prev"].items()}
+        self.smoothed = dict(state["smoothed"])
+        self.stable = dict(state["stable"])
+        self.frozen.clear()
+        self.frozen.update(state["frozen"])
+        history = _copy_history(state["history"])
+        history["frozen"] = self.frozen
+        self.history.clear()
+        self.history.update(history)
+        if self.o["source"] == "train":
+            self.close()
+            self._buffers = {}
+            self._attach_train_hooks()
+            for n, b in state["buffers"].items():
+                if n in self._buffers:
+                    self._buffers[n].copy_(b)
+
+
+def _copy_history(h: dict) -> dict:
+    return {"steps": list(h["steps"]), "drift": {k: [list(x) for x in v] for k, v in h["drift"].items()},
+            "smoothed": {k: [list(x) for x in v] for k, v in h["smoothed"].items()},
+            "share": [list(x) for x in h["share"]], "frozen": dict(h["frozen"])}
+
+
+def _history(obj) -> dict:
+    """History from a handle, a Selection or the dict itself."""
+    if isinstance(obj, dict):
+        return obj
+    controller = getattr(obj, "controller", None)
+    if controller is not None:
+        return controller.history
+    info = getattr(obj, "info", {})
+    if "jsdrift" not in info:
+        raise GradselError("no jsdrift history here: pass the handle, the Selection or the history dict")
+    return info["jsdrift"]
+
+
+def drift_table(obj, *, markdown: bool = False) -> str:
+    """Per group: last smoothed drift, number of measurements, freeze step (or 'active')."""
+    h = _history(obj)
+    names = list(dict.fromkeys(list(h["smoothed"]) + list(h["frozen"])))
+    rows = []
+    for n in names:
+        series = h["smoothed"].get(n, [])
+        rows.append({"group": n, "measurements": len(series),
+                     "last drift": series[-1][1] if series else float("nan"),
+                     "frozen at step": h["frozen"].get(n, "active")})
+    return table(rows, ["group", "measurements", "last drift", "frozen at step"], markdown=markdown)
+
+
+def plot_drift(obj, path: str, *, title: str = "jsdrift: Fisher drift per group") -> str:
+    """Drift curves (smoothed JS distance) with freeze events, and the trainable share, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    h = _history(obj)
+    fig, (ax, ax2) = plt.subplots(2, 1, figsize=(9, 6.5), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    cmap = plt.get_cmap("tab20")
+    for i, (name, series) in enumerate(h["smoothed"].items()):
+        if not series:
+            continue
+        xs, ys = zip(*series)
+        color = cmap(i % 20)
+        ax.plot(xs, ys, color=color, lw=1.2, label=name if len(h["smoothed"]) <= 20 else None)
+        if name in h["frozen"]:
+            ax.axvline(h["frozen"][name], color=color, ls=":", lw=0.8)
+            ax.plot([h["frozen"][name]], [ys[-1]], "x", color=color)
+    ax.set_ylabel("smoothed JS distance")
+    ax.set_title(title)
+    if h["smoothed"] and len(h["smoothed"]) <= 20:
+        ax.legend(fontsize=6, ncol=2)
+    if h["share"]:
+        xs, ys = zip(*h["share"])
+        ax2.step(xs, ys, where="post", color="k")
+    ax2.set_ylabel("trainable share")
+    ax2.set_xlabel("training step")
+    ax2.set_ylim(0, 1.05)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return str(path)
