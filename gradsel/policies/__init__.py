@@ -1,6 +1,6 @@
 """Selection policies: the registry and the built-ins (one file each)."""
 
-from . import fish, jsdrift, random, reverse  # noqa: F401  (registers the built-ins)
+from . import fish, ird, jsdrift, random, reverse  # noqa: F401  (registers the built-ins)
 from .base import Context, Policy, masks_from_flat, split_budget, top_k
 from .registry import get_policy, list_policies, register_policy, unregister_policy
 
