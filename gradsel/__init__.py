@@ -1,6 +1,6 @@
 """gradsel: choose which parameters of a pretrained model to fine-tune, by the Fisher information."""
 
-from . import params, policies
+from . import delta, optim, params, policies
 from .errors import GradselError
 from .fisher import Fisher, fisher, fisher_loop
 from .masking import MaskHandle

@@ -155,6 +155,25 @@ class Selection:
         """
         return MaskHandle(self, model, optimizer)
 
+    def optimizer(self, model: nn.Module, lr: float = 1e-3, **kwargs: Any):
+        """A :class:`gradsel.optim.SparseAdamW` that holds state only for the selected elements.
+
+        Shorthand for ``gradsel.optim.sparse_adamw(self, model, lr, **kwargs)``; use it instead of
+        :meth:`apply`, since nothing outside the selection can move under it.
+        """
+        from .optim import sparse_adamw
+
+        return sparse_adamw(self, model, lr, **kwargs)
+
+    def delta(self, model: nn.Module, base_state_dict: Any, **kwargs: Any):
+        """What training changed within the selection, as a :class:`gradsel.delta.SparseDelta`.
+
+        Shorthand for ``SparseDelta.from_models(self, model, base_state_dict, **kwargs)``.
+        """
+        from .delta import SparseDelta
+
+        return SparseDelta.from_models(self, model, base_state_dict, **kwargs)
+
     def check(self, model: nn.Module) -> None:
         """Raise a GradselError naming the first parameter whose name or shape differs from ``model``."""
         params = dict(model.named_parameters())

@@ -1,0 +1,353 @@
+"""Optimizer state only for the selected elements: :class:`SparseAdamW` and :func:`sparse_adamw`.
+
+A dense optimizer under ``Selection.apply`` keeps two moments for every element of every tensor that has
+one selected element, and a guard writes the masked entries back after each step. ``SparseAdamW`` keeps,
+for a partly selected tensor, the flat indices of its selected elements (int32 when the tensor has fewer
+than 2**31 elements) and moments of that length only; it reads the gradient at those indices, updates
+them, and writes them back with ``scatter_``. Every other element is never written, so it stays bit for
+bit what it was, by construction. Fully selected tensors (``always=`` heads) keep dense moments; tensors
+with no selected element are not in the optimizer at all.
+
+The arithmetic is ``torch.optim.AdamW``'s, operation for operation (decoupled decay ``p *= 1 - lr * wd``,
+``exp_avg.lerp_``, bias corrections, ``eps`` added after the square root), applied to the gathered values:
+the trajectory equals dense AdamW with the selection applied.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+import torch
+from torch import nn
+
+from .errors import GradselError
+from .params import ParamSpec, resolve
+
+__all__ = ["SparseAdamW", "sparse_adamw", "state_bytes"]
+
+_INDEX_KEY = "gradsel_index"
+
+
+def _flat_index(mask: torch.Tensor, param: torch.Tensor) -> torch.Tensor | None:
+    """Flat indices of the True entries (int32 below 2**31 elements), None when all are True."""
+    if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != tuple(param.shape):
+        raise GradselError(f"a mask must be a tensor of the parameter's shape {tuple(param.shape)}, got "
+                           f"{type(mask).__name__} {tuple(getattr(mask, 'shape', ()))}")
+    mask = mask.to(torch.bool)
+    if bool(mask.all()):
+        return None
+    if not bool(mask.any()):
+        raise GradselError(f"a parameter of shape {tuple(param.shape)} has no selected element: leave it out of "
+                           "the optimizer (gradsel.optim.sparse_adamw does) instead of passing an all-False mask")
+    dtype = torch.int32 if param.numel() < 2**31 else torch.int64
+    return mask.reshape(-1).nonzero().squeeze(1).to(dtype=dtype, device=param.device)
+
+
+def _flat(t: torch.Tensor) -> torch.Tensor:
+    if not t.is_contiguous():
+        raise GradselError(f"SparseAdamW needs contiguous parameters and gradients (got strides {t.stride()} for "
+                           f"shape {tuple(t.shape)}); call model.to(memory_format=torch.contiguous_format)")
+    return t.view(-1)
+
+
+class SparseAdamW(torch.optim.Optimizer):
+    """AdamW that keeps moments only for the selected elements of each parameter.
+
+    Args:
+        params: tensors (trained in full), ``(tensor, mask)`` pairs (mask: bool tensor of the tensor's shape,
+            True = trained; None = all), or param-group dicts with ``"params"`` and an optional ``"masks"``
+            list aligned with it.
+        lr, betas, eps, weight_decay, amsgrad, maximize: as in ``torch.optim.AdamW``.
+        compact_grads: gather each partly selected tensor's gradient into a buffer of the selected length
+            as soon as backward has accumulated it, and free the dense gradient (at most one dense weight
+            gradient alive at a time). ``p.grad`` is then None for those tensors: clip with
+            :meth:`clip_grad_norm_`, not ``torch.nn.utils.clip_grad_norm_``; do not combine with
+            ``Selection.apply`` (its gradient hook expects ``p.grad``).
+
+    Elements outside the masks are never read (their gradient may hold anything) and never written.
+
+    >>> import torch, torch.nn as nn
+    >>> lin = nn.Linear(4, 3)
+    >>> mask = torch.zeros(3, 4, dtype=torch.bool); mask[0, :2] = True
+    >>> opt = SparseAdamW([(lin.weight, mask), (lin.bias, None)], lr=0.1, weight_decay=0.1)
+    >>> before = lin.weight.detach().clone()
+    >>> lin(torch.randn(5, 4)).sum().backward(); opt.step()
+    >>> bool(torch.equal(lin.weight[~mask], before[~mask])), bool((lin.weight[mask] != before[mask]).all())
+    (True, True)
+    >>> opt.state[lin.weight]["exp_avg"].shape
+    torch.Size([2])
+    """
+
+    def __init__(self, params: Iterable[Any], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 1e-2, *, amsgrad: bool = False, maximize: bool = False,
+                 compact_grads: bool = False):
+        if not 0.0 <= float(lr):
+            raise GradselError(f"lr={lr} must be >= 0")
+        if not 0.0 <= eps:
+            raise GradselError(f"eps={eps} must be >= 0")
+        if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
+            raise GradselError(f"betas={betas} must each be in [0, 1)")
+        if not 0.0 <= weight_decay:
+            raise GradselError(f"weight_decay={weight_decay} must be >= 0")
+        self._index: dict[torch.Tensor, torch.Tensor | None] = {}
+        self._cgrad: dict[torch.Tensor, torch.Tensor] = {}
+        self._hooks: list = []
+        self.compact_grads = compact_grads
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
+                        maximize=maximize)
+        super().__init__(self._as_groups(params), defaults)
+
+    @staticmethod
+    def _as_groups(params: Iterable[Any]) -> list[dict]:
+        items = list(params)
+        if not items:
+            raise GradselError("SparseAdamW got no parameters")
+        if all(isinstance(i, dict) for i in items):
+            return items
+        group: dict = {"params": [], "masks": []}
+        for item in items:
+            if isinstance(item, torch.Tensor):
+                group["params"].append(item)
+                group["masks"].append(None)
+            elif isinstance(item, (tuple, list)) and len(item) == 2 and isinstance(item[0], torch.Tensor):
+                group["params"].append(item[0])
+                group["masks"].append(item[1])
+            else:
+                raise GradselError("SparseAdamW takes tensors, (tensor, mask) pairs or param-group dicts; got "
+                                   f"{type(item).__name__}")
+        return [group]
+
+    def add_param_group(self, param_group: dict) -> None:
+        group = dict(param_group)
+        params = group["params"]
+        params = [params] if isinstance(params, torch.Tensor) else list(params)
+        masks = group.pop("masks", None)
+        masks = [None] * len(params) if masks is None else list(masks)
+        if len(masks) != len(params):
+            raise GradselError(f"a param group has {len(params)} params but {len(masks)} masks")
+        group["params"] = params
+        super().add_param_group(group)  # checks leaves and duplicates
+        for p, m in zip(params, masks):
+            idx = None if m is None else _flat_index(m, p)
+            if idx is not None:
+                _flat(p)
+            self._index[p] = idx
+            if idx is not None and self.compact_grads:
+                self._hooks.append(p.register_post_accumulate_grad_hook(self._gather_grad))
+
+    # -- gradients ---------------------------------------------------------------------------------------
+    def _gather_grad(self, p: torch.Tensor) -> None:
+        sel = _flat(p.grad).index_select(0, self._index[p])
+        buf = self._cgrad.get(p)
+        self._cgrad[p] = sel if buf is None else buf.add_(sel)
+        p.grad = None
+
+    def _grad(self, p: torch.Tensor) -> torch.Tensor | None:
+        """The gradient of the selected elements (gathered), or the dense gradient; None when there is none."""
+        idx = self._index[p]
+        if idx is None:
+            return p.grad
+        if self.compact_grads and p in self._cgrad:
+            return self._cgrad[p]
+        if p.grad is None:
+            return None
+        return _flat(p.grad).index_select(0, idx)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        super().zero_grad(set_to_none)
+        if set_to_none:
+            self._cgrad.clear()
+        else:
+            for buf in self._cgrad.values():
+                buf.zero_()
+
+    @torch.no_grad()
+    def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
+        """Clip the selected gradient entries to ``max_norm`` in total; return the norm before clipping.
+
+        The norm is taken over the entries the optimizer trains only, which is what
+        ``torch.nn.utils.clip_grad_norm_`` gives under ``Selection.apply`` (masked gradients zeroed).
+        """
+        grads = [g for group in self.param_groups for p in group["params"] if (g := self._grad(p)) is not None]
+        if not grads:
+            return torch.tensor(0.0)
+        norms = [torch.linalg.vector_norm(g, norm_type) for g in grads]
+        total = torch.linalg.vector_norm(torch.stack(norms), norm_type)
+        coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+        for group in self.param_groups:
+            for p in group["params"]:
+                if self._index[p] is not None and self.compact_grads and p in self._cgrad:
+                    self._cgrad[p].mul_(coef)
+                elif p.grad is not None:
+                    p.grad.mul_(coef)  # entries outside the selection are never read, scaling them is harmless
+        return total
+
+    # -- the step ----------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One AdamW step on the selected elements (same arithmetic as ``torch.optim.AdamW``)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr = float(group["lr"])
+            beta1, beta2 = (float(b) for b in group["betas"])
+            wd, eps, amsgrad = group["weight_decay"], group["eps"], group["amsgrad"]
+            for p in group["params"]:
+                grad = self._grad(p)
+                if grad is None:
+                    continue
+                if grad.is_sparse:
+                    raise GradselError("SparseAdamW does not take sparse gradients")
+                if group["maximize"]:
+                    grad = -grad
+                idx = self._index[p]
+                state = self.state[p]
+                if not state:
+                    state["step"] = torch.tensor(0.0, dtype=torch.float32)
+                    state["exp_avg"] = torch.zeros_like(grad, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(grad, memory_format=torch.preserve_format)
+                    if amsgrad:
+                        state["max_exp_avg_sq"] = torch.zeros_like(grad, memory_format=torch.preserve_format)
+                exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+                if exp_avg.shape != grad.shape:
+                    raise GradselError(f"optimizer state of shape {tuple(exp_avg.shape)} does not fit a gradient "
+                                       f"of shape {tuple(grad.shape)}: the state was loaded from another selection")
+                target = p if idx is None else _flat(p).index_select(0, idx)
+                state["step"] += 1
+                step = state["step"].item()
+                if wd != 0:
+                    target.mul_(1 - lr * wd)
+                exp_avg.lerp_(grad, 1 - beta1)
+                exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+                bias_correction1 = 1 - beta1**step
+                bias_correction2 = 1 - beta2**step
+                step_size = lr / bias_correction1
+                bias_correction2_sqrt = bias_correction2**0.5
+                if amsgrad:
+                    torch.maximum(state["max_exp_avg_sq"], exp_avg_sq, out=state["max_exp_avg_sq"])
+                    denom = (state["max_exp_avg_sq"].sqrt() / bias_correction2_sqrt).add_(eps)
+                else:
+                    denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
+                target.addcdiv_(exp_avg, denom, value=-step_size)
+                if idx is not None:
+                    _flat(p).scatter_(0, idx.long(), target)
+        return loss
+
+    # -- checkpoints -------------------------------------------------------------------------------------
+    def _packed_ids(self) -> dict[torch.Tensor, int]:
+        ids, i = {}, 0
+        for group in self.param_groups:
+            for p in group["params"]:
+                ids[p] = i
+                i += 1
+        return ids
+
+    def state_dict(self) -> dict:
+        """``torch.optim`` state dict plus the selected indices of each partly selected parameter."""
+        sd = super().state_dict()
+        sd[_INDEX_KEY] = {i: self._index[p].clone() for p, i in self._packed_ids().items()
+                          if self._index[p] is not None}
+        return sd
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Load a :meth:`state_dict`; it must come from an optimizer over the same selection."""
+        if _INDEX_KEY not in state_dict:
+            raise GradselError("this state dict has no selected indices: it was not saved by SparseAdamW "
+                               "(a dense optimizer's state cannot be loaded into SparseAdamW)")
+        saved = state_dict[_INDEX_KEY]
+        for p, i in self._packed_ids().items():
+            mine, theirs = self._index[p], saved.get(i)
+            same = (mine is None and theirs is None) or (
+                mine is not None and theirs is not None and mine.shape == theirs.shape
+                and torch.equal(mine.cpu().long(), theirs.cpu().long()))
+            if not same:
+                raise GradselError(f"the state dict was saved for a different selection: parameter #{i} (shape "
+                                   f"{tuple(p.shape)}) has other selected elements; build the optimizer from "
+                                   "the selection the checkpoint was trained with")
+        super().load_state_dict({k: v for k, v in state_dict.items() if k != _INDEX_KEY})
+
+    def remove_hooks(self) -> None:
+        """Remove the ``compact_grads`` gradient hooks (the optimizer is unusable for training afterwards)."""
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+
+    def state_bytes(self) -> int:
+        """Bytes held for training state: moments, step counters and the selected indices."""
+        return state_bytes(self)
+
+
+def state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of every tensor in an optimizer's state (and a :class:`SparseAdamW`'s indices).
+
+    >>> import torch
+    >>> w = torch.nn.Parameter(torch.zeros(10))
+    >>> opt = torch.optim.AdamW([w]); w.grad = torch.ones(10); opt.step()
+    >>> state_bytes(opt)  # exp_avg + exp_avg_sq (2 x 40 bytes) + a float32 step counter
+    84
+    """
+    total = 0
+    for state in optimizer.state.values():
+        for v in state.values():
+            if isinstance(v, torch.Tensor):
+                total += v.numel() * v.element_size()
+    for idx in getattr(optimizer, "_index", {}).values():
+        if idx is not None:
+            total += idx.numel() * idx.element_size()
+    return total
+
+
+def sparse_adamw(selection, model: nn.Module, lr: float = 1e-3, *, freeze: bool = True,
+                 no_decay: ParamSpec | None = None, **kwargs: Any) -> SparseAdamW:
+    """A :class:`SparseAdamW` over ``model``'s selected elements.
+
+    Partly selected tensors get compact state; fully selected ones (``always=``) dense state; tensors with
+    no selected element, and parameters outside the selection, are left out.
+
+    Args:
+        selection: a :class:`gradsel.Selection` made for ``model``.
+        model: the model to train.
+        lr: learning rate.
+        freeze: set ``requires_grad=False`` on every parameter the optimizer leaves out, so that backward
+            skips their weight gradients. The names are kept in ``optimizer.frozen``.
+        no_decay: parameters (names, globs, module classes, callable) trained without weight decay, in a
+            second param group (e.g. ``["*.bias", "*LayerNorm*"]``).
+        **kwargs: ``betas``, ``eps``, ``weight_decay``, ``amsgrad``, ``maximize``, ``compact_grads``.
+
+    Returns:
+        The optimizer; use it in place of ``Selection.apply`` (nothing outside the selection can move).
+
+    >>> import torch, torch.nn as nn, gradsel
+    >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    >>> sel = gradsel.select(model, None, "random", keep=5, always="2.*", progress=False)
+    >>> opt = sparse_adamw(sel, model, lr=0.01)
+    >>> opt.state_bytes() <= 5 * (4 + 4 + 4) + 18 * 8 + 3 * 4 + 5 * 4  # moments, steps, int32 indices
+    True
+    """
+    selection.check(model)
+    params = dict(model.named_parameters())
+    decay_off = set(resolve(model, no_decay, what="no_decay")) if no_decay is not None else set()
+    groups = {True: {"params": [], "masks": []}, False: {"params": [], "masks": [], "weight_decay": 0.0}}
+    chosen = set()
+    for name, mask in selection.masks.items():
+        if not bool(mask.any()):
+            continue
+        p = params[name]
+        group = groups[name not in decay_off]
+        group["params"].append(p)
+        group["masks"].append(None if bool(mask.all()) else mask.to(p.device))
+        chosen.add(name)
+    if not chosen:
+        raise GradselError("the selection selects no element: there is nothing to optimize")
+    frozen = []
+    if freeze:
+        for name, p in params.items():
+            if name not in chosen and p.requires_grad:
+                p.requires_grad_(False)
+                p.grad = None
+                frozen.append(name)
+    opt = SparseAdamW([g for g in groups.values() if g["params"]], lr=lr, **kwargs)
+    opt.frozen = frozen
+    return opt

@@ -1,0 +1,251 @@
+"""SparseAdamW: dense AdamW's trajectory under the mask, with state for the selected elements only."""
+
+from __future__ import annotations
+
+import copy
+import io
+
+import pytest
+import torch
+from torch import nn
+
+import gradsel
+from gradsel import GradselError
+from gradsel.optim import SparseAdamW, sparse_adamw, state_bytes
+
+from . import models as M
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One intra-op thread: on a loaded 2-core machine two OpenMP threads spin-wait (a Unet step: 2 s, not 0.01 s)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _bert_loss(model, batch):
+    return model(**batch).loss
+
+
+def _unet_loss(model, batch):
+    return nn.functional.cross_entropy(model(batch[0]), batch[1])
+
+
+CASES = {
+    "bert": (M.bert, lambda s: M.bert_batch(n=8, seed=s), _bert_loss, "classifier.*"),
+    "unet": (M.unet, lambda s: M.unet_batch(n=2, size=32, seed=s), _unet_loss, "segmentation_head.*"),
+}
+
+
+def _trajectory(case, steps, sparse, keep=0.05, **kw):
+    make, batch_fn, loss_fn, always = CASES[case]
+    model = make()
+    start = copy.deepcopy(model.state_dict())
+    sel = gradsel.select(model, None, "random", keep=keep, always=always, seed=3, progress=False)
+    batches = [batch_fn(s) for s in range(steps)]
+    torch.manual_seed(0)  # same dropout draws in both runs
+    if sparse:
+        opt, handle = sparse_adamw(sel, model, lr=1e-2, weight_decay=0.1, **kw), None
+    else:
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+        handle = sel.apply(model, opt)
+    model.train()
+    for batch in batches:
+        opt.zero_grad()
+        loss_fn(model, batch).backward()
+        opt.step()
+    if handle is not None:
+        handle.remove()
+    return sel, start, model, opt
+
+
+@pytest.mark.parametrize("case,steps", [("bert", 100), ("unet", 100)])
+def test_trajectory_equals_dense_adamw_with_the_selection_applied(case, steps):
+    sel, start, dense, _ = _trajectory(case, steps, sparse=False)
+    _, _, sparse, opt = _trajectory(case, steps, sparse=True)
+    worst = max((a.double() - b.double()).abs().max().item()
+                for a, b in zip(dense.state_dict().values(), sparse.state_dict().values()))
+    assert worst <= 1e-6, f"{case}: max abs difference {worst} after {steps} steps"
+    params = dict(sparse.named_parameters())
+    moved = trained = 0
+    for name, mask in sel.masks.items():
+        after, before = params[name].detach(), start[name]
+        assert torch.equal(after[~mask], before[~mask]), f"masked entries of {name} moved"
+        if params[name].grad is not None:  # the Unet's encoder_depth=3 leaves layer4 unused: no gradient
+            moved += int((after[mask] != before[mask]).sum())
+            trained += int(mask.sum())
+    assert moved > 0.9 * trained > 0
+    # everything outside the selection is untouched too
+    for name, p in params.items():
+        if name not in sel.masks:
+            assert torch.equal(p.detach(), start[name]), name
+
+
+def test_state_holds_only_the_selected_elements():
+    model = M.bert()
+    sel = gradsel.select(model, None, "random", keep=0.02, always="classifier.*", progress=False)
+    sel.masks["bert.pooler.dense.bias"][:] = False  # one tensor with nothing selected
+    opt = sparse_adamw(sel, model, lr=1e-3)
+    params = dict(model.named_parameters())
+    assert not params["bert.pooler.dense.bias"].requires_grad and "bert.pooler.dense.bias" in opt.frozen
+    assert params["bert.pooler.dense.bias"] not in opt._index
+    model(**M.bert_batch()).loss.backward()
+    assert params["bert.pooler.dense.bias"].grad is None  # backward skipped it
+    opt.step()
+    expected = 0
+    for name, mask in sel.masks.items():
+        p, count = params[name], int(mask.sum())
+        if count == 0:
+            assert p not in opt.state
+            continue
+        st = opt.state[p]
+        if count == mask.numel():  # the always= head: dense state
+            assert st["exp_avg"].shape == p.shape and opt._index[p] is None
+            expected += 2 * 4 * count + 4
+        else:
+            assert st["exp_avg"].shape == (count,) and st["exp_avg_sq"].shape == (count,)
+            assert opt._index[p].dtype == torch.int32
+            assert torch.equal(opt._index[p].long(), mask.reshape(-1).nonzero().squeeze(1))
+            expected += (2 * 4 + 4) * count + 4
+    assert opt.state_bytes() == state_bytes(opt) == expected
+    dense = torch.optim.AdamW(M.bert().parameters())
+    for p in dense.param_groups[0]["params"]:
+        p.grad = torch.zeros_like(p)
+    dense.step()
+    assert expected < 0.1 * state_bytes(dense)
+
+
+def test_masked_gradient_entries_are_never_read():
+    model = M.mlp()
+    sel = gradsel.select(model, M.mlp_batch(), "fish", keep=0.3, progress=False)
+    twin = copy.deepcopy(model)
+    opt, opt2 = sparse_adamw(sel, model, lr=0.05), sparse_adamw(sel, twin, lr=0.05)
+    x, y = M.mlp_batch(seed=4)
+    for m, o, poison in ((model, opt, True), (twin, opt2, False)):
+        torch.manual_seed(0)
+        nn.functional.cross_entropy(m(x), y).backward()
+        if poison:
+            for name, p in m.named_parameters():
+                if p.grad is not None:
+                    p.grad[~sel.masks[name]] = float("nan")
+        o.step()
+    for (name, a), b in zip(model.named_parameters(), twin.parameters()):
+        assert torch.isfinite(a).all() and torch.equal(a, b), name
+
+
+def test_amsgrad_maximize_and_no_decay_group_match_torch():
+    def run(sparse):
+        model = M.mlp()
+        sel = gradsel.select(model, M.mlp_batch(n=32), "fish", keep=0.25, always="3.bias", progress=False)
+        torch.manual_seed(1)
+        kw = dict(lr=0.02, weight_decay=0.2, amsgrad=True, maximize=True)
+        if sparse:
+            opt, handle = sparse_adamw(sel, model, no_decay="*.bias", **kw), None
+        else:
+            decay = [p for n, p in model.named_parameters() if not n.endswith("bias")]
+            nodecay = [p for n, p in model.named_parameters() if n.endswith("bias")]
+            opt = torch.optim.AdamW([{"params": decay}, {"params": nodecay, "weight_decay": 0.0}], **kw)
+            handle = sel.apply(model, opt)
+        g = torch.Generator().manual_seed(0)
+        for _ in range(30):
+            opt.zero_grad()
+            x, y = torch.randn(16, 6, generator=g), torch.randint(0, 3, (16,), generator=g)
+            (-nn.functional.cross_entropy(model(x), y)).backward()
+            opt.step()
+        if handle:
+            handle.remove()
+        return model
+
+    a, b = run(False), run(True)
+    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+        assert (p - q).abs().max() <= 1e-6, name
+    assert not torch.equal(a[0].weight, M.mlp()[0].weight)
+
+
+def test_compact_grads_accumulate_and_clip_like_the_masked_dense_path():
+    def run(mode):
+        model = M.mlp()
+        sel = gradsel.select(model, M.mlp_batch(n=32), "random", keep=0.3, always="3.bias", progress=False)
+        if mode == "dense":
+            opt = torch.optim.AdamW(model.parameters(), lr=0.05)
+            handle = sel.apply(model, opt)
+        else:
+            opt, handle = sparse_adamw(sel, model, lr=0.05, compact_grads=(mode == "compact")), None
+        g = torch.Generator().manual_seed(0)
+        norms = []
+        for _ in range(10):
+            opt.zero_grad()
+            for _ in range(2):  # gradient accumulation over two micro-batches
+                x, y = torch.randn(8, 6, generator=g), torch.randint(0, 3, (8,), generator=g)
+                (nn.functional.cross_entropy(model(x), y) * 3).backward()
+            if mode == "compact":
+                assert model[0].weight.grad is None  # the dense gradient was gathered and freed
+            if mode == "dense":
+                norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)))
+            else:
+                norms.append(float(opt.clip_grad_norm_(0.5)))
+            opt.step()
+        if handle:
+            handle.remove()
+        return model, norms
+
+    (dense, n1), (plain, n2), (compact, n3) = run("dense"), run("plain"), run("compact")
+    assert n1[0] > 0.5  # clipping was active
+    assert max(abs(a - b) for a, b in zip(n1, n2)) < 1e-5 and n2 == n3
+    for p, q, r in zip(dense.parameters(), plain.parameters(), compact.parameters()):
+        assert (p - q).abs().max() <= 1e-6 and torch.equal(q, r)
+
+
+def test_state_dict_round_trip_continues_the_same_trajectory():
+    def fresh():
+        model = M.mlp()
+        sel = gradsel.select(model, M.mlp_batch(n=32), "fish", keep=0.3, always="3.*", progress=False)
+        opt = sparse_adamw(sel, model, lr=0.05, weight_decay=0.1)
+        return model, sel, opt, torch.optim.lr_scheduler.StepLR(opt, 3, gamma=0.5)
+
+    def train(model, opt, sched, steps, seed):
+        torch.manual_seed(seed)  # dropout
+        g = torch.Generator().manual_seed(seed)
+        for _ in range(steps):
+            opt.zero_grad()
+            x, y = torch.randn(16, 6, generator=g), torch.randint(0, 3, (16,), generator=g)
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+            sched.step()
+
+    model, sel, opt, sched = fresh()
+    train(model, opt, sched, 5, 0)
+    buf = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict()}, buf)
+    train(model, opt, sched, 5, 1)
+
+    buf.seek(0)
+    ckpt = torch.load(buf)
+    model2, _, opt2, sched2 = fresh()
+    model2.load_state_dict(ckpt["model"])
+    opt2.load_state_dict(ckpt["opt"])
+    sched2.load_state_dict(ckpt["sched"])
+    assert opt2._index[model2[0].weight].dtype == torch.int32
+    train(model2, opt2, sched2, 5, 1)
+    for p, q in zip(model.parameters(), model2.parameters()):
+        assert torch.equal(p, q)
+
+    # a checkpoint of another selection, or of a dense optimizer, is refused
+    other = M.mlp()
+    sel_other = gradsel.select(other, None, "random", keep=0.3, always="3.*", seed=9, progress=False)
+    with pytest.raises(GradselError, match="different selection"):
+        sparse_adamw(sel_other, other, lr=0.05).load_state_dict(ckpt["opt"])
+    with pytest.raises(GradselError, match="not saved by SparseAdamW"):
+        opt2.load_state_dict(torch.optim.AdamW(model2.parameters()).state_dict())
+
+
+def test_bad_masks_are_refused():
+    w = nn.Parameter(torch.zeros(3, 4))
+    with pytest.raises(GradselError, match="no selected element"):
+        SparseAdamW([(w, torch.zeros(3, 4, dtype=torch.bool))])
+    with pytest.raises(GradselError, match=r"parameter's shape \(3, 4\)"):
+        SparseAdamW([(w, torch.ones(4, 3, dtype=torch.bool))])
+    with pytest.raises(GradselError, match="contiguous"):
+        SparseAdamW([(nn.Parameter(torch.zeros(4, 3).t()), torch.eye(3, 4, dtype=torch.bool))])
