@@ -55,27 +55,24 @@ class _Guard:
             self.hook = None
         self.mask = mask
         self.frozen_values = None
+        self.frozen = not bool(mask.any())
         if bool(mask.all()):
             p.requires_grad_(self.requires_grad)
-        elif not bool(mask.any()):
+        elif self.frozen:
             p.requires_grad_(False)
             p.grad = None
         else:
             p.requires_grad_(self.requires_grad)
             self.masked = ~mask
             self.frozen_values = p.detach()[self.masked].clone()
+            masked = self.masked
             if p.grad is not None:
-                p.grad.mul_(mask)
-            keep = mask.to(p.dtype)
+                p.grad.masked_fill_(masked, 0)
 
-            def zero_masked(q: torch.Tensor) -> None:
-                q.grad.mul_(keep)
+            def zero_masked(q: torch.Tensor) -> None:  # fill, not multiply: a NaN stays out of the masked part
+                q.grad.masked_fill_(masked, 0)
 
             self.hook = p.register_post_accumulate_grad_hook(zero_masked)
-
-    @property
-    def frozen(self) -> bool:
-        return not bool(self.mask.any())
 
     def restore(self) -> None:
         if self.frozen_values is not None:

@@ -64,6 +64,22 @@ def test_gradient_hooks_zero_masked_gradients_for_clipping():
             assert bool((p.grad[sel.masks[n]] != 0).any()), n
 
 
+def test_an_infinite_gradient_in_a_masked_entry_does_not_reach_the_optimizer():
+    model = nn.Linear(3, 1, bias=False)
+    sel = gradsel.select(model, None, "random", keep=1, progress=False)
+    kept = sel.masks["weight"]
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    before = model.weight.detach().clone()
+    with sel.apply(model, opt):
+        scale = torch.where(kept, torch.ones(1, 3), torch.full((1, 3), float("inf")))
+        (model.weight * scale).sum().backward()  # masked entries get an infinite gradient
+        assert torch.equal(model.weight.grad[~kept], torch.zeros(2))
+        assert bool(torch.isfinite(model.weight.grad).all())
+        opt.step()
+    assert torch.equal(model.weight.detach()[~kept], before[~kept])
+    assert torch.equal(model.weight.detach()[kept], before[kept] - 0.1)
+
+
 def test_without_optimizer_it_warns_that_decay_can_move_entries():
     model = M.mlp()
     sel = gradsel.select(model, M.mlp_batch(), "random", keep=0.3, progress=False)

@@ -87,12 +87,13 @@ class ConvGrads(LazyGrads):
         c = self.inputs.shape[0]
         totals = torch.zeros(c, dtype=acc.dtype, device=acc.device)
         part = torch.zeros(c, dtype=acc.dtype, device=acc.device) if want else None
+        flat_mask = mask.reshape(-1).to(acc.dtype) if (want and mask is not None) else None
         for i in range(c):
             sq = self._grad(i, acc.dtype).square_()
             acc.add_(sq)
             totals[i] = sq.sum()
             if want:
-                part[i] = totals[i] if mask is None else sq.reshape(-1) @ mask.to(sq.dtype)
+                part[i] = totals[i] if flat_mask is None else sq.reshape(-1) @ flat_mask
         return totals, part
 
 
