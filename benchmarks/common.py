@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import multiprocessing as mp
 import os
 import platform
 import threading
@@ -59,6 +60,29 @@ class PeakMemory:
     @property
     def mib(self) -> float:
         return (self.peak - self.base) / 2**20
+
+
+def in_fresh_process(target: Callable, *args: Any) -> Any:
+    """``target(*args, queue)`` in a spawned process; returns what it put on the queue.
+
+    The child starts with large blocks going through mmap, so that freed tensors leave the resident set and
+    its peak RSS shows the live peak, not the allocator's caches.
+    """
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=target, args=(*args, queue))
+    old = os.environ.get("MALLOC_MMAP_THRESHOLD_")
+    os.environ["MALLOC_MMAP_THRESHOLD_"] = "131072"
+    try:
+        proc.start()
+    finally:
+        if old is None:
+            os.environ.pop("MALLOC_MMAP_THRESHOLD_")
+        else:
+            os.environ["MALLOC_MMAP_THRESHOLD_"] = old
+    value = queue.get()
+    proc.join()
+    return value
 
 
 def best_time(fn: Callable[[], Any], repeats: int = 3, warmup: int = 1, device: str = "cpu") -> float:

@@ -12,14 +12,12 @@ Peak memory is measured for the vmap engine at 1× and 4× the samples with the 
 from __future__ import annotations
 
 import argparse
-import multiprocessing as mp
-import os
 
 import torch
 
 import gradsel
 
-from .common import PeakMemory, best_time, machine, md_table, write
+from .common import PeakMemory, best_time, in_fresh_process, machine, md_table, write
 
 
 def bert_case(device: str):
@@ -83,22 +81,7 @@ def _peak_worker(case: str, device: str, batches: int, queue) -> None:
 
 def fresh_process_peak(case: str, device: str, batches: int) -> float:
     """Peak memory of one estimate over ``batches`` batches, in a fresh process (no allocator caches)."""
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    proc = ctx.Process(target=_peak_worker, args=(case, device, batches, queue))
-    # large blocks through mmap, so that freed tensors leave the resident set and it shows the live peak
-    old = os.environ.get("MALLOC_MMAP_THRESHOLD_")
-    os.environ["MALLOC_MMAP_THRESHOLD_"] = "131072"
-    try:
-        proc.start()
-    finally:
-        if old is None:
-            os.environ.pop("MALLOC_MMAP_THRESHOLD_")
-        else:
-            os.environ["MALLOC_MMAP_THRESHOLD_"] = old
-    value = queue.get()
-    proc.join()
-    return value
+    return in_fresh_process(_peak_worker, case, device, batches)
 
 
 def run(device: str = "cpu", repeats: int = 3) -> list[dict]:

@@ -27,8 +27,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import multiprocessing as mp
-import os
 import tempfile
 import time
 from pathlib import Path
@@ -38,7 +36,7 @@ from torch import nn
 
 import gradsel
 
-from .common import RESULTS, PeakMemory, machine, md_table, write
+from .common import RESULTS, PeakMemory, in_fresh_process, machine, md_table, write
 
 KEEPS = (0.005, 0.05, 0.5)
 METHODS = ("dense AdamW", "masked dense", "SparseAdamW", "SparseAdamW + compact grads")
@@ -118,21 +116,7 @@ def _worker(case, method, sel_path, steps, threads, queue):
 
 def fresh_process(case, method, sel_path, steps, threads) -> dict:
     """One configuration in a fresh process (no allocator caches, no other configuration's leftovers)."""
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    proc = ctx.Process(target=_worker, args=(case, method, sel_path, steps, threads, queue))
-    old = os.environ.get("MALLOC_MMAP_THRESHOLD_")
-    os.environ["MALLOC_MMAP_THRESHOLD_"] = "131072"
-    try:
-        proc.start()
-    finally:
-        if old is None:
-            os.environ.pop("MALLOC_MMAP_THRESHOLD_")
-        else:
-            os.environ["MALLOC_MMAP_THRESHOLD_"] = old
-    out = queue.get()
-    proc.join()
-    return out
+    return in_fresh_process(_worker, case, method, sel_path, steps, threads)
 
 
 def run(steps: int, threads: int, cases=("bert", "unet")) -> list[dict]:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +29,7 @@ from typing import Mapping
 import torch
 from torch import nn
 
+from ._io import atomic_save
 from .errors import GradselError
 
 __all__ = ["SparseDelta", "fingerprint"]
@@ -240,25 +240,13 @@ class SparseDelta:
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write a safetensors file, atomically (temp file in the same folder, then rename)."""
-        from safetensors.torch import save_file
-
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         tensors = self._tensors()
         meta = {"format": FORMAT_VERSION, "fingerprint": self.fingerprint, "manifest": self.manifest,
                 "base_sha256": self.base_sha256, "selection": self.selection,
                 "entries": [{"name": e.name, "shape": list(e.shape), "count": e.values.numel(),
                              "sparse": e.index is not None} for e in self.entries],
                 "content_sha256": self._hash_values(tensors[k] for k in sorted(tensors))}
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata={_META_KEY: json.dumps(meta)})
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-        return path
+        return atomic_save(tensors, path, {_META_KEY: json.dumps(meta)})
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "SparseDelta":

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from ._io import atomic_save
 from .errors import GradselError
 from .fisher import Fisher
 from .masking import MaskHandle
@@ -195,20 +195,8 @@ class Selection:
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write masks and metadata to a safetensors file (atomically: temp file, then rename)."""
-        from safetensors.torch import save_file
-
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {n: m.contiguous() for n, m in self.masks.items()}
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata={"gradsel": json.dumps(self.metadata())})
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-        return path
+        return atomic_save(tensors, path, {"gradsel": json.dumps(self.metadata())})
 
     @classmethod
     def load(cls, path: str | os.PathLike, model: nn.Module | None = None) -> "Selection":

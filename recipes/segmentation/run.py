@@ -90,13 +90,7 @@ def _warmup(model, train_loader, steps, lr, trainable):
         p.requires_grad_(n in trainable)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
     model.train()
-    it = iter(train_loader)
-    for _ in range(steps):
-        try:
-            b = next(it)
-        except StopIteration:
-            it = iter(train_loader)
-            b = next(it)
+    for _, b in zip(range(steps), common.cycle(train_loader)):
         opt.zero_grad()
         _loss(model, b).backward()
         opt.step()
@@ -162,15 +156,9 @@ def run_one(cfg: dict, method: str, seed: int, out: str) -> dict:
     guard = common.MovementCheck(model, lambda: selection.masks if selection is not None else {})
     shares, backward, step_times = [], [], []
     model.train()
-    it = iter(train)
     with common.PeakRSS() as mem:
         t_start = time.perf_counter()
-        for _ in range(steps):
-            try:
-                b = next(it)
-            except StopIteration:
-                it = iter(train)
-                b = next(it)
+        for _, b in zip(range(steps), common.cycle(train)):
             guard.before_step()
             t0 = time.perf_counter()
             loss = _loss(model, b)
