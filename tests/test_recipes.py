@@ -34,8 +34,12 @@ def test_nlp_smoke_end_to_end(tmp_path):
     by = {r["method"]: r for r in runs}
     assert int(by["lora_fish"]["trainable params"]) == int(by["lora"]["trainable params"])  # equal budget
     assert int(by["lora_fish_25"]["trainable params"]) < int(by["lora"]["trainable params"])
+    # shipped artifacts, measured on disk: a selection's sparse delta is far below a full checkpoint
+    assert float(by["fish_mask"]["artifact MiB"]) < 0.1 * float(by["full"]["artifact MiB"])
+    assert float(by["lora"]["artifact MiB"]) < float(by["full"]["artifact MiB"])
     summary = (out / "summary.md").read_text()
-    for column in ("trainable params", "accuracy (mean ± std)", "train time (s)", "peak train MiB", "fisher time (s)"):
+    for column in ("trainable params", "accuracy (mean ± std)", "train time (s)", "peak train MiB", "fisher time (s)",
+                   "artifact MiB"):
         assert column in summary
     assert (out / "accuracy_vs_params.png").read_bytes()[:4] == b"\x89PNG"
 

@@ -160,7 +160,8 @@ def run_one(cfg: dict, method: str, seed: int) -> dict:
         fisher_time = time.perf_counter() - t0
         budget = selection.budget + sum(model.get_parameter(n).numel() for n in always)
 
-    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    base_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    before = {n: base_state[n] if n in base_state else p.detach().clone() for n, p in model.named_parameters()}
     masks = selection.masks if selection is not None else None
     trainable_now = {n: (masks[n] if masks and n in masks else True) for n, p in model.named_parameters()
                      if p.requires_grad}
@@ -169,10 +170,30 @@ def run_one(cfg: dict, method: str, seed: int) -> dict:
     result = _fit(model, train, cfg, seed, lr, selection)
     unchanged, changed = common.frozen_unchanged(model, before, trainable_now)
     acc = _accuracy(model, test, tr.get("eval_batch_size", 128))
+    artifact = _artifact_bytes(model, selection, base_state)
     return {"method": method, "seed": seed, "accuracy": acc, "trainable params": trainable, "budget": budget,
+            "artifact MiB": artifact / 2**20,
             "train time (s)": result["time"], "peak train MiB": result["mib"], "fisher time (s)": fisher_time,
             "steps": result["steps"], "masked unchanged": unchanged, "elements changed": changed,
             "policy": selection.policy if selection is not None else "", "task": task.name}
+
+
+def _artifact_bytes(model: nn.Module, selection, base_state: dict) -> int:
+    """Bytes on disk of what one ships for this method, measured by writing it.
+
+    A selection: its sparse delta against the model before training (indices + values, no base values).
+    Otherwise the trained tensors in full: the LoRA adapter with the head, or the whole fine-tuned model.
+    """
+    from safetensors.torch import save_file
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "artifact.safetensors"
+        if selection is not None:
+            selection.delta(model, base_state, base_values=False).save(path)
+        else:
+            save_file({n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad},
+                      str(path))
+        return path.stat().st_size
 
 
 def _fit(model, train, cfg, seed, lr, selection) -> dict:
@@ -212,6 +233,7 @@ COLUMNS = [
     ("method", "", lambda r: r["method"]),
     ("trainable params", "", lambda r: int(r["trainable params"])),
     ("budget", "", lambda r: int(r["budget"])),
+    ("artifact MiB", "", lambda r: round(r["artifact MiB"], 3)),
     ("accuracy (mean ± std)", "", lambda r: common.pm(r["accuracy"], r["accuracy std"])),
     ("train time (s)", "", lambda r: round(r["train time (s)"], 1)),
     ("peak train MiB", "", lambda r: round(r["peak train MiB"], 1)),
@@ -248,7 +270,8 @@ def main(argv: list[str] | None = None) -> Path:
               f"trainable {r['trainable params']:,}, {r['train time (s)']:.1f} s", flush=True)
         common.write_csv(rows, out / "runs.csv")
     wall = time.perf_counter() - t0
-    agg = common.aggregate(rows, ["accuracy", "train time (s)", "peak train MiB", "fisher time (s)"],
+    agg = common.aggregate(rows, ["accuracy", "train time (s)", "peak train MiB", "fisher time (s)",
+                                  "artifact MiB"],
                            ["trainable params", "budget"])
     common.write_csv(agg, out / "summary.csv")
     md = common.summary_table(agg, COLUMNS, markdown=True)
