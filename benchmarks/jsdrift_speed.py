@@ -19,6 +19,7 @@ The frozen groups for the first three are the first half of the parameter tensor
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 import torch
@@ -82,12 +83,16 @@ def _timed_steps(model, batch, loss_fn, opt, steps, handle=None, warmup=3):
     return _median(total), _median(backward)
 
 
+def _zero_grad(p: torch.Tensor) -> None:
+    p.grad.zero_()
+
+
 def _median(xs):
     xs = sorted(xs)
     return xs[len(xs) // 2] if xs else float("nan")
 
 
-def run(device="cpu", steps=8):
+def run(device="cpu", steps=8, rounds=3):
     rows = []
     for make in (bert, unet):
         label, model, batch, loss_fn = make(device)
@@ -101,27 +106,35 @@ def run(device="cpu", steps=8):
             model.load_state_dict(init)
             return torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01)
 
-        opt = fresh()
-        t_plain, b_plain = _timed_steps(model, batch, loss_fn, opt, steps)
+        def unfrozen():
+            return _timed_steps(model, batch, loss_fn, fresh(), steps)
 
-        # mask-only: zero the gradients of the early half (hooks), full backward
-        opt = fresh()
-        def zero(p):
-            p.grad.zero_()
+        def mask_only():  # zero the gradients of the early half (hooks); the full backward still runs
+            opt = fresh()
+            hooks = [model.get_parameter(n).register_post_accumulate_grad_hook(_zero_grad) for n in early]
+            try:
+                return _timed_steps(model, batch, loss_fn, opt, steps)
+            finally:
+                for h in hooks:
+                    h.remove()
 
-        hooks = [model.get_parameter(n).register_post_accumulate_grad_hook(zero) for n in early]
-        t_mask, b_mask = _timed_steps(model, batch, loss_fn, opt, steps)
-        for h in hooks:
-            h.remove()
+        def jsdrift_frozen():  # the same groups frozen through jsdrift's mechanism
+            opt = fresh()
+            sel = gradsel.select(model, [batch()], JSDrift(interval=10 ** 9, probe_samples=4), progress=False)
+            handle = sel.apply(model, opt)
+            handle.controller._freeze(early)
+            try:
+                return _timed_steps(model, batch, loss_fn, opt, steps, handle)
+            finally:
+                handle.remove()
 
-        # gradsel: the same groups frozen through jsdrift's mechanism
-        opt = fresh()
-        probe = [batch()]
-        sel = gradsel.select(model, probe, JSDrift(interval=10 ** 9, probe_samples=4), progress=False)
-        handle = sel.apply(model, opt)
-        handle.controller._freeze(early)
-        t_frozen, b_frozen = _timed_steps(model, batch, loss_fn, opt, steps, handle)
-        handle.remove()
+        # the three interleaved, `rounds` times, best of each: load from other jobs hits all three alike
+        results = {"plain": [], "mask": [], "frozen": []}
+        for _ in range(rounds):
+            for key, fn in (("plain", unfrozen), ("mask", mask_only), ("frozen", jsdrift_frozen)):
+                results[key].append(fn())
+        (t_plain, b_plain), (t_mask, b_mask), (t_frozen, b_frozen) = (
+            (min(t for t, _ in results[k]), min(b for _, b in results[k])) for k in ("plain", "mask", "frozen"))
 
         # a live run: probe Fisher every `interval` steps, relative rule so that some groups settle
         opt = fresh()
@@ -168,8 +181,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved repetitions of the three fixed runs")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = parser.parse_args()
-    rows = run(args.device, args.steps)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    load = os.getloadavg()[0]
+    rows = run(args.device, args.steps, args.rounds)
     fixed = ["model", "frozen share (first half of tensors)", "unfrozen step (s)", "unfrozen backward (s)",
              "mask-only step (s)", "mask-only backward (s)", "jsdrift frozen step (s)", "jsdrift frozen backward (s)",
              "backward saved vs mask-only", "step saved vs unfrozen"]
@@ -177,8 +195,11 @@ def main() -> None:
             "live: step before freeze (s)", "live: step after (s)", "probe estimate (s)",
             "probe share of step time (interval 5)", "probe share of step time (interval 50)"]
     md = (f"# jsdrift: what freezing saves\n\nMachine: {machine()}. Command: `python -m benchmarks.jsdrift_speed "
-          f"--device {args.device} --steps {args.steps}`. Medians over {args.steps} steps after 3 warm-up steps, "
-          "AdamW, train mode; the same first half of the tensors frozen in each of the three fixed runs.\n\n"
+          f"--device {args.device} --steps {args.steps} --rounds {args.rounds}"
+          f"{f' --threads {args.threads}' if args.threads else ''}`; load average at the start {load:.1f}. "
+          f"Medians over {args.steps} steps after 3 warm-up steps, AdamW, train mode; the same first half of the "
+          f"tensors frozen in each of the three fixed runs, which run interleaved {args.rounds} times (best of "
+          f"{args.rounds} medians).\n\n"
           "## Same groups frozen three ways\n\n" + md_table(rows, fixed) +
           "\n\n## A live jsdrift run (probe Fisher on 8 samples every 5 steps, relative rule, floor 0.3)\n\n"
           + md_table(rows, live) + "\n")
