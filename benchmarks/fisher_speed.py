@@ -43,7 +43,7 @@ def bert_case(device: str):
     return "BERT (4 layers, hidden 256), seq 64", model, batch, 16, floor
 
 
-def unet_case(device: str):
+def unet_case(device: str, size: int = 128):
     import segmentation_models_pytorch as smp
 
     torch.manual_seed(0)
@@ -51,14 +51,14 @@ def unet_case(device: str):
 
     def batch(n, seed=0):
         g = torch.Generator().manual_seed(seed)
-        return (torch.randn(n, 3, 128, 128, generator=g).to(device),
-                torch.randint(0, 2, (n, 128, 128), generator=g).to(device))
+        return (torch.randn(n, 3, size, size, generator=g).to(device),
+                torch.randint(0, 2, (n, size, size), generator=g).to(device))
 
     def floor(b):
         model.zero_grad(set_to_none=True)
         torch.nn.functional.cross_entropy(model(b[0]), b[1]).backward()
 
-    return "smp Unet-resnet18, 128×128", model, batch, 8, floor
+    return f"smp Unet-resnet18, {size}×{size}", model, batch, 8, floor
 
 
 def split(batch, n: int) -> list:

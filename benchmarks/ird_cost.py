@@ -23,22 +23,13 @@ import torch
 import gradsel
 import gradsel.policies.ird as ird_module
 
-from .common import machine, md_table, write
-from .fisher_speed import bert_case, split
+from .common import best_time, machine, md_table, write
+from .fisher_speed import bert_case, split, unet_case
 
 
-def unet_case(device: str):
-    import segmentation_models_pytorch as smp
-
-    torch.manual_seed(0)
-    model = smp.Unet("resnet18", encoder_weights=None, classes=2).to(device)
-
-    def batch(n, seed=0):
-        g = torch.Generator().manual_seed(seed)
-        return (torch.randn(n, 3, 64, 64, generator=g).to(device),
-                torch.randint(0, 2, (n, 64, 64), generator=g).to(device))
-
-    return "smp Unet-resnet18, 64×64", model, batch, 8
+def once(fn, device: str) -> float:
+    """Wall time of one call (the rounds interleave FISH and IRD, so each is timed once per round)."""
+    return best_time(fn, repeats=1, warmup=0, device=device)
 
 
 class PassTimer:
@@ -68,16 +59,6 @@ class PassTimer:
         ird_module.fisher = self.inner
 
 
-def timed(fn, device: str) -> float:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    fn()
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    return time.perf_counter() - t0
-
-
 def measure(label, model, data, samples, keep, device, repeats) -> dict:
     model.eval()
     opts = dict(keep=keep, progress=False)
@@ -85,11 +66,11 @@ def measure(label, model, data, samples, keep, device, repeats) -> dict:
     best = {"pass": float("inf"), "fish": float("inf"), "ird": float("inf")}
     timer_best = None
     for _ in range(repeats):  # interleaved, so that a busy machine slows all three alike
-        best["pass"] = min(best["pass"], timed(lambda: gradsel.fisher(model, data, progress=False), device))
-        best["fish"] = min(best["fish"], timed(lambda: gradsel.select(model, data, "fish", **opts), device))
+        best["pass"] = min(best["pass"], once(lambda: gradsel.fisher(model, data, progress=False), device))
+        best["fish"] = min(best["fish"], once(lambda: gradsel.select(model, data, "fish", **opts), device))
         with PassTimer(device) as timer:
             holder = {}
-            t = timed(lambda: holder.setdefault("sel", gradsel.select(model, data, "ird", **opts)), device)
+            t = once(lambda: holder.setdefault("sel", gradsel.select(model, data, "ird", **opts)), device)
         if t < best["ird"]:
             best["ird"], timer_best, sel = t, timer, holder["sel"]
     info = sel.info
@@ -117,7 +98,7 @@ def run(device: str = "cpu", repeats: int = 2, samples: int = 256, keep: float =
     label, model, batch, n, _ = bert_case(device)
     rows.append(measure(label + f", keep {keep}", model, split(batch(samples, seed=1), n), samples, keep, device,
                         repeats))
-    label, model, batch, n = unet_case(device)
+    label, model, batch, n, _ = unet_case(device, size=64)
     unet_samples = samples // 2
     rows.append(measure(label + f", keep {keep}", model, split(batch(unet_samples, seed=1), n), unet_samples, keep,
                         device, repeats))

@@ -26,10 +26,13 @@ def test_doc_example_runs(code, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     before = set(gradsel.list_policies())
     try:
-        exec(compile(code, "<doc>", "exec"), {"__name__": "__doc_example__"})
+        namespace = {"__name__": "__doc_example__"}
+        exec(compile(code + "\n__ran_to_the_end__ = True\n", "<doc>", "exec"), namespace)
     finally:  # examples register policies: leave the registry as it was for the other tests
         for name in set(gradsel.list_policies()) - before:
             gradsel.policies.unregister_policy(name)
+    # the example ran to its last line, its own asserts included (files it writes land in tmp_path)
+    assert namespace["__ran_to_the_end__"]
 
 
 def test_docs_have_examples():

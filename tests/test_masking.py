@@ -84,7 +84,16 @@ def test_without_optimizer_it_warns_that_decay_can_move_entries():
     model = M.mlp()
     sel = gradsel.select(model, M.mlp_batch(), "random", keep=0.3, progress=False)
     with pytest.warns(UserWarning, match="Pass the optimizer"):
-        sel.apply(model).remove()
+        handle = sel.apply(model)
+    # the gradients are still masked without an optimizer
+    x, y = M.mlp_batch(seed=3)
+    nn.functional.cross_entropy(model(x), y).backward()
+    for n, p in model.named_parameters():
+        if p.grad is None:  # nothing selected: not even computed
+            assert not bool(sel.masks[n].any()) and not p.requires_grad, n
+        else:
+            assert bool((p.grad[~sel.masks[n]] == 0).all()), n
+    handle.remove()
 
 
 def test_apply_to_a_different_model_fails_with_the_first_mismatch():
