@@ -296,6 +296,38 @@ def test_embedding_rows_path_matches_loop_with_padding_and_contributions():
     torch.testing.assert_close(est.per_sample, ref.per_sample, rtol=1e-9, atol=1e-15)
 
 
+@pytest.mark.parametrize("arch", ["mlp", "cnn", "bert"])
+def test_contributions_alone_match_the_loop_on_every_rule(arch):
+    # scores=False skips the Fisher sums; the contributions must be those the loop gives with the Fisher
+    # (dense vmap gradients on the MLP, the conv rule on the CNN, the embedding rule on BERT)
+    gen = torch.Generator().manual_seed(0)
+    if arch == "mlp":
+        model, batch = M.mlp().double(), _double(M.mlp_batch(n=7))
+    elif arch == "cnn":
+        model, batch = M.cnn().double(), _double(M.cnn_batch(n=7))
+    else:
+        model, batch = M.bert().double(), M.bert_batch(n=7)
+    params = dict(model.named_parameters())
+    names = list(params)
+    mask = {names[0]: torch.rand(params[names[0]].shape, generator=gen) > 0.5, names[-1]: None}
+    est = gradsel.fisher(model, batch, per_sample=mask, scores=False, chunk_size=3, progress=False)
+    ref = gradsel.fisher_loop(model, batch, per_sample=mask, progress=False)
+    assert len(est) == 0 and est.num_samples == 7
+    torch.testing.assert_close(est.per_sample, ref.per_sample, rtol=1e-9, atol=1e-15)
+    expected = ref.num_samples * ((ref[names[0]] * mask[names[0]]).sum() + ref[names[-1]].sum())
+    torch.testing.assert_close(est.per_sample.sum(), expected, rtol=1e-9, atol=0)
+    with pytest.raises(GradselError, match="scores=False.*per_sample="):
+        gradsel.fisher(model, batch, scores=False, progress=False)
+
+
+def test_nan_found_when_only_contributions_are_computed():
+    x, y = M.cnn_batch(n=6)
+    x[4, 1, 2, 2] = float("inf")
+    with pytest.raises(GradselError, match=r"'conv1.weight' for sample 4 is NaN or Inf"):
+        gradsel.fisher(M.cnn(), (x, y), params="conv1.weight", per_sample=True, scores=False, chunk_size=3,
+                       progress=False)
+
+
 def test_nan_in_a_convolution_input_is_found_through_the_conv_rule():
     x, y = M.cnn_batch(n=6)
     x[4, 1, 2, 2] = float("inf")

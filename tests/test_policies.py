@@ -75,6 +75,26 @@ def test_fish_is_top_k_of_the_reference_fisher_and_reverse_bottom_k():
         assert torch.equal(got, expected), policy
 
 
+@pytest.mark.parametrize("largest", [True, False])
+@pytest.mark.parametrize("k", [0, 1, 7, 23, 40])
+def test_top_k_within_masks_matches_a_stable_sort_with_ties(largest, k):
+    # coarse integer scores give many ties; the reference ranks (score, position) with a stable sort
+    gen = torch.Generator().manual_seed(k)
+    scores = {"a": torch.randint(0, 4, (5, 6), generator=gen).float(),
+              "b": torch.randint(0, 4, (30,), generator=gen).double()}
+    within = {n: torch.rand(t.shape, generator=gen) > 0.3 for n, t in scores.items()}
+    flat = torch.cat([t.reshape(-1).double() for t in scores.values()])
+    inside = torch.cat([m.reshape(-1) for m in within.values()])
+    positions = inside.nonzero().flatten()
+    k = min(k, len(positions))
+    order = torch.sort(flat[positions], descending=largest, stable=True).indices
+    expected = torch.zeros_like(inside)
+    expected[positions[order[:k]]] = True
+    got = top_k(scores, k, largest=largest, within=within)
+    assert torch.equal(torch.cat([got[n].reshape(-1) for n in scores]), expected)
+    assert [got[n].shape for n in scores] == [t.shape for t in scores.values()]
+
+
 def test_fish_per_tensor_budget_splits_exactly():
     model, sel = _select("fish", 30, budget="per_tensor")
     sizes = {n: p.numel() for n, p in model.named_parameters()}

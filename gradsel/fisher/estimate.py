@@ -213,7 +213,7 @@ def fisher(model: nn.Module, data: Any, *, params: ParamSpec | None = None, loss
            forward: ForwardFn | None = None, kind: str = "empirical", num_samples: int | None = None,
            chunk_size: int | None = None, progress: bool = True, per_sample: Any = None,
            samples: Any = None, engine: str = "auto", seed: int = 0,
-           memory_budget: int = DEFAULT_MEMORY_BUDGET) -> Fisher:
+           memory_budget: int = DEFAULT_MEMORY_BUDGET, scores: bool = True) -> Fisher:
     """Estimate the diagonal Fisher information from per-sample gradients.
 
     Each entry is ``mean_i g_i²`` where ``g_i`` is the gradient that a batch holding only sample ``i``
@@ -242,6 +242,10 @@ def fisher(model: nn.Module, data: Any, *, params: ParamSpec | None = None, loss
         engine: ``"auto"`` (vmap, falling back to the loop with a warning), ``"vmap"`` or ``"loop"``.
         seed: seeds the label draws of ``kind="mc"``.
         memory_budget: bytes of per-sample gradients to hold at once when ``chunk_size`` is not given.
+        scores: ``False`` skips the Fisher itself and computes only ``per_sample`` (which it then requires),
+            differentiating only the parameters that ``per_sample`` names: cheaper when only the
+            samples' contributions are wanted. The result maps no names; NaN/Inf is checked on the
+            contributions.
 
     Returns:
         A :class:`Fisher` mapping name → tensor of the parameter's shape.
@@ -263,14 +267,21 @@ def fisher(model: nn.Module, data: Any, *, params: ParamSpec | None = None, loss
         raise GradselError(f"chunk_size must be a positive integer, got {chunk_size!r}")
     names = resolve(model, params)
     masks = _as_masks(per_sample, names, model)
+    if not scores:
+        if masks is None:
+            raise GradselError("scores=False leaves nothing to compute: pass per_sample= (True, names or masks) "
+                               "to get each sample's contribution, or keep scores=True for the Fisher")
+        names = [n for n in names if n in masks]
     subset = _sample_filter(samples)
     reader = BatchReader(forward, loss)
     all_params = dict(model.named_parameters())
     acc_dtype = {n: torch.float64 if all_params[n].dtype == torch.float64 else torch.float32 for n in names}
-    acc = {n: torch.zeros(all_params[n].shape, dtype=acc_dtype[n], device=all_params[n].device) for n in names}
+    acc = ({n: torch.zeros(all_params[n].shape, dtype=acc_dtype[n], device=all_params[n].device) for n in names}
+           if scores else None)
     flat_masks = None
     if masks is not None:
-        flat_masks = {n: None if m is None else torch.as_tensor(m, dtype=torch.bool).reshape(-1).to(acc[n].device)
+        flat_masks = {n: None if m is None else
+                      torch.as_tensor(m, dtype=torch.bool).reshape(-1).to(all_params[n].device)
                       for n, m in masks.items()}
     contributions: list[torch.Tensor] = []
     used_index: list[torch.Tensor] = []
@@ -314,7 +325,7 @@ def fisher(model: nn.Module, data: Any, *, params: ParamSpec | None = None, loss
                     if isinstance(run, _VmapEngine) and grads is None:
                         run = _LoopEngine(model, names, reader)
                         grads = run(chunk)
-                    c = _accumulate(acc, grads, rows, flat_masks)
+                    c = _accumulate(acc, grads, rows, flat_masks, acc_dtype)
                     del grads, chunk  # free this chunk's per-sample gradients before the next is formed
                     if c is not None:
                         contributions.append(c)
@@ -331,8 +342,8 @@ def fisher(model: nn.Module, data: Any, *, params: ParamSpec | None = None, loss
     if num_samples is not None and used < num_samples:
         warnings.warn(f"num_samples={num_samples} asked for, but data held only {used}; the Fisher uses {used}",
                       stacklevel=2)
-    scores = {n: a.div_(used) for n, a in acc.items()}
-    return Fisher(scores, used, kind=kind,
+    means = {n: a.div_(used) for n, a in acc.items()} if acc is not None else {}
+    return Fisher(means, used, kind=kind,
                   per_sample=torch.cat(contributions) if masks is not None else None,
                   sample_index=torch.cat(used_index), engine=run.name)
 
@@ -353,28 +364,34 @@ def _per_sample_grads(run: _Engine, chunk: Any, engine: str) -> dict[str, torch.
         return None
 
 
-def _accumulate(acc: dict[str, torch.Tensor], grads: dict[str, Any], rows: torch.Tensor,
-                masks: dict[str, torch.Tensor | None] | None) -> torch.Tensor | None:
-    """Add the chunk's squared gradients to ``acc``; return per-sample contributions if asked for."""
+def _accumulate(acc: dict[str, torch.Tensor] | None, grads: dict[str, Any], rows: torch.Tensor,
+                masks: dict[str, torch.Tensor | None] | None,
+                dtypes: dict[str, torch.dtype]) -> torch.Tensor | None:
+    """Add the chunk's squared gradients to ``acc`` (unless it is None); return per-sample contributions if
+    asked for. A NaN/Inf in what is computed raises, naming the parameter and the first sample behind it."""
     c = len(rows)
     contrib = torch.zeros(c, dtype=torch.float64) if masks is not None else None
     for name, g in grads.items():
         want = masks is not None and name in masks
         mask = masks.get(name) if want else None
+        target = None if acc is None else acc[name]
         if isinstance(g, LazyGrads):
-            totals, part = g.accumulate(acc[name], mask, want)
-            if not bool(torch.isfinite(totals.sum())):
-                _raise_nonfinite(name, rows, (~torch.isfinite(totals)).nonzero().flatten())
+            part = g.accumulate(target, want, mask, dtypes[name])
+            # one check per chunk on what was summed (finite before this chunk); the culprit is found only
+            # when it fails
+            if not bool(torch.isfinite((target if target is not None else part).sum())):
+                _raise_nonfinite(name, rows, (~torch.isfinite(g.sample_totals(dtypes[name]))).nonzero().flatten())
         else:
-            sq = g.to(acc[name].dtype)
+            sq = g.to(dtypes[name])
             # vmap may return an expanded (stride-0) tensor, e.g. for a bias: square those out of place
             sq = sq.square_() if sq.is_contiguous() else sq.square()
             flat = sq.reshape(c, -1)
-            total = sq.sum(0)
+            part = (flat.sum(1) if mask is None else flat @ mask.to(flat.dtype)) if want else None
+            total = sq.sum(0) if target is not None else part
             if not bool(torch.isfinite(total.sum())):
                 _raise_nonfinite(name, rows, (~torch.isfinite(flat).all(1)).nonzero().flatten())
-            acc[name].add_(total)
-            part = (flat.sum(1) if mask is None else flat @ mask.to(flat.dtype)) if want else None
+            if target is not None:
+                target.add_(total)
         if part is not None:
             contrib += part.double().cpu()
     return contrib

@@ -23,10 +23,14 @@ from torch import nn
 class LazyGrads:
     """Per-sample gradients of one parameter that are squared and summed without being stacked."""
 
-    def accumulate(self, acc: torch.Tensor, mask: torch.Tensor | None,
-                   want: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Add ``Σ_i g_i²`` to ``acc``. Return each sample's ``Σ_j g_ij²`` (to find NaN/Inf) and, if
-        ``want``, its contribution over ``mask`` (flat bool, or None for the whole tensor)."""
+    def accumulate(self, acc: torch.Tensor | None, want: bool, mask: torch.Tensor | None,
+                   dtype: torch.dtype) -> torch.Tensor | None:
+        """Add ``Σ_i g_i²`` to ``acc`` (skipped when it is None). If ``want``, return each sample's
+        contribution ``Σ_j g_ij²`` over ``mask`` (flat bool, or None for the whole tensor), in ``dtype``."""
+        raise NotImplementedError
+
+    def sample_totals(self, dtype: torch.dtype) -> torch.Tensor:
+        """Each sample's ``Σ_j g_ij²`` over the whole tensor (to name the sample behind a NaN/Inf)."""
         raise NotImplementedError
 
 
@@ -53,16 +57,18 @@ class EmbeddingGrads(LazyGrads):
             sq[row == self.module.padding_idx] = 0
         return sample, row, sq
 
-    def accumulate(self, acc, mask, want):
-        sample, row, sq = self._rows(acc.dtype)
-        acc.index_add_(0, row, sq)
-        per_row = sq.sum(1)
-        zeros = torch.zeros(self.ids.shape[0], dtype=acc.dtype, device=acc.device)
-        totals = zeros.index_add(0, sample, per_row)
+    def accumulate(self, acc, want, mask, dtype):
+        sample, row, sq = self._rows(dtype)
+        if acc is not None:
+            acc.index_add_(0, row, sq)
         if not want:
-            return totals, None
-        part = per_row if mask is None else (sq * mask.reshape(acc.shape)[row]).sum(1)
-        return totals, zeros.index_add(0, sample, part)
+            return None
+        per_row = sq.sum(1) if mask is None else (sq * mask.reshape(self.module.weight.shape)[row]).sum(1)
+        return torch.zeros(self.ids.shape[0], dtype=dtype, device=sq.device).index_add_(0, sample, per_row)
+
+    def sample_totals(self, dtype):
+        sample, _, sq = self._rows(dtype)
+        return torch.zeros(self.ids.shape[0], dtype=dtype, device=sq.device).index_add_(0, sample, sq.sum(1))
 
 
 @dataclass
@@ -82,18 +88,21 @@ class ConvGrads(LazyGrads):
         return torch.nn.grad.conv2d_weight(self.inputs[i], m.weight.shape, self.out_grad[i], stride=m.stride,
                                            padding=m.padding, dilation=m.dilation, groups=m.groups).to(dtype)
 
-    def accumulate(self, acc, mask, want):
+    def accumulate(self, acc, want, mask, dtype):
         c = self.inputs.shape[0]
-        totals = torch.zeros(c, dtype=acc.dtype, device=acc.device)
-        part = torch.zeros(c, dtype=acc.dtype, device=acc.device) if want else None
-        flat_mask = mask.reshape(-1).to(acc.dtype) if (want and mask is not None) else None
+        part = torch.zeros(c, dtype=dtype, device=self.inputs.device) if want else None
+        weights = mask.reshape(-1).to(dtype) if (want and mask is not None) else None
         for i in range(c):
-            sq = self._grad(i, acc.dtype).square_()
-            acc.add_(sq)
-            totals[i] = sq.sum()
+            g = self._grad(i, dtype)
+            if acc is not None:
+                acc.addcmul_(g, g)  # the square and the sum in one pass over the tensor
             if want:
-                part[i] = totals[i] if flat_mask is None else sq.reshape(-1) @ flat_mask
-        return totals, part
+                flat = g.reshape(-1)
+                part[i] = flat.dot(flat) if weights is None else flat.square_().dot(weights)
+        return part
+
+    def sample_totals(self, dtype):
+        return torch.stack([self._grad(i, dtype).square().sum() for i in range(self.inputs.shape[0])])
 
 
 def _embedding_grads(module: nn.Embedding, inputs: torch.Tensor, out_grad: torch.Tensor) -> EmbeddingGrads:

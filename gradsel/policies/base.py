@@ -109,37 +109,56 @@ def masks_from_flat(flat: torch.Tensor, shapes: dict[str, torch.Size]) -> dict[s
     return out
 
 
-def top_k(scores: dict[str, torch.Tensor], k: int, *, largest: bool = True) -> dict[str, torch.Tensor]:
+def top_k(scores: dict[str, torch.Tensor], k: int, *, largest: bool = True,
+          within: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """Exactly ``k`` True entries at the largest (or smallest) scores over all tensors together.
 
     Ties are broken by position: parameter order, then flat index within the parameter, earlier first.
     No ``score >= threshold`` test, so a block of equal scores (LoRA's zero B at initialisation) cannot
-    inflate the count.
+    inflate the count. With ``within`` (name → bool mask of the score's shape, for every name), only the
+    entries inside the masks compete and everything outside comes back False.
 
     >>> import torch
     >>> m = top_k({"a": torch.tensor([0., 0., 0.]), "b": torch.tensor([1., 0.])}, 2)
     >>> m["a"].tolist(), m["b"].tolist()
     ([True, False, False], [True, False])
+    >>> m = top_k({"a": torch.tensor([3., 2., 1.])}, 1, within={"a": torch.tensor([False, True, True])})
+    >>> m["a"].tolist()
+    [False, True, False]
     """
-    shapes = {n: t.shape for n, t in scores.items()}
-    flat = torch.cat([t.detach().reshape(-1).double().cpu() for t in scores.values()])
+    # one dtype that holds every score exactly (float32 unless a score is float64): ranking in it is
+    # ranking the scores themselves, and float32 halves the memory traffic of the selection
+    dtype = torch.float32
+    for t in scores.values():
+        dtype = torch.promote_types(dtype, t.dtype) if t.is_floating_point() else torch.float64
+    full = {n: t.detach().to("cpu", dtype) for n, t in scores.items()}
+    inside = {n: None if within is None else torch.as_tensor(within[n], dtype=torch.bool).cpu().reshape(t.shape)
+              for n, t in full.items()}
+    flat = torch.cat([t.reshape(-1) if m is None else t[m] for t, m in zip(full.values(), inside.values())])
     if torch.isnan(flat).any():
         raise GradselError("scores contain NaN: the Fisher estimate is broken; check the data and the loss")
     total = flat.numel()
     if not 0 <= k <= total:
         raise GradselError(f"cannot select {k} of {total} elements")
-    mask = torch.zeros(total, dtype=torch.bool)
-    if k == total:
-        mask[:] = True
-    elif k > 0:
-        key = flat if largest else -flat
-        threshold = torch.kthvalue(-key, k).values.neg()  # the k-th largest key
-        above = key > threshold
-        need = k - int(above.sum())
-        ties = (key == threshold).nonzero().flatten()[:need]
-        mask = above
-        mask[ties] = True
-    return masks_from_flat(mask, shapes)
+    if k in (0, total):
+        return {n: torch.full(t.shape, k > 0, dtype=torch.bool) if m is None else m.clone() & (k > 0)
+                for (n, t), m in zip(full.items(), inside.values())}
+    # the k-th largest is the (total-k+1)-th smallest; strictly better scores are in, ties by position
+    threshold = torch.kthvalue(flat, total - k + 1 if largest else k).values
+    need = k - int((flat > threshold).sum() if largest else (flat < threshold).sum())
+    masks = {}
+    for (n, t), m in zip(full.items(), inside.values()):
+        mask = t > threshold if largest else t < threshold
+        tie = t == threshold
+        if m is not None:
+            mask &= m
+            tie &= m
+        if need > 0:
+            first = tie.reshape(-1).nonzero().flatten()[:need]
+            mask.view(-1)[first] = True
+            need -= len(first)
+        masks[n] = mask
+    return masks
 
 
 def split_budget(sizes: list[int], k: int) -> list[int]:

@@ -217,9 +217,9 @@ class IRD(Policy):
                 range_size = next_size
                 del kept
                 per_sample = {n: None if bool(m.all()) else m for n, m in range_masks.items()}
-                contrib = read(sample_index, params=list(range_masks), per_sample=per_sample)
+                contrib = read(sample_index, params=list(range_masks), per_sample=per_sample, scores=False)
                 cost += contrib.num_samples
-                _check_same_fisher(est, contrib)
+                _check_same_fisher(est, contrib, range_masks)
                 keep = top_k({"c": contrib.per_sample}, next_samples)["c"]
                 sample_index = sample_index[keep]
                 del est, contrib
@@ -338,38 +338,32 @@ def _same_samples(est: Fisher, positions: torch.Tensor) -> None:
                            "it must yield the same samples in the same order every time it is iterated")
 
 
-def _check_same_fisher(est: Fisher, contrib: Fisher) -> None:
-    """The contribution pass re-reads S_r: its Fisher must match the parameter step's (a free check that
-    the data came in the same order both times)."""
+def _check_same_fisher(est: Fisher, contrib: Fisher, kept: dict[str, torch.Tensor]) -> None:
+    """The contribution pass re-reads S_r, so its contributions must add up to the parameter step's Fisher
+    on the kept elements: ``Σ_i c_i = |S_r| · Σ_{j∈P_{r+1}} F_r[j]`` (a free check that the data came
+    again with the same samples at the same positions)."""
     _same_samples(contrib, est.sample_index.cpu())
-    for name in contrib:
-        a, b = est[name], contrib[name]
-        tol = 1e-5 * float(a.abs().max()) + 1e-12
-        if not torch.allclose(a.to(b.dtype), b, rtol=1e-3, atol=tol):
-            raise GradselError("ird: a second pass over the same sample positions gave another Fisher for "
-                               f"{name!r}: the data must yield the same samples in the same order every time "
-                               "(no shuffling, no random augmentation), and fisher= must come from this data")
+    expected = est.num_samples * sum(float(est[n][m.to(est[n].device)].sum(dtype=torch.float64))
+                                     for n, m in kept.items())
+    got = float(contrib.per_sample.sum())
+    if not math.isclose(got, expected, rel_tol=1e-3, abs_tol=1e-30):
+        raise GradselError("ird: a second pass over the same sample positions gave another Fisher "
+                           f"(the samples' contributions add up to {got:.6g}, the Fisher on the kept elements to "
+                           f"{expected:.6g}): the data must yield the same samples in the same order every time "
+                           "(no shuffling, no random augmentation), and fisher= must come from this data")
 
 
 def _top_in_range(est: Fisher, names: list[str], shapes: dict, range_masks: dict | None,
                   count: int) -> dict[str, torch.Tensor]:
     """The ``count`` largest Fisher entries inside the element range (every candidate when it is None).
 
-    Only the range's entries are ranked (they are gathered in parameter order, flat index order within
-    each), so ties fall exactly as :func:`top_k` over all candidates would break them, and a round costs
-    the size of its range, not of the model.
+    Only the range's entries compete (ties fall by parameter order, then flat index, as :func:`top_k` over
+    all candidates would break them), and only the tensors that still hold range elements are read.
     """
     if range_masks is None:
         return top_k({n: est[n] for n in names}, count)
-    inside = {n: est[n].reshape(-1)[range_masks[n].reshape(-1).to(est[n].device)] for n in names if n in range_masks}
-    chosen = top_k(inside, count)
-    out = {}
-    for n in names:
-        mask = torch.zeros(tuple(shapes[n]), dtype=torch.bool)
-        if n in range_masks:
-            mask.view(-1)[range_masks[n].reshape(-1)] = chosen[n]
-        out[n] = mask
-    return out
+    chosen = top_k({n: est[n] for n in names if n in range_masks}, count, within=range_masks)
+    return {n: chosen[n] if n in chosen else torch.zeros(tuple(shapes[n]), dtype=torch.bool) for n in names}
 
 
 def _score(evaluate: Callable, masks: dict[str, torch.Tensor], r: int) -> float:
