@@ -149,11 +149,10 @@ def top_k(scores: dict[str, torch.Tensor], k: int, *, largest: bool = True,
     masks = {}
     for (n, t), m in zip(full.items(), inside.values()):
         mask = t > threshold if largest else t < threshold
-        tie = t == threshold
         if m is not None:
             mask &= m
-            tie &= m
-        if need > 0:
+        if need > 0:  # the ties that fill the budget come from the first tensors holding the threshold
+            tie = t == threshold if m is None else (t == threshold) & m
             first = tie.reshape(-1).nonzero().flatten()[:need]
             mask.view(-1)[first] = True
             need -= len(first)

@@ -343,7 +343,7 @@ def _check_same_fisher(est: Fisher, contrib: Fisher, kept: dict[str, torch.Tenso
     on the kept elements: ``Σ_i c_i = |S_r| · Σ_{j∈P_{r+1}} F_r[j]`` (a free check that the data came
     again with the same samples at the same positions)."""
     _same_samples(contrib, est.sample_index.cpu())
-    expected = est.num_samples * sum(float(est[n][m.to(est[n].device)].sum(dtype=torch.float64))
+    expected = est.num_samples * sum(float((est[n] * m.to(est[n].device)).sum(dtype=torch.float64))
                                      for n, m in kept.items())
     got = float(contrib.per_sample.sum())
     if not math.isclose(got, expected, rel_tol=1e-3, abs_tol=1e-30):
