@@ -184,6 +184,21 @@ def test_samples_subset_uses_only_those_samples():
     for name in est:
         torch.testing.assert_close(est[name], ref[name])
 
+    class Counting:  # counts the batches the estimator asks for
+        def __init__(self):
+            self.read = 0
+
+        def __iter__(self):
+            for b in loader:
+                self.read += 1
+                yield b
+
+    early = Counting()
+    est = gradsel.fisher(model, early, samples=[1, 4], progress=False)
+    assert early.read == 1 and est.sample_index.tolist() == [1, 4]  # stops after the batch holding position 4
+    with pytest.raises(GradselError, match="position 12, but the data held only 12 samples"):
+        gradsel.fisher(model, loader, samples=[3, 12], progress=False)
+
 
 def test_params_selects_candidates_by_glob_class_and_callable():
     model = M.cnn()

@@ -238,7 +238,8 @@ def fisher(model: nn.Module, data: Any, *, params: ParamSpec | None = None, loss
         progress: show a progress bar.
         per_sample: also return each sample's ``Σ_j g_ij²`` over a parameter subset (``True`` for all
             candidates, a list of names, or a dict name → bool mask) as ``Fisher.per_sample``.
-        samples: only use these sample positions (indices into the data's order, or a bool mask).
+        samples: only use these sample positions (indices into the data's order, or a bool mask); the
+            data is read up to the batch holding the last of them.
         engine: ``"auto"`` (vmap, falling back to the loop with a warning), ``"vmap"`` or ``"loop"``.
         seed: seeds the label draws of ``kind="mc"``.
         memory_budget: bytes of per-sample gradients to hold at once when ``chunk_size`` is not given.
@@ -306,9 +307,12 @@ def fisher(model: nn.Module, data: Any, *, params: ParamSpec | None = None, loss
                 n = reader.size(batch)
                 index = torch.arange(seen, seen + n)
                 seen += n
+                past_last = subset is not None and (len(subset) == 0 or seen > int(subset[-1]))
                 if subset is not None:
                     keep = torch.isin(index, subset)
                     if not keep.any():
+                        if past_last:  # the rest of the data holds none of the wanted positions
+                            break
                         continue
                     if not keep.all():
                         batch = reader.take(batch, keep.nonzero().flatten())
@@ -332,10 +336,13 @@ def fisher(model: nn.Module, data: Any, *, params: ParamSpec | None = None, loss
                     used_index.append(rows)
                     used += len(rows)
                     bar.update(len(rows))
-                if num_samples is not None and used >= num_samples:
+                if past_last or (num_samples is not None and used >= num_samples):
                     break
     finally:
         bar.close()
+    if subset is not None and len(subset) and seen <= int(subset[-1]) and not (num_samples and used >= num_samples):
+        raise GradselError(f"samples= asks for position {int(subset[-1])}, but the data held only {seen} samples "
+                           f"(positions 0 to {seen - 1}): pass positions in the data's order, counted from 0")
     if used == 0:
         raise GradselError("no samples were read from data: check that the loader is not empty "
                            "(and that samples= selects some)")
