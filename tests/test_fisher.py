@@ -155,6 +155,26 @@ def test_mc_kind_estimates_the_true_fisher_of_a_softmax_model():
     torch.testing.assert_close(a["weight"], b["weight"])
 
 
+def test_mc_labels_belong_to_the_sample_not_to_the_batching():
+    # each sample's label draws are seeded by its position: batching, chunking and subsets cannot change them
+    model = M.mlp().double()
+    x, y = _double(M.mlp_batch(n=12))
+    split = [(x[i:i + 5], y[i:i + 5]) for i in range(0, 12, 5)]
+    whole = gradsel.fisher(model, (x, y), kind="mc", seed=3, per_sample=True, progress=False)
+    parts = gradsel.fisher(model, split, kind="mc", seed=3, per_sample=True, chunk_size=2, progress=False)
+    for name in whole:
+        torch.testing.assert_close(parts[name], whole[name])
+    torch.testing.assert_close(parts.per_sample, whole.per_sample)
+    pick = torch.tensor([2, 7, 11])
+    sub = gradsel.fisher(model, split, samples=pick, kind="mc", seed=3, per_sample=True, progress=False)
+    torch.testing.assert_close(sub.per_sample, whole.per_sample[pick])
+    ref = gradsel.fisher_loop(model, split, samples=pick, kind="mc", seed=3, progress=False)
+    for name in sub:
+        torch.testing.assert_close(sub[name], ref[name])
+    other = gradsel.fisher(model, (x, y), kind="mc", seed=4, per_sample=True, progress=False)
+    assert not torch.allclose(other.per_sample, whole.per_sample)
+
+
 def test_per_sample_contributions_over_a_subset():
     model = M.mlp().double()
     batch = _double(M.mlp_batch(n=9))
@@ -198,6 +218,27 @@ def test_samples_subset_uses_only_those_samples():
     assert early.read == 1 and est.sample_index.tolist() == [1, 4]  # stops after the batch holding position 4
     with pytest.raises(GradselError, match="position 12, but the data held only 12 samples"):
         gradsel.fisher(model, loader, samples=[3, 12], progress=False)
+
+
+def test_samples_are_read_packed_into_full_batches():
+    # what IRD's late rounds rely on: 6 samples spread over 4 batches cost one vmap call, not four
+    from gradsel.fisher.batches import BatchReader, gather
+
+    reader = BatchReader()
+    g = torch.Generator().manual_seed(5)
+    x, y = torch.randn(64, 6, generator=g), torch.randint(0, 3, (64,), generator=g)
+    data = [(x[i:i + 16], y[i:i + 16]) for i in range(0, 64, 16)]
+    wanted = torch.tensor([1, 5, 17, 18, 40, 63])
+    batches = list(gather(data, wanted, reader))
+    assert len(batches) == 1 and torch.equal(batches[0][0], wanted) and torch.equal(batches[0][1][0], x[wanted])
+    assert [len(p) for p, _ in gather(data, torch.arange(0, 64, 2), reader)] == [16, 16]
+    assert [len(p) for p, _ in gather(data, torch.arange(0, 64, 2), reader, 5)] == [8, 8, 8, 8]
+    # HF batches padded to other lengths cannot be joined: each keeps its own
+    hf = [M.bert_batch(n=4, t=t, seed=t) for t in (6, 6, 9)]
+    got = list(gather(hf, torch.tensor([0, 5, 6, 9]), reader))
+    assert [p.tolist() for p, _ in got] == [[0, 5, 6], [9]]
+    assert [tuple(b["input_ids"].shape) for _, b in got] == [(3, 6), (1, 9)]
+    assert torch.equal(got[1][1]["input_ids"][0], hf[2]["input_ids"][1])
 
 
 def test_params_selects_candidates_by_glob_class_and_callable():

@@ -250,24 +250,6 @@ def test_data_that_changes_between_reads_is_refused():
     assert ok.info["rounds"][-1]["samples"] == 4
 
 
-def test_late_rounds_read_their_samples_in_full_batches():
-    from gradsel.fisher.batches import BatchReader
-    from gradsel.policies.ird import _Gathered
-
-    reader = BatchReader()
-    _, data = _mlp64()  # 4 batches of 16
-    x = torch.cat([b[0] for b in data])
-    wanted = torch.tensor([1, 5, 17, 18, 40, 63])
-    batches = list(_Gathered(data, wanted, reader, None))
-    assert len(batches) == 1 and torch.equal(batches[0][0], x[wanted])  # one batch, not four of one or two rows
-    assert [len(b[0]) for b in _Gathered(data, torch.arange(0, 64, 2), reader, None)] == [16, 16]
-    # HF batches padded to other lengths cannot be joined: each keeps its own
-    hf = [M.bert_batch(n=4, t=t, seed=t) for t in (6, 6, 9)]
-    got = list(_Gathered(hf, torch.tensor([0, 5, 6, 9]), reader, None))
-    assert [tuple(b["input_ids"].shape) for b in got] == [(3, 6), (1, 9)]
-    assert torch.equal(got[1]["input_ids"][0], hf[2]["input_ids"][1])
-
-
 def test_deterministic_over_several_rounds():
     model, data = _mlp64()
     a = gradsel.select(model, data, "ird", keep=0.1, min_samples=4, progress=False)

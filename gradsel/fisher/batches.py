@@ -38,6 +38,101 @@ def iter_batches(data: Any) -> Iterator[Any]:
     yield from data
 
 
+def numbered(data: Any, reader: "BatchReader") -> Iterator[tuple[torch.Tensor, Any]]:
+    """``(positions, batch)`` for every batch of ``data``, positions counted from 0 in the data's order."""
+    seen = 0
+    for batch in iter_batches(data):
+        reader.check(batch)
+        n = reader.size(batch)
+        yield torch.arange(seen, seen + n), batch
+        seen += n
+
+
+def gather(data: Any, positions: torch.Tensor, reader: "BatchReader",
+           size: int | None = None) -> Iterator[tuple[torch.Tensor, Any]]:
+    """The samples of ``data`` at sorted ``positions``, as ``(positions, batch)`` packed into batches of at
+    least ``size`` rows (default: the data's first batch size) wherever their tensors can be concatenated
+    (HF batches padded to other lengths stay apart).
+
+    Reading stops after the batch holding the last position; a position past the data's end raises. Running
+    each original batch on the few rows it keeps instead would cost one vmap call per batch touched.
+    """
+    if len(positions) == 0:
+        return
+    last = int(positions[-1])
+    seen, parts, where, rows = 0, [], [], 0
+    for batch in iter_batches(data):
+        reader.check(batch)
+        n = reader.size(batch)
+        size = size or n
+        hit = positions[(positions >= seen) & (positions < seen + n)] - seen
+        if len(hit):
+            part = batch if len(hit) == n else reader.take(batch, hit)
+            if parts and not _can_join(parts[0], part, reader):
+                yield torch.cat(where), _join(parts, reader)
+                parts, where, rows = [], [], 0
+            parts.append(part)
+            where.append(hit + seen)
+            rows += len(hit)
+            if rows >= size:
+                yield torch.cat(where), _join(parts, reader)
+                parts, where, rows = [], [], 0
+        seen += n
+        if seen > last:
+            break
+    if parts:
+        yield torch.cat(where), _join(parts, reader)
+    if seen <= last:
+        raise GradselError(f"samples= asks for position {last}, but the data held only {seen} samples "
+                           f"(positions 0 to {seen - 1}): pass positions in the data's order, counted from 0")
+
+
+def _can_join(a: Any, b: Any, reader: "BatchReader") -> bool:
+    """Same structure; batched tensors alike but for their first dimension; everything else equal."""
+    la, spec_a, ba = reader.batched_leaves(a, reader.size(a))
+    lb, spec_b, bb = reader.batched_leaves(b, reader.size(b))
+    if spec_a != spec_b or ba != bb:
+        return False
+    for x, y, batched in zip(la, lb, ba):
+        if batched:
+            if x.shape[1:] != y.shape[1:] or x.dtype != y.dtype or x.device != y.device:
+                return False
+        elif x is not y:
+            if isinstance(x, torch.Tensor) or isinstance(y, torch.Tensor):
+                if not (isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and x.shape == y.shape
+                        and x.dtype == y.dtype and bool(torch.equal(x, y))):
+                    return False
+            else:
+                try:
+                    if not bool(x == y):
+                        return False
+                except Exception:
+                    return False
+    return True
+
+
+def _join(parts: list, reader: "BatchReader") -> Any:
+    if len(parts) == 1:
+        return parts[0]
+    flat = [reader.batched_leaves(p, reader.size(p)) for p in parts]
+    leaves, spec, batched = flat[0]
+    out = [torch.cat([f[0][i] for f in flat]) if b else x for i, (x, b) in enumerate(zip(leaves, batched))]
+    return pytree.tree_unflatten(out, spec)
+
+
+def _sample_generator(seed: int, position: int) -> torch.Generator:
+    """A generator of its own for the sample at ``position``.
+
+    torch's CPU generator keeps only the low 32 bits of a seed, so ``(seed, position)`` is mixed down to 32
+    bits (splitmix64's finaliser): different seeds give unrelated draws for the same sample.
+    """
+    mask = (1 << 64) - 1
+    z = (int(seed) * 0x9E3779B97F4A7C15 + int(position) + 0x632BE59BD9B4E019) & mask
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
+    return torch.Generator().manual_seed((z ^ (z >> 31)) & 0xFFFFFFFF)
+
+
 def logits_of(outputs: Any) -> torch.Tensor:
     """The logits in a model's output: the tensor itself, ``.logits``, or the first element of a tuple."""
     if isinstance(outputs, torch.Tensor):
@@ -127,8 +222,12 @@ class BatchReader:
         return value.reshape(())
 
     # -- Monte-Carlo labels ---------------------------------------------------------------------------
-    def with_sampled_labels(self, model: nn.Module, batch: Any, generator: torch.Generator) -> Any:
-        """The batch with its labels replaced by draws from the model's predictive distribution."""
+    def with_sampled_labels(self, model: nn.Module, batch: Any, seed: int, positions: torch.Tensor) -> Any:
+        """The batch with its labels replaced by draws from the model's predictive distribution.
+
+        Each sample's draws come from its own generator, seeded by ``seed`` and the sample's position in the
+        data: a sample gets the same labels however the data is batched, chunked or subset.
+        """
         if isinstance(batch, Mapping):
             if "labels" not in batch:
                 raise GradselError("kind='mc' needs a 'labels' entry in dict batches to replace")
@@ -141,9 +240,10 @@ class BatchReader:
             logits = logits_of(self.run(model, batch)).float()
         if logits.dim() == 1:
             raise GradselError("kind='mc' needs class logits of shape (N, C, ...); got a 1-D output")
-        probs = torch.softmax(logits.movedim(class_dim, -1), dim=-1)
-        flat = probs.reshape(-1, probs.shape[-1]).cpu()
-        draws = torch.multinomial(flat, 1, generator=generator).reshape(probs.shape[:-1])
+        probs = torch.softmax(logits.movedim(class_dim, -1), dim=-1).cpu()
+        draws = torch.stack([
+            torch.multinomial(p.reshape(-1, p.shape[-1]), 1, generator=_sample_generator(seed, int(pos)))
+            .reshape(p.shape[:-1]) for p, pos in zip(probs, positions)])
         if isinstance(batch, Mapping):
             target = batch["labels"]
             out = dict(batch)

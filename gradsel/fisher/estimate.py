@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from ..errors import GradselError
 from ..params import ParamSpec, resolve
-from .batches import BatchReader, ForwardFn, LossFn, is_single_batch, iter_batches
+from .batches import BatchReader, ForwardFn, LossFn, gather, is_single_batch, numbered
 from .rules import LazyGrads, output_rules
 from .result import Fisher
 
@@ -238,10 +238,12 @@ def fisher(model: nn.Module, data: Any, *, params: ParamSpec | None = None, loss
         progress: show a progress bar.
         per_sample: also return each sample's ``Σ_j g_ij²`` over a parameter subset (``True`` for all
             candidates, a list of names, or a dict name → bool mask) as ``Fisher.per_sample``.
-        samples: only use these sample positions (indices into the data's order, or a bool mask); the
-            data is read up to the batch holding the last of them.
+        samples: only use these sample positions (indices into the data's order, or a bool mask). Their
+            rows are packed into batches of ``chunk_size`` (default: the data's batch size) and the data
+            is read up to the batch holding the last of them; a position past the end raises.
         engine: ``"auto"`` (vmap, falling back to the loop with a warning), ``"vmap"`` or ``"loop"``.
-        seed: seeds the label draws of ``kind="mc"``.
+        seed: seeds the label draws of ``kind="mc"``, together with each sample's position: a sample gets
+            the same labels however the data is batched or subset.
         memory_budget: bytes of per-sample gradients to hold at once when ``chunk_size`` is not given.
         scores: ``False`` skips the Fisher itself and computes only ``per_sample`` (which it then requires),
             differentiating only the parameters that ``per_sample`` names: cheaper when only the
@@ -287,41 +289,27 @@ def fisher(model: nn.Module, data: Any, *, params: ParamSpec | None = None, loss
     contributions: list[torch.Tensor] = []
     used_index: list[torch.Tensor] = []
 
+    user_chunk = chunk_size  # samples= packs its rows into batches of this size (default: the data's)
     if chunk_size is None:
         # per-sample gradients that vmap materialises (rule layers hold far less), times 3 for the
         # square and the sum; at most 32 samples so that activations stay small too
         ruled = set(output_rules(model, names)) if engine != "loop" else set()
         dense = sum(all_params[n].numel() for n in names if n not in ruled)
         chunk_size = int(min(MAX_CHUNK, max(1, memory_budget // max(1, dense * 4 * 3))))
-    generator = torch.Generator().manual_seed(seed)
 
     run: _Engine = (_LoopEngine if engine == "loop" else _VmapEngine)(model, names, reader)
     used = 0
-    seen = 0
     bar = tqdm(total=_total_hint(data, reader, num_samples, subset), unit="sample", desc="fisher", disable=not progress,
                leave=False)
     try:
         with eval_mode(model), torch.enable_grad():
-            for batch in iter_batches(data):
-                reader.check(batch)
-                n = reader.size(batch)
-                index = torch.arange(seen, seen + n)
-                seen += n
-                past_last = subset is not None and (len(subset) == 0 or seen > int(subset[-1]))
-                if subset is not None:
-                    keep = torch.isin(index, subset)
-                    if not keep.any():
-                        if past_last:  # the rest of the data holds none of the wanted positions
-                            break
-                        continue
-                    if not keep.all():
-                        batch = reader.take(batch, keep.nonzero().flatten())
-                    index = index[keep]
+            batches = numbered(data, reader) if subset is None else gather(data, subset, reader, user_chunk)
+            for index, batch in batches:
                 if num_samples is not None and used + len(index) > num_samples:
                     index = index[: num_samples - used]
                     batch = reader.take(batch, slice(0, len(index)))
                 if kind == "mc":
-                    batch = reader.with_sampled_labels(model, batch, generator)
+                    batch = reader.with_sampled_labels(model, batch, seed, index)
                 for start in range(0, len(index), chunk_size):
                     rows = index[start:start + chunk_size]
                     chunk = reader.take(batch, slice(start, start + len(rows)))
@@ -336,13 +324,10 @@ def fisher(model: nn.Module, data: Any, *, params: ParamSpec | None = None, loss
                     used_index.append(rows)
                     used += len(rows)
                     bar.update(len(rows))
-                if past_last or (num_samples is not None and used >= num_samples):
+                if num_samples is not None and used >= num_samples:
                     break
     finally:
         bar.close()
-    if subset is not None and len(subset) and seen <= int(subset[-1]) and not (num_samples and used >= num_samples):
-        raise GradselError(f"samples= asks for position {int(subset[-1])}, but the data held only {seen} samples "
-                           f"(positions 0 to {seen - 1}): pass positions in the data's order, counted from 0")
     if used == 0:
         raise GradselError("no samples were read from data: check that the loader is not empty "
                            "(and that samples= selects some)")

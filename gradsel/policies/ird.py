@@ -24,16 +24,14 @@ multiple of ``2^(R−1)``), that is ``N·(4 − 6/2^R)`` < ``4N``: under four FI
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
-from torch.utils import _pytree as pytree
 from torch.utils.data import DataLoader, RandomSampler
 from tqdm.auto import tqdm
 
 from ..errors import GradselError
 from ..fisher import Fisher, fisher
-from ..fisher.batches import BatchReader, iter_batches
 from .base import Context, Policy, top_k
 from .registry import register_policy
 
@@ -151,26 +149,21 @@ class IRD(Policy):
         opts = dict(ctx.fisher_options)
         progress = bool(opts.pop("progress", True))
         num_samples = opts.pop("num_samples", None)
-        chunk = opts.get("chunk_size")
         names = list(ctx.candidates)
         k = ctx.k
 
         range_masks: dict[str, torch.Tensor] | None = None  # P_r; None = every candidate element
         range_size = ctx.total
         sample_index: torch.Tensor | None = None  # S_r (positions in data); None before the first pass
-        reader = BatchReader(opts.get("forward"), opts.get("loss"))
 
         def read(index: torch.Tensor | None, **kwargs) -> Fisher:
-            """One pass over S_r. A leading run of samples (the first round) is read as the data's own
-            batches; any other subset is gathered into full batches. Both passes of a round read alike."""
-            if index is None or torch.equal(index, torch.arange(len(index))):
-                count = num_samples if index is None else len(index)
-                est = fisher(ctx.model, data, num_samples=count, progress=False, **opts, **kwargs)
-                if index is not None:
-                    _same_samples(est, index)
-                return est
-            return _over(index, fisher, ctx.model, _Gathered(data, index, reader, chunk), progress=False,
-                         **opts, **kwargs)
+            """One pass over S_r: the first reads the data's own batches, later ones their samples packed
+            into full batches (``samples=``)."""
+            if index is None:
+                return fisher(ctx.model, data, num_samples=num_samples, progress=False, **opts, **kwargs)
+            est = fisher(ctx.model, data, samples=index, progress=False, **opts, **kwargs)
+            _same_samples(est, index)
+            return est
 
         rounds: list[dict] = []
         best: tuple[float | None, int, dict[str, torch.Tensor]] | None = None
@@ -252,84 +245,6 @@ def _check_data(data: Any) -> None:
     if one_shot:
         raise GradselError(f"ird reads the data several times, but got a one-shot iterator ({type(data).__name__}): "
                            "pass a list of batches or a DataLoader")
-
-
-class _Gathered:
-    """The samples of ``data`` at sorted ``positions``, re-read on each iteration and packed into batches of
-    at least ``size`` rows (the first batch's size by default) wherever their tensors can be concatenated.
-
-    ``fisher(data, samples=...)`` would run each of the original batches on the few rows it keeps, so a
-    late round's 16 samples spread over 16 batches would cost 16 vmap calls of one sample each.
-    """
-
-    def __init__(self, data: Any, positions: torch.Tensor, reader: BatchReader, size: int | None):
-        self.data, self.positions, self.reader, self.size = data, positions, reader, size
-
-    def __iter__(self) -> Iterator[Any]:
-        wanted, last = self.positions, int(self.positions[-1])
-        size, seen, parts, rows = self.size, 0, [], 0
-        for batch in iter_batches(self.data):
-            n = self.reader.size(batch)
-            size = size or n
-            hit = wanted[(wanted >= seen) & (wanted < seen + n)] - seen
-            seen += n
-            if len(hit):
-                part = batch if len(hit) == n else self.reader.take(batch, hit)
-                if parts and not _can_join(parts[0], part, self.reader):
-                    yield _join(parts, self.reader)
-                    parts, rows = [], 0
-                parts.append(part)
-                rows += len(hit)
-                if rows >= size:
-                    yield _join(parts, self.reader)
-                    parts, rows = [], 0
-            if seen > last:
-                break
-        if parts:
-            yield _join(parts, self.reader)
-
-
-def _can_join(a: Any, b: Any, reader: BatchReader) -> bool:
-    """Same structure; batched tensors alike but for their first dimension; everything else equal."""
-    la, spec_a, ba = reader.batched_leaves(a, reader.size(a))
-    lb, spec_b, bb = reader.batched_leaves(b, reader.size(b))
-    if spec_a != spec_b or ba != bb:
-        return False
-    for x, y, batched in zip(la, lb, ba):
-        if batched:
-            if x.shape[1:] != y.shape[1:] or x.dtype != y.dtype or x.device != y.device:
-                return False
-        elif x is not y:
-            if isinstance(x, torch.Tensor) or isinstance(y, torch.Tensor):
-                if not (isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) and x.shape == y.shape
-                        and x.dtype == y.dtype and bool(torch.equal(x, y))):
-                    return False
-            else:
-                try:
-                    if not bool(x == y):
-                        return False
-                except Exception:
-                    return False
-    return True
-
-
-def _join(parts: list, reader: BatchReader) -> Any:
-    if len(parts) == 1:
-        return parts[0]
-    flat = [reader.batched_leaves(p, reader.size(p)) for p in parts]
-    leaves, spec, batched = flat[0]
-    out = [torch.cat([f[0][i] for f in flat]) if b else x for i, (x, b) in enumerate(zip(leaves, batched))]
-    return pytree.tree_unflatten(out, spec)
-
-
-def _over(positions: torch.Tensor, fn: Callable, model, gathered: _Gathered, **kwargs) -> Fisher:
-    """``fn`` (gradsel.fisher) over the gathered samples, with ``sample_index`` mapped back to positions in
-    the data; a read that does not give exactly those samples is an error."""
-    est = fn(model, gathered, **kwargs)
-    if est.sample_index is None or len(est.sample_index) != len(positions):
-        _same_samples(est, positions)
-    est.sample_index = positions[est.sample_index.cpu()]
-    return est
 
 
 def _same_samples(est: Fisher, positions: torch.Tensor) -> None:
