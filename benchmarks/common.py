@@ -108,12 +108,17 @@ def machine() -> str:
             f"{os.cpu_count()} cores, torch {torch.__version__}")
 
 
-def write(name: str, rows: list[dict], markdown: str) -> Path:
-    """Write ``results/<name>.json`` and ``results/<name>.md``; return the markdown path."""
+def write(name: str, rows: Any, markdown: str, device: str = "cpu") -> Path:
+    """Write ``results/<name>[_<device kind>].{json,md}`` (no suffix on the CPU), print the markdown and
+    where it went; return the markdown path."""
+    if device != "cpu":
+        name += "_" + device.split(":")[0]
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{name}.json").write_text(json.dumps(rows, indent=2))
     path = RESULTS / f"{name}.md"
     path.write_text(markdown)
+    print(markdown)
+    print(f"written to {path}")
     return path
 
 

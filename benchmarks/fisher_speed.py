@@ -121,9 +121,7 @@ def main() -> None:
           "Peak memory is the resident-set growth during one estimate (CUDA: peak allocation), over the "
           "batch and over 4 batches of the same size: the vmap engine's memory is bounded by the chunk.\n\n"
           + md_table(rows, cols) + "\n")
-    path = write("fisher_speed" + ("" if args.device == "cpu" else "_" + args.device.split(":")[0]), rows, md)
-    print(md)
-    print(f"written to {path}")
+    write("fisher_speed", rows, md, args.device)
 
 
 if __name__ == "__main__":

@@ -130,9 +130,7 @@ def main() -> None:
           "ranking between passes (top-k within the current element range, sample ranking) and the check that "
           "both passes of a round saw the same data.\n\n"
           + md_table(rows, cols) + "\n")
-    path = write("ird_cost" + ("" if args.device == "cpu" else "_" + args.device.split(":")[0]), rows, md)
-    print(md)
-    print(f"written to {path}")
+    write("ird_cost", rows, md, args.device)
 
 
 if __name__ == "__main__":

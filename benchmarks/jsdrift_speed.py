@@ -203,9 +203,7 @@ def main() -> None:
           "## Same groups frozen three ways\n\n" + md_table(rows, fixed) +
           "\n\n## A live jsdrift run (probe Fisher on 8 samples every 5 steps, relative rule, floor 0.3)\n\n"
           + md_table(rows, live) + "\n")
-    path = write("jsdrift_speed" + ("" if args.device == "cpu" else "_" + args.device.split(":")[0]), rows, md)
-    print(md)
-    print(f"written to {path}")
+    write("jsdrift_speed", rows, md, args.device)
 
 
 if __name__ == "__main__":

@@ -263,9 +263,7 @@ def main() -> None:
           "depend on shapes and counts only (random selections of the recipe's budget).\n\n"
           + md_table(results["sizes"], ["model", "artifact", "trained elements", "MiB", "share of full", "note"])
           + "\n")
-    path = write("sparse_memory", results, md)
-    print(md)
-    print(f"written to {path}")
+    write("sparse_memory", results, md)
 
 
 if __name__ == "__main__":
