@@ -374,9 +374,11 @@ def _accumulate(acc: dict[str, torch.Tensor] | None, grads: dict[str, Any], rows
             if not bool(torch.isfinite((target if target is not None else part).sum())):
                 _raise_nonfinite(name, rows, (~torch.isfinite(g.sample_totals(dtypes[name]))).nonzero().flatten())
         else:
+            # Square in place only a tensor made here (a dtype conversion): autograd's per-sample gradients
+            # can alias other gradients that a rule still reads (timm ViT: pos_embed's gradient is a view of
+            # the patch conv's output gradient), and vmap may return an expanded (stride-0) tensor.
             sq = g.to(dtypes[name])
-            # vmap may return an expanded (stride-0) tensor, e.g. for a bias: square those out of place
-            sq = sq.square_() if sq.is_contiguous() else sq.square()
+            sq = sq.square_() if sq is not g and sq.is_contiguous() else sq.square()
             flat = sq.reshape(c, -1)
             part = (flat.sum(1) if mask is None else flat @ mask.to(flat.dtype)) if want else None
             total = sq.sum(0) if target is not None else part
