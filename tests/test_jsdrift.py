@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 
 import pytest
 import torch
@@ -12,6 +13,8 @@ from torch import nn
 import gradsel
 from gradsel import GradselError
 from gradsel.policies.jsdrift import build_groups, drift_table, js_distance, plot_drift
+
+from . import models as M
 
 
 class TwoBranch(nn.Module):
@@ -199,3 +202,162 @@ def test_bad_options():
         gradsel.select(TwoBranch(), [_data(8, torch.Generator())], "jsdrift", keep=0.5, progress=False)
     with pytest.raises(GradselError, match="source="):
         gradsel.select(TwoBranch(), [_data(8, torch.Generator())], "jsdrift", source="grads", progress=False)
+
+
+# -- the floor: the training loop never runs out of parameters ----------------------------------------------
+
+_W = torch.randn(6, 3, generator=torch.Generator().manual_seed(5))
+
+
+def _easy(steps, *, stop_when_done=False, **options):
+    """``M.mlp`` on a linearly separable 3-class task with jsdrift's default options (plus ``options``).
+
+    Returns the handle, the first step at which ``done`` was True, parameter snapshots per step and the
+    jsdrift warnings. With ``stop_when_done`` the loop stops as the docs recommend.
+    """
+    model = M.mlp(0)
+    g = torch.Generator().manual_seed(0)
+
+    def batch(n=32):
+        x = torch.randn(n, 6, generator=g)
+        return x, (x @ _W).argmax(1)
+
+    sel = gradsel.select(model, [batch()], "jsdrift", progress=False, **options)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    handle = sel.apply(model, opt)
+    done_at, snaps = None, {}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(steps):
+            x, y = batch()
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+            handle.step()
+            snaps[handle.steps] = {n: p.detach().clone() for n, p in model.named_parameters()}
+            if handle.controller.done and done_at is None:
+                done_at = handle.steps
+            if stop_when_done and handle.controller.done:
+                break
+    jsdrift_warnings = [str(w.message) for w in caught if "jsdrift" in str(w.message)]
+    return handle, done_at, snaps, jsdrift_warnings, (model, batch)
+
+
+def test_floor_zero_freezes_everything_warns_once_and_reports_done():
+    handle, done_at, _, warned, (model, batch) = _easy(400, stop_when_done=True, floor=0)
+    c = handle.controller
+    assert sorted(c.frozen) == ["0.bias", "0.weight", "3.bias", "3.weight"]
+    last = max(c.frozen.values())
+    assert done_at == last == handle.steps  # done exactly when the last group froze, not before
+    assert c.done and c.trainable_share() == 0.0 and c.trainable_groups() == []
+    assert len(warned) == 1 and f"at step {last}" in warned[0] and "handle.done" in warned[0]
+    assert "loss.backward() raises" in warned[0]
+    # what the warning is about: a loop that did not stop would crash here
+    with pytest.raises(RuntimeError, match="does not require grad"):
+        nn.functional.cross_entropy(model(batch()[0]), batch()[1]).backward()
+    handle.remove()
+
+
+def test_default_floor_keeps_the_most_drifting_group_training_and_the_loop_alive():
+    zero, zero_done, _, _, _ = _easy(400, stop_when_done=True, floor=0)
+    last = max(zero.controller.frozen.values())
+    kept = [n for n, s in zero.controller.frozen.items() if s == last]
+    handle, done_at, snaps, warned, (model, batch) = _easy(last + 120)  # defaults: floor=1
+    c = handle.controller
+    assert handle.steps == last + 120 and warned == []  # backward never raised, nothing to warn about
+    # the same run up to the last freeze; there the floor keeps the group the zero-floor run froze last
+    assert c.frozen == {n: s for n, s in zero.controller.frozen.items() if s < last}
+    assert c.trainable_groups() == kept
+    assert 0 < c.trainable_share() < 1
+    name = kept[0]
+    assert not torch.equal(snaps[last + 120][name], snaps[last][name])  # and it keeps training
+    assert done_at == zero_done == last  # done once every group met the rule, the floor holding the last one
+    handle.remove()
+
+
+@pytest.mark.parametrize("floor", [1, 3, 0.5])
+def test_floor_keeps_the_groups_that_drift_most(floor):
+    # threshold 10: every group is stable, so at step 10 all are ready and only the floor decides
+    _, _, handle, _, _ = _run(12, threshold=10.0, floor=floor)
+    c = handle.controller
+    drift = {n: dict(map(tuple, s))[10] for n, s in c.history["smoothed"].items()}
+    kept, frozen = c.trainable_groups(), set(c.frozen)
+    assert set(kept) | frozen == set(drift) and set(c.frozen.values()) == {10}
+    assert min(drift[n] for n in kept) >= max(drift[n] for n in frozen)
+    if isinstance(floor, int):
+        assert len(kept) == floor
+    else:  # as few groups as the share allows: freezing the least drifting kept group would break it
+        least = min(kept, key=drift.get)
+        assert c.trainable_share() >= floor > (c.trainable_elements() - c.sizes[least]) / c.total
+    assert c.done  # every group met the freeze rule; the floor holds the rest
+    handle.remove()
+
+
+def test_floor_zero_with_an_always_head_warns_that_only_the_head_trains():
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model, _, handle, g, _ = _run(12, threshold=10.0, floor=0, always="c.*")
+    msgs = [str(w.message) for w in caught if "jsdrift" in str(w.message)]
+    assert len(msgs) == 1 and "always= parameters still train" in msgs[0]
+    assert handle.controller.done and handle.controller.trainable_share() == 0.0
+    x, y = _data(8, g)
+    nn.functional.cross_entropy(model(x), y).backward()  # the head still has a gradient
+    assert model.c.weight.grad is not None
+    handle.remove()
+
+
+def test_budget_follows_the_masks_after_freezes_save_load_and_resume(tmp_path):
+    model, opt, handle, g, _ = _run(40, blocks=2)
+    sel, c = handle.selection, handle.controller
+    assert 0 < sel.selected() < sel.total()
+    assert sel.budget == sel.selected() == c.trainable_elements() == round(c.trainable_share() * sel.total())
+    assert f"budget={sel.selected():,} of {sel.total():,}" in sel.summary()
+    back = gradsel.Selection.load(sel.save(tmp_path / "sel.safetensors"))
+    assert back.budget == back.selected() == sel.budget
+    assert f"budget={sel.budget:,} of" in back.summary()
+    # a handle restored from a checkpoint on a fresh selection gets the budget of the masks it restores
+    state = copy.deepcopy(handle.state_dict())
+    _, _, fresh, _, _ = _run(0, blocks=2)
+    assert fresh.selection.budget == fresh.selection.total()
+    fresh.load_state_dict(state)
+    assert fresh.selection.budget == fresh.selection.selected() == sel.budget
+    handle.remove()
+    fresh.remove()
+
+
+def test_resume_restores_the_floor_state():
+    opts = dict(threshold=10.0, floor=2)
+    full_model, _, full, _, full_snaps = _run(40, **opts)
+    model, opt, handle, g, _ = _run(20, **opts)
+    assert len(handle.controller.trainable_groups()) == 2 and handle.controller.done
+    state = copy.deepcopy({"model": model.state_dict(), "opt": opt.state_dict(), "handle": handle.state_dict(),
+                           "rng": g.get_state()})
+    handle.remove()
+    resumed_model, _, resumed, _, snaps = _run(20, state=state, **opts)
+    r, f = resumed.controller, full.controller
+    assert r.frozen == f.frozen and r.trainable_groups() == f.trainable_groups() and r.done and f.done
+    assert resumed.selection.budget == full.selection.budget == resumed.selection.selected()
+    for name in r.trainable_groups():  # the groups the floor holds keep training after the resume
+        assert not torch.equal(snaps[40][name], snaps[21][name])
+        torch.testing.assert_close(snaps[40][name], full_snaps[40][name], rtol=0, atol=1e-6)
+
+
+def test_applying_a_selection_again_keeps_its_frozen_groups():
+    model, _, handle, _, _ = _run(40, blocks=2)
+    frozen = dict(handle.controller.frozen)
+    sel = handle.selection
+    handle.remove()
+    again = sel.apply(model, torch.optim.AdamW(model.parameters(), lr=0.01))
+    assert again.controller.frozen == frozen and sel.budget == sel.selected() == again.controller.trainable_elements()
+    assert not model.a.weight.requires_grad
+    again.remove()
+    sel.masks["b1.weight"][0, 0] = False  # an edit jsdrift cannot represent
+    with pytest.raises(GradselError, match="partly False"):
+        sel.apply(model, torch.optim.AdamW(model.parameters(), lr=0.01))
+
+
+@pytest.mark.parametrize("floor, match", [(-1, "negative"), (1.5, "outside"), (True, "number of groups"),
+                                          ("1", "number of groups"), (99, "only 10 groups")])
+def test_bad_floor(floor, match):
+    with pytest.raises(GradselError, match=match):
+        gradsel.select(TwoBranch(), [_data(8, torch.Generator())], "jsdrift", floor=floor, progress=False)

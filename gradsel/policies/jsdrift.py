@@ -16,7 +16,9 @@ gradsel's version:
 4. A group freezes when its smoothed drift has been below ``threshold`` for ``patience`` measurements
    (``rule="threshold"``) or below ``mean + lam * std`` of the active groups' drifts
    (``rule="relative"``, ``lam=-1``: one standard deviation steadier than the average), after ``warmup``
-   steps, most stable first, never taking the trainable share below ``floor``. Frozen stays frozen.
+   steps, most stable first, while the ``floor`` holds: by default (``floor=1``) the group that drifts
+   most stays trainable, so the training loop never runs out of parameters. Frozen stays frozen.
+   ``controller.done`` (``handle.done``) says when there is nothing left to decide.
 5. Freezing is real: a tensor whose groups are all frozen stops requiring grad (autograd skips its weight
    gradient) and its optimizer state is released; a partly frozen tensor is masked like a static
    selection (its frozen rows never move, under AdamW with weight decay too).
@@ -29,6 +31,7 @@ from __future__ import annotations
 import fnmatch
 import math
 import re
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -186,7 +189,9 @@ class JSDrift(Policy):
         lam: with ``rule="relative"``, stable means below ``mean + lam * std`` of the active groups.
         patience: consecutive stable measurements before a group freezes.
         warmup: no freezing before this step.
-        floor: never freeze below this share of trainable candidate elements.
+        floor: what always stays trainable, the groups that drift most: an int is a number of groups
+            (default 1), a float in [0, 1] a share of candidate elements (like ``keep=``: ``1`` is one
+            group, ``1.0`` everything). ``0`` lets every group freeze (a warning then says so).
     """
 
     progressive = True
@@ -195,7 +200,7 @@ class JSDrift(Policy):
     def __init__(self, interval: int = 10, source: str = "probe", probe: Any = None, probe_samples: int = 32,
                  groups: Any = "tensor", blocks: int = 1, smoothing: float = 0.5, rule: str = "threshold",
                  threshold: float = 0.05, lam: float = -1.0, patience: int = 2, warmup: int = 0,
-                 floor: float = 0.0):
+                 floor: int | float = 1):
         if source not in ("probe", "train"):
             raise GradselError(f"source={source!r} is not known: use 'probe' or 'train'")
         if rule not in ("threshold", "relative"):
@@ -204,8 +209,7 @@ class JSDrift(Policy):
             raise GradselError(f"interval must be a positive integer, got {interval!r}")
         if not 0.0 < smoothing <= 1.0:
             raise GradselError(f"smoothing must be in (0, 1], got {smoothing}")
-        if not 0.0 <= floor <= 1.0:
-            raise GradselError(f"floor is a share of candidate elements in [0, 1], got {floor}")
+        _check_floor(floor)
         super().__init__(interval=interval, source=source, probe_samples=probe_samples, groups=groups,
                          blocks=blocks, smoothing=smoothing, rule=rule, threshold=threshold, lam=lam,
                          patience=patience, warmup=warmup, floor=floor)
@@ -216,7 +220,8 @@ class JSDrift(Policy):
         if ctx.k != ctx.total:
             raise GradselError("jsdrift starts with every candidate trainable and freezes groups during training: "
                                "leave keep= out (or 1.0) and set floor= for the least trainable share")
-        build_groups(ctx.candidates, ctx.shapes, self.options["groups"], self.options["blocks"])  # validate now
+        groups = build_groups(ctx.candidates, ctx.shapes, self.options["groups"], self.options["blocks"])
+        _check_floor(self.options["floor"], len(groups))
         opts = dict(ctx.fisher_options)
         self.fisher_options = {k: opts.get(k) for k in ("loss", "forward", "chunk_size", "kind", "seed")}
         if self.options["source"] == "probe":
@@ -232,8 +237,29 @@ class JSDrift(Policy):
         return DriftController(self, selection, model, handle)
 
 
+def _check_floor(floor: Any, groups: int | None = None) -> None:
+    """``floor`` must be a group count (int >= 0, at most the number of groups) or a share in [0, 1]."""
+    if isinstance(floor, bool) or not isinstance(floor, (int, float)):
+        raise GradselError(f"floor must be a number of groups (int, e.g. 1) or a share of candidate elements "
+                           f"(float in [0, 1], e.g. 0.1), got {floor!r}")
+    if isinstance(floor, int):
+        if floor < 0:
+            raise GradselError(f"floor={floor} groups is negative: pass 0 (let everything freeze) or more")
+        if groups is not None and floor > groups:
+            raise GradselError(f"floor={floor} groups, but jsdrift forms only {groups} groups here, so nothing "
+                               "could ever freeze: pass a smaller count, a share such as floor=0.5, or finer "
+                               "groups (blocks=)")
+    elif not 0.0 <= floor <= 1.0:
+        raise GradselError(f"floor={floor} is outside [0, 1]: a float floor is a share of candidate elements "
+                           "(an int is a number of groups)")
+
+
 class DriftController:
-    """Measures drift every ``interval`` steps and freezes stable groups through the handle."""
+    """Measures drift every ``interval`` steps and freezes stable groups through the handle.
+
+    Public: :attr:`done`, :meth:`trainable_share`, :meth:`trainable_elements`, :meth:`trainable_groups`,
+    ``frozen`` (group → step it froze), ``history``, ``state_dict()`` / ``load_state_dict()``.
+    """
 
     def __init__(self, policy: JSDrift, selection, model: nn.Module, handle):
         self.policy = policy
@@ -251,6 +277,8 @@ class DriftController:
         self.stable: dict[str, int] = {}
         self.frozen: dict[str, int] = {}  # group -> step it froze
         self.history: dict[str, Any] = {"steps": [], "drift": {}, "smoothed": {}, "share": [], "frozen": self.frozen}
+        _check_floor(self.o["floor"], len(self.groups))
+        self._adopt_frozen()
         self._buffers: dict[str, torch.Tensor] = {}
         self._hooks: dict[str, Any] = {}
         if self.o["source"] == "train":
@@ -258,6 +286,30 @@ class DriftController:
         else:
             self._measure()  # the baseline distribution at step 0
         selection.info["jsdrift"] = self.history
+
+    def _adopt_frozen(self) -> None:
+        """Groups the selection's masks already leave out (a selection applied again, or loaded) stay frozen."""
+        before = self.selection.info.get("jsdrift", {}).get("frozen", {})
+        for g in self.groups:
+            parts = [self.selection.masks[n] if rows is None else self.selection.masks[n][rows[0]:rows[1]]
+                     for n, rows in g.parts]
+            if not any(bool(m.any()) for m in parts):
+                self.frozen[g.name] = int(before.get(g.name, 0))
+            elif not all(bool(m.all()) for m in parts):
+                raise GradselError(f"the selection's mask of jsdrift group {g.name!r} is partly False: jsdrift "
+                                   "trains a group whole or freezes it whole, and its masks were changed outside "
+                                   "it. Make a fresh selection with gradsel.select(..., 'jsdrift')")
+        self.selection.budget = self.trainable_elements()
+        if self.frozen and not self._active():
+            self._warn_nothing_left()
+
+    def _warn_nothing_left(self) -> None:
+        rest = (" (only the always= parameters still train)" if self.selection.always
+                else ": the next loss.backward() raises")
+        warnings.warn(f"jsdrift froze its last group at step {self.step_count}: no candidate parameter is left to "
+                      f"update{rest}. Stop the training loop when handle.done is True (the HF callback does), or "
+                      "keep a floor (floor=1, the default, leaves the group that drifts most trainable)",
+                      stacklevel=7)
 
     # -- measurement ---------------------------------------------------------------------------------
     def _active(self) -> list[Group]:
@@ -323,15 +375,23 @@ class DriftController:
             return
         ready = sorted((d, i, name) for i, (name, d) in enumerate(drifts.items())
                        if self.stable[name] >= self.o["patience"])
-        trainable = self.trainable_elements()
+        trainable, count = self.trainable_elements(), len(active)
         to_freeze = []
-        for _, _, name in ready:
-            if (trainable - self.sizes[name]) / self.total < self.o["floor"]:
+        for _, _, name in ready:  # most stable first: the floor keeps the groups that drift most
+            if not self._floor_allows(trainable - self.sizes[name], count - 1):
                 break
             trainable -= self.sizes[name]
+            count -= 1
             to_freeze.append(name)
         if to_freeze:
             self._freeze(to_freeze)
+
+    def _floor_allows(self, elements: int, groups: int) -> bool:
+        """Whether ``elements`` trainable candidate elements in ``groups`` groups satisfy the floor."""
+        floor = self.o["floor"]
+        if isinstance(floor, int):
+            return groups >= floor
+        return elements / self.total >= floor
 
     def _freeze(self, names: list[str]) -> None:
         by_name = {g.name: g for g in self.groups}
@@ -346,17 +406,43 @@ class DriftController:
                 else:
                     m[rows[0]:rows[1]] = False
         self.handle.update(masks)
+        self.selection.budget = self.trainable_elements()  # budget == selected(): the elements trained now
         for n, m in masks.items():  # tensors that left training need no gradient statistics
             if not bool(m.any()) and n in self._hooks:
                 self._hooks.pop(n).remove()
                 del self._buffers[n]
+        if not self._active():
+            self._warn_nothing_left()
 
     # -- public --------------------------------------------------------------------------------------
     def trainable_elements(self) -> int:
+        """Candidate elements in groups not frozen (``always=`` parameters not counted)."""
         return sum(self.sizes[g.name] for g in self.groups if g.name not in self.frozen)
 
     def trainable_share(self) -> float:
+        """Trainable share of the candidate elements, in [0, 1]: 0 when every group is frozen."""
         return self.trainable_elements() / self.total
+
+    def trainable_groups(self) -> list[str]:
+        """Names of the groups still trained, in group order."""
+        return [g.name for g in self._active()]
+
+    @property
+    def done(self) -> bool:
+        """True when freezing has nothing left to decide, so the training loop may stop.
+
+        That is: no group is trainable any more, or every trainable group has met the freeze rule
+        (``patience`` stable measurements, the last one after ``warmup``) and stays trainable only because
+        the floor holds it. A group that still drifts keeps ``done`` False. Under ``rule="relative"`` some
+        group is always less stable than the rest, so ``done`` turns True only once everything froze.
+        """
+        active = self._active()
+        if not active:
+            return True
+        last = self.step_count - self.step_count % self.o["interval"]  # the last measurement's step
+        if last < max(self.o["warmup"], 1):
+            return False
+        return all(self.stable.get(g.name, 0) >= self.o["patience"] for g in active)
 
     def step(self) -> None:
         self.step_count += 1
@@ -385,6 +471,7 @@ class DriftController:
         history["frozen"] = self.frozen
         self.history.clear()
         self.history.update(history)
+        self.selection.budget = self.trainable_elements()
         if self.o["source"] == "train":
             self.close()
             self._buffers = {}
