@@ -118,3 +118,149 @@ def unet(seed: int = 0):
 def unet_batch(n: int = 4, size: int = 32, seed: int = 1):
     g = torch.Generator().manual_seed(seed)
     return torch.randn(n, 3, size, size, generator=g), torch.randint(0, 3, (n, size, size), generator=g)
+
+
+# -- the wider engine matrix (issue 15) --------------------------------------------------------------------
+
+def vit(seed: int = 0):
+    """timm ViT (tiny, 2 blocks) at 32×32: pos_embed and cls_token are parameters of the top module."""
+    import timm
+
+    torch.manual_seed(seed)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, num_classes=3,
+                              depth=2)
+    with torch.no_grad():  # timm starts pos_embed/cls_token near zero; make them matter
+        model.pos_embed.normal_(0, 0.5)
+        model.cls_token.normal_(0, 0.5)
+    return model
+
+
+def image_batch(n: int = 5, size: int = 32, classes: int = 3, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, size, size, generator=g), torch.randint(0, classes, (n,), generator=g)
+
+
+def resnet(seed: int = 0):
+    """torchvision ResNet-18 (in-place ``out += identity`` and ReLU(inplace=True)); BatchNorm statistics set."""
+    import torchvision
+
+    torch.manual_seed(seed)
+    model = torchvision.models.resnet18(num_classes=3)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.5, 1.5)
+    return model
+
+
+def gpt2(seed: int = 0, *, vocab: int = 50):
+    """GPT-2 LM, 2 layers, LM head tied to the token embedding (``lm_head.weight is wte.weight``)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    config = GPT2Config(vocab_size=vocab, n_positions=16, n_embd=16, n_layer=2, n_head=2, tie_word_embeddings=True,
+                        bos_token_id=0, eos_token_id=0, loss_type="ForCausalLM", attn_implementation="eager")
+    model = GPT2LMHeadModel(config)
+    assert model.lm_head.weight is model.transformer.wte.weight
+    return model
+
+
+def gpt2_batch(n: int = 5, t: int = 8, seed: int = 1, vocab: int = 50):
+    """LM batch with right padding: labels are the ids, -100 on padding (each sample's loss: its own mean)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (n, t), generator=g)
+    lengths = torch.randint(3, t + 1, (n,), generator=g)
+    mask = (torch.arange(t)[None] < lengths[:, None]).long()
+    return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
+
+
+class ConvOffset(nn.Module):
+    """A parameter added to a conv output, and a pos-embed-like parameter added after flatten/transpose."""
+
+    def __init__(self, c: int = 6, t: int = 16):
+        super().__init__()
+        self.conv = nn.Conv2d(3, c, 3, padding=1, stride=2)
+        self.offset = nn.Parameter(torch.randn(1, c, 1, 1) * 0.5)
+        self.pos = nn.Parameter(torch.randn(1, t, c) * 0.5)
+        self.norm = nn.LayerNorm(c)
+        self.head = nn.Linear(c, 3)
+
+    def forward(self, x):
+        y = self.conv(x) + self.offset  # (N, C, 4, 4)
+        y = y.flatten(2).transpose(1, 2) + self.pos  # (N, T, C)
+        return self.head(self.norm(torch.tanh(y)).mean(1))
+
+
+def conv_offset(seed: int = 0):
+    torch.manual_seed(seed)
+    return ConvOffset()
+
+
+class Depthwise(nn.Module):
+    """Depthwise-separable convolutions (groups = channels), GroupNorm, Conv1d."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.dw = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.pw = nn.Conv2d(8, 16, 1)
+        self.gn = nn.GroupNorm(4, 16)
+        self.dw1d = nn.Conv1d(16, 16, 3, padding=1, groups=16)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x):
+        x = torch.relu(self.stem(x))
+        x = torch.relu(self.gn(self.pw(self.dw(x))))
+        x = torch.relu(self.dw1d(x.flatten(2)))
+        return self.head(x.mean(2))
+
+
+def depthwise(seed: int = 0):
+    torch.manual_seed(seed)
+    return Depthwise()
+
+
+class Twice(nn.Module):
+    """The same Linear (and the same LayerNorm) applied twice in one forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(6, 8)
+        self.shared = nn.Linear(8, 8)
+        self.norm = nn.LayerNorm(8)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.inp(x))
+        h = torch.tanh(self.norm(self.shared(h)))
+        h = torch.tanh(self.norm(self.shared(h)))
+        return self.head(h)
+
+
+def twice(seed: int = 0):
+    torch.manual_seed(seed)
+    return Twice()
+
+
+class Checkpointed(nn.Module):
+    """An MLP + conv whose blocks run under ``torch.utils.checkpoint`` (non-reentrant) in every mode."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3, padding=1)
+        self.block = nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.LayerNorm(12), nn.Linear(12, 6))
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):
+        from torch.utils.checkpoint import checkpoint
+
+        h = checkpoint(lambda t: torch.tanh(self.conv(t)), x, use_reentrant=False).mean((2, 3))
+        h = checkpoint(self.block, h, use_reentrant=False)
+        return self.head(h)
+
+
+def checkpointed(seed: int = 0):
+    torch.manual_seed(seed)
+    return Checkpointed()

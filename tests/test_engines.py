@@ -1,0 +1,141 @@
+"""Every engine against the batch-of-one loop, in float64, on a matrix of architectures (issue 15).
+
+Each case: every candidate tensor present, max abs difference ≤ 1e-8 × the largest entry of that tensor in
+the loop's estimate, with chunks smaller than the batch, with and without per-sample contributions; the
+batch and the model's parameters and buffers are left exactly as they were.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import gradsel
+from gradsel.fisher import estimate
+
+from . import models as M
+
+TOL = 1e-8
+
+
+def _double(batch):
+    if isinstance(batch, dict):
+        return {k: v.double() if v.is_floating_point() else v for k, v in batch.items()}
+    return tuple(x.double() if x.is_floating_point() else x for x in batch)
+
+
+def _bert_checkpointed():
+    model = M.bert()
+    # transformers 5 renamed gradient_checkpointing_enable; it installs an input-embedding requires_grad_ hook
+    (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
+    return model
+
+
+CASES = {
+    "mlp": (M.mlp, M.mlp_batch),
+    "cnn_batchnorm": (M.cnn, M.cnn_batch),
+    "embedding_attention_layernorm": (M.attention, M.attention_batch),
+    "bert": (M.bert, M.bert_batch),
+    "bert_lora": (M.bert_lora, M.bert_batch),
+    "smp_unet": (M.unet, lambda: M.unet_batch(n=3)),
+    "timm_vit": (M.vit, M.image_batch),
+    "torchvision_resnet18_inplace": (M.resnet, lambda: M.image_batch(n=3)),
+    "gpt2_tied_lm_head": (M.gpt2, M.gpt2_batch),
+    "param_added_to_conv_output": (M.conv_offset, lambda: M.image_batch(size=8)),
+    "depthwise_separable": (M.depthwise, lambda: M.image_batch(size=8)),
+    "module_called_twice": (M.twice, M.mlp_batch),
+    "torch_checkpoint": (M.checkpointed, lambda: M.image_batch(size=8)),
+    "bert_hf_gradient_checkpointing": (_bert_checkpointed, M.bert_batch),
+}
+
+ENGINES = [e for e in ("vmap", "hooks", "auto") if e in estimate.ENGINES]
+
+# What vmap cannot run ("auto" falls back with a warning): torch.func's grad does not support the saved-tensor
+# hooks that torch.utils.checkpoint installs; HF's gradient_checkpointing_enable() adds a forward hook on the
+# input embeddings that calls requires_grad_(), which torch.func transforms refuse.
+VMAP_CANNOT = {"torch_checkpoint": "saved tensor hooks", "bert_hf_gradient_checkpointing": "functorch transform"}
+
+_cache: dict[str, tuple] = {}
+
+
+def _case(name):
+    """(model, batch, loop estimate with per-sample contributions), built once per case."""
+    if name not in _cache:
+        make, make_batch = CASES[name]
+        model = make().double()
+        batch = _double(make_batch())
+        ref = gradsel.fisher_loop(model, batch, per_sample=True, progress=False)
+        _cache[name] = (model, batch, ref)
+    return _cache[name]
+
+
+def _snapshot(model, batch):
+    tensors = batch.values() if isinstance(batch, dict) else batch
+    return [t.clone() for t in tensors], {k: v.clone() for k, v in model.state_dict(keep_vars=False).items()}
+
+
+def _assert_untouched(model, batch, snap):
+    inputs, state = snap
+    tensors = list(batch.values() if isinstance(batch, dict) else batch)
+    assert all(torch.equal(a, b) for a, b in zip(tensors, inputs)), "the batch was modified"
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, state[k]), f"{k} was modified"
+    assert all(p.grad is None for p in model.parameters()), "a .grad field was written"
+
+
+def _assert_matches(est, ref):
+    assert list(est) == list(ref)
+    overall = max(ref[n].abs().max().item() for n in ref)
+    assert overall > 0  # a case whose Fisher is all zero would test nothing
+    for name in ref:
+        assert est[name].shape == ref[name].shape and est[name].dtype == torch.float64, name
+        # a tensor whose Fisher is zero in exact arithmetic (BERT's key bias: softmax ignores it) holds
+        # rounding noise (1e-43): its scale is floored at 1e-10 of the model's largest entry
+        largest = max(ref[name].abs().max().item(), 1e-10 * overall)
+        diff = (est[name] - ref[name]).abs().max().item()
+        assert diff <= TOL * largest, (name, diff, largest)
+
+
+@pytest.mark.parametrize("per_sample", [False, True], ids=["scores", "per_sample"])
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("engine", ENGINES)
+def test_engine_matches_loop_float64(engine, case, per_sample):
+    model, batch, ref = _case(case)
+    if engine == "vmap" and case in VMAP_CANNOT:
+        with pytest.raises(RuntimeError, match=VMAP_CANNOT[case]):
+            gradsel.fisher(model, batch, engine="vmap", chunk_size=2, progress=False)
+        return
+    snap = _snapshot(model, batch)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error" if engine != "auto" or case not in VMAP_CANNOT else "ignore", RuntimeWarning)
+        est = gradsel.fisher(model, batch, engine=engine, chunk_size=2, per_sample=per_sample or None,
+                             progress=False)
+    assert est.num_samples == ref.num_samples and est.num_samples > 2  # chunks smaller than the batch
+    _assert_matches(est, ref)
+    if per_sample:
+        scale = ref.per_sample.abs().max().item()
+        assert (est.per_sample - ref.per_sample).abs().max().item() <= TOL * scale
+    else:
+        assert est.per_sample is None
+    _assert_untouched(model, batch, snap)
+
+
+def test_auto_falls_back_to_the_loop_under_checkpointing_with_a_reason():
+    model, batch, ref = _case("torch_checkpoint")
+    with pytest.warns(RuntimeWarning, match="saved tensor hooks"):
+        est = gradsel.fisher(model, batch, engine="auto", chunk_size=2, progress=False)
+    assert est.engine == "loop"
+    _assert_matches(est, ref)
+
+
+def test_tied_weights_are_one_tensor_summed_across_uses():
+    # GPT-2's LM head is the token embedding: one candidate, its gradient the sum of both uses per sample
+    model, batch, ref = _case("gpt2_tied_lm_head")
+    assert "lm_head.weight" not in ref and "transformer.wte.weight" in ref
+    untied = M.gpt2().double()
+    untied.lm_head.weight = torch.nn.Parameter(untied.transformer.wte.weight.detach().clone())
+    split = gradsel.fisher_loop(untied, batch, progress=False)
+    both = split["transformer.wte.weight"] + split["lm_head.weight"]
+    assert not torch.allclose(ref["transformer.wte.weight"], both)  # squares of a sum, not a sum of squares
