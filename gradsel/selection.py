@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._io import atomic_save
+from ._io import atomic_save, clean_stale_temps, content_sha256
 from .errors import GradselError
 from .fisher import Fisher
 from .masking import MaskHandle
@@ -20,7 +20,9 @@ from .report import table
 
 __all__ = ["select", "Selection", "resolve_budget"]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: files carry a sha256 of their metadata and masks
+_META_KEY = "gradsel"
+_HASH_KEY = "gradsel_sha256"
 
 
 def resolve_budget(keep: float | int, total: int) -> int:
@@ -194,39 +196,86 @@ class Selection:
                 "info": _jsonable(self.info)}
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write masks and metadata to a safetensors file (atomically: temp file, then rename)."""
+        """Write masks and metadata to a safetensors file, atomically (temp file, then rename).
+
+        The file carries a sha256 over its metadata and mask bytes; :meth:`load` refuses a file that
+        does not match it.
+        """
         tensors = {n: m.contiguous() for n, m in self.masks.items()}
-        return atomic_save(tensors, path, {"gradsel": json.dumps(self.metadata())})
+        raw = json.dumps(self.metadata())
+        return atomic_save(tensors, path, {_META_KEY: raw, _HASH_KEY: _content_hash(raw, tensors)})
 
     @classmethod
-    def load(cls, path: str | os.PathLike, model: nn.Module | None = None) -> "Selection":
-        """Read a selection saved by :meth:`save`; with ``model``, check that it matches."""
+    def load(cls, path: str | os.PathLike, model: nn.Module | None = None, *,
+             allow_unhashed: bool = False) -> "Selection":
+        """Read a selection saved by :meth:`save`, verifying its content hash; with ``model``, check it matches.
+
+        Args:
+            path: the file.
+            model: if given, every masked parameter must exist in it with the saved shape.
+            allow_unhashed: read a format-1 file (written before selection files carried a hash) without
+                proof of its content; save it again to give it one.
+        """
         from safetensors import safe_open
 
         path = Path(path)
-        if not path.exists():
+        clean_stale_temps(path)
+        if not path.is_file():
             raise GradselError(f"no selection file at {path}")
         try:
             with safe_open(str(path), framework="pt") as f:
-                meta = json.loads((f.metadata() or {})["gradsel"])
+                header = f.metadata() or {}
                 masks = {n: f.get_tensor(n) for n in f.keys()}
-        except (KeyError, json.JSONDecodeError) as exc:
-            raise GradselError(f"{path} is not a gradsel selection file (no gradsel metadata)") from exc
         except Exception as exc:  # safetensors raises its own errors on truncated or corrupted files
             raise GradselError(f"cannot read {path}: {exc}; the file is truncated or corrupted") from exc
-        names = meta["candidates"] + meta["always"]
-        if sorted(masks) != sorted(names):
-            raise GradselError(f"{path} is inconsistent: masks for {sorted(set(masks) ^ set(names))[:5]} "
-                               "do not match its metadata")
-        sel = cls({n: masks[n] for n in names}, policy=meta["policy"], options=meta["options"],
-                  candidates=meta["candidates"], always=meta["always"], budget=meta["budget"], seed=meta["seed"],
-                  info=meta.get("info", {}))
-        if sel.selected() != meta["selected"]:
+        raw = header.get(_META_KEY)
+        if raw is None:
+            raise GradselError(f"{path} is not a gradsel selection file (no {_META_KEY!r} metadata)")
+        changed = (f"{path} was changed or corrupted after it was saved: its masks or metadata do not match the "
+                   "sha256 it was saved with. Re-create the selection with gradsel.select and save it again, or "
+                   "restore the file from a copy; to edit a selection, change the Selection in Python and call "
+                   ".save(), which writes a new hash")
+        try:
+            meta = json.loads(raw)
+            version = meta["format"]
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise GradselError(changed) from exc
+        if version == 1 and _HASH_KEY not in header:
+            if not allow_unhashed:
+                raise GradselError(
+                    f"{path} is selection format 1, written before selection files carried a content hash, so "
+                    "gradsel cannot prove its masks are the ones saved. Re-create it with gradsel.select and save "
+                    "it, or, if you trust the file, load it once with Selection.load(path, allow_unhashed=True) "
+                    f"and save it again (format {FORMAT_VERSION}, hashed)")
+        elif version != FORMAT_VERSION:
+            if isinstance(version, int) and not isinstance(version, bool) and version > FORMAT_VERSION:
+                raise GradselError(f"{path} is selection format {version}; this gradsel reads formats 1 to "
+                                   f"{FORMAT_VERSION}: upgrade gradsel to read it")
+            raise GradselError(changed)
+        elif header.get(_HASH_KEY) != _content_hash(raw, masks):
+            raise GradselError(changed)
+        try:
+            names = meta["candidates"] + meta["always"]
+            if sorted(masks) != sorted(names):
+                raise GradselError(f"{path} is inconsistent: masks for {sorted(set(masks) ^ set(names))[:5]} "
+                                   "do not match its metadata")
+            sel = cls({n: masks[n] for n in names}, policy=meta["policy"], options=meta["options"],
+                      candidates=meta["candidates"], always=meta["always"], budget=meta["budget"],
+                      seed=meta["seed"], info=meta.get("info", {}))
+            saved_selected = meta["selected"]
+        except (KeyError, TypeError) as exc:
+            raise GradselError(f"{path} has incomplete selection metadata ({exc!r}); {changed}") from exc
+        if sel.selected() != saved_selected:
             raise GradselError(f"{path} is corrupted: its masks select {sel.selected()} elements, "
-                               f"its metadata says {meta['selected']}")
+                               f"its metadata says {saved_selected}")
         if model is not None:
             sel.check(model)
         return sel
+
+
+def _content_hash(raw_metadata: str, masks: dict[str, torch.Tensor]) -> str:
+    """sha256 over a selection file's metadata string and every mask's name, dtype, shape and bytes."""
+    return content_sha256(raw_metadata.encode(), ((n, masks[n]) for n in sorted(masks)))
 
 
 def select(model: nn.Module, data: Any = None, policy: str | Policy = "fish", *, keep: float | int | None = None,
