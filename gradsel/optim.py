@@ -63,6 +63,9 @@ class SparseAdamW(torch.optim.Optimizer):
             gradient alive at a time). ``p.grad`` is then None for those tensors: clip with
             :meth:`clip_grad_norm_`, not ``torch.nn.utils.clip_grad_norm_``; do not combine with
             ``Selection.apply`` (its gradient hook expects ``p.grad``).
+        progressive: the selection may shrink during training (a progressive policy such as ``jsdrift``,
+            through :meth:`set_mask`); :meth:`load_state_dict` then accepts state saved after some of the
+            elements were frozen, and shrinks to them.
 
     Elements outside the masks are never read (their gradient may hold anything) and never written.
 
@@ -80,7 +83,7 @@ class SparseAdamW(torch.optim.Optimizer):
 
     def __init__(self, params: Iterable[Any], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 1e-2, *, amsgrad: bool = False, maximize: bool = False,
-                 compact_grads: bool = False):
+                 compact_grads: bool = False, progressive: bool = False):
         if not 0.0 <= float(lr):
             raise GradselError(f"lr={lr} must be >= 0")
         if not 0.0 <= eps:
@@ -93,6 +96,7 @@ class SparseAdamW(torch.optim.Optimizer):
         self._cgrad: dict[torch.Tensor, torch.Tensor] = {}
         self._hooks: list = []
         self.compact_grads = compact_grads
+        self.progressive = progressive
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
                         maximize=maximize)
         super().__init__(self._as_groups(params), defaults)
@@ -137,14 +141,21 @@ class SparseAdamW(torch.optim.Optimizer):
 
     # -- gradients ---------------------------------------------------------------------------------------
     def _gather_grad(self, p: torch.Tensor) -> None:
-        sel = _flat(p.grad).index_select(0, self._index[p])
+        sel = _flat(p.grad).index_select(0, self._idx(p))
         buf = self._cgrad.get(p)
         self._cgrad[p] = sel if buf is None else buf.add_(sel)
         p.grad = None
 
+    def _idx(self, p: torch.Tensor) -> torch.Tensor | None:
+        """The selected flat indices of ``p`` on ``p``'s device (moved once, e.g. after ``model.to(device)``)."""
+        idx = self._index[p]
+        if idx is not None and idx.device != p.device:
+            idx = self._index[p] = idx.to(p.device)
+        return idx
+
     def _grad(self, p: torch.Tensor) -> torch.Tensor | None:
         """The gradient of the selected elements (gathered), or the dense gradient; None when there is none."""
-        idx = self._index[p]
+        idx = self._idx(p)
         if idx is None:
             return p.grad
         if self.compact_grads and p in self._cgrad:
@@ -202,7 +213,7 @@ class SparseAdamW(torch.optim.Optimizer):
                     raise GradselError("SparseAdamW does not take sparse gradients")
                 if group["maximize"]:
                     grad = -grad
-                idx = self._index[p]
+                idx = self._idx(p)
                 state = self.state[p]
                 if not state:
                     state["step"] = torch.tensor(0.0, dtype=torch.float32)
@@ -257,16 +268,72 @@ class SparseAdamW(torch.optim.Optimizer):
             raise GradselError("this state dict has no selected indices: it was not saved by SparseAdamW "
                                "(a dense optimizer's state cannot be loaded into SparseAdamW)")
         saved = state_dict[_INDEX_KEY]
+        shrink = {}
         for p, i in self._packed_ids().items():
             mine, theirs = self._index[p], saved.get(i)
             same = (mine is None and theirs is None) or (
                 mine is not None and theirs is not None and mine.shape == theirs.shape
                 and torch.equal(mine.cpu().long(), theirs.cpu().long()))
-            if not same:
+            if not same and self.progressive and theirs is not None and _is_subset(theirs, mine, p.numel()):
+                shrink[p] = theirs
+            elif not same:
                 raise GradselError(f"the state dict was saved for a different selection: parameter #{i} (shape "
                                    f"{tuple(p.shape)}) has other selected elements; build the optimizer from "
                                    "the selection the checkpoint was trained with")
+        for p, theirs in shrink.items():  # a progressive policy froze these elements before the save
+            mask = torch.zeros(p.numel(), dtype=torch.bool)
+            mask[theirs.cpu().long()] = True
+            self.set_mask(p, mask.view(p.shape))
         super().load_state_dict({k: v for k, v in state_dict.items() if k != _INDEX_KEY})
+
+    # -- selections that shrink (progressive policies) -----------------------------------------------------
+    @torch.no_grad()
+    def set_mask(self, param: torch.Tensor, mask: torch.Tensor) -> None:
+        """Train only ``mask``'s elements of ``param`` from now on (a subset of those trained so far).
+
+        The moments of the elements that stay are kept, those of the others dropped; an all-False mask
+        drops the parameter's state (it is then skipped). Call it between steps, not between backward
+        and step.
+
+        >>> import torch
+        >>> w = torch.nn.Parameter(torch.zeros(4))
+        >>> opt = SparseAdamW([w], lr=0.1); w.grad = torch.ones(4); opt.step()
+        >>> opt.set_mask(w, torch.tensor([True, False, True, False]))
+        >>> w.grad = torch.ones(4); before = w.detach().clone(); opt.step()
+        >>> (w != before).tolist(), opt.state[w]["exp_avg"].shape
+        ([True, False, True, False], torch.Size([2]))
+        """
+        if param not in self._index:
+            raise GradselError(f"a parameter of shape {tuple(param.shape)} is not in this optimizer")
+        if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != tuple(param.shape):
+            raise GradselError(f"a mask must be a tensor of the parameter's shape {tuple(param.shape)}, got "
+                               f"{type(mask).__name__} {tuple(getattr(mask, 'shape', ()))}")
+        old = self._index[param]
+        mask = mask.to(torch.bool)
+        if bool(mask.all()):
+            if old is None:
+                return
+            raise GradselError("set_mask can only shrink a selection: this mask selects elements the optimizer "
+                               "does not train (build a new optimizer for a larger selection)")
+        dtype = torch.int32 if param.numel() < 2**31 else torch.int64
+        new = mask.reshape(-1).nonzero().squeeze(1).to(dtype=dtype, device=param.device)
+        if old is not None and not _is_subset(new, old, param.numel()):
+            raise GradselError("set_mask can only shrink a selection: this mask selects elements the optimizer "
+                               "does not train (build a new optimizer for a larger selection)")
+        if old is not None and old.shape == new.shape:
+            return
+        self._cgrad.pop(param, None)
+        state = self.state.get(param)
+        if state and new.numel() == 0:
+            self.state.pop(param)
+        elif state:
+            pos = new.long() if old is None else torch.searchsorted(old.to(new.device).long(), new.long())
+            for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
+                if key in state:
+                    state[key] = state[key].reshape(-1).index_select(0, pos.to(state[key].device))
+        if old is None and self.compact_grads:
+            self._hooks.append(param.register_post_accumulate_grad_hook(self._gather_grad))
+        self._index[param] = new
 
     def remove_hooks(self) -> None:
         """Remove the ``compact_grads`` gradient hooks (the optimizer is unusable for training afterwards)."""
@@ -277,6 +344,20 @@ class SparseAdamW(torch.optim.Optimizer):
     def state_bytes(self) -> int:
         """Bytes held for training state: moments, step counters and the selected indices."""
         return state_bytes(self)
+
+
+def _is_subset(small: torch.Tensor, big: torch.Tensor | None, numel: int) -> bool:
+    """Whether sorted flat indices ``small`` all occur in ``big`` (None: every index below ``numel``)."""
+    small = small.cpu().long()
+    if big is None:
+        return bool(((small >= 0) & (small < numel)).all())
+    big = big.cpu().long()
+    if small.numel() > big.numel():
+        return False
+    if small.numel() == 0:
+        return True
+    pos = torch.searchsorted(big, small).clamp_(max=big.numel() - 1)
+    return bool(torch.equal(big[pos], small))
 
 
 def state_bytes(optimizer: torch.optim.Optimizer) -> int:
@@ -314,7 +395,8 @@ def sparse_adamw(selection, model: nn.Module, lr: float = 1e-3, *, freeze: bool 
             skips their weight gradients. The names are kept in ``optimizer.frozen``.
         no_decay: parameters (names, globs, module classes, callable) trained without weight decay, in a
             second param group (e.g. ``["*.bias", "*LayerNorm*"]``).
-        **kwargs: ``betas``, ``eps``, ``weight_decay``, ``amsgrad``, ``maximize``, ``compact_grads``.
+        **kwargs: ``betas``, ``eps``, ``weight_decay``, ``amsgrad``, ``maximize``, ``compact_grads``,
+            ``progressive`` (default: whether the selection's policy is progressive).
 
     Returns:
         The optimizer; use it in place of ``Selection.apply`` (nothing outside the selection can move).
@@ -348,6 +430,7 @@ def sparse_adamw(selection, model: nn.Module, lr: float = 1e-3, *, freeze: bool 
                 p.requires_grad_(False)
                 p.grad = None
                 frozen.append(name)
+    kwargs.setdefault("progressive", bool(getattr(selection.policy_object(), "progressive", False)))
     opt = SparseAdamW([g for g in groups.values() if g["params"]], lr=lr, **kwargs)
     opt.frozen = frozen
     return opt

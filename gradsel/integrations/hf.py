@@ -1,35 +1,158 @@
-"""HF ``Trainer`` integration: a callback that applies a selection and steps it.
+"""HF ``Trainer`` integration: a callback that applies a selection and steps it, and the sparse optimizer.
 
 Importing this module imports transformers; importing ``gradsel`` does not.
 
->>> # trainer = Trainer(model=model, args=args, train_dataset=ds, callbacks=[GradselCallback(selection)])
+Two ways to train, one callback:
+
+- dense: ``Trainer(..., callbacks=[GradselCallback(sel)])``; the Trainer's own AdamW, guarded;
+- sparse (optimizer state for the selected elements only):
+  ``Trainer(..., optimizers=(sparse_trainer_optimizer(sel, model, args), None), callbacks=[GradselCallback(sel)])``.
+
+In both, the Trainer's gradient clipping sees exactly the selected entries (the masked gradients are
+zeroed as backward accumulates them), its scheduler sets the learning rate, and its no-decay rule
+holds. The callback writes the selection state (a progressive policy's controller included) into each
+checkpoint folder and restores it when training resumes from one.
 """
 
 from __future__ import annotations
 
-from transformers import TrainerCallback
+import logging
+import os
+import warnings
+from typing import Any
 
+import torch
+from transformers import Trainer, TrainerCallback
+
+from ..errors import GradselError
+from ..masking import unwrap_optimizer
+from ..optim import SparseAdamW, sparse_adamw
 from ..selection import Selection
 
-__all__ = ["GradselCallback"]
+__all__ = ["GradselCallback", "sparse_trainer_optimizer", "STATE_NAME"]
+
+logger = logging.getLogger(__name__)
+
+STATE_NAME = "gradsel_state.pt"
+"""File the callback writes into every Trainer checkpoint folder."""
+
+
+def sparse_trainer_optimizer(selection: Selection, model: torch.nn.Module, args, **kwargs: Any) -> SparseAdamW:
+    """A :class:`gradsel.optim.SparseAdamW` with the Trainer's AdamW settings, for ``Trainer(optimizers=...)``.
+
+    Learning rate, betas, eps and weight decay come from ``args`` (``TrainingArguments``); the parameters that
+    the Trainer's ``get_decay_parameter_names`` leaves out (biases, LayerNorm weights) get no weight decay.
+    Parameters with no selected element stop requiring grad. Use it with :class:`GradselCallback`, which keeps
+    the Trainer's gradient clipping on the selected entries.
+
+    Args:
+        selection: the selection made for ``model``.
+        model: the model given to the Trainer.
+        args: the ``TrainingArguments``.
+        **kwargs: passed on to :func:`gradsel.optim.sparse_adamw` (e.g. ``no_decay=`` to override the rule).
+
+    Returns:
+        The optimizer; pass ``optimizers=(optimizer, None)`` so that the Trainer builds its scheduler over it.
+    """
+    decay = set(Trainer.get_decay_parameter_names(None, model))  # the method reads nothing from the Trainer
+    skip = {n for n, _ in model.named_parameters() if n not in decay}
+    options = dict(betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon, weight_decay=args.weight_decay,
+                   no_decay=(lambda name, _p: name in skip) if skip else None)
+    options.update(kwargs)
+    return sparse_adamw(selection, model, args.learning_rate, **options)
 
 
 class GradselCallback(TrainerCallback):
-    """Apply ``selection`` when training begins (with the Trainer's optimizer guarded), call
-    ``handle.step()`` after every optimizer step, and remove it when training ends."""
+    """Apply ``selection`` when training begins, call ``handle.step()`` after every optimizer step, save and
+    restore its state with the Trainer's checkpoints, and remove it when training ends.
 
-    def __init__(self, selection: Selection):
+    With the Trainer's own optimizer the masked entries are guarded (they never move). With a
+    :class:`gradsel.optim.SparseAdamW` (see :func:`sparse_trainer_optimizer`) only the gradient masking is
+    applied (the optimizer never writes outside the selection) and the optimizer follows the masks that a
+    progressive policy shrinks. When the handle reports ``done`` (a progressive policy froze everything it
+    may), training stops.
+
+    Args:
+        selection: the selection to train.
+        resume_from: the checkpoint folder to read the selection state from when resuming; by default
+            ``args.resume_from_checkpoint`` or ``{output_dir}/checkpoint-{global_step}``.
+    """
+
+    def __init__(self, selection: Selection, resume_from: str | os.PathLike | None = None):
         self.selection = selection
+        self.resume_from = resume_from
         self.handle = None
+        self.sparse: SparseAdamW | None = None
+        self._seen: dict[str, torch.Tensor] = {}
+        self._params: dict[str, torch.Tensor] = {}
 
+    # -- training ------------------------------------------------------------------------------------------
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
-        self.handle = self.selection.apply(model, optimizer)
+        opt = unwrap_optimizer(optimizer) if optimizer is not None else None
+        self.sparse = opt if isinstance(opt, SparseAdamW) else None
+        if self.sparse is not None:
+            with warnings.catch_warnings():  # the sparse optimizer needs no guard: it never writes outside the masks
+                warnings.filterwarnings("ignore", message="Selection.apply without an optimizer")
+                self.handle = self.selection.apply(model, None)
+        else:
+            self.handle = self.selection.apply(model, opt)
+        self._params = dict(model.named_parameters())
+        if state.global_step > 0:
+            self._restore(args, state)
+        self._sync()
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self.handle is not None:
-            self.handle.step()
+        if self.handle is None:
+            return
+        self.handle.step()
+        self._sync()
+        if getattr(self.handle, "done", False) and not control.should_training_stop:
+            logger.warning("gradsel: the progressive policy has frozen every group it may freeze (handle.done); "
+                           "stopping training at step %d", state.global_step)
+            control.should_training_stop = True
 
     def on_train_end(self, args, state, control, **kwargs):
         if self.handle is not None:
             self.handle.remove()
             self.handle = None
+        self.sparse = None
+
+    def _sync(self) -> None:
+        """Shrink the sparse optimizer to masks that the policy changed (identity check, cheap)."""
+        masks = self.selection.masks
+        if self.sparse is not None:
+            for name, mask in masks.items():
+                if self._seen.get(name) is not mask and name in self._params and self._params[name] in self.sparse._index:
+                    self.sparse.set_mask(self._params[name], mask)
+        self._seen = dict(masks)
+
+    # -- checkpoints ---------------------------------------------------------------------------------------
+    def on_save(self, args, state, control, **kwargs):
+        if self.handle is None or not args.should_save:
+            return
+        folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        if not os.path.isdir(folder):
+            logger.warning("gradsel: no checkpoint folder %s; the selection state was not saved", folder)
+            return
+        torch.save({"global_step": state.global_step, "handle": self.handle.state_dict()},
+                   os.path.join(folder, STATE_NAME))
+
+    def _restore(self, args, state) -> None:
+        candidates = [self.resume_from, getattr(args, "resume_from_checkpoint", None),
+                      os.path.join(args.output_dir, f"checkpoint-{state.global_step}")]
+        for folder in candidates:
+            if not isinstance(folder, (str, os.PathLike)):
+                continue
+            path = os.path.join(folder, STATE_NAME)
+            if not os.path.isfile(path):
+                continue
+            saved = torch.load(path, map_location="cpu", weights_only=True)
+            if int(saved["global_step"]) != state.global_step:
+                continue
+            self.handle.load_state_dict(saved["handle"])
+            return
+        if self.handle.controller is not None:
+            raise GradselError(f"resuming at step {state.global_step}, but no {STATE_NAME} for that step was found "
+                               f"in {[str(c) for c in candidates if c]}: the progressive policy's state cannot be "
+                               "restored. Pass GradselCallback(selection, resume_from='path/to/checkpoint-N')")
+        self.handle.steps = state.global_step
