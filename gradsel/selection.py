@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from ._io import atomic_save, clean_stale_temps, content_sha256
+from . import distributed
 from .errors import GradselError
 from .fisher import Fisher
 from .masking import MaskHandle
@@ -155,7 +156,7 @@ class Selection:
         >>> bool(torch.equal(model.weight[~sel.masks["weight"]], before[~sel.masks["weight"]]))
         True
         """
-        return MaskHandle(self, model, optimizer)
+        return MaskHandle(self, distributed.for_apply(model, self), optimizer)
 
     def optimizer(self, model: nn.Module, lr: float = 1e-3, **kwargs: Any):
         """A :class:`gradsel.optim.SparseAdamW` that holds state only for the selected elements.
@@ -281,7 +282,7 @@ def _content_hash(raw_metadata: str, masks: dict[str, torch.Tensor]) -> str:
 def select(model: nn.Module, data: Any = None, policy: str | Policy = "fish", *, keep: float | int | None = None,
            params: ParamSpec | None = None, exclude: ParamSpec | None = None, always: ParamSpec | None = None,
            fisher: Fisher | None = None, seed: int = 0, loss=None, forward=None, num_samples: int | None = None,
-           kind: str = "empirical", chunk_size: int | None = None, progress: bool = True,
+           kind: str = "empirical", chunk_size: int | None = None, progress: bool = True, group: Any = None,
            **options: Any) -> Selection:
     """Choose which parameter elements of ``model`` to train.
 
@@ -298,6 +299,8 @@ def select(model: nn.Module, data: Any = None, policy: str | Policy = "fish", *,
         fisher: scores computed before, reused instead of estimating again.
         seed: seed for random policies and Monte-Carlo labels.
         loss, forward, num_samples, kind, chunk_size, progress: passed to :func:`gradsel.fisher`.
+        group: torch.distributed process group (default: the world group when initialised): the Fisher is
+            reduced over it and the ranks' masks are checked to agree (``docs/scaling-out.md``).
         **options: the policy's own options (e.g. ``budget="per_tensor"`` for ``fish``).
 
     Returns:
@@ -311,6 +314,7 @@ def select(model: nn.Module, data: Any = None, policy: str | Policy = "fish", *,
     (10, 40)
     """
     pol = get_policy(policy, **options)
+    model = distributed.unwrap(model)  # DDP: the user's names, without "module."
     always_names = resolve(model, always, what="always") if always is not None else []
     names = [n for n in resolve(model, params, exclude) if n not in set(always_names)]
     if not names:
@@ -333,13 +337,15 @@ def select(model: nn.Module, data: Any = None, policy: str | Policy = "fish", *,
                                f"the parameter {tuple(shapes[bad[0]])}: they belong to another model")
     ctx = Context(model=model, data=data, candidates=names, shapes=dict(shapes), k=k, seed=seed,
                   fisher_options=dict(loss=loss, forward=forward, num_samples=num_samples, kind=kind,
-                                      chunk_size=chunk_size, progress=progress, seed=seed),
+                                      chunk_size=chunk_size, progress=progress, seed=seed,
+                                      **({} if group is None else {"group": group})),
                   _scores=fisher)
     masks = pol.select(ctx)
     _check_masks(pol, masks, shapes, k)
     masks = {n: masks[n] for n in names}
     for n in always_names:
         masks[n] = torch.ones(all_params[n].shape, dtype=torch.bool)
+    distributed.check_masks_agree(masks, group)  # no-op in a single process
     return Selection(masks, policy=pol.name, options=pol.options, candidates=names, always=always_names,
                      budget=k, seed=seed, info=ctx.info, policy_object=pol)
 

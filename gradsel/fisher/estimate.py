@@ -13,6 +13,7 @@ from torch.func import functional_call, grad, vmap
 from torch.utils import _pytree as pytree
 from tqdm.auto import tqdm
 
+from .. import distributed
 from ..errors import GradselError
 from ..params import ParamSpec, resolve
 from .batches import BatchReader, ForwardFn, LossFn, gather, is_single_batch, numbered
@@ -213,7 +214,7 @@ def fisher(model: nn.Module, data: Any, *, params: ParamSpec | None = None, loss
            forward: ForwardFn | None = None, kind: str = "empirical", num_samples: int | None = None,
            chunk_size: int | None = None, progress: bool = True, per_sample: Any = None,
            samples: Any = None, engine: str = "auto", seed: int = 0,
-           memory_budget: int = DEFAULT_MEMORY_BUDGET, scores: bool = True) -> Fisher:
+           memory_budget: int = DEFAULT_MEMORY_BUDGET, scores: bool = True, group: Any = None) -> Fisher:
     """Estimate the diagonal Fisher information from per-sample gradients.
 
     Each entry is ``mean_i g_i²`` where ``g_i`` is the gradient that a batch holding only sample ``i``
@@ -249,6 +250,11 @@ def fisher(model: nn.Module, data: Any, *, params: ParamSpec | None = None, loss
             differentiating only the parameters that ``per_sample`` names: cheaper when only the
             samples' contributions are wanted. The result maps no names; NaN/Inf is checked on the
             contributions.
+        group: a torch.distributed process group; default the world group when torch.distributed is
+            initialised. Each rank estimates on the samples it is given and the sums and counts are
+            all-reduced: every rank returns the Fisher over all ranks' samples (see
+            ``docs/scaling-out.md``; positions, ``samples=`` and ``num_samples=`` are then global). A DDP
+            wrapper is looked through (names without ``module.``).
 
     Returns:
         A :class:`Fisher` mapping name → tensor of the parameter's shape.
@@ -268,6 +274,7 @@ def fisher(model: nn.Module, data: Any, *, params: ParamSpec | None = None, loss
         raise GradselError(f"num_samples must be a positive integer, got {num_samples!r}")
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
         raise GradselError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+    model = distributed.unwrap(model)
     names = resolve(model, params)
     masks = _as_masks(per_sample, names, model)
     if not scores:
@@ -277,6 +284,9 @@ def fisher(model: nn.Module, data: Any, *, params: ParamSpec | None = None, loss
         names = [n for n in names if n in masks]
     subset = _sample_filter(samples)
     reader = BatchReader(forward, loss)
+    shard = distributed.shard_of(data, group, reader, subset=subset, num_samples=num_samples, kind=kind)
+    if shard is not None:  # positions and counts are global: this rank reads its own samples among them
+        subset, num_samples = shard.subset, None
     all_params = dict(model.named_parameters())
     acc_dtype = {n: torch.float64 if all_params[n].dtype == torch.float64 else torch.float32 for n in names}
     acc = ({n: torch.zeros(all_params[n].shape, dtype=acc_dtype[n], device=all_params[n].device) for n in names}
@@ -304,6 +314,8 @@ def fisher(model: nn.Module, data: Any, *, params: ParamSpec | None = None, loss
     try:
         with eval_mode(model), torch.enable_grad():
             batches = numbered(data, reader) if subset is None else gather(data, subset, reader, user_chunk)
+            if shard is not None:
+                batches = shard.positions(batches)
             for index, batch in batches:
                 if num_samples is not None and used + len(index) > num_samples:
                     index = index[: num_samples - used]
@@ -328,6 +340,9 @@ def fisher(model: nn.Module, data: Any, *, params: ParamSpec | None = None, loss
                     break
     finally:
         bar.close()
+    if shard is not None:  # the ranks' sums and counts added (before the division); per-sample rows gathered
+        used, contributions, used_index = shard.reduce(acc, used, contributions, used_index, masks is not None)
+        num_samples = shard.num_samples
     if used == 0:
         raise GradselError("no samples were read from data: check that the loader is not empty "
                            "(and that samples= selects some)")
