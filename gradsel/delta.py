@@ -295,9 +295,9 @@ class SparseDelta:
                    base_sha256=meta["base_sha256"], selection=meta.get("selection"))
 
     # -- merge / unmerge ---------------------------------------------------------------------------------
-    def _targets(self, model: nn.Module) -> dict[str, torch.Tensor]:
+    def _targets(self, model: nn.Module | Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
         """The model's tensors by state-dict name, after checking the model is the delta's base."""
-        sd = model.state_dict()
+        sd = model.state_dict() if isinstance(model, nn.Module) else model
         if fingerprint(sd) != self.fingerprint:
             mine = {m[0]: m[1:] for m in _manifest(sd)}
             theirs = {m[0]: m[1:] for m in self.manifest}
@@ -323,7 +323,12 @@ class SparseDelta:
         Nothing is written unless every check passes: the model's names, shapes and dtypes are the base's,
         and its values at the stored indices are the base values (bit for bit, or by their sha256).
         """
-        sd = self._targets(model)
+        self.merge_state_dict(model.state_dict())
+        return model
+
+    def merge_state_dict(self, state_dict: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
+        """:meth:`merge` on a state dict (e.g. a checkpoint read with ``safetensors.torch.load_file``), in place."""
+        sd = self._targets(state_dict)
         current = [e.current(sd[e.name]) for e in self.entries]
         if self.has_base_values:
             ok = all(torch.equal(_bits(c), _bits(e.base.to(c.device))) for c, e in zip(current, self.entries))
@@ -337,14 +342,20 @@ class SparseDelta:
                                "merge onto the exact base checkpoint")
         for e in self.entries:
             e.write(sd[e.name], e.values)
-        return model
+        return state_dict
 
     def unmerge(self, model: nn.Module, base_state_dict: Mapping[str, torch.Tensor] | None = None) -> nn.Module:
         """Restore the base values in a merged ``model``, in place; return it.
 
         Needs ``base_state_dict`` only when the delta was made with ``base_values=False``.
         """
-        sd = self._targets(model)
+        self.unmerge_state_dict(model.state_dict(), base_state_dict)
+        return model
+
+    def unmerge_state_dict(self, state_dict: Mapping[str, torch.Tensor],
+                           base_state_dict: Mapping[str, torch.Tensor] | None = None) -> Mapping[str, torch.Tensor]:
+        """:meth:`unmerge` on a state dict, in place."""
+        sd = self._targets(state_dict)
         for e in self.entries:
             if not torch.equal(_bits(e.current(sd[e.name])), _bits(e.values.to(sd[e.name].device))):
                 raise GradselError(f"{e.name!r} does not hold the delta's values: the delta is not merged into this "
@@ -361,4 +372,4 @@ class SparseDelta:
                                    "delta's positions differ)")
         for e, b in zip(self.entries, bases):
             e.write(sd[e.name], b)
-        return model
+        return state_dict
