@@ -251,23 +251,38 @@ def test_params_selects_candidates_by_glob_class_and_callable():
                                progress=False)) == ["head.bias"]
 
 
-def test_fallback_to_loop_warns_and_agrees():
-    class ItemModel(nn.Module):  # data-dependent control flow: vmap cannot run it
-        def __init__(self):
-            super().__init__()
-            self.lin = nn.Linear(4, 2)
+class _ItemGate(nn.Module):
+    """Data-dependent control flow (``.item()``): vmap cannot run it."""
 
-        def forward(self, x):
-            out = self.lin(x)
-            return out * 2 if out.sum().item() > 0 else out
+    def forward(self, x):
+        return x * 2 if x.sum().item() > 0 else x
 
+
+class _Recurrent(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.rnn = nn.RNN(4, 5, batch_first=True)
+        self.head = nn.Linear(5, 2)
+
+    def forward(self, x):
+        return self.head(self.rnn(x)[0][:, -1])
+
+
+@pytest.mark.parametrize("case", ["item_in_a_submodule", "rnn"])
+def test_fallback_to_loop_warns_and_agrees(case):
     torch.manual_seed(0)
-    model = ItemModel().double()
-    batch = (torch.randn(6, 4, dtype=torch.float64), torch.randint(0, 2, (6,)))
-    with pytest.warns(RuntimeWarning, match="falling back to the batch-of-one loop"):
+    if case == "rnn":  # torch's RNN kernels have no vmap rule in float64
+        model, x, culprit = _Recurrent().double(), torch.randn(6, 3, 4, dtype=torch.float64), "RNN (module 'rnn')"
+    else:
+        model = nn.Sequential(nn.Linear(4, 3), _ItemGate()).double()
+        x, culprit = torch.randn(6, 4, dtype=torch.float64), "_ItemGate (module '1')"
+    batch = (x, torch.randint(0, 2, (6,)))
+    with pytest.warns(RuntimeWarning, match="falling back to the batch-of-one loop") as caught:
         est = gradsel.fisher(model, batch, progress=False)
+    message = str(caught[0].message)
+    assert f"vmap cannot run {culprit} " in message  # the innermost module that raised, not the model's class
     assert est.engine == "loop"
-    ref = _reference(model, batch, names=["lin.weight", "lin.bias"])
+    ref = _reference(model, batch, names=[n for n, _ in model.named_parameters()])
     for name in ref:
         torch.testing.assert_close(est[name], ref[name])
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, Callable, Iterable, Iterator
 
 import torch
@@ -14,6 +14,15 @@ from ..errors import GradselError
 
 ForwardFn = Callable[[nn.Module, Any], Any]
 LossFn = Callable[[Any, Any], torch.Tensor]
+
+IGNORE_INDEX = -100  # the class index that F.cross_entropy (and HF models) skip
+# the class-index dtype that both engines take: F.cross_entropy takes int64 and uint8, vmap's gather int64
+# and int32
+CLASS_INDEX_DTYPES = (torch.int64,)
+# keys of an HF batch that hold the samples (the first present gives the batch size), and keys that must
+# have one row per sample too
+HF_INPUT_KEYS = ("input_ids", "inputs_embeds", "pixel_values", "input_values", "input_features")
+HF_PER_SAMPLE_KEYS = ("labels", "attention_mask", "token_type_ids")
 
 
 def is_single_batch(data: Any) -> bool:
@@ -158,25 +167,184 @@ class BatchReader:
     def __init__(self, forward: ForwardFn | None = None, loss: LossFn | None = None):
         self.forward_fn = forward
         self.loss_fn = loss
+        self._logit_shapes: dict[tuple, tuple[int, ...]] = {}  # per-sample input shapes -> logits' shape
 
     # -- format ---------------------------------------------------------------------------------------
     def check(self, batch: Any) -> None:
+        """Checks that need no model: the batch's format, and that labels/targets have one row per sample."""
         if isinstance(batch, Mapping):
+            if self.forward_fn is None:
+                self._check_dict(batch)
             return
         if isinstance(batch, (tuple, list)):
             if self.forward_fn is None and len(batch) < 2:
                 raise GradselError(f"a tuple batch needs (inputs, targets), got {len(batch)} element(s); "
                                    "or pass forward=/loss= callables")
+            if self.loss_fn is None:
+                self._check_targets(batch)
             return
         if self.forward_fn is None or self.loss_fn is None:
             raise GradselError(f"cannot read a batch of type {type(batch).__name__}: use (inputs, targets) tuples, "
                                "HF-style dicts with 'labels', or pass forward=(model, batch) and loss=(outputs, batch)")
 
+    def _check_targets(self, batch: Sequence) -> None:
+        """The default cross-entropy's targets: a tensor with one row per sample, of class indices (or float
+        class probabilities, whose shape is checked against the logits in :meth:`check_outputs`)."""
+        if len(batch) < 2:
+            raise GradselError(f"the default cross-entropy reads the targets from batch[1], but the batch has "
+                               f"{len(batch)} element(s): add the targets or pass loss=(outputs, batch) -> scalar")
+        n = self.size(batch)
+        t = batch[1]
+        if not isinstance(t, torch.Tensor):
+            raise GradselError(f"batch[1] (the targets) is a {type(t).__name__}; expected a tensor of integer class "
+                               f"indices of shape ({n},) (or ({n}, H, W) for segmentation): convert it with "
+                               "torch.as_tensor(...), or pass loss=(outputs, batch) -> scalar")
+        if t.dim() == 0 or t.shape[0] != n:
+            raise GradselError(f"batch[1] (the targets) has shape {tuple(t.shape)}, but the inputs batch[0] hold {n} "
+                               f"samples: the targets need one row per sample, shape ({n},) for classification or "
+                               f"({n}, H, W) for segmentation (a tensor whose first dimension is not the batch size "
+                               "would not be split into samples)")
+        if t.is_floating_point():
+            if t.dim() == 1:
+                raise GradselError(f"batch[1] (the targets) has dtype {t.dtype} and shape {tuple(t.shape)}; the default "
+                                   f"cross-entropy expects integer class indices (torch.int64) of shape ({n},): convert "
+                                   "them with targets.long(), or pass loss= for a regression or binary target")
+        elif t.dtype not in CLASS_INDEX_DTYPES:
+            raise GradselError(f"batch[1] (the targets) has dtype {t.dtype}; the default cross-entropy expects class "
+                               "indices of dtype torch.int64 (torch.long): convert them with targets.long()")
+
+    def _check_dict(self, batch: Mapping) -> None:
+        """An HF batch: labels, attention_mask and token_type_ids have one row per sample."""
+        ref, n = self._dict_size(batch)
+        for key in HF_PER_SAMPLE_KEYS:
+            t = batch.get(key)
+            if key == ref or not isinstance(t, torch.Tensor) or n is None:
+                continue
+            if t.dim() == 0 or t.shape[0] != n:
+                raise GradselError(f"batch[{key!r}] has shape {tuple(t.shape)}, but batch[{ref!r}] holds {n} samples: "
+                                   f"{key!r} needs one row per sample, shape ({n}, ...) (a tensor whose first "
+                                   "dimension is not the batch size would not be split into samples)")
+
+    @staticmethod
+    def _dict_size(batch: Mapping) -> tuple[Any, int | None]:
+        """The key that gives an HF batch its size (the inputs, else the first batched tensor), and the size."""
+        keys = [k for k in HF_INPUT_KEYS if k in batch] + [k for k in batch if k not in HF_PER_SAMPLE_KEYS]
+        keys += [k for k in HF_PER_SAMPLE_KEYS if k in batch]
+        for k in keys:
+            t = batch[k]
+            if isinstance(t, torch.Tensor) and t.dim() > 0:
+                return k, t.shape[0]
+        return None, None
+
     def size(self, batch: Any) -> int:
+        """The batch size: that of the inputs (an HF dict's ``input_ids``, a tuple's ``batch[0]``) where they
+        carry one, else the first dimension of the first tensor."""
+        if self.forward_fn is None and isinstance(batch, Mapping):
+            n = self._dict_size(batch)[1]
+            if n is not None:
+                return n
+        if self.forward_fn is None and isinstance(batch, (tuple, list)) and batch:
+            inputs = [x for x in pytree.tree_leaves(batch[0]) if isinstance(x, torch.Tensor) and x.dim() > 0]
+            if inputs:
+                return inputs[0].shape[0]
         leaves = [x for x in pytree.tree_leaves(batch) if isinstance(x, torch.Tensor) and x.dim() > 0]
         if not leaves:
             raise GradselError(f"batch of type {type(batch).__name__} holds no tensor with a batch dimension")
         return leaves[0].shape[0]
+
+    # -- checks against the model's output ------------------------------------------------------------
+    def check_outputs(self, model: nn.Module, batch: Any, positions: torch.Tensor | None = None,
+                      classes: bool = True) -> None:
+        """Checks of the labels that need the logits: the targets' shape and class range for the default
+        cross-entropy, the class range of an HF batch's integer labels.
+
+        The logits' shape comes from a no-grad forward of the batch's first sample, once for each shape of
+        the inputs. Run before the engines, so that a bad class index is named before any loss sees it (on
+        a GPU it would be a device-side assert). ``classes=False`` checks shapes only (``kind="mc"``
+        replaces the labels' values).
+        """
+        if self.forward_fn is None and isinstance(batch, Mapping):
+            labels = batch.get("labels")
+            if not classes or self.loss_fn is not None or not isinstance(labels, torch.Tensor) \
+                    or labels.is_floating_point() or labels.dtype == torch.bool or labels.dim() == 0:
+                return
+            shape = self._logits_shape(model, {k: v for k, v in batch.items() if k != "labels"}, labels,
+                                       found=False)
+            # only where the labels line up with the logits' leading dimensions (sequence and token
+            # classification, causal LM) is the model's loss a plain cross-entropy over the last dimension
+            if shape is None or len(shape) < 2 or shape[-1] < 2 or tuple(shape[1:-1]) != tuple(labels.shape[1:]):
+                return
+            self._check_range("batch['labels']", labels, shape[-1], positions)
+            return
+        if self.loss_fn is not None or not isinstance(batch, (tuple, list)):
+            return
+        t = batch[1]
+        n = t.shape[0]
+        shape = self._logits_shape(model, batch, t)
+        if shape is None:
+            return  # the forward fails: the engine reports it
+        if len(shape) < 2:
+            raise GradselError(f"the model's output for one sample has shape {shape}; the default cross-entropy "
+                               "needs logits of shape (N, C) or (N, C, H, W) with the classes on dim 1: pass "
+                               "loss=(outputs, batch) -> scalar")
+        c, spatial = shape[1], tuple(shape[2:])
+        if c < 2:
+            raise GradselError(f"the model's logits have a single class (shape {(n, *shape[1:])}): cross-entropy over "
+                               "one class is always zero, so the Fisher would be zero; for a binary or regression "
+                               "head pass loss= (e.g. F.binary_cross_entropy_with_logits)")
+        want = (n, *spatial)
+        if t.is_floating_point():
+            if tuple(t.shape[1:]) != tuple(shape[1:]):
+                raise GradselError(f"batch[1] (the targets) has dtype {t.dtype} and shape {tuple(t.shape)}; for logits "
+                                   f"of shape {(n, *shape[1:])} the default cross-entropy expects integer class indices "
+                                   f"(torch.int64) of shape {want}, or class probabilities of the logits' shape "
+                                   f"{(n, *shape[1:])}: convert them with targets.long(), or pass loss=")
+            return
+        if tuple(t.shape) != want:
+            hint = (f": flatten them with targets.reshape({n})" if t.numel() == n else
+                    "; for another layout of the classes pass loss=")
+            raise GradselError(f"batch[1] (the targets) has shape {tuple(t.shape)}; for logits of shape "
+                               f"{(n, *shape[1:])} (classes on dim 1) the default cross-entropy expects class "
+                               f"indices of shape {want}{hint}")
+        if classes:
+            self._check_range("batch[1] (the targets)", t, c, positions)
+
+    def _logits_shape(self, model: nn.Module, batch: Any, labels: torch.Tensor,
+                      found: bool = True) -> tuple[int, ...] | None:
+        """The logits' shape for the batch's first sample (cached by the inputs' per-sample shapes); None
+        when the forward fails (the engine then reports the failure), or when the output holds no logits
+        and ``found`` is False (else that raises, as the default loss would)."""
+        n = self.size(batch)
+        leaves, _, batched = self.batched_leaves(batch, n)
+        key = tuple((tuple(x.shape[1:]), x.dtype) if b else None
+                    for x, b in zip(leaves, batched) if x is not labels)
+        cache = self._logit_shapes
+        if key not in cache:
+            try:
+                with torch.no_grad():
+                    outputs = self.run(model, self.take(batch, slice(0, 1)))
+            except Exception:
+                return None
+            try:
+                cache[key] = tuple(logits_of(outputs).shape)
+            except GradselError:
+                if found:
+                    raise
+                cache[key] = None
+        return cache[key]
+
+    @staticmethod
+    def _check_range(what: str, t: torch.Tensor, classes: int, positions: torch.Tensor | None) -> None:
+        bad = (t >= classes) | ((t < 0) & (t != IGNORE_INDEX))
+        if not bool(bad.any()):
+            return
+        first = int(bad.reshape(-1).nonzero()[0])
+        row = first // max(1, t[0].numel())
+        value = int(t.reshape(-1)[first])
+        sample = int(positions[row]) if positions is not None and row < len(positions) else row
+        raise GradselError(f"{what} holds class index {value} (sample {sample}); the logits have {classes} classes, so "
+                           f"class indices must lie in [0, {classes - 1}] (or be {IGNORE_INDEX}, which cross-entropy "
+                           "ignores): check the labels, or the size of the model's head")
 
     @staticmethod
     def batched_leaves(batch: Any, n: int) -> tuple[list, Any, list[bool]]:
@@ -236,8 +404,11 @@ class BatchReader:
             class_dim = 1
         else:
             raise GradselError("kind='mc' works with (inputs, targets) tuples and dicts with 'labels'")
+        # the labels are replaced: run a dict batch without them, so that the model's loss never sees them
+        inputs = ({k: v for k, v in batch.items() if k != "labels"}
+                  if isinstance(batch, Mapping) and self.forward_fn is None else batch)
         with torch.no_grad():
-            logits = logits_of(self.run(model, batch)).float()
+            logits = logits_of(self.run(model, inputs)).float()
         if logits.dim() == 1:
             raise GradselError("kind='mc' needs class logits of shape (N, C, ...); got a 1-D output")
         probs = torch.softmax(logits.movedim(class_dim, -1), dim=-1).cpu()

@@ -320,15 +320,14 @@ def fisher(model: nn.Module, data: Any, *, params: ParamSpec | None = None, loss
                 if num_samples is not None and used + len(index) > num_samples:
                     index = index[: num_samples - used]
                     batch = reader.take(batch, slice(0, len(index)))
+                # labels against the logits (shape, class range), before any engine or fallback runs
+                reader.check_outputs(model, batch, index, classes=kind != "mc")
                 if kind == "mc":
                     batch = reader.with_sampled_labels(model, batch, seed, index)
                 for start in range(0, len(index), chunk_size):
                     rows = index[start:start + chunk_size]
                     chunk = reader.take(batch, slice(start, start + len(rows)))
-                    grads = _per_sample_grads(run, chunk, engine)
-                    if isinstance(run, _VmapEngine) and grads is None:
-                        run = _LoopEngine(model, names, reader)
-                        grads = run(chunk)
+                    grads, run = _per_sample_grads(run, chunk, engine, rows)
                     c = _accumulate(acc, grads, rows, flat_masks, acc_dtype)
                     del grads, chunk  # free this chunk's per-sample gradients before the next is formed
                     if c is not None:
@@ -355,20 +354,86 @@ def fisher(model: nn.Module, data: Any, *, params: ParamSpec | None = None, loss
                   sample_index=torch.cat(used_index), engine=run.name)
 
 
-def _per_sample_grads(run: _Engine, chunk: Any, engine: str) -> dict[str, torch.Tensor] | None:
-    """Run the engine; with ``engine="auto"`` a failure of vmap returns None (the caller falls back)."""
-    if engine != "auto" or not isinstance(run, _VmapEngine):
-        return run(chunk)
+def _per_sample_grads(run: _Engine, chunk: Any, engine: str, rows: torch.Tensor) -> tuple[dict[str, Any], _Engine]:
+    """Run the engine on a chunk; return the gradients and the engine to use for the next chunk.
+
+    With ``engine="auto"``, a failure of vmap is tried on the batch-of-one loop: if the loop runs, vmap
+    cannot run this model (warn, naming the innermost module that raised, and keep the loop); if the loop
+    fails too, the model, ``forward=`` or ``loss=`` is at fault and that error is raised.
+    """
+    if engine != "auto":
+        return run(chunk), run
+    if isinstance(run, _LoopEngine):  # after a fallback
+        return _run_loop(run, chunk, rows), run
+    if not isinstance(run, _VmapEngine):
+        return run(chunk), run
     try:
-        return run(chunk)
+        return run(chunk), run
     except GradselError:
         raise
     except Exception as exc:  # vmap cannot run every model; the loop can
-        reason = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
-        warnings.warn(f"gradsel.fisher: torch.func.vmap cannot run {type(run.model).__name__} "
-                      f"({type(exc).__name__}: {reason}); falling back to the batch-of-one loop, which is slower. "
-                      "Pass engine='loop' to skip the attempt.", RuntimeWarning, stacklevel=3)
-        return None
+        loop = _LoopEngine(run.model, run.names, run.reader)
+        grads = _run_loop(loop, chunk, rows)
+        warnings.warn(f"gradsel.fisher: torch.func.vmap cannot run {_raised_in(exc, run)} "
+                      f"({type(exc).__name__}: {_first_line(exc)}); the batch-of-one loop runs it, so gradsel is "
+                      "falling back to the batch-of-one loop, which is slower. Pass engine='loop' to skip the attempt.",
+                      RuntimeWarning, stacklevel=3)
+        return grads, loop
+
+
+def _run_loop(loop: "_LoopEngine", chunk: Any, rows: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The loop on a chunk; an error is raised as a GradselError naming the sample and where it arose."""
+    try:
+        return loop(chunk)
+    except GradselError:
+        raise
+    except Exception:
+        for i in range(len(rows)):  # find the first sample that fails alone
+            try:
+                loop(loop.reader.take(chunk, slice(i, i + 1)))
+            except GradselError:
+                raise
+            except Exception as exc:
+                raise GradselError(
+                    f"{_raised_in(exc, loop)} raised on sample {int(rows[i])} alone (a batch of one, without vmap), "
+                    f"so this is not a limitation of vmap: {type(exc).__name__}: {_first_line(exc)}. Check that "
+                    "sample's data and the model, forward= and loss= on it") from exc
+        raise
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:300] if text else type(exc).__name__
+
+
+def _raised_in(exc: BaseException, run: _Engine) -> str:
+    """Where ``exc`` arose: the innermost module of the model whose code is on its traceback, else the loss
+    or ``forward=`` (read from the traceback's frames, including those of the exceptions it chains)."""
+    names = {id(m): name for name, m in run.model.named_modules()}
+    module, place = None, None
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        tb = e.__traceback__
+        while tb is not None:
+            frame = tb.tb_frame
+            owner = frame.f_locals.get("self")
+            if isinstance(owner, nn.Module) and id(owner) in names:
+                module = owner
+            elif owner is run.reader and frame.f_code.co_name in ("loss", "run"):
+                place = frame.f_code.co_name
+            tb = tb.tb_next
+        e = e.__cause__ or e.__context__
+    if module is not None:
+        name = names[id(module)]
+        return f"{type(module).__name__} ({'the model itself' if not name else f'module {name!r}'})"
+    reader = run.reader
+    if place == "loss":
+        return "loss=" if reader.loss_fn is not None else "the loss"
+    if place == "run" and reader.forward_fn is not None:
+        return "forward="
+    return type(run.model).__name__
 
 
 def _accumulate(acc: dict[str, torch.Tensor] | None, grads: dict[str, Any], rows: torch.Tensor,
