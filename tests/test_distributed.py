@@ -164,15 +164,22 @@ def work_select(rank: int, world: int) -> dict:
     return out
 
 
-def _ddp_steps(ddp, opt, handle, rank, steps=5):
+def _ddp_steps(ddp, opt, handle, rank, masks, steps=5) -> float:
+    """Train; return the largest gradient seen at a masked entry after DDP's all-reduce."""
     g = torch.Generator().manual_seed(100 + rank)  # each rank trains on its own data
+    params = dict(ddp.module.named_parameters())
+    leak = 0.0
     for _ in range(steps):
         x, t = torch.randn(6, 6, generator=g, dtype=torch.float64), torch.randint(0, 3, (6,), generator=g)
         opt.zero_grad()
         nn.functional.cross_entropy(ddp(x), t).backward()
+        for n, m in masks.items():
+            if params[n].grad is not None:
+                leak = max([leak] + params[n].grad[~m].abs().tolist())
         opt.step()
         if handle is not None:
             handle.step()
+    return leak
 
 
 def _partial_selection(model, frozen: bool):
@@ -214,8 +221,8 @@ def work_ddp(rank: int, world: int) -> dict:
         else:
             ddp = DDP(model)
             handle = sel.apply(ddp, opt)
-        _ddp_steps(ddp, opt, handle, rank)
-        out[case] = {"start": start, "end": {n: p.detach().clone() for n, p in model.named_parameters()},
+        leak = _ddp_steps(ddp, opt, handle, rank, sel.masks)
+        out[case] = {"leak": leak, "start": start, "end": {n: p.detach().clone() for n, p in model.named_parameters()},
                      "masks": sel.masks}
         handle.remove()
 
@@ -344,6 +351,7 @@ def test_mask_check_names_the_differing_parameter(select_runs):
 @pytest.mark.parametrize("case", ["before", "after_rewrap", "after_unused", "after_partial"])
 def test_ddp_apply_keeps_masked_fixed_and_replicas_equal(ddp_runs, case):
     r0, r1 = ddp_runs[0][case], ddp_runs[1][case]
+    assert r0["leak"] == r1["leak"] == 0.0  # no gradient reaches a masked entry through the all-reduce
     for n in r0["end"]:
         assert torch.equal(r0["end"][n], r1["end"][n]), (case, n)  # replicas identical, bit for bit
     for n, m in r0["masks"].items():
