@@ -26,7 +26,8 @@ _TMP_TAG = "gradsel"
 
 
 def _host() -> str:
-    return re.sub(r"[^A-Za-z0-9]", "", socket.gethostname())[:32] or "host"
+    """This machine, as 8 hex digits (a pid names a process only on its own host)."""
+    return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
 
 
 def _tmp_pattern(name: str) -> re.Pattern:
