@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from .errors import GradselError
-from .params import ParamSpec, resolve
+from .params import ParamSpec, resolve, unwrap_model
 
 __all__ = ["SparseAdamW", "sparse_adamw", "state_bytes"]
 
@@ -408,6 +408,7 @@ def sparse_adamw(selection, model: nn.Module, lr: float = 1e-3, *, freeze: bool 
     >>> opt.state_bytes() <= 5 * (4 + 4 + 4) + 18 * 8 + 3 * 4 + 5 * 4  # moments, steps, int32 indices
     True
     """
+    model = unwrap_model(model)  # torch.compile / DDP wrappers: the selection's names are the inner model's
     selection.check(model)
     params = dict(model.named_parameters())
     decay_off = set(resolve(model, no_decay, what="no_decay")) if no_decay is not None else set()

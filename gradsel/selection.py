@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ from . import distributed
 from .errors import GradselError
 from .fisher import Fisher
 from .masking import MaskHandle
-from .params import ParamSpec, resolve
+from .params import ParamSpec, resolve, strip_wrapper_prefix, unwrap_model
 from .policies import Context, Policy, get_policy
 from .report import table
 
@@ -178,15 +179,56 @@ class Selection:
         return SparseDelta.from_models(self, model, base_state_dict, **kwargs)
 
     def check(self, model: nn.Module) -> None:
-        """Raise a GradselError naming the first parameter whose name or shape differs from ``model``."""
+        """Raise a GradselError naming the first parameter whose name or shape differs from ``model``.
+
+        Names are those of the unwrapped model (:func:`gradsel.params.unwrap_model`), so a selection made on
+        a model applies to its ``torch.compile`` / DDP wrappers and back. A selection whose names carry such
+        a wrapper's prefix (saved by an older gradsel) is renamed in place, with a warning.
+        """
+        model = unwrap_model(model)
         params = dict(model.named_parameters())
+        self._drop_wrapper_prefixes(params)
         for name, shape in self.shapes.items():
             if name not in params:
-                raise GradselError(f"the selection names parameter {name!r}, which {type(model).__name__} does not "
-                                   f"have: it was made for a different model (policy {self.policy!r})")
+                raise GradselError(self._missing(name, params, model))
             if tuple(params[name].shape) != tuple(shape):
                 raise GradselError(f"parameter {name!r} has shape {tuple(params[name].shape)} in the model but "
                                    f"{tuple(shape)} in the selection: it was made for a different model")
+
+    def _drop_wrapper_prefixes(self, params: dict) -> None:
+        names = list(self.shapes)
+        plain = {n: strip_wrapper_prefix(n) for n in names}
+        if all(n in params for n in names) or not all(plain[n] in params for n in names):
+            return
+        first = next(n for n in names if plain[n] != n)
+        warnings.warn(f"the selection's parameter names carry the wrapper prefix {first[:len(first) - len(plain[first])]!r}"
+                      f" (saved from a torch.compile / DDP-wrapped model by an older gradsel); mapped them to the "
+                      f"model's names ({first!r} -> {plain[first]!r}). Save the selection again to drop the prefix.",
+                      UserWarning, stacklevel=3)
+        self.masks = {plain[n]: m for n, m in self.masks.items()}
+        self.shapes = {plain[n]: s for n, s in self.shapes.items()}
+        self.candidates = [plain[n] for n in self.candidates]
+        self.always = [plain[n] for n in self.always]
+
+    def _missing(self, name: str, params: dict, model: nn.Module) -> str:
+        """What to say when the selection names ``name`` and the model has no such parameter."""
+        names = list(self.shapes)
+        for other in params:
+            if other.endswith("." + name):  # the model's names are longer: selection made on a submodule?
+                extra = other[: len(other) - len(name)]
+                if all(extra + n in params for n in names):
+                    return (f"the model's parameter names carry a prefix {extra!r} that the selection's lack "
+                            f"({name!r} is {other!r} in {type(model).__name__}): the selection was made on the "
+                            f"submodule model.{extra[:-1]}. Apply it to that submodule, or select on this model")
+            if name.endswith("." + other):  # the selection's names are longer: made on a model around this one?
+                extra = name[: len(name) - len(other)]
+                if all(n.startswith(extra) and n[len(extra):] in params for n in names):
+                    return (f"the selection's parameter names carry a prefix {extra!r} that the model's lack "
+                            f"({name!r} is {other!r} in {type(model).__name__}): it was made on a model that holds "
+                            f"this one as .{extra[:-1]}. Apply it to that model, or select on this one")
+        return (f"the selection names parameter {name!r}, which {type(model).__name__} does not have: it was made "
+                f"for a different model (policy {self.policy!r}; the model's names look like "
+                f"{', '.join(list(params)[:4])}, ...)")
 
     # -- persistence -------------------------------------------------------------------------------------
     def metadata(self) -> dict:
