@@ -126,6 +126,10 @@ def work_fisher(rank: int, world: int) -> dict:
         "ddp": _pack(gradsel.fisher(nn.parallel.DistributedDataParallel(model), loader, progress=False)),
         "local_indices": list(loader.sampler),
     }
+    # buckets: 3 float64 tensors of 40 / 24 / 8 bytes (rank+1 each) under a 64-byte cap: 2 all-reduces
+    sums = {n: torch.full((k,), float(rank + 1), dtype=torch.float64) for n, k in (("a", 5), ("b", 3), ("c", 1))}
+    total, _, _, stats = gd.reduce_fisher(sums, 2 + rank, bucket_bytes=64)
+    out["buckets"] = {"sums": sums, "total": total, "stats": stats}
     return out
 
 
@@ -300,6 +304,14 @@ def test_fisher_equals_one_process(fisher_runs, one_thread):
     for key in ("shards", "sampler", "sampler_mc"):
         for n, t in fisher_runs[0][key]["scores"].items():
             assert torch.equal(t, fisher_runs[1][key]["scores"][n])
+
+
+def test_reduce_fisher_buckets(fisher_runs):
+    for run in fisher_runs:
+        b = run["buckets"]
+        assert b["total"] == 5 and all(bool((t == 3.0).all()) for t in b["sums"].values())
+        # one all-gather of the counts, then two buckets (40 + 24 bytes; 8 bytes): not one per tensor
+        assert b["stats"] == {"collectives": 3, "bytes": 16 + 64 + 8}
 
 
 def test_fisher_global_samples_and_num_samples(fisher_runs, one_thread):
