@@ -23,7 +23,7 @@ from .result import Fisher
 __all__ = ["fisher", "fisher_loop", "eval_mode"]
 
 KINDS = ("empirical", "mc")
-ENGINES = ("auto", "vmap", "loop")
+ENGINES = ("auto", "vmap", "loop", "hooks")
 DEFAULT_MEMORY_BUDGET = 1 << 30  # bytes of per-sample gradients held at once
 MAX_CHUNK = 32
 
@@ -307,7 +307,12 @@ def fisher(model: nn.Module, data: Any, *, params: ParamSpec | None = None, loss
         dense = sum(all_params[n].numel() for n in names if n not in ruled)
         chunk_size = int(min(MAX_CHUNK, max(1, memory_budget // max(1, dense * 4 * 3))))
 
-    run: _Engine = (_LoopEngine if engine == "loop" else _VmapEngine)(model, names, reader)
+    if engine == "hooks":
+        from .engines import HooksEngine  # imported here: it builds on this module's vmap and loop engines
+
+        run = HooksEngine(model, names, reader, _VmapEngine, _LoopEngine)
+    else:
+        run = (_LoopEngine if engine == "loop" else _VmapEngine)(model, names, reader)
     used = 0
     bar = tqdm(total=_total_hint(data, reader, num_samples, subset), unit="sample", desc="fisher", disable=not progress,
                leave=False)

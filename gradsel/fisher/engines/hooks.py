@@ -1,0 +1,547 @@
+"""The per-layer engine: one ordinary forward and backward; per-layer rules form the squares.
+
+One ordinary forward over the chunk, one backward of the sum of the per-sample losses, taken with respect to
+zero "roots" added to the first rule layers' outputs only (``torch.autograd.grad(inputs=roots)``): autograd
+skips every weight gradient and computes activation gradients only; no ``.grad`` is written. Forward hooks keep each rule layer's input, tensor hooks
+on its output keep the output gradient ``δ`` (in this engine's own lists, never on the user's modules). As
+samples do not interact in eval mode, ``δ_i`` is what the batch of one would give, and each rule builds the
+per-sample parameter gradient (or only its square) from ``(input_i, δ_i)``:
+
+- ``nn.Linear``: without a token axis ``Σ_i g_i² = (δ²)ᵀ(a²)`` (no per-sample tensor); with tokens (or a
+  layer called more than once, its calls stacked as tokens) ``g_i = δ_iᵀ a_i`` a block of samples at a time;
+- ``nn.Conv1d/2d``: the backend's weight-gradient kernel, one sample at a time, calls summed;
+- ``nn.Embedding``: the looked-up rows (:class:`~gradsel.fisher.rules.EmbeddingGrads`);
+- LayerNorm, GroupNorm, BatchNorm (running statistics) and every bias: closed forms.
+
+Candidates without a rule (parameters of a module without one, tied weights, a layer whose output has no
+batch dimension, a layer that never ran under autograd) go to a fallback engine that differentiates only
+them (the vmap engine, or the loop where vmap cannot run the model).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils import _pytree as pytree
+
+from ...errors import GradselError
+from ..batches import BatchReader, logits_of
+from ..rules import EmbeddingGrads, LazyGrads, _embedding_ok
+
+__all__ = ["HooksEngine", "OuterSquares", "BlockGrads"]
+
+BLOCK_BYTES = 32 << 20  # per-sample gradients formed at once by a rule
+
+
+# -- lazy per-sample gradients -----------------------------------------------------------------------------
+
+@dataclass
+class OuterSquares(LazyGrads):
+    """``g_i = δ_i a_iᵀ`` (a Linear without token axis): ``Σ_i g_i² = (δ²)ᵀ(a²)``, no per-sample tensor."""
+
+    delta: torch.Tensor  # (n, out)
+    inputs: torch.Tensor  # (n, in)
+
+    def _squares(self, dtype):
+        return self.delta.to(dtype).square(), self.inputs.to(dtype).square()
+
+    def accumulate(self, acc, want, mask, dtype):
+        d2, a2 = self._squares(dtype)
+        if acc is not None:
+            acc.addmm_(d2.T, a2)
+        if not want:
+            return None
+        if mask is None:
+            return d2.sum(1) * a2.sum(1)
+        return ((d2 @ mask.reshape(d2.shape[1], a2.shape[1]).to(dtype)) * a2).sum(1)
+
+    def sample_totals(self, dtype):
+        d2, a2 = self._squares(dtype)
+        return d2.sum(1) * a2.sum(1)
+
+
+@dataclass
+class BlockGrads(LazyGrads):
+    """Per-sample gradients formed ``block`` samples at a time by ``make(start, stop)``, a fresh
+    ``(stop - start, *shape)`` tensor; each block is squared and summed before the next is formed."""
+
+    make: Callable[[int, int], torch.Tensor]
+    n: int
+    block: int
+
+    def _squares(self, dtype):
+        for start in range(0, self.n, self.block):
+            g = self.make(start, min(self.n, start + self.block))
+            g = g.to(dtype) if g.dtype != dtype else g
+            yield g.reshape(g.shape[0], -1).square_()  # a tensor made by make(): ours to write
+
+    def accumulate(self, acc, want, mask, dtype):
+        parts = []
+        weights = None if mask is None else mask.reshape(-1).to(dtype)
+        for sq in self._squares(dtype):
+            if acc is not None:
+                acc.view(-1).add_(sq.sum(0))
+            if want:
+                parts.append(sq.sum(1) if weights is None else sq @ weights)
+        return torch.cat(parts) if want else None
+
+    def sample_totals(self, dtype):
+        return torch.cat([sq.sum(1) for sq in self._squares(dtype)])
+
+
+@dataclass
+class ZeroGrads(LazyGrads):
+    """A candidate the loss does not depend on (a layer the forward never runs): every gradient is zero."""
+
+    n: int
+
+    def accumulate(self, acc, want, mask, dtype):
+        return torch.zeros(self.n, dtype=dtype) if want else None
+
+    def sample_totals(self, dtype):
+        return torch.zeros(self.n, dtype=dtype)
+
+
+# -- rules: (module, inputs of each call, output gradients of each call, wanted attrs) -> {attr: grads} ----
+
+def _stack_tokens(ts: list[torch.Tensor], n: int) -> torch.Tensor:
+    """``(n, positions, features)``: every call's positions side by side."""
+    flat = [t.reshape(n, -1, t.shape[-1]) for t in ts]
+    return flat[0] if len(flat) == 1 else torch.cat(flat, 1)
+
+
+def _linear(module: nn.Module, xs, ds, want, n, transposed: bool = False):
+    """``y = x Wᵀ + b`` (``transposed``: ``y = x W + b``, transformers' ``Conv1D``)."""
+    out = {}
+    if len(xs) == 1 and xs[0].dim() == 2:  # g_i = δ_i a_iᵀ: Σ_i g_i² = (δ²)ᵀ(a²)
+        if "weight" in want:
+            out["weight"] = OuterSquares(xs[0], ds[0]) if transposed else OuterSquares(ds[0], xs[0])
+        if "bias" in want:
+            out["bias"] = ds[0]
+        return out
+    a, d = _stack_tokens(xs, n), _stack_tokens(ds, n)
+    if "weight" in want:
+        block = max(1, BLOCK_BYTES // max(1, module.weight.numel() * d.element_size()))
+        left, right = (a, d) if transposed else (d, a)
+        out["weight"] = BlockGrads(lambda s, e: torch.bmm(left[s:e].transpose(1, 2), right[s:e]), n, block)
+    if "bias" in want:
+        out["bias"] = d.sum(1)
+    return out
+
+
+def _transposed_linear(module: nn.Module, xs, ds, want, n):
+    return _linear(module, xs, ds, want, n, transposed=True)
+
+
+def _conv(module: nn.Module, xs, ds, want, n):
+    weight_grad = torch.nn.grad.conv1d_weight if isinstance(module, nn.Conv1d) else torch.nn.grad.conv2d_weight
+    out = {}
+    if "weight" in want:
+        shape = module.weight.shape
+
+        def make(s, e):
+            rows = []
+            for i in range(s, e):
+                g = None
+                for x, d in zip(xs, ds):
+                    one = weight_grad(x[i:i + 1], shape, d[i:i + 1], stride=module.stride, padding=module.padding,
+                                      dilation=module.dilation, groups=module.groups)
+                    g = one if g is None else g + one
+                rows.append(g)
+            return torch.stack(rows)
+
+        out["weight"] = BlockGrads(make, n, 1)
+    if "bias" in want:
+        out["bias"] = sum(d.reshape(n, d.shape[1], -1).sum(2) for d in ds)
+    return out
+
+
+def _embedding(module: nn.Embedding, xs, ds, want, n):
+    ids = torch.cat([x.reshape(n, -1) for x in xs], 1) if len(xs) > 1 else xs[0].reshape(n, -1)
+    return {"weight": EmbeddingGrads(module, ids, _stack_tokens(ds, n))}
+
+
+def _layernorm(module: nn.LayerNorm, xs, ds, want, n):
+    shape = tuple(module.normalized_shape)
+    xhats = [F.layer_norm(x, shape, None, None, module.eps) for x in xs]
+    out = {}
+    if "weight" in want:
+        out["weight"] = sum((d * h).reshape(n, -1, *shape).sum(1) for d, h in zip(ds, xhats))
+    if "bias" in want:
+        out["bias"] = sum(d.reshape(n, -1, *shape).sum(1) for d in ds)
+    return out
+
+
+def _channel_affine(xhats, ds, want, n):
+    out = {}
+    if "weight" in want:
+        out["weight"] = sum((d * h).reshape(n, d.shape[1], -1).sum(2) for d, h in zip(ds, xhats))
+    if "bias" in want:
+        out["bias"] = sum(d.reshape(n, d.shape[1], -1).sum(2) for d in ds)
+    return out
+
+
+def _groupnorm(module: nn.GroupNorm, xs, ds, want, n):
+    return _channel_affine([F.group_norm(x, module.num_groups, None, None, module.eps) for x in xs], ds, want, n)
+
+
+def _batchnorm(module: nn.modules.batchnorm._BatchNorm, xs, ds, want, n):
+    xhats = [F.batch_norm(x, module.running_mean, module.running_var, None, None, False, 0.0, module.eps) for x in xs]
+    return _channel_affine(xhats, ds, want, n)
+
+
+def _known(module: nn.Module, module_prefix: str, name: str) -> bool:
+    t = type(module)
+    return t.__name__ == name and t.__module__.startswith(module_prefix)
+
+
+def _rule_for(module: nn.Module):
+    """The rule for this module, or None; exact types only (a subclass may compute something else), and a few
+    subclasses known to compute the same (timm's LayerNorm) or a transposed Linear (transformers' Conv1D)."""
+    t = type(module)
+    if t is nn.Linear:
+        return _linear, 2
+    if _known(module, "transformers.pytorch_utils", "Conv1D"):
+        return _transposed_linear, 2
+    if _known(module, "timm.layers.norm", "LayerNorm"):
+        return _layernorm, 1 + len(module.normalized_shape)
+    if t in (nn.Conv1d, nn.Conv2d):
+        if module.padding_mode != "zeros" or isinstance(module.padding, str):
+            return None
+        return _conv, 3 if t is nn.Conv1d else 4
+    if t is nn.Embedding:
+        return (_embedding, 1) if _embedding_ok(module) else None
+    if t is nn.LayerNorm:
+        return _layernorm, 1 + len(module.normalized_shape)
+    if t is nn.GroupNorm:
+        return _groupnorm, 2
+    if t in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d):
+        if not (module.track_running_stats and module.running_mean is not None):
+            return None  # normalises by the batch's statistics: samples interact
+        return _batchnorm, 2
+    return None
+
+
+@dataclass
+class _Layer:
+    module: nn.Module
+    rule: Callable
+    min_dim: int
+    attrs: dict[str, str]  # attribute ("weight"/"bias") -> candidate name
+
+
+@dataclass
+class _Capture:
+    """One rule layer's calls in one forward: inputs and output gradients, with version stamps."""
+
+    inputs: list = field(default_factory=list)
+    shapes: list = field(default_factory=list)
+    grads: list = field(default_factory=list)
+    versions: list = field(default_factory=list)
+    bad: bool = False
+
+
+def find_layers(model: nn.Module, names: list[str]) -> dict[str, _Layer]:
+    """Rule layers holding candidates: ``module name -> _Layer``; tied/shared parameters are left out."""
+    params = dict(model.named_parameters())
+    owners = Counter(id(p) for m in model.modules(remove_duplicate=False) for p in m.parameters(recurse=False))
+    wanted = set(names)
+    found = {}
+    for mod_name, module in model.named_modules():
+        rule = _rule_for(module)
+        if rule is None:
+            continue
+        attrs = {}
+        for attr in ("weight", "bias"):
+            name = f"{mod_name}.{attr}" if mod_name else attr
+            p = getattr(module, attr, None)
+            if name in wanted and isinstance(p, nn.Parameter) and params.get(name) is p and owners[id(p)] == 1:
+                attrs[attr] = name
+        if attrs:
+            found[mod_name] = _Layer(module, rule[0], rule[1], attrs)
+    return found
+
+
+# -- per-sample losses from one batched forward --------------------------------------------------------------
+
+def _cross_entropy(logits: torch.Tensor, target: torch.Tensor, n: int) -> torch.Tensor:
+    """Each sample's own mean cross-entropy (over its positions, ignoring -100), as a batch of one gives."""
+    el = F.cross_entropy(logits, target, reduction="none").reshape(n, -1)
+    if target.is_floating_point():  # class probabilities
+        return el.mean(1)
+    valid = (target != -100).reshape(n, -1).sum(1)
+    return el.sum(1) / valid
+
+
+def _hf_forms(model: nn.Module, logits: torch.Tensor, labels: torch.Tensor, n: int) -> dict[str, Callable]:
+    """Candidate per-sample forms of an HF model's own loss (which one the model uses is checked on a sample)."""
+    forms: dict[str, Callable] = {}
+    if not labels.is_floating_point() and logits.dim() == labels.dim() + 1 and logits.shape[:-1] == labels.shape:
+        if labels.dim() >= 2:  # token losses; transformers upcasts their logits to float32
+            forms["causal_lm"] = lambda: _cross_entropy(logits[:, :-1].float().movedim(-1, 1), labels[:, 1:], n)
+            forms["token"] = lambda: _cross_entropy(logits.float().movedim(-1, 1), labels, n)
+        else:
+            forms["classification"] = lambda: _cross_entropy(logits, labels, n)
+    if logits.dim() == 2 and logits.shape[1] == 1 and labels.numel() == n:
+        forms["regression"] = lambda: (logits.reshape(n) - labels.reshape(n).to(logits.dtype)).square()
+    if labels.is_floating_point() and labels.shape == logits.shape:
+        forms["multi_label"] = lambda: F.binary_cross_entropy_with_logits(
+            logits, labels, reduction="none").reshape(n, -1).mean(1)
+    return forms
+
+
+class _NoPerSampleLoss(Exception):
+    """The model's own loss could not be written per sample: the caller falls back."""
+
+
+class HooksEngine:
+    """Per-sample gradients of the candidates (as :class:`LazyGrads` where a rule applies) for a chunk.
+
+    Args:
+        model: the model (in eval mode while the engine runs).
+        names: candidate parameter names.
+        reader: the batch reader (forward, loss, slicing).
+        fallback: ``engine_class(model, names, reader)`` for the candidates no rule covers (vmap).
+        last_resort: the same, used where ``fallback`` raises (the batch-of-one loop).
+    """
+
+    name = "hooks"
+
+    def __init__(self, model: nn.Module, names: list[str], reader: BatchReader, fallback: Callable,
+                 last_resort: Callable):
+        self.model = model
+        self.names = names
+        self.reader = reader
+        self.layers = find_layers(model, names)
+        self.params = dict(model.named_parameters())
+        self._make_fallback = fallback
+        self._make_last_resort = last_resort
+        self._fallbacks: dict[frozenset, Any] = {}
+        self._clone = False  # set once a captured tensor was seen modified in place
+        self._expand: bool | None = None  # expand batch-shared rule outputs (None: not yet checked)
+        self._loss_form: str | None = None
+        self._whole_model_fallback = False
+
+    # -- the engine ---------------------------------------------------------------------------------------
+    def __call__(self, batch: Any) -> dict[str, Any]:
+        n = self.reader.size(batch)
+        grads: dict[str, Any] = {}
+        if self.layers and not self._whole_model_fallback:
+            try:
+                grads = self._per_layer(batch, n)
+            except _NoPerSampleLoss as exc:
+                warnings.warn(f"gradsel.fisher(engine='hooks'): {exc}; the vmap engine computes every candidate "
+                              "instead (slower). Pass loss= (one sample's loss) to use the hooks engine.",
+                              RuntimeWarning, stacklevel=4)
+                self._whole_model_fallback = True
+                grads = {}
+        rest = [name for name in self.names if name not in grads]
+        self.fallen_back = rest  # the candidates of this chunk that no rule covered (for tests and reports)
+        if rest:
+            grads.update(self._fallback(rest, batch))
+        return {name: grads[name] for name in self.names}
+
+    def _fallback(self, names: list[str], batch: Any) -> dict[str, Any]:
+        key = frozenset(names)
+        run = self._fallbacks.get(key)
+        if run is None:
+            run = self._fallbacks[key] = self._make_fallback(self.model, names, self.reader)
+        try:
+            return run(batch)
+        except GradselError:
+            raise
+        except Exception as exc:
+            if isinstance(run, self._make_last_resort):
+                raise
+            reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+            warnings.warn(f"gradsel.fisher(engine='hooks'): {len(names)} parameter(s) without a per-layer rule "
+                          f"(e.g. {names[0]!r}) need the vmap engine, which cannot run {type(self.model).__name__} "
+                          f"({type(exc).__name__}: {reason}); the batch-of-one loop computes them instead.",
+                          RuntimeWarning, stacklevel=4)
+            run = self._fallbacks[key] = self._make_last_resort(self.model, names, self.reader)
+            return run(batch)
+
+    def _per_layer(self, batch: Any, n: int) -> dict[str, Any]:
+        caps = {name: _Capture() for name in self.layers}
+        roots: list[torch.Tensor] = []
+        recording = [True]
+        clone, expand = self._clone, self._expand is not False and n > 1
+        expanded = [False]
+
+        def forward_hook(name: str, layer: _Layer):
+            cap = caps[name]
+
+            def hook(module, inputs, output):
+                # ignore a recomputation (activation checkpointing) and forwards without autograd
+                if not recording[0] or not torch.is_grad_enabled():
+                    return None
+                x = inputs[0] if inputs else None
+                if not isinstance(output, torch.Tensor) or not isinstance(x, torch.Tensor) or x.dim() < layer.min_dim:
+                    cap.bad = True
+                    return None
+                new = None
+                if expand and x.shape[0] == 1 and output.shape[0] == 1:
+                    # shared by the batch (position embeddings of shape (1, T, D)): its δ would be a sum over
+                    # samples; expanded, each sample gets its own copy and its own δ (checked below)
+                    x, output = x.expand(n, *x.shape[1:]), output.expand(n, *output.shape[1:])
+                    new = output
+                    expanded[0] = True
+                if x.shape[0] != n or output.shape[0] != n:
+                    cap.bad = True
+                    return None
+                if not x.requires_grad or not output.requires_grad:
+                    # nothing upstream of this layer reaches a root: start one here (an output not reached
+                    # by the backward is found below and left to the fallback)
+                    root = torch.zeros((), dtype=output.dtype, device=output.device, requires_grad=True)
+                    roots.append(root)
+                    output = new = output + root
+                x = x.detach()
+                k = len(cap.inputs)
+                cap.inputs.append(x.clone() if clone else x)
+                cap.versions.append(x._version)
+                cap.shapes.append(output.shape)
+                cap.grads.append(None)
+
+                def keep(g, k=k):
+                    cap.grads[k] = (g.clone() if clone else g, g._version)
+
+                output.register_hook(keep)
+                return new
+
+            return hook
+
+        handles = [layer.module.register_forward_hook(forward_hook(name, layer)) for name, layer in self.layers.items()]
+        try:
+            losses = self._losses(batch, n)
+            recording[0] = False
+            uses, opaque = _parameter_uses(losses)
+            if roots and losses.requires_grad:
+                torch.autograd.grad(losses.sum(), roots, allow_unused=True)
+        except Exception:
+            if not expanded[0]:
+                raise
+            self._expand = False  # the model writes into the shared output: leave it to the fallback
+            return self._per_layer(batch, n)
+        finally:
+            recording[0] = False
+            for h in handles:
+                h.remove()
+        if expanded[0] and self._expand is None:
+            # once: the expanded forward must give the model's own per-sample losses (a model that sums or
+            # concatenates the shared tensor over dim 0 would differ); otherwise leave such layers to the fallback
+            with torch.no_grad():
+                plain = self._losses(batch, n)
+            got = losses.detach()
+            self._expand = bool(torch.allclose(got, plain, rtol=1e-5, atol=1e-6 * float(plain.abs().max()) + 1e-30))
+            if not self._expand:
+                return self._per_layer(batch, n)
+        if not clone and _modified(caps):
+            self._clone = True  # a captured input or gradient was written in place later: capture copies
+            return self._per_layer(batch, n)
+        out: dict[str, Any] = {}
+        with torch.no_grad():
+            for name, layer in self.layers.items():
+                cap = caps[name]
+                if cap.bad or not cap.inputs or any(g is None for g in cap.grads):
+                    # never ran with a batch dimension under autograd, or the backward did not reach it
+                    # (unused, or only reached through a parameter without rule): the fallback computes it
+                    continue
+                # each call of the layer uses its parameter once in autograd's graph; another use (the
+                # weight read directly elsewhere, a cast shared by calls under autocast) leaves it to the fallback
+                want = {attr: pname for attr, pname in layer.attrs.items()
+                        if not self.params[pname].requires_grad or uses[id(self.params[pname])] == len(cap.inputs)}
+                if not want:
+                    continue
+                ds = [g[0] for g in cap.grads]
+                made = layer.rule(layer.module, cap.inputs, ds, want, n)
+                for attr, g in made.items():
+                    out[layer.attrs[attr]] = g
+        if not opaque:  # a candidate absent from the graph (a layer that never runs) has zero gradients
+            for pname in self.names:
+                p = self.params[pname]
+                if pname not in out and p.requires_grad and uses[id(p)] == 0:
+                    out[pname] = ZeroGrads(n)
+        return out
+
+    # -- per-sample losses --------------------------------------------------------------------------------
+    def _run(self, batch: Any) -> Any:
+        return self.reader.run(self.model, batch)
+
+    def _losses(self, batch: Any, n: int) -> torch.Tensor:
+        """Each sample's loss, from one forward over the chunk: the loss a batch of that sample alone gives."""
+        reader = self.reader
+        if reader.loss_fn is not None:
+            outputs = self._run(batch)
+            return torch.stack([reader.loss(_take_outputs(outputs, i, n), reader.take(batch, slice(i, i + 1)))
+                                for i in range(n)])
+        if isinstance(batch, Mapping):
+            if "labels" not in batch:
+                raise GradselError("the model returned no loss for a dict batch: include 'labels' in the batch "
+                                   "or pass loss=(outputs, batch) -> scalar tensor")
+            labels = batch["labels"]
+            outputs = self._run({k: v for k, v in batch.items() if k != "labels"})
+            forms = _hf_forms(self.model, logits_of(outputs), labels, n)
+            if self._loss_form is None:
+                self._loss_form = self._check_form(forms, batch)
+            return forms[self._loss_form]()
+        outputs = self._run(batch)
+        return _cross_entropy(logits_of(outputs), batch[1], n)
+
+    def _check_form(self, forms: dict[str, Callable], batch: Any) -> str:
+        """Which per-sample form equals the model's own loss, on the chunk's first sample."""
+        with torch.no_grad():
+            own = self.reader.loss(self._run(self.reader.take(batch, slice(0, 1))), batch).double()
+            for name, form in forms.items():
+                value = form()[0].detach().double()
+                if torch.isfinite(value) and abs(float(value - own)) <= 1e-4 * (1 + abs(float(own))):
+                    return name
+        raise _NoPerSampleLoss(f"the loss of {type(self.model).__name__} ({float(own):.4g} on a sample) matches "
+                               f"none of the per-sample forms known ({', '.join(forms) or 'none for these shapes'})")
+
+
+def _parameter_uses(losses: torch.Tensor) -> tuple[Counter, bool]:
+    """How often each parameter enters autograd's graph of ``losses`` (edges into its AccumulateGrad), and
+    whether the graph holds custom Python functions (reentrant checkpointing) that can hide parameter uses."""
+    uses: Counter = Counter()
+    opaque = False
+    seen: set[int] = set()
+    stack = [losses.grad_fn] if losses.grad_fn is not None else []
+    while stack:
+        node = stack.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        if isinstance(node, torch.autograd.function.BackwardCFunction):
+            opaque = True
+        for nxt, _ in node.next_functions:
+            if nxt is None:
+                continue
+            variable = getattr(nxt, "variable", None)
+            if variable is not None:
+                uses[id(variable)] += 1
+            else:
+                stack.append(nxt)
+    return uses, opaque
+
+
+def _take_outputs(outputs: Any, i: int, n: int) -> Any:
+    """Sample ``i`` (as a batch of one) of every output tensor that carries the batch dimension."""
+    leaves, spec = pytree.tree_flatten(outputs)
+    return pytree.tree_unflatten([x[i:i + 1] if isinstance(x, torch.Tensor) and x.dim() > 0 and x.shape[0] == n
+                                  else x for x in leaves], spec)
+
+
+def _modified(caps: dict[str, _Capture]) -> bool:
+    for cap in caps.values():
+        if any(x._version != v for x, v in zip(cap.inputs, cap.versions)):
+            return True
+        if any(g is not None and g[0]._version != g[1] for g in cap.grads):
+            return True
+    return False
