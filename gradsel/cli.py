@@ -86,8 +86,9 @@ def layer_grid(rows: list[tuple[str, int, int]]) -> dict:
     without the prefix all kinds share). Tensors whose names carry no integer go to ``others``.
 
     Returns:
-        ``{"layers": [int], "kinds": [str], "labels": [str], "share": [[float | nan]], "others": [(name,
-        share)]}``; ``share[i][j]`` is NaN where layer ``i`` has no tensor of kind ``j``.
+        A dict with the sorted layer indices (``layers``), the kinds in first-seen order (``kinds``) and their
+        short labels (``labels``), the grid of shares (``share``: one list per layer, one value per kind,
+        NaN where that layer has no tensor of that kind), and ``others``: ``(name, share)`` pairs.
 
     >>> g = layer_grid([("0.weight", 1, 4), ("0.bias", 0, 2), ("2.weight", 2, 4), ("head", 1, 1)])
     >>> g["layers"], g["kinds"], g["share"][1], g["others"]
