@@ -70,8 +70,8 @@ def density_rows(obj: Any) -> list[tuple[str, int, int]]:
     from .delta import SparseDelta
 
     if isinstance(obj, SparseDelta):
-        stored = {e.name: e.values.numel() for e in obj.entries}
-        return [(name, stored.get(name, 0), math.prod(shape)) for name, shape, _ in obj.manifest]
+        changed = {e.name: _changed(e) for e in obj.entries}
+        return [(name, changed.get(name, 0), math.prod(shape)) for name, shape, _ in obj.manifest]
     return [(n, int(obj.masks[n].sum()), obj.masks[n].numel()) for n in obj.candidates + obj.always]
 
 
@@ -164,22 +164,34 @@ def plot_density(rows: list[tuple[str, int, int]], path: Path, *, title: str, wh
     return grid
 
 
+def _changed(entry) -> int:
+    """Elements of a delta entry that differ from the base: all stored ones for an indexed entry; for a tensor
+    stored whole (cheaper than indices past about half), counted against its base values (or all, without)."""
+    from .delta import _bits
+
+    if entry.index is not None or entry.base is None:
+        return entry.values.numel()
+    return int((_bits(entry.values) != _bits(entry.base)).sum())
+
+
 def _delta_table(delta, by: str | int, markdown: bool) -> str:
     from .report import table
 
     groups: dict[str, dict] = {}
-    sizes = {name: math.prod(shape) for name, shape, _ in delta.manifest}
-    for e in delta.entries:
-        key = e.name if by == "tensor" else ".".join(e.name.split(".")[: int(by)])
-        row = groups.setdefault(key, {"group": key, "changed": 0, "total": 0})
-        row["changed"] += e.values.numel()
-        row["total"] += sizes.get(e.name, math.prod(e.shape))
-    rows = list(groups.values())
-    changed, total = delta.numel(), sum(sizes.values())
-    rows.append({"group": "all tensors of the base", "changed": changed, "total": total})
+    entries = {e.name: e for e in delta.entries}
+    for name, shape, _ in delta.manifest:  # every tensor of the base, so that group totals are whole
+        key = name if by == "tensor" else ".".join(name.split(".")[: int(by)])
+        row = groups.setdefault(key, {"group": key, "changed": 0, "stored": 0, "total": 0})
+        row["total"] += math.prod(shape)
+        if name in entries:
+            row["changed"] += _changed(entries[name])
+            row["stored"] += entries[name].values.numel()
+    rows = [r for r in groups.values() if r["stored"] or by != "tensor"]  # per tensor: the changed ones only
+    rows.append({"group": "all tensors of the base", "changed": sum(r["changed"] for r in groups.values()),
+                 "stored": delta.numel(), "total": sum(r["total"] for r in groups.values())})
     for row in rows:
         row["share"] = row["changed"] / row["total"] if row["total"] else 0.0
-    return table(rows, ["group", "changed", "total", "share"], markdown=markdown)
+    return table(rows, ["group", "changed", "stored", "total", "share"], markdown=markdown)
 
 
 @app.command()
@@ -214,7 +226,9 @@ def inspect(
             meta = {"policy": sel.get("policy", "?"), "options": sel.get("options", {}), "seed": sel.get("seed")}
             budget = (f"{sel['budget']:,} of {sel['total']:,} candidate elements" if "budget" in sel and "total" in sel
                       else "unknown")
-            body = (f"Delta: {obj.numel():,} changed elements in {len(obj.entries)} tensors, "
+            whole = sum(e.index is None for e in obj.entries)
+            body = (f"Delta: {sum(_changed(e) for e in obj.entries):,} changed elements in {len(obj.entries)} "
+                    f"tensors ({obj.numel():,} stored: {whole} tensors whole, the rest as index + value), "
                     f"{obj.nbytes():,} bytes of tensors, base values {'stored' if obj.has_base_values else 'not stored'}"
                     f"; base fingerprint {obj.fingerprint[:12]} ({len(obj.manifest)} tensors)\n\n"
                     + _delta_table(obj, _by(by), markdown))

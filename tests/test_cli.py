@@ -130,14 +130,21 @@ def test_inspect_delta_table_and_plot(files):
     assert res.exit_code == 0, res.output
     out = res.output
     assert "content check: ok" in out and "policy: fish" in out and "base values stored" in out
-    assert f"{delta.numel():,} changed elements in {len(delta.entries)} tensors" in out
-    for e in delta.entries[:5]:
-        assert _row(out, e.name)[1] == f"{e.values.numel():,}"
-    total = sum(v.numel() for v in files["base"].values())
+    # changed elements counted against the base, per tensor: the reference is the two state dicts
+    base, trained = files["base"], files["trained"]
+    changed = {n: int((_bits(trained[n]) != _bits(base[n])).sum()) for n in base}
+    assert sum(changed.values()) > 0
+    assert f"{sum(changed.values()):,} changed elements in {len(delta.entries)} tensors" in out
+    assert any(e.index is None for e in delta.entries)  # a tensor stored whole: stored > changed
+    for e in delta.entries:
+        assert _row(out, e.name)[1:3] == [f"{changed[e.name]:,}", f"{e.values.numel():,}"]
+    total = sum(v.numel() for v in base.values())
     last = [line.split() for line in out.splitlines() if line.startswith("all tensors of the base")]
-    assert last and last[0][5:7] == [f"{delta.numel():,}", f"{total:,}"]
+    assert last and last[0][5:8] == [f"{sum(changed.values()):,}", f"{delta.numel():,}", f"{total:,}"]
     _png_size(png)
     assert f"heatmap of {LAYERS} layers" in out
+    rows = {name: (sel, tot) for name, sel, tot in density_rows(delta)}
+    assert len(rows) == len(base) and all(rows[n][0] == changed[n] for n in base)
 
 
 def test_inspect_bad_files_exit_1(files, tmp_path):
