@@ -150,3 +150,131 @@ def test_tied_weights_are_one_tensor_summed_across_uses():
     split = gradsel.fisher_loop(untied, batch, loss=opts["loss"], progress=False)
     both = split["transformer.wte.weight"] + split["lm_head.weight"]
     assert not torch.allclose(ref["transformer.wte.weight"], both)  # squares of a sum, not a sum of squares
+
+
+# -- the hooks engine: what its rules cover, and the cases they must leave to the fallback --------------------
+
+needs_hooks = pytest.mark.skipif("hooks" not in ENGINES, reason="no hooks engine")
+
+
+def _hooks_fallback(model, batch, **kw):
+    """Run engine='hooks'; return the estimate and the candidates that went to its fallback."""
+    from gradsel.fisher.engines import HooksEngine
+
+    seen: set[str] = set()
+    call = HooksEngine.__call__
+
+    def spy(self, chunk):
+        out = call(self, chunk)
+        seen.update(self.fallen_back)
+        return out
+
+    HooksEngine.__call__ = spy
+    try:
+        est = gradsel.fisher(model, batch, engine="hooks", chunk_size=kw.pop("chunk_size", 2), progress=False, **kw)
+    finally:
+        HooksEngine.__call__ = call
+    return est, seen
+
+
+@needs_hooks
+@pytest.mark.parametrize("case", ["mlp", "cnn_batchnorm", "bert", "bert_lora", "smp_unet", "torchvision_resnet18_inplace",
+                                  "depthwise_separable", "module_called_twice", "torch_checkpoint", "timm_vit",
+                                  "param_added_to_conv_output",
+                                  "bert_hf_gradient_checkpointing"])
+def test_hooks_rules_cover_every_candidate(case):
+    # no fallback pass at all: position embeddings (1, T, D) expanded, unused encoder stages zero, in-place
+    # ReLU/residuals, depthwise and 1-D convs, a layer called twice, checkpointed blocks
+    model, batch, ref, opts = _case(case)
+    est, fell = _hooks_fallback(model, batch, loss=opts.get("loss"))
+    assert fell == set()
+    _assert_matches(est, ref)
+
+
+@needs_hooks
+def test_hooks_falls_back_only_for_parameters_without_rule():
+    for case, expected in [("gpt2_tied_lm_head", {"transformer.wte.weight"}),
+                           ("embedding_attention_layernorm", {"attn.in_proj_weight", "attn.in_proj_bias",
+                                                              "attn.out_proj.weight", "attn.out_proj.bias"})]:
+        model, batch, ref, opts = _case(case)
+        est, fell = _hooks_fallback(model, batch, loss=opts.get("loss"))
+        assert fell <= expected, case
+        _assert_matches(est, ref)
+
+
+@needs_hooks
+@pytest.mark.parametrize("case", ["mlp", "cnn_batchnorm", "bert", "module_called_twice", "depthwise_separable",
+                                  "gpt2_tied_lm_head", "torch_checkpoint"])
+def test_hooks_contributions_over_masks_match_the_loop(case):
+    # every rule's masked per-sample path: (δ²)ᵀ(a²), token blocks, conv, embedding rows, norms, biases
+    model, batch, _, opts = _case(case)
+    gen = torch.Generator().manual_seed(3)
+    mask = {n: torch.rand(p.shape, generator=gen) > 0.5 for n, p in model.named_parameters()}
+    est = gradsel.fisher(model, batch, engine="hooks", per_sample=mask, chunk_size=2, loss=opts.get("loss"),
+                         progress=False)
+    ref = gradsel.fisher_loop(model, batch, per_sample=mask, loss=opts.get("loss"), progress=False)
+    assert (est.per_sample - ref.per_sample).abs().max() <= TOL * ref.per_sample.abs().max()
+    alone = gradsel.fisher(model, batch, engine="hooks", per_sample=mask, scores=False, chunk_size=3,
+                           loss=opts.get("loss"), progress=False)
+    assert (alone.per_sample - ref.per_sample).abs().max() <= TOL * ref.per_sample.abs().max()
+
+
+class _WeightReadTwice(torch.nn.Module):
+    """A Linear whose weight is also read directly (not through the module), and a layer that never runs."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Linear(5, 5)
+        self.b = torch.nn.Linear(5, 3)
+        self.unused = torch.nn.Linear(5, 5)
+
+    def forward(self, x):
+        h = self.a(x)
+        h = h + 0.1 * torch.nn.functional.linear(torch.tanh(h), self.a.weight)  # a.weight used twice
+        return self.b(torch.tanh(h))
+
+
+@needs_hooks
+def test_hooks_is_exact_when_a_weight_is_used_outside_its_layer_or_a_layer_never_runs():
+    torch.manual_seed(0)
+    model = _WeightReadTwice().double()
+    batch = _double(M.mlp_batch(n=6))
+    batch = (batch[0][:, :5].contiguous(), batch[1])
+    snap = _snapshot(model, batch)
+    est, fell = _hooks_fallback(model, batch, per_sample=True)
+    ref = gradsel.fisher_loop(model, batch, per_sample=True, progress=False)
+    assert fell == {"a.weight"}  # the rule would miss the direct use: vmap computes it
+    assert est["unused.weight"].abs().max() == 0
+    _assert_matches(est, ref)
+    assert (est.per_sample - ref.per_sample).abs().max() <= TOL * ref.per_sample.abs().max()
+    _assert_untouched(model, batch, snap)
+
+
+class _SharedParamsMisused(torch.nn.Module):
+    """Parameters of shape (1, ...) used in ways that a copy per sample would change: indexed ([0]) and summed
+    over dim 0; and one broadcast as usual."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(5, 3)
+        self.first = torch.nn.Parameter(torch.randn(1, 3))
+        self.summed = torch.nn.Parameter(torch.randn(1, 3))
+        self.broadcast = torch.nn.Parameter(torch.randn(1, 3))
+
+    def forward(self, x):
+        return self.lin(x) + self.first[0] + self.summed.sum(0) + self.broadcast
+
+
+@needs_hooks
+@pytest.mark.parametrize("which", ["first", "summed"])
+def test_hooks_checks_the_copy_per_sample_of_shared_parameters(which):
+    # [0] gives the loss the model gives but puts every sample's gradient on copy 0: the loop check finds it;
+    # .sum(0) changes the loss: the loss check finds it; either way the fallback computes them, exactly
+    torch.manual_seed(0)
+    model = _SharedParamsMisused().double()
+    x, y = _double(M.mlp_batch(n=6))
+    batch = (x[:, :5].contiguous(), y)
+    est, fell = _hooks_fallback(model, batch, params=["lin.weight", which, "broadcast"], chunk_size=3)
+    ref = gradsel.fisher_loop(model, batch, params=["lin.weight", which, "broadcast"], progress=False)
+    assert which in fell
+    _assert_matches(est, ref)

@@ -29,6 +29,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.func import functional_call
 from torch.utils import _pytree as pytree
 
 from ...errors import GradselError
@@ -297,6 +298,18 @@ def _hf_forms(model: nn.Module, logits: torch.Tensor, labels: torch.Tensor, n: i
     return forms
 
 
+class _Forward(nn.Module):
+    """The user's forward as a module, so that ``functional_call`` can swap parameters under it."""
+
+    def __init__(self, model: nn.Module, reader: BatchReader):
+        super().__init__()
+        self.model = model
+        self.reader = reader
+
+    def forward(self, batch: Any) -> Any:
+        return self.reader.run(self.model, batch)
+
+
 class _NoPerSampleLoss(Exception):
     """The model's own loss could not be written per sample: the caller falls back."""
 
@@ -321,11 +334,19 @@ class HooksEngine:
         self.reader = reader
         self.layers = find_layers(model, names)
         self.params = dict(model.named_parameters())
+        ruled = {pname for layer in self.layers.values() for pname in layer.attrs.values()}
+        # parameters without a rule shaped like a batch of one (pos_embed (1, T, D), cls_token, an offset
+        # (1, C, 1, 1)) that the model broadcasts against the batch: given a copy per sample, autograd returns
+        # each sample's gradient in one backward (checked against the loop on the first chunk)
+        self.expandable = [n for n in names if n not in ruled and self.params[n].dim() >= 2
+                           and self.params[n].shape[0] == 1]
+        self._forward_module = _Forward(model, reader)
+        self._swap: dict[str, torch.Tensor] | None = None
         self._make_fallback = fallback
         self._make_last_resort = last_resort
         self._fallbacks: dict[frozenset, Any] = {}
         self._clone = False  # set once a captured tensor was seen modified in place
-        self._expand: bool | None = None  # expand batch-shared rule outputs (None: not yet checked)
+        self._expand: bool | None = None  # expand batch-shared outputs and parameters (None: not yet checked)
         self._loss_form: str | None = None
         self._whole_model_fallback = False
 
@@ -333,7 +354,7 @@ class HooksEngine:
     def __call__(self, batch: Any) -> dict[str, Any]:
         n = self.reader.size(batch)
         grads: dict[str, Any] = {}
-        if self.layers and not self._whole_model_fallback:
+        if (self.layers or self.expandable) and not self._whole_model_fallback:
             try:
                 grads = self._per_layer(batch, n)
             except _NoPerSampleLoss as exc:
@@ -417,35 +438,40 @@ class HooksEngine:
 
             return hook
 
+        leaves = {}
+        if self._expand is not False:
+            for pname in self.expandable:
+                p = self.params[pname]
+                leaves[pname] = p.detach().expand(n, *p.shape[1:]).clone().requires_grad_(True)
         handles = [layer.module.register_forward_hook(forward_hook(name, layer)) for name, layer in self.layers.items()]
         try:
+            self._swap = {"model." + k: v for k, v in leaves.items()} or None
             losses = self._losses(batch, n)
             recording[0] = False
             uses, opaque = _parameter_uses(losses)
-            if roots and losses.requires_grad:
-                torch.autograd.grad(losses.sum(), roots, allow_unused=True)
+            targets = roots + list(leaves.values())
+            got = (torch.autograd.grad(losses.sum(), targets, allow_unused=True)
+                   if targets and losses.requires_grad else [None] * len(targets))
         except Exception:
-            if not expanded[0]:
+            if not (expanded[0] or leaves):
                 raise
-            self._expand = False  # the model writes into the shared output: leave it to the fallback
+            self._expand = False  # the model writes into a shared output, or cannot take a copy per sample
             return self._per_layer(batch, n)
         finally:
+            self._swap = None
             recording[0] = False
             for h in handles:
                 h.remove()
-        if expanded[0] and self._expand is None:
-            # once: the expanded forward must give the model's own per-sample losses (a model that sums or
-            # concatenates the shared tensor over dim 0 would differ); otherwise leave such layers to the fallback
-            with torch.no_grad():
-                plain = self._losses(batch, n)
-            got = losses.detach()
-            self._expand = bool(torch.allclose(got, plain, rtol=1e-5, atol=1e-6 * float(plain.abs().max()) + 1e-30))
+        leaf_grads = {pname: (torch.zeros_like(leaves[pname]) if g is None else g).reshape(n, *self.params[pname].shape)
+                      for pname, g in zip(leaves, got[len(roots):])}
+        if (expanded[0] or leaves) and self._expand is None:
+            self._expand = self._expansion_holds(batch, n, losses.detach(), leaf_grads)
             if not self._expand:
                 return self._per_layer(batch, n)
         if not clone and _modified(caps):
             self._clone = True  # a captured input or gradient was written in place later: capture copies
             return self._per_layer(batch, n)
-        out: dict[str, Any] = {}
+        out: dict[str, Any] = dict(leaf_grads)
         with torch.no_grad():
             for name, layer in self.layers.items():
                 cap = caps[name]
@@ -470,8 +496,29 @@ class HooksEngine:
                     out[pname] = ZeroGrads(n)
         return out
 
+    def _expansion_holds(self, batch: Any, n: int, losses: torch.Tensor, leaf_grads: dict[str, torch.Tensor]) -> bool:
+        """Once: with shared outputs and parameters expanded per sample, the losses must be the model's own
+        (a model that sums or concatenates them over dim 0 would differ) and the expanded parameters'
+        gradients those of the loop on the first samples; otherwise the fallback computes them."""
+        with torch.no_grad():
+            plain = self._losses(batch, n)
+        if not torch.allclose(losses, plain, rtol=1e-5, atol=1e-6 * float(plain.abs().max()) + 1e-30):
+            return False
+        if not leaf_grads:
+            return True
+        k = min(2, n)
+        ref = self._make_last_resort(self.model, list(leaf_grads), self.reader)(self.reader.take(batch, slice(0, k)))
+        for pname, g in leaf_grads.items():
+            r = ref[pname].to(g.dtype)
+            rtol = 1e-7 if g.dtype == torch.float64 else 1e-3
+            if not torch.allclose(g[:k], r, rtol=rtol, atol=rtol * float(r.abs().max()) + 1e-30):
+                return False
+        return True
+
     # -- per-sample losses --------------------------------------------------------------------------------
     def _run(self, batch: Any) -> Any:
+        if self._swap:
+            return functional_call(self._forward_module, self._swap, (batch,))
         return self.reader.run(self.model, batch)
 
     def _losses(self, batch: Any, n: int) -> torch.Tensor:
