@@ -495,16 +495,16 @@ def select(
         options = _parse_options(option or [])
         if num_samples < 1 or batch_size < 1:
             raise GradselError(f"--num-samples and --batch-size must be at least 1, got {num_samples}, {batch_size}")
+        always_spec = always or None
+        if warmup_steps > 0 and always_spec is None:
+            raise GradselError("--warmup-steps trains the --always parameters (the new head): pass --always")
         texts, labels, num_labels = _load_data(data, num_samples, seed)
         tokenizer, net = _load_model(model, num_labels, seed)
         _recipes()
         from recipes.nlp.data import encode, loader
 
         batches = loader(encode(tokenizer, texts, labels, max_length=max_length), batch_size=batch_size)
-        always_spec = always or None
         if warmup_steps > 0:
-            if always_spec is None:
-                raise GradselError("--warmup-steps trains the --always parameters (the new head): pass --always")
             from .params import resolve
 
             _warm_up(net, batches, resolve(net, always_spec, what="always"), warmup_steps, warmup_lr)

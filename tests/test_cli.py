@@ -346,3 +346,19 @@ def test_import_gradsel_does_not_import_the_cli_dependencies():
     code = ("import sys, gradsel; bad = [m for m in ('typer', 'click', 'matplotlib', 'gradsel.cli') "
             "if m in sys.modules]; assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_warm_up_trains_only_the_head_and_restores_flags(tmp_path):
+    from gradsel.cli import _warm_up
+
+    model = _bert()
+    model.bert.embeddings.word_embeddings.weight.requires_grad_(False)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    _warm_up(model, [_batch(), _batch(3)], ["classifier.weight", "classifier.bias"], steps=3, lr=1e-2)
+    after = model.state_dict()
+    moved = {k for k in before if not torch.equal(before[k], after[k])}
+    assert moved == {"classifier.weight", "classifier.bias"}
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags and not model.training
+    res = run("select", "--model", "tiny", "--always", "", "--warmup-steps", 2, "--out", tmp_path / "s.safetensors")
+    assert res.exit_code == 1 and "--warmup-steps trains the --always parameters" in res.output
