@@ -11,7 +11,8 @@ from torch import nn
 from ..errors import GradselError
 from ..fisher import Fisher, fisher
 
-__all__ = ["Policy", "Context", "top_k", "split_budget", "masks_from_flat"]
+__all__ = ["Policy", "Context", "top_k", "split_budget", "masks_from_flat", "row_units", "top_rows", "fill_rows",
+           "rank_rows"]
 
 
 @dataclass
@@ -169,3 +170,141 @@ def split_budget(sizes: list[int], k: int) -> list[int]:
     for i in order[: k - sum(parts)]:
         parts[i] += 1
     return parts
+
+
+# -- row budgets (granularity="row") ---------------------------------------------------------------------
+
+GRANULARITIES = ("element", "row")
+
+
+def check_granularity(granularity: str) -> str:
+    """``granularity`` if known, else a GradselError naming the known ones."""
+    if granularity not in GRANULARITIES:
+        raise GradselError(f"granularity={granularity!r} is not known: use one of {GRANULARITIES} ('row' keeps "
+                           "whole output rows of weights, so that gradsel.rowsparse can skip the others' gradients)")
+    return granularity
+
+
+def row_units(shapes: dict[str, torch.Size]) -> list[tuple[str, ...]]:
+    """Candidate tensors grouped into units whose dim-0 rows are selected together.
+
+    A tensor of two or more dimensions is a unit of its dim-0 slices (output rows of a Linear weight,
+    output channels of a Conv weight). A 1-D ``<module>.bias`` whose sibling ``<module>.weight`` is a
+    candidate of two or more dimensions with the same dim 0 joins that weight's unit: row ``i`` is
+    ``weight[i]`` and ``bias[i]`` together. Every other tensor (norm weights and biases, lone 1-D tensors,
+    scalars) is a unit whose rows are its single elements. Units come in the order of their first tensor.
+
+    >>> import torch
+    >>> row_units({"fc.weight": torch.Size([3, 4]), "fc.bias": torch.Size([3]), "ln.weight": torch.Size([4])})
+    [('fc.weight', 'fc.bias'), ('ln.weight',)]
+    """
+    shapes = {n: torch.Size(s) for n, s in shapes.items()}
+    joined = {}
+    for name, shape in shapes.items():
+        if len(shape) == 1 and name.endswith("bias"):
+            weight = name[: -len("bias")] + "weight"
+            if weight in shapes and len(shapes[weight]) >= 2 and shapes[weight][0] == shape[0]:
+                joined[weight] = name
+    taken = set(joined.values())
+    return [(n, joined[n]) if n in joined else (n,) for n in shapes if n not in taken]
+
+
+def _unit_rows(shapes: dict[str, torch.Size], unit: tuple[str, ...]) -> tuple[int, int]:
+    """(number of rows, elements per row) of a unit."""
+    shape = torch.Size(shapes[unit[0]])
+    if len(shape) < 2:
+        return shape.numel(), 1  # a scalar is one row of one element
+    rows = shape[0]
+    return rows, sum(torch.Size(shapes[n]).numel() // rows for n in unit) if rows else 0
+
+
+def _row_view(t: torch.Tensor, rows: int) -> torch.Tensor:
+    return t.reshape(rows, t.numel() // rows if rows else 0)
+
+
+def fill_rows(shapes: dict[str, torch.Size], units: list[tuple[str, ...]], order: torch.Tensor, k: int,
+              partial) -> tuple[dict[str, torch.Tensor], dict]:
+    """Masks holding whole rows in ``order`` until ``k`` elements are selected, exactly.
+
+    Rows are numbered unit by unit (units in ``units`` order, rows in index order). The rows taken are the
+    longest prefix of ``order`` whose sizes add up to at most ``k``; when that leaves ``r > 0`` elements of
+    the budget, the next row in ``order`` is taken partly: ``partial(unit, row, r)`` returns which ``r`` of its
+    elements (a bool vector over the row's elements, the unit's tensors concatenated in unit order).
+    So at most one row is partial, and it is the next one in ranking order.
+
+    Returns:
+        (masks, info): info holds ``whole_rows``, ``rows`` (the number of rows) and ``partial_row``
+        (``"name[i]"`` of the partial row's first tensor, or None).
+    """
+    dims = [_unit_rows(shapes, u) for u in units]
+    sizes = torch.cat([torch.full((r,), s, dtype=torch.int64) for r, s in dims]) if dims else torch.zeros(0)
+    starts = [0]
+    for r, _ in dims:
+        starts.append(starts[-1] + r)
+    total = int(sizes.sum())
+    if not 0 <= k <= total:
+        raise GradselError(f"cannot select {k} of {total} elements")
+    cum = sizes[order].cumsum(0)
+    whole = int(torch.searchsorted(cum, torch.tensor(k), right=True))
+    chosen = torch.zeros(len(sizes), dtype=torch.bool)
+    chosen[order[:whole]] = True
+    remainder = k - (int(cum[whole - 1]) if whole else 0)
+    masks, extra, partial_name = {}, None, None
+    if remainder > 0:
+        row = int(order[whole])
+        u = max(i for i in range(len(units)) if starts[i] <= row)
+        extra = (u, row - starts[u], partial(units[u], row - starts[u], remainder))
+        if extra[2].dtype != torch.bool or int(extra[2].sum()) != remainder or extra[2].numel() != dims[u][1]:
+            raise GradselError("internal: a partial row must be a bool vector over the row with the remainder set")
+        partial_name = f"{units[u][0]}[{row - starts[u]}]"
+    for i, (unit, (rows, _)) in enumerate(zip(units, dims)):
+        picked = chosen[starts[i]:starts[i] + rows]
+        offset = 0
+        for name in unit:
+            shape = torch.Size(shapes[name])
+            mask = picked.reshape(rows, 1).expand(rows, shape.numel() // rows if rows else 0).clone()
+            if extra is not None and extra[0] == i:
+                width = mask.shape[1]
+                mask[extra[1]] = extra[2][offset:offset + width]
+                offset += width
+            masks[name] = mask.reshape(shape)
+    return masks, {"rows": len(sizes), "whole_rows": whole, "partial_row": partial_name}
+
+
+def rank_rows(scores: dict[str, torch.Tensor], units: list[tuple[str, ...]], *, largest: bool = True) -> torch.Tensor:
+    """Global row numbers ordered by Fisher mass (the sum over the row), largest (or smallest) first.
+
+    Ties keep row order (units in order, then row index), as :func:`top_k` breaks ties by position.
+    """
+    shapes = {n: scores[n].shape for u in units for n in u}
+    masses = []
+    for unit in units:
+        rows, _ = _unit_rows(shapes, unit)
+        masses.append(sum(_row_view(scores[n].detach().to("cpu", torch.float64), rows).sum(1) for n in unit))
+    mass = torch.cat(masses) if masses else torch.zeros(0, dtype=torch.float64)
+    if torch.isnan(mass).any():
+        raise GradselError("scores contain NaN: the Fisher estimate is broken; check the data and the loss")
+    return torch.sort(mass, descending=largest, stable=True).indices
+
+
+def top_rows(scores: dict[str, torch.Tensor], k: int, *, largest: bool = True) -> tuple[dict[str, torch.Tensor], dict]:
+    """Exactly ``k`` elements as whole rows of largest (or smallest) Fisher mass, one row possibly partial.
+
+    Rows are those of :func:`row_units`, ranked by :func:`rank_rows`; :func:`fill_rows` takes them in that
+    order. The partial row keeps its ``r`` largest (smallest) entries, ties by position.
+
+    >>> import torch
+    >>> s = {"fc.weight": torch.tensor([[1., 1.], [5., 0.], [2., 2.]]), "fc.bias": torch.tensor([0., 0., 9.])}
+    >>> m, info = top_rows(s, 4)  # row 2 (mass 13) whole, then 1 element of row 1 (mass 5)
+    >>> m["fc.weight"].tolist(), m["fc.bias"].tolist(), info["partial_row"]
+    ([[False, False], [True, False], [True, True]], [False, False, True], 'fc.weight[1]')
+    """
+    shapes = {n: t.shape for n, t in scores.items()}
+    units = row_units(shapes)
+
+    def partial(unit, row, r):
+        part = top_k({n: _row_view(scores[n].detach(), _unit_rows(shapes, unit)[0])[row] for n in unit}, r,
+                     largest=largest)
+        return torch.cat([part[n] for n in unit])
+
+    return fill_rows(shapes, units, rank_rows(scores, units, largest=largest), k, partial)

@@ -5,17 +5,38 @@ from __future__ import annotations
 import torch
 
 from ..errors import GradselError
-from .base import Context, Policy, split_budget, top_k
+from .base import Context, Policy, check_granularity, row_units, split_budget, top_k, top_rows
 from .registry import register_policy
 
 BUDGETS = ("global", "per_tensor")
 
 
-def ranked(ctx: Context, budget: str, largest: bool) -> dict[str, torch.Tensor]:
-    """Top-k (or bottom-k) of the Fisher, over all candidates or within each tensor."""
+def ranked(ctx: Context, budget: str, largest: bool, granularity: str = "element") -> dict[str, torch.Tensor]:
+    """Top-k (or bottom-k) of the Fisher, over all candidates or within each tensor, by element or by row.
+
+    With ``granularity="row"`` the ranked groups are the rows of :func:`gradsel.policies.base.row_units`
+    (a weight's dim-0 rows, with their bias entries) by Fisher mass; ``per_tensor`` then splits the budget
+    over those units (a weight and its bias together). ``ctx.info["rows"]`` records the row counts.
+    """
     if budget not in BUDGETS:
         raise GradselError(f"budget={budget!r} is not known: use one of {BUDGETS}")
+    check_granularity(granularity)
     scores = ctx.scores()
+    if granularity == "row":
+        if budget == "global":
+            masks, info = top_rows({n: scores[n] for n in ctx.candidates}, ctx.k, largest=largest)
+            ctx.info["rows"] = info
+            return masks
+        units = row_units({n: scores[n].shape for n in ctx.candidates})
+        parts = split_budget([sum(scores[n].numel() for n in u) for u in units], ctx.k)
+        masks, whole, partial = {}, 0, []
+        for unit, k in zip(units, parts):
+            got, info = top_rows({n: scores[n] for n in unit}, k, largest=largest)
+            masks.update(got)
+            whole += info["whole_rows"]
+            partial += [info["partial_row"]] if info["partial_row"] else []
+        ctx.info["rows"] = {"whole_rows": whole, "partial_rows": partial}
+        return masks
     if budget == "global":
         return top_k({n: scores[n] for n in ctx.candidates}, ctx.k, largest=largest)
     parts = split_budget([scores[n].numel() for n in ctx.candidates], ctx.k)
@@ -25,6 +46,12 @@ def ranked(ctx: Context, budget: str, largest: bool) -> dict[str, torch.Tensor]:
     return masks
 
 
+def options(budget: str, granularity: str) -> dict:
+    """The options to record: ``granularity`` only when it is not the default (older files stay identical)."""
+    check_granularity(granularity)
+    return {"budget": budget} if granularity == "element" else {"budget": budget, "granularity": granularity}
+
+
 @register_policy("fish")
 class Fish(Policy):
     """Keep the ``k`` candidate elements with the largest Fisher information.
@@ -32,11 +59,16 @@ class Fish(Policy):
     Options:
         budget: ``"global"`` (one ranking over all candidates, the default, as FISH Mask) or
             ``"per_tensor"`` (each tensor keeps its share of ``k``).
+        granularity: ``"element"`` (the default) or ``"row"``: whole dim-0 rows of the weights (output rows
+            of Linear, output channels of Conv, each with its bias entry) by Fisher mass, the next row in
+            the ranking partly filled so that exactly ``k`` elements are kept. Train such a selection with
+            :func:`gradsel.rowsparse.row_sparse` to compute the weight gradient of the kept rows only.
     """
 
-    def __init__(self, budget: str = "global"):
-        super().__init__(budget=budget)
+    def __init__(self, budget: str = "global", granularity: str = "element"):
+        super().__init__(**options(budget, granularity))
         self.budget = budget
+        self.granularity = granularity
 
     def select(self, ctx: Context) -> dict[str, torch.Tensor]:
-        return ranked(ctx, self.budget, largest=True)
+        return ranked(ctx, self.budget, largest=True, granularity=self.granularity)

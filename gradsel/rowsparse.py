@@ -1,0 +1,276 @@
+"""A backward that computes the weight gradient of the selected rows only: :func:`row_sparse`.
+
+Autograd computes the whole weight gradient of a Linear or Conv layer as soon as one of its elements is
+trained. For a selection made of whole rows (``gradsel.select(..., granularity="row")``), the weight
+gradient of the other rows is wasted work: ``row_sparse(model, selection)`` gives every ``nn.Linear`` and
+``nn.Conv1d/2d/3d`` whose weight mask leaves some rows out a forward through a custom autograd function,
+whose backward computes
+
+- the input gradient in full (``δ·W``: layers below still learn),
+- the weight gradient of the *touched* rows only (rows with at least one selected element,
+  ``δ[:, rows]ᵀ x``), written into a zero gradient of the weight's shape,
+- the bias gradient in full (it costs a sum over ``δ``).
+
+The gradient of every touched row is the dense one, so training under ``Selection.apply`` or
+``SparseAdamW`` (which ignore everything outside the masks) follows the dense trajectory exactly. The
+module classes, the state_dict and the parameters are not changed; ``.remove()`` (or leaving the ``with``
+block) restores the plain forward.
+"""
+
+from __future__ import annotations
+
+import types
+import weakref
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import GradselError
+from .params import unwrap_model
+
+__all__ = ["row_sparse", "RowSparse"]
+
+_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+class _RowLinear(torch.autograd.Function):
+    """``F.linear`` whose backward forms the weight gradient of ``rows`` only."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, rows):
+        ctx.save_for_backward(x, weight)
+        ctx.rows = rows
+        ctx.has_bias = bias is not None
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        gx = gw = gb = None
+        if ctx.needs_input_grad[0]:
+            gx = grad.matmul(weight)
+        g2 = grad.reshape(-1, grad.shape[-1])
+        if ctx.needs_input_grad[1] and ctx.rows.numel():
+            part = g2.index_select(1, ctx.rows).t().matmul(x.reshape(-1, x.shape[-1]))
+            gw = grad.new_zeros(weight.shape).index_copy_(0, ctx.rows, part)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            gb = g2.sum(0)
+        return gx, gw, gb, None
+
+
+class _RowConv(torch.autograd.Function):
+    """A convolution (``groups=1``, zero padding) whose backward forms the weight gradient of ``rows`` only."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, rows, stride, padding, dilation):
+        ctx.save_for_backward(x, weight)
+        ctx.rows, ctx.conf = rows, (stride, padding, dilation)
+        ctx.has_bias = bias is not None
+        zeros = [0] * len(stride)
+        return torch.convolution(x, weight, bias, stride, padding, dilation, False, zeros, 1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        stride, padding, dilation = ctx.conf
+        zeros = [0] * len(stride)
+        gx = gw = gb = None
+        if ctx.needs_input_grad[0]:
+            gx = torch.ops.aten.convolution_backward(grad, x, weight, None, stride, padding, dilation, False, zeros,
+                                                     1, [True, False, False])[0]
+        if ctx.needs_input_grad[1] and ctx.rows.numel():
+            rows = ctx.rows
+            part = torch.ops.aten.convolution_backward(grad.index_select(1, rows), x, weight.index_select(0, rows),
+                                                       None, stride, padding, dilation, False, zeros, 1,
+                                                       [False, True, False])[1]
+            gw = grad.new_zeros(weight.shape).index_copy_(0, rows, part)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            gb = grad.sum([0] + list(range(2, grad.dim())))
+        return gx, gw, gb, None, None, None, None
+
+
+def _autocast(x: torch.Tensor, *tensors):
+    """The tensors cast as autocast would cast them for a matmul (unchanged when autocast is off)."""
+    kind = x.device.type
+    if not (x.is_floating_point() and torch.is_autocast_enabled(kind)):
+        return None
+    dtype = torch.get_autocast_dtype(kind)
+    return tuple(None if t is None else t.to(dtype) for t in (x, *tensors))
+
+
+def _row_forward(self: nn.Module, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """The forward that :func:`row_sparse` binds to a layer; the plain one for a module it does not own (a copy)."""
+    layer = _OWNERS.get(self)
+    if layer is None or args or kwargs or not torch.is_grad_enabled():
+        return type(self).forward(self, x, *args, **kwargs)
+    rows = layer.rows(self.weight)
+    if rows is None:  # every row touched now: nothing to skip
+        return type(self).forward(self, x)
+    weight, bias = self.weight, self.bias
+    cast = _autocast(x, weight, bias)
+    if isinstance(self, nn.Linear):
+        if cast is None:
+            return _RowLinear.apply(x, weight, bias, rows)
+        with torch.autocast(x.device.type, enabled=False):
+            return _RowLinear.apply(*cast, rows)
+    d = len(self.stride)
+    unbatched = x.dim() == d + 1
+    conf = (list(self.stride), list(self.padding), list(self.dilation))
+    if cast is None:
+        out = _RowConv.apply(x.unsqueeze(0) if unbatched else x, weight, bias, rows, *conf)
+    else:
+        with torch.autocast(x.device.type, enabled=False):
+            out = _RowConv.apply(cast[0].unsqueeze(0) if unbatched else cast[0], *cast[1:], rows, *conf)
+    return out.squeeze(0) if unbatched else out
+
+
+_OWNERS: "weakref.WeakKeyDictionary[nn.Module, _Layer]" = weakref.WeakKeyDictionary()
+
+
+class _Layer:
+    """One row-sparse layer: where its weight's mask is read from, and the touched rows derived from it."""
+
+    def __init__(self, masks: Any, name: str):
+        self._source = masks
+        self.name = name
+        self._seen: tuple | None = None
+        self._rows: torch.Tensor | None = None
+
+    def rows(self, weight: torch.Tensor) -> torch.Tensor | None:
+        """Indices of the rows with a selected element, on the weight's device; None when all rows have one."""
+        mask = _masks_of(self._source)[self.name]
+        key = (id(mask), mask._version, weight.device)
+        if key != self._seen:  # the selection changed (a progressive policy) or the model moved
+            touched = mask.reshape(mask.shape[0], -1).any(1)
+            self._rows = None if bool(touched.all()) else touched.nonzero().flatten().to(weight.device)
+            self._seen = key
+        return self._rows
+
+
+def _masks_of(source: Any) -> dict[str, torch.Tensor]:
+    return source.masks if hasattr(source, "masks") else source
+
+
+def _unsupported(module: nn.Module) -> str | None:
+    """Why ``module`` keeps its dense backward, or None."""
+    base = nn.Linear if isinstance(module, nn.Linear) else next(c for c in _CONV if isinstance(module, c))
+    if type(module).forward is not base.forward:
+        return f"{type(module).__name__} overrides {base.__name__}.forward"
+    if isinstance(module, _CONV):
+        if module.groups != 1:
+            return f"grouped convolution (groups={module.groups})"
+        if module.padding_mode != "zeros":
+            return f"padding_mode={module.padding_mode!r}"
+        if isinstance(module.padding, str):
+            return f"padding={module.padding!r} (a string)"
+    if "forward" in module.__dict__:
+        return "its forward is replaced on the instance already (another tool's wrapper)"
+    return None
+
+
+class RowSparse:
+    """The handle :func:`row_sparse` returns: a context manager, ``.remove()``, and what it changed.
+
+    Attributes:
+        layers: layer name → (touched rows, rows) at the time of the call, for every layer made row-sparse.
+        skipped: layer name → why a layer whose weight leaves rows out keeps the dense backward.
+    """
+
+    def __init__(self, model: nn.Module, masks: Any):
+        self._modules: list[nn.Module] = []
+        self.layers: dict[str, tuple[int, int]] = {}
+        self.skipped: dict[str, str] = {}
+        self.removed = False
+        current = _masks_of(masks)
+        for prefix, module in model.named_modules():
+            wname = f"{prefix}.weight" if prefix else "weight"
+            if not isinstance(module, (nn.Linear, *_CONV)) or wname not in current:
+                continue
+            mask = current[wname]
+            touched = int(mask.reshape(mask.shape[0], -1).any(1).sum())
+            if touched == mask.shape[0]:
+                continue  # every row has a selected element: nothing to skip
+            if module in _OWNERS:
+                self.remove()
+                raise GradselError(f"layer {prefix!r} is row-sparse already (row_sparse called twice on this "
+                                   "model): remove() the first handle before making another")
+            reason = _unsupported(module)
+            if reason:
+                self.skipped[prefix] = reason
+                continue
+            _OWNERS[module] = _Layer(masks, wname)
+            module.forward = types.MethodType(_row_forward, module)
+            self._modules.append(module)
+            self.layers[prefix] = (touched, mask.shape[0])
+
+    def remove(self) -> None:
+        """Give every layer its plain forward back. Idempotent."""
+        for module in self._modules:
+            bound = module.__dict__.get("forward")
+            if getattr(bound, "__func__", None) is _row_forward:
+                del module.__dict__["forward"]
+            _OWNERS.pop(module, None)
+        self._modules.clear()
+        self.removed = True
+
+    def __enter__(self) -> "RowSparse":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+    def __repr__(self) -> str:
+        return f"RowSparse(layers={len(self.layers)}, skipped={len(self.skipped)}, removed={self.removed})"
+
+
+def row_sparse(model: nn.Module, selection: Any) -> RowSparse:
+    """Compute the weight gradient of the selected rows only, in every Linear and Conv layer that can.
+
+    A layer is made row-sparse when its weight is in the selection and some of its rows (dim-0 slices)
+    have no selected element; its backward then skips those rows' weight gradient (they get zeros) and
+    computes the input gradient in full. Pair it with ``selection.apply(model, optimizer)`` or
+    ``selection.optimizer(model)``: the masks still decide what trains, row_sparse only saves the work. The
+    masks are re-read when they change (progressive policies).
+
+    Args:
+        model: the model (``torch.compile`` / DDP wrappers are looked through).
+        selection: a :class:`gradsel.Selection` made for ``model`` (best with ``granularity="row"``), or a
+            dict parameter name → bool mask.
+
+    Returns:
+        A :class:`RowSparse` handle (context manager, ``.remove()``; ``.layers``, ``.skipped``).
+
+    >>> import torch, torch.nn as nn, gradsel
+    >>> from gradsel.rowsparse import row_sparse
+    >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    >>> sel = gradsel.select(model, None, "random", keep=10, granularity="row", progress=False)
+    >>> with row_sparse(model, sel) as rs:
+    ...     model(torch.randn(3, 4)).sum().backward()
+    >>> rs.layers["0"][0] == int(sel.masks["0.weight"].any(1).sum())
+    True
+    >>> bool((model[0].weight.grad[~sel.masks["0.weight"].any(1)] == 0).all())
+    True
+    """
+    model = unwrap_model(model)
+    if hasattr(selection, "check") and hasattr(selection, "masks"):
+        selection.check(model)
+    elif not isinstance(selection, dict) or not all(isinstance(m, torch.Tensor) for m in selection.values()):
+        raise GradselError(f"row_sparse needs a gradsel.Selection or a dict of bool masks, got "
+                           f"{type(selection).__name__}; make one with gradsel.select(..., granularity='row')")
+    else:
+        params = dict(model.named_parameters())
+        unknown = [n for n in selection if n not in params]
+        wrong = [n for n in selection if n in params and tuple(selection[n].shape) != tuple(params[n].shape)]
+        if unknown:
+            raise GradselError(f"the masks name {unknown[:3]}, which {type(model).__name__} does not have: they "
+                               "were made for a different model")
+        if wrong:
+            raise GradselError(f"the mask for {wrong[0]!r} has shape {tuple(selection[wrong[0]].shape)}, the parameter "
+                               f"{tuple(params[wrong[0]].shape)}: the masks were made for a different model")
+        bad = [n for n, m in selection.items() if m.dtype != torch.bool]
+        if bad:
+            raise GradselError(f"the mask for {bad[0]!r} is {selection[bad[0]].dtype}, not bool: pass bool masks "
+                               "(True = trained)")
+    return RowSparse(model, selection)

@@ -1,0 +1,418 @@
+"""Row budgets (``granularity="row"``) and the row-sparse backward (``gradsel.rowsparse``), in float64."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import gradsel
+from gradsel import GradselError
+from gradsel.fisher import Fisher
+from gradsel.optim import sparse_adamw
+from gradsel.policies.base import row_units, top_rows
+from gradsel.rowsparse import row_sparse
+
+from . import models as M
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+# -- the reference: rows by a plain Python sort ---------------------------------------------------------------
+
+def reference_rows(scores: dict[str, torch.Tensor], k: int, largest: bool = True) -> dict[str, torch.Tensor]:
+    """Whole rows by (mass, position) in rank order while they fit, then the next row's best entries.
+
+    Rows are built without gradsel's helper: ``<m>.weight`` (≥2-D) row i with ``<m>.bias[i]`` when that bias
+    exists with the same dim 0; any other tensor's entries are rows of one element.
+    """
+    rows = []  # (mass, position, [(name, flat index, score)])
+    names = list(scores)
+    for name in names:
+        t = scores[name].double()
+        if name.endswith("bias") and t.dim() == 1:
+            w = name[:-4] + "weight"
+            if w in scores and scores[w].dim() >= 2 and scores[w].shape[0] == t.shape[0]:
+                continue  # joined to its weight below
+        bias = name[:-6] + "bias" if name.endswith("weight") else None
+        joined = t.dim() >= 2 and bias in scores and scores[bias].dim() == 1 and scores[bias].shape[0] == t.shape[0]
+        if t.dim() >= 2:
+            width = t[0].numel()
+            for i in range(t.shape[0]):
+                entries = [(name, i * width + j, float(t.reshape(t.shape[0], -1)[i, j])) for j in range(width)]
+                if joined:
+                    entries.append((bias, i, float(scores[bias][i])))
+                rows.append(entries)
+        else:
+            rows += [[(name, j, float(v))] for j, v in enumerate(t.reshape(-1).tolist())]
+    sign = -1 if largest else 1
+    order = sorted(range(len(rows)), key=lambda r: (sign * sum(e[2] for e in rows[r]), r))
+    out = {n: torch.zeros(scores[n].numel(), dtype=torch.bool) for n in names}
+    left = k
+    for r in order:
+        entries = rows[r]
+        if len(entries) <= left:
+            for name, j, _ in entries:
+                out[name][j] = True
+            left -= len(entries)
+            continue
+        for e in sorted(range(len(entries)), key=lambda e: (sign * entries[e][2], e))[:left]:
+            out[entries[e][0]][entries[e][1]] = True
+        break
+    return {n: m.reshape(scores[n].shape) for n, m in out.items()}
+
+
+def tied_scores(seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    shapes = {"fc.weight": (5, 4), "fc.bias": (5,), "norm.weight": (4,), "conv.weight": (3, 2, 2, 2),
+              "conv.bias": (3,), "lone.bias": (6,), "scale": ()}
+    return {n: torch.randint(0, 3, s, generator=g).to(torch.float64 if i % 2 else torch.float32)
+            for i, (n, s) in enumerate(shapes.items())}
+
+
+@pytest.mark.parametrize("largest", [True, False])
+@pytest.mark.parametrize("seed", range(4))
+def test_top_rows_matches_a_python_sort_with_ties(seed, largest):
+    scores = tied_scores(seed)
+    total = sum(t.numel() for t in scores.values())
+    for k in (0, 1, 4, 5, 6, 17, 33, total - 1, total):
+        got, info = top_rows(scores, k, largest=largest)
+        expected = reference_rows(scores, k, largest)
+        assert all(torch.equal(got[n], expected[n]) for n in scores), (k, largest)
+        assert sum(int(m.sum()) for m in got.values()) == k
+
+
+def test_row_units_pair_biases_with_their_weight_rows():
+    shapes = {n: t.shape for n, t in tied_scores(0).items()}
+    assert row_units(shapes) == [("fc.weight", "fc.bias"), ("norm.weight",), ("conv.weight", "conv.bias"),
+                                 ("lone.bias",), ("scale",)]
+
+
+def _row_structure(masks, units):
+    """(rows taken whole, rows taken partly) over the row units."""
+    whole = partial = 0
+    for unit in units:
+        rows = masks[unit[0]].shape[0] if masks[unit[0]].dim() >= 2 else masks[unit[0]].numel()
+        per_row = torch.cat([masks[n].reshape(rows, -1) for n in unit], 1) if rows else torch.zeros(0, 0)
+        counts = per_row.sum(1)
+        whole += int((counts == per_row.shape[1]).sum())
+        partial += int(((counts > 0) & (counts < per_row.shape[1])).sum())
+    return whole, partial
+
+
+@pytest.mark.parametrize("policy", ["fish", "reverse", "random"])
+@pytest.mark.parametrize("keep", [0.1, 0.37, 50, 1.0])
+def test_row_policies_keep_exactly_k_in_whole_rows_but_one(policy, keep):
+    model = M.mlp()
+    batch = M.mlp_batch(n=16)
+    sel = gradsel.select(model, batch, policy, keep=keep, granularity="row", progress=False)
+    k = keep if isinstance(keep, int) else round(keep * sel.total())
+    assert sel.selected() == k == sel.budget
+    units = row_units(sel.shapes)
+    whole, partial = _row_structure(sel.masks, units)
+    assert partial <= 1
+    assert (sel.info["rows"]["partial_row"] is not None) == (partial == 1)
+    assert whole == sel.info["rows"]["whole_rows"]
+    again = gradsel.select(model, batch, policy, keep=keep, granularity="row", progress=False)
+    assert all(torch.equal(sel.masks[n], again.masks[n]) for n in sel.masks)
+
+
+@pytest.mark.parametrize("policy", ["fish", "reverse"])
+def test_fish_rows_are_the_reference_rows_of_the_loop_fisher(policy):
+    model = M.mlp().double()
+    batch = tuple(x.double() if x.is_floating_point() else x for x in M.mlp_batch(n=16))
+    ref = gradsel.fisher_loop(model, batch, progress=False)
+    sel = gradsel.select(model, batch, policy, keep=45, granularity="row", progress=False)
+    expected = reference_rows({n: ref[n] for n in sel.candidates}, 45, largest=policy == "fish")
+    assert all(torch.equal(sel.masks[n], expected[n]) for n in sel.candidates)
+
+
+def test_per_tensor_rows_split_the_budget_over_weight_and_bias_units():
+    model = M.mlp()
+    sel = gradsel.select(model, M.mlp_batch(n=16), "fish", keep=40, budget="per_tensor", granularity="row",
+                         progress=False)
+    assert sel.selected() == 40
+    # units: (0.weight, 0.bias) 112 elements, (3.weight, 3.bias) 51: shares 27 and 13 (largest remainder)
+    assert int(sel.masks["0.weight"].sum() + sel.masks["0.bias"].sum()) == 27
+    assert int(sel.masks["3.weight"].sum() + sel.masks["3.bias"].sum()) == 13
+    for unit in row_units(sel.shapes):
+        assert _row_structure({n: sel.masks[n] for n in unit}, [unit])[1] <= 1
+
+
+def test_random_rows_follow_the_seed():
+    model = M.mlp()
+    a, b, c = (gradsel.select(model, None, "random", keep=0.3, granularity="row", seed=s, progress=False)
+               for s in (0, 1, 0))
+    assert any(not torch.equal(a.masks[n], b.masks[n]) for n in a.masks)
+    assert all(torch.equal(a.masks[n], c.masks[n]) for n in a.masks)
+
+
+def test_row_rank_is_by_fisher_mass_on_a_precomputed_fisher():
+    model = nn.Linear(3, 4)
+    scores = {"weight": torch.tensor([[1., 1., 1.], [0., 0., 9.], [2., 2., 0.], [0., 0., 0.]]),
+              "bias": torch.tensor([0., 0., 0., 5.])}
+    sel = gradsel.select(model, None, "fish", keep=8, granularity="row", fisher=Fisher(scores, 4), progress=False)
+    # masses 3, 9, 4, 5: rows 1 and 3 whole (8 elements)
+    assert sel.masks["weight"].all(1).tolist() == [False, True, False, True]
+    assert sel.masks["bias"].tolist() == [False, True, False, True]
+
+
+def test_default_granularity_keeps_the_options_and_masks_of_before(tmp_path):
+    model = M.mlp()
+    batch = M.mlp_batch(n=16)
+    assert gradsel.select(model, batch, "fish", keep=10, progress=False).options == {"budget": "global"}
+    assert gradsel.select(model, batch, "random", keep=10, progress=False).options == {}
+    plain = gradsel.select(model, batch, "fish", keep=10, progress=False)
+    named = gradsel.select(model, batch, "fish", keep=10, granularity="element", progress=False)
+    assert all(torch.equal(plain.masks[n], named.masks[n]) for n in plain.masks)
+    rows = gradsel.select(model, batch, "fish", keep=10, granularity="row", progress=False)
+    back = gradsel.Selection.load(rows.save(tmp_path / "rows.safetensors"), model)
+    assert back.options == {"budget": "global", "granularity": "row"}
+    assert back.policy_object().granularity == "row"
+
+
+@pytest.mark.parametrize("policy", ["fish", "reverse", "random"])
+def test_unknown_granularity_is_refused(policy):
+    with pytest.raises(GradselError, match="granularity='col' is not known: use one of \\('element', 'row'\\)"):
+        gradsel.select(M.mlp(), M.mlp_batch(), policy, keep=5, granularity="col", progress=False)
+
+
+# -- the row-sparse backward --------------------------------------------------------------------------------
+
+def _grads(model):
+    return {n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()}
+
+
+def _check_grads(model, dense, sparse, handle, masks):
+    """Touched rows of row-sparse layers equal the dense gradient, the other rows are zero; all else equal."""
+    layers = {f"{prefix}.weight" for prefix in handle.layers}
+    assert layers, "no layer was made row-sparse"
+    for name in dense:
+        if dense[name] is None:  # not used by the forward (smp keeps encoder stages beyond encoder_depth)
+            assert sparse[name] is None, name
+        elif name in layers:
+            touched = masks[name].reshape(masks[name].shape[0], -1).any(1)
+            g = sparse[name]
+            if not touched.any():
+                assert g is None, name
+                continue
+            torch.testing.assert_close(g[touched], dense[name][touched], rtol=1e-12, atol=1e-14)
+            assert bool((g[~touched] == 0).all()) and bool((dense[name][~touched] != 0).any()), name
+        else:
+            torch.testing.assert_close(sparse[name], dense[name], rtol=1e-12, atol=1e-14)
+
+
+def test_mlp_grads_of_selected_rows_and_inputs_equal_the_dense_backward():
+    model = M.mlp().double().eval()
+    x, y = M.mlp_batch(n=16)
+    x = x.double()
+    sel = gradsel.select(model, (x, y), "fish", keep=0.3, budget="per_tensor", granularity="row", progress=False)
+
+    def run():
+        model.zero_grad()
+        inp = x.clone().requires_grad_(True)
+        nn.functional.cross_entropy(model(inp), y).backward()
+        return _grads(model), inp.grad
+
+    dense, dense_x = run()
+    with row_sparse(model, sel) as handle:
+        sparse, sparse_x = run()
+    assert set(handle.layers) == {"0", "3"}
+    torch.testing.assert_close(sparse_x, dense_x, rtol=1e-12, atol=1e-14)
+    _check_grads(model, dense, sparse, handle, sel.masks)
+
+
+def test_bert_grads_equal_the_dense_backward():
+    model = M.bert().double().eval()
+    batch = M.bert_batch()
+    sel = gradsel.select(model, None, "random", keep=0.25, granularity="row", progress=False)
+
+    def run():
+        model.zero_grad()
+        model(**batch).loss.backward()
+        return _grads(model)
+
+    dense = run()
+    with row_sparse(model, sel) as handle:
+        sparse = run()
+    assert "bert.encoder.layer.0.attention.self.query" in handle.layers
+    assert "bert.encoder.layer.1.output.dense" in handle.layers
+    # embeddings and LayerNorms sit below / between the row-sparse layers: equal gradients there show that
+    # the input gradient flows through every row-sparse Linear unchanged
+    _check_grads(model, dense, sparse, handle, sel.masks)
+
+
+def test_unet_conv_grads_equal_the_dense_backward():
+    model = M.unet().double().train()
+    x, y = M.unet_batch(n=2, size=32)
+    x = x.double()
+    sel = gradsel.select(model, None, "random", keep=0.25, granularity="row", progress=False)
+
+    def run():
+        model.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        return _grads(model)
+
+    dense = run()
+    with row_sparse(model, sel) as handle:
+        sparse = run()
+    assert "encoder.conv1" in handle.layers and "segmentation_head.0" in handle.layers
+    assert not handle.skipped
+    _check_grads(model, dense, sparse, handle, sel.masks)
+
+
+def _train(model, batches, sel, sparse, steps, use_sparse_adamw=False):
+    if use_sparse_adamw:
+        opt = sparse_adamw(sel, model, lr=1e-2, weight_decay=0.1)
+        guard = None
+    else:
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+        guard = sel.apply(model, opt)
+    rs = row_sparse(model, sel) if sparse else None
+    assert rs is None or rs.layers
+    for step in range(steps):
+        opt.zero_grad()
+        out = batches[step % len(batches)]
+        loss = model(**out).loss if isinstance(out, dict) else nn.functional.cross_entropy(model(out[0]), out[1])
+        loss.backward()
+        opt.step()
+    for h in (rs, guard):
+        if h is not None:
+            h.remove()
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("use_sparse_adamw", [False, True], ids=["adamw+apply", "sparse_adamw"])
+@pytest.mark.parametrize("case", ["mlp", "bert"])
+def test_training_row_sparse_equals_dense_masked_training(case, use_sparse_adamw):
+    if case == "mlp":
+        make = lambda: M.mlp().double().eval()  # noqa: E731
+        batches = [tuple(t.double() if t.is_floating_point() else t for t in M.mlp_batch(n=16, seed=s))
+                   for s in range(3)]
+    else:
+        make = lambda: M.bert().double().eval()  # noqa: E731
+        batches = [M.bert_batch(seed=s) for s in range(3)]
+    start = make()
+    sel = gradsel.select(start, batches, "fish", keep=0.2, granularity="row", progress=False)
+    dense = _train(copy.deepcopy(start), batches, sel, False, 5, use_sparse_adamw)
+    sparse = _train(copy.deepcopy(start), batches, sel, True, 5, use_sparse_adamw)
+    moved = 0
+    for n in dense:
+        assert float((dense[n] - sparse[n]).abs().max()) <= 1e-10, n
+        moved += int((dense[n] != start.get_parameter(n)).sum())
+    assert moved == sel.selected()  # the selection trained, and nothing else
+
+
+def test_remove_restores_the_plain_forward_and_leaves_the_model_as_it_was():
+    model = M.mlp().double()
+    keys = list(model.state_dict())
+    sel = gradsel.select(model, None, "random", keep=0.3, granularity="row", progress=False)
+    handle = row_sparse(model, sel)
+    assert "forward" in model[0].__dict__ and type(model[0]) is nn.Linear and list(model.state_dict()) == keys
+    handle.remove()
+    handle.remove()  # idempotent
+    assert "forward" not in model[0].__dict__ and list(model.state_dict()) == keys
+    model(torch.randn(4, 6, dtype=torch.float64)).sum().backward()
+    untouched = ~sel.masks["0.weight"].any(1)
+    assert bool((model[0].weight.grad[untouched] != 0).all())  # dense again
+    again = row_sparse(model, sel)  # can be made row-sparse again after remove
+    assert again.layers
+    again.remove()
+
+
+def test_element_masks_leave_every_layer_dense():
+    model = M.mlp()
+    sel = gradsel.select(model, M.mlp_batch(n=16), "fish", keep=0.9, progress=False)
+    assert all(bool(m.reshape(m.shape[0], -1).any(1).all()) for n, m in sel.masks.items() if n.endswith("weight"))
+    with row_sparse(model, sel) as handle:
+        assert handle.layers == {} and "forward" not in model[0].__dict__
+
+
+def test_a_weight_without_selected_rows_gets_no_gradient_and_masks_are_reread():
+    model = M.mlp().double().eval()
+    masks = {n: torch.zeros(p.shape, dtype=torch.bool) for n, p in model.named_parameters()}
+    masks["0.bias"][:4] = True
+    masks["3.weight"][1] = True
+    x = torch.randn(5, 6, dtype=torch.float64)
+    dense = copy.deepcopy(model)
+    dense(x).sum().backward()
+    with row_sparse(model, masks) as handle:
+        assert handle.layers == {"0": (0, 16), "3": (1, 3)}
+        model(x).sum().backward()
+        assert model[0].weight.grad is None
+        torch.testing.assert_close(model[0].bias.grad, dense[0].bias.grad, rtol=1e-12, atol=0)
+        assert bool((model[3].weight.grad[[0, 2]] == 0).all())
+        masks["3.weight"][2, 0] = True  # changed in place, as a progressive policy may: read at the next forward
+        model.zero_grad()
+        model(x).sum().backward()
+        torch.testing.assert_close(model[3].weight.grad[1:], dense[3].weight.grad[1:], rtol=1e-12, atol=0)
+        assert bool((model[3].weight.grad[0] == 0).all())
+
+
+def test_a_copy_of_a_row_sparse_model_trains_its_own_weights_densely():
+    model = M.mlp().double()
+    sel = gradsel.select(model, None, "random", keep=0.3, granularity="row", progress=False)
+    with row_sparse(model, sel):
+        twin = copy.deepcopy(model)
+        twin(torch.randn(4, 6, dtype=torch.float64)).sum().backward()
+        assert model[0].weight.grad is None
+        assert bool((twin[0].weight.grad != 0).all())
+
+
+def test_grouped_convolutions_are_skipped_and_stay_exact():
+    model = M.depthwise().double()
+    sel = gradsel.select(model, None, "random", keep=0.3, granularity="row", progress=False)
+    x, _ = M.image_batch(n=2, size=8)
+    x = x.double()
+    model(x).sum().backward()
+    dense = _grads(model)
+    model.zero_grad()
+    with row_sparse(model, sel) as handle:
+        model(x).sum().backward()
+    assert handle.skipped == {"dw": "grouped convolution (groups=8)", "dw1d": "grouped convolution (groups=16)"}
+    assert {"stem", "pw", "head"} <= set(handle.layers)
+    _check_grads(model, dense, _grads(model), handle, sel.masks)
+
+
+def test_autocast_bfloat16_matches_the_dense_autocast_backward():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 4))
+    masks = {n: torch.zeros(p.shape, dtype=torch.bool) for n, p in model.named_parameters()}
+    masks["0.weight"][::3] = True
+    x = torch.randn(8, 16)
+
+    def run():
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(x)
+        out.float().square().sum().backward()
+        return model[0].weight.grad.clone()
+
+    dense = run()
+    with row_sparse(model, masks):
+        sparse = run()
+    assert sparse.dtype == torch.float32
+    torch.testing.assert_close(sparse[::3], dense[::3], rtol=2e-2, atol=2e-2)
+    assert bool((sparse[1::3] == 0).all())
+
+
+def test_bad_inputs_are_refused():
+    model = M.mlp()
+    with pytest.raises(GradselError, match="needs a gradsel.Selection or a dict of bool masks, got list"):
+        row_sparse(model, [1, 2])
+    with pytest.raises(GradselError, match="the masks name \\['head.weight'\\], which Sequential does not have"):
+        row_sparse(model, {"head.weight": torch.ones(2, 2, dtype=torch.bool)})
+    with pytest.raises(GradselError, match="the mask for '0.weight' has shape \\(2, 2\\), the parameter \\(16, 6\\)"):
+        row_sparse(model, {"0.weight": torch.ones(2, 2, dtype=torch.bool)})
+    with pytest.raises(GradselError, match="the mask for '0.weight' is torch.float32, not bool"):
+        row_sparse(model, {"0.weight": torch.ones(16, 6)})
+    other = gradsel.select(nn.Sequential(nn.Linear(2, 2)), None, "random", keep=1, progress=False)
+    with pytest.raises(GradselError, match="it was made for a different model"):
+        row_sparse(model, other)
+    masks = {"0.weight": torch.zeros(16, 6, dtype=torch.bool)}
+    with row_sparse(model, masks):
+        with pytest.raises(GradselError, match="layer '0' is row-sparse already"):
+            row_sparse(model, masks)
+    assert "forward" not in model[0].__dict__
