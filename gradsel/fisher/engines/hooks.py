@@ -250,24 +250,29 @@ class _Capture:
 
 
 def find_layers(model: nn.Module, names: list[str]) -> dict[str, _Layer]:
-    """Rule layers holding candidates: ``module name -> _Layer``; tied/shared parameters are left out."""
-    params = dict(model.named_parameters())
+    """Rule layers holding candidates: ``module name -> _Layer``. A tied parameter (GPT-2's LM head and token
+    embedding) is kept when every module holding it has a rule: its per-sample gradients are summed across
+    them before squaring; held also by a module without rule, it is left to the fallback."""
+    canonical = {id(p): n for n, p in model.named_parameters()}
     owners = Counter(id(p) for m in model.modules(remove_duplicate=False) for p in m.parameters(recurse=False))
     wanted = set(names)
-    found = {}
+    found, held = {}, Counter()
     for mod_name, module in model.named_modules():
         rule = _rule_for(module)
         if rule is None:
             continue
         attrs = {}
         for attr in ("weight", "bias"):
-            name = f"{mod_name}.{attr}" if mod_name else attr
             p = getattr(module, attr, None)
-            if name in wanted and isinstance(p, nn.Parameter) and params.get(name) is p and owners[id(p)] == 1:
-                attrs[attr] = name
+            if isinstance(p, nn.Parameter) and canonical.get(id(p)) in wanted and p is module._parameters.get(attr):
+                attrs[attr] = canonical[id(p)]
+                held[id(p)] += 1
         if attrs:
             found[mod_name] = _Layer(module, rule[0], rule[1], attrs)
-    return found
+    params = dict(model.named_parameters())
+    for layer in found.values():
+        layer.attrs = {a: n for a, n in layer.attrs.items() if held[id(params[n])] == owners[id(params[n])]}
+    return {name: layer for name, layer in found.items() if layer.attrs}
 
 
 # -- per-sample losses from one batched forward --------------------------------------------------------------
@@ -472,23 +477,31 @@ class HooksEngine:
             self._clone = True  # a captured input or gradient was written in place later: capture copies
             return self._per_layer(batch, n)
         out: dict[str, Any] = dict(leaf_grads)
+        calls: Counter = Counter()
+        broken: set[str] = set()
+        for name, layer in self.layers.items():
+            cap = caps[name]
+            for pname in layer.attrs.values():
+                calls[pname] += len(cap.inputs)
+                if cap.bad or any(g is None for g in cap.grads):
+                    # ran without a batch dimension, or the backward did not reach its output (unused, or
+                    # reached only through a parameter without rule): the fallback computes it
+                    broken.add(pname)
+        parts: dict[str, list] = {}
         with torch.no_grad():
             for name, layer in self.layers.items():
                 cap = caps[name]
-                if cap.bad or not cap.inputs or any(g is None for g in cap.grads):
-                    # never ran with a batch dimension under autograd, or the backward did not reach it
-                    # (unused, or only reached through a parameter without rule): the fallback computes it
+                # each call of a layer uses its parameter once in autograd's graph; another use (the weight read
+                # directly elsewhere, a cast shared by calls under autocast) leaves it to the fallback
+                want = {attr: pname for attr, pname in layer.attrs.items() if pname not in broken
+                        and (not self.params[pname].requires_grad or uses[id(self.params[pname])] == calls[pname])}
+                if not want or not cap.inputs:
                     continue
-                # each call of the layer uses its parameter once in autograd's graph; another use (the
-                # weight read directly elsewhere, a cast shared by calls under autocast) leaves it to the fallback
-                want = {attr: pname for attr, pname in layer.attrs.items()
-                        if not self.params[pname].requires_grad or uses[id(self.params[pname])] == len(cap.inputs)}
-                if not want:
-                    continue
-                ds = [g[0] for g in cap.grads]
-                made = layer.rule(layer.module, cap.inputs, ds, want, n)
+                made = layer.rule(layer.module, cap.inputs, [g[0] for g in cap.grads], want, n)
                 for attr, g in made.items():
-                    out[layer.attrs[attr]] = g
+                    parts.setdefault(layer.attrs[attr], []).append(g)
+        for pname, got_parts in parts.items():
+            out[pname] = got_parts[0] if len(got_parts) == 1 else _summed(got_parts, n, self.params[pname])
         if not opaque:  # a candidate absent from the graph (a layer that never runs) has zero gradients
             for pname in self.names:
                 p = self.params[pname]
@@ -551,6 +564,35 @@ class HooksEngine:
                     return name
         raise _NoPerSampleLoss(f"the loss of {type(self.model).__name__} ({float(own):.4g} on a sample) matches "
                                f"none of the per-sample forms known ({', '.join(forms) or 'none for these shapes'})")
+
+
+def _dense(g: Any) -> Callable[[int, int], torch.Tensor]:
+    """``make(start, stop)``: the per-sample gradients of samples ``start:stop`` as a dense tensor."""
+    if isinstance(g, torch.Tensor):
+        return lambda s, e: g[s:e]
+    if isinstance(g, OuterSquares):
+        return lambda s, e: g.delta[s:e, :, None] * g.inputs[s:e, None, :]
+    if isinstance(g, BlockGrads):
+        return g.make
+    if isinstance(g, EmbeddingGrads):
+        def rows(s, e):
+            k, (num, dim) = e - s, g.module.weight.shape
+            ids = g.ids[s:e].reshape(k, -1).long() + (torch.arange(k, device=g.ids.device) * num)[:, None]
+            dense = torch.zeros(k * num, dim, dtype=g.grads.dtype, device=g.grads.device)
+            dense.index_add_(0, ids.reshape(-1), g.grads[s:e].reshape(-1, dim)).reshape(k, num, dim)
+            dense = dense.reshape(k, num, dim)
+            if g.module.padding_idx is not None:
+                dense[:, g.module.padding_idx] = 0
+            return dense
+        return rows
+    raise TypeError(f"no dense form for {type(g).__name__}")
+
+
+def _summed(parts: list, n: int, param: torch.Tensor) -> BlockGrads:
+    """A tied parameter: each sample's gradients from every layer that holds it, summed before squaring."""
+    makers = [_dense(g) for g in parts]
+    block = max(1, BLOCK_BYTES // max(1, param.numel() * 8))
+    return BlockGrads(lambda s, e: sum(m(s, e) for m in makers), n, block)
 
 
 def _parameter_uses(losses: torch.Tensor) -> tuple[Counter, bool]:
