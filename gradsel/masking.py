@@ -21,8 +21,9 @@ knows the math and needs no copy of any value:
 - weight decay: for each step, the step pre-hook sets the group's ``weight_decay`` to 0 and applies it with
   the optimizer's own float ops to the selected entries only (decoupled: ``p.mul_(1 - lr * wd)``; L2:
   ``grad.add(p, alpha=wd)``, masked again, given to the optimizer as the gradient). Selected entries are
-  bit for bit what the plain optimizer computes. The post-hook restores ``weight_decay`` and the
-  gradients; a step that raised is undone at the next step, ``optimizer.state_dict()`` or ``remove()``.
+  bit for bit what the plain optimizer computes. The post-hook gives ``weight_decay`` and the gradients
+  back; after a step that raised, the next step, ``optimizer.state_dict()``, ``load_state_dict()`` or
+  ``remove()`` does.
 
 Any other optimizer (and a step with a closure, which computes the gradients after the pre-hook; fused,
 capturable or differentiable groups; tensor weight decay; ``eps=0``; sparse gradients) gets a transient
@@ -310,14 +311,16 @@ class MaskHandle:
         masks = self.selection.masks
         return sum(int(m.sum()) for m in masks.values()) / max(1, sum(m.numel() for m in masks.values()))
 
-    def step(self) -> None:
-        """Call once per training step (after ``optimizer.step()``)."""
+    def step(self) -> Any:
+        """Call once per training step (after ``optimizer.step()``). Returns what a progressive policy's
+        controller returns (jsdrift: the freeze event of this step, or None); None for static policies."""
         if self.removed:
             raise GradselError("this selection handle was removed; apply the selection again")
         self._finish()
         self.steps += 1
         if self.controller is not None:
-            self.controller.step()
+            return self.controller.step()
+        return None
 
     def remove(self) -> None:
         """Undo everything ``apply`` did to the model and optimizer."""
