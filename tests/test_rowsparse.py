@@ -416,3 +416,28 @@ def test_bad_inputs_are_refused():
         with pytest.raises(GradselError, match="layer '0' is row-sparse already"):
             row_sparse(model, masks)
     assert "forward" not in model[0].__dict__
+
+
+@pytest.mark.parametrize("conv,shape", [(nn.Conv1d(3, 6, 3, stride=2, padding=1, dilation=1), (2, 3, 9)),
+                                        (nn.Conv2d(3, 6, 3, stride=1, padding=2, dilation=2), (3, 7, 7)),
+                                        (nn.Conv3d(3, 6, 2, stride=1, padding=1, bias=False), (2, 3, 4, 4, 4))],
+                         ids=["conv1d", "conv2d-unbatched-dilated", "conv3d"])
+def test_convolutions_of_every_rank_match_the_dense_backward(conv, shape):
+    torch.manual_seed(0)
+    model = nn.Sequential(conv.double(), nn.Tanh()).eval()
+    masks = {"0.weight": torch.zeros(conv.weight.shape, dtype=torch.bool)}
+    masks["0.weight"][[1, 4]] = True
+    x = torch.randn(shape, dtype=torch.float64)
+
+    def run():
+        model.zero_grad()
+        inp = x.clone().requires_grad_(True)
+        model(inp).square().sum().backward()
+        return _grads(model), inp.grad
+
+    (dense, dense_x) = run()
+    with row_sparse(model, masks) as handle:
+        sparse, sparse_x = run()
+    assert handle.layers == {"0": (2, 6)}
+    torch.testing.assert_close(sparse_x, dense_x, rtol=1e-12, atol=1e-14)
+    _check_grads(model, dense, sparse, handle, masks)

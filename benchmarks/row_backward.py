@@ -1,0 +1,173 @@
+"""What the row-sparse backward saves: backward time against the selected row share, dense vs row-sparse.
+
+Run: ``python -m benchmarks.row_backward`` (``--quick`` for tiny sizes, a check that it runs; written to
+``row_backward_quick``). Writes ``benchmarks/results/row_backward.{md,json}`` (``_cuda`` on a GPU).
+
+For the BERT-from-config (4 layers, hidden 256, seq 64, batch 16) and the smp Unet-resnet18 (batch 8,
+128×128), every ``nn.Linear`` / ``nn.Conv2d`` weight gets a mask of whole rows (output rows / channels):
+the same ``share`` of each layer's rows, drawn at random (seeded). Three backwards of the same forward,
+in one process, interleaved ``--rounds`` times (best of each):
+
+- ``dense``: autograd's backward, every weight gradient in full (what a mask costs without row_sparse);
+- ``row-sparse``: under :func:`gradsel.rowsparse.row_sparse`, the weight gradient of the selected rows only;
+- ``no weight grad``: those weights with ``requires_grad=False`` (input gradients still flow): the floor,
+  the backward without any of their weight gradients.
+
+``weight-grad ratio`` = (row-sparse − floor) / (dense − floor): the weight-gradient part of backward
+relative to dense; the target is ≤ 0.35 at a 25% row share. At 100% every row is selected and row_sparse
+leaves the layers dense (nothing to skip), so that row measures the noise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+import torch
+from torch import nn
+
+from gradsel.rowsparse import row_sparse
+
+from .common import machine, md_table, write
+
+SHARES = (1.0, 0.5, 0.25, 0.1)
+
+
+def bert(device, quick=False):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    layers, hidden, seq, n, vocab = (2, 64, 16, 4, 500) if quick else (4, 256, 64, 16, 30522)
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(BertConfig(
+        vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=max(1, hidden // 64),
+        intermediate_size=4 * hidden, num_labels=2, attn_implementation="eager")).to(device)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(min(1000, vocab // 2), vocab, (n, seq), generator=g)
+    batch = {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device),
+             "labels": (ids[:, 0] % 2).to(device)}
+    label = f"BERT {layers}×{hidden}, batch {n}, seq {seq}"
+    return label, model, lambda: model(**batch).loss
+
+
+def unet(device, quick=False):
+    import segmentation_models_pytorch as smp
+
+    size, n = (32, 2) if quick else (128, 8)
+    torch.manual_seed(0)
+    model = smp.Unet("resnet18", encoder_weights=None, classes=2).to(device)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 3, size, size, generator=g).to(device)
+    y = (x[:, 0] > 0).long()
+    return (f"smp Unet-resnet18, batch {n}, {size}×{size}", model,
+            lambda: nn.functional.cross_entropy(model(x), y))
+
+
+def row_masks(model: nn.Module, share: float, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Every Linear / Conv2d weight: ``round(share * rows)`` random whole rows (at least one)."""
+    g = torch.Generator().manual_seed(seed)
+    masks = {}
+    for prefix, module in model.named_modules():
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            rows = module.weight.shape[0]
+            mask = torch.zeros(module.weight.shape, dtype=torch.bool)
+            mask[torch.randperm(rows, generator=g)[: max(1, round(share * rows))]] = True
+            masks[f"{prefix}.weight"] = mask
+    return masks
+
+
+def _sync(device):
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def backward_time(model, loss_fn, device, repeats) -> float:
+    """Best backward seconds of ``repeats`` forward+backward runs (one warm-up)."""
+    best = float("inf")
+    for i in range(repeats + 1):
+        model.zero_grad(set_to_none=True)
+        loss = loss_fn()
+        _sync(device)
+        t0 = time.perf_counter()
+        loss.backward()
+        _sync(device)
+        if i:
+            best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def run(device="cpu", rounds=3, repeats=3, quick=False, shares=SHARES):
+    rows = []
+    for make in (bert, unet):
+        label, model, loss_fn = make(device, quick)
+        model.train()
+        weights = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+        total = sum(p.numel() for p in model.parameters())
+        covered = sum(model.get_submodule(n).weight.numel() for n in weights)
+
+        def dense():
+            return backward_time(model, loss_fn, device, repeats)
+
+        def floor():
+            frozen = [model.get_submodule(n).weight for n in weights]
+            for p in frozen:
+                p.requires_grad_(False)
+            try:
+                return backward_time(model, loss_fn, device, repeats)
+            finally:
+                for p in frozen:
+                    p.requires_grad_(True)
+
+        def sparse(share):
+            def fn():
+                with row_sparse(model, row_masks(model, share)) as handle:
+                    assert share == 1.0 or len(handle.layers) == len(weights), handle.skipped
+                    return backward_time(model, loss_fn, device, repeats)
+            return fn
+
+        best: dict[str, float] = {}
+        for _ in range(rounds):  # interleaved, so that load from other jobs hits every configuration alike
+            for key, fn in [("dense", dense), ("floor", floor)] + [(s, sparse(s)) for s in shares]:
+                best[key] = min(best.get(key, float("inf")), fn())
+        for share in shares:
+            t_dense, t_floor, t_sparse = best["dense"], best["floor"], best[share]
+            rows.append({
+                "model": label, "row share": share, "Linear/Conv weights share of params": covered / total,
+                "dense backward (s)": t_dense, "row-sparse backward (s)": t_sparse,
+                "no weight grad backward (s)": t_floor, "backward ratio": t_sparse / t_dense,
+                "weight-grad part, dense (s)": t_dense - t_floor,
+                "weight-grad ratio": (t_sparse - t_floor) / (t_dense - t_floor) if t_dense > t_floor else float("nan"),
+            })
+            print(rows[-1], flush=True)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved repetitions of every configuration")
+    parser.add_argument("--repeats", type=int, default=3, help="timed backwards per configuration and round")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--quick", action="store_true", help="tiny models: check that it runs (timings mean nothing)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    load = os.getloadavg()[0]
+    rows = run(args.device, args.rounds, args.repeats, args.quick)
+    columns = ["model", "row share", "dense backward (s)", "row-sparse backward (s)", "no weight grad backward (s)",
+               "backward ratio", "weight-grad ratio"]
+    met = [r for r in rows if r["row share"] == 0.25]
+    verdict = ", ".join(f"{r['model']}: {r['weight-grad ratio']:.2f}" for r in met)
+    command = (f"python -m benchmarks.row_backward --device {args.device} --rounds {args.rounds} --repeats "
+               f"{args.repeats}{f' --threads {args.threads}' if args.threads else ''}{' --quick' if args.quick else ''}")
+    md = (f"# Row-sparse backward: time against the selected row share\n\nMachine: {machine()}. Command: "
+          f"`{command}`; load average at the start {load:.1f}. Train mode; every Linear/Conv2d weight keeps the "
+          f"same share of its rows (random, seeded); best backward of {args.repeats} runs × {args.rounds} "
+          "interleaved rounds. *no weight grad*: those weights frozen (the floor); *weight-grad ratio*: "
+          "(row-sparse − floor) / (dense − floor), target ≤ 0.35 at a 25% share.\n\n"
+          + md_table(rows, columns) + f"\n\nWeight-grad ratio at a 25% row share: {verdict}.\n")
+    write("row_backward_quick" if args.quick else "row_backward", rows, md, args.device)
+
+
+if __name__ == "__main__":
+    main()
