@@ -277,3 +277,23 @@ def test_hooks_checks_the_copy_per_sample_of_shared_parameters(which):
     ref = gradsel.fisher_loop(model, batch, params=["lin.weight", which, "broadcast"], progress=False)
     assert which in fell
     _assert_matches(est, ref)
+
+
+@needs_hooks
+@pytest.mark.parametrize("case", ["mlp", "cnn_batchnorm", "timm_vit", "module_called_twice"])
+def test_hooks_runs_under_autocast_and_sums_in_float32(case):
+    # inside the user's torch.autocast(bfloat16): the layers' inputs (float32) and output gradients (bfloat16)
+    # are squared in float32; the estimate is the float32 one up to bfloat16 rounding, as the loop's is
+    make, make_batch, *_ = CASES[case]
+    model, batch = make(), make_batch()
+    ref = gradsel.fisher_loop(model, batch, progress=False)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        est = gradsel.fisher(model, batch, engine="hooks", chunk_size=3, progress=False)
+        loop16 = gradsel.fisher_loop(model, batch, progress=False)
+    overall = max(r.abs().max().item() for r in ref.values())
+    for name in ref:
+        assert est[name].dtype == torch.float32
+        scale = max(ref[name].abs().max().item(), 1e-3 * overall)
+        assert (est[name] - ref[name]).abs().max().item() <= 0.05 * scale, name
+        # no worse than the loop under the same autocast (twice as far at most)
+        assert (est[name] - ref[name]).abs().max() <= 2 * (loop16[name] - ref[name]).abs().max() + 1e-3 * scale

@@ -497,7 +497,8 @@ class HooksEngine:
                         and (not self.params[pname].requires_grad or uses[id(self.params[pname])] == calls[pname])}
                 if not want or not cap.inputs:
                     continue
-                made = layer.rule(layer.module, cap.inputs, [g[0] for g in cap.grads], want, n)
+                xs, ds = _widened(cap.inputs, [g[0] for g in cap.grads])
+                made = layer.rule(layer.module, xs, ds, want, n)
                 for attr, g in made.items():
                     parts.setdefault(layer.attrs[attr], []).append(g)
         for pname, got_parts in parts.items():
@@ -564,6 +565,18 @@ class HooksEngine:
                     return name
         raise _NoPerSampleLoss(f"the loss of {type(self.model).__name__} ({float(own):.4g} on a sample) matches "
                                f"none of the per-sample forms known ({', '.join(forms) or 'none for these shapes'})")
+
+
+def _widened(xs: list[torch.Tensor], ds: list[torch.Tensor]) -> tuple[list, list]:
+    """Inputs and output gradients in one floating dtype, at least float32: under autocast a layer's input
+    (float32) and its output gradient (bfloat16) differ, and squares are formed in float32 at least."""
+    floats = [t.dtype for t in xs + ds if t.is_floating_point()]
+    wide = floats[0]
+    for dt in floats[1:]:
+        wide = torch.promote_types(wide, dt)
+    if wide in (torch.float16, torch.bfloat16):
+        wide = torch.float32
+    return ([x.to(wide) if x.is_floating_point() else x for x in xs], [d.to(wide) for d in ds])
 
 
 def _dense(g: Any) -> Callable[[int, int], torch.Tensor]:
