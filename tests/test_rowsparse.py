@@ -179,6 +179,13 @@ def test_unknown_granularity_is_refused(policy):
         gradsel.select(M.mlp(), M.mlp_batch(), policy, keep=5, granularity="col", progress=False)
 
 
+def test_nan_scores_are_refused_by_the_row_ranking():
+    scores = {"weight": torch.tensor([[1.0, float("nan")], [0.0, 1.0]])}
+    with pytest.raises(GradselError, match="scores contain NaN: the Fisher estimate is broken"):
+        gradsel.select(nn.Linear(2, 2, bias=False), None, "fish", keep=2, granularity="row",
+                       fisher=Fisher(scores, 1), progress=False)
+
+
 # -- the row-sparse backward --------------------------------------------------------------------------------
 
 def _grads(model):
