@@ -30,7 +30,7 @@ from torch import nn
 from .errors import GradselError
 
 __all__ = ["BUCKET_BYTES", "default_group", "unwrap", "reduce_fisher", "check_masks_agree", "rewrap",
-           "shard_of", "Shard", "for_apply"]
+           "shard_of", "Shard", "for_apply", "rewrap_if_needed", "count_allreduce"]
 
 #: largest flat buffer per all-reduce (as DDP's default ``bucket_cap_mb=25``)
 BUCKET_BYTES = 25 << 20
@@ -382,3 +382,40 @@ def rewrap(model: nn.Module, **overrides: Any) -> nn.Module:
     kwargs.update(overrides)
     # the old wrapper's reducer stays inert (its hooks fire only after its own forward); drop it: ddp = rewrap(ddp)
     return nn.parallel.DistributedDataParallel(model.module, **kwargs)
+
+
+def rewrap_if_needed(model: nn.Module, handle: Any, **overrides: Any) -> nn.Module:
+    """After ``handle.step()``: the same DDP wrapper, or a new one (:func:`rewrap`) when a progressive
+    policy (jsdrift) has just taken whole tensors out of training, so that their gradients leave DDP's
+    all-reduce. Call it on every rank after every ``handle.step()``: ``ddp = rewrap_if_needed(ddp, handle)``.
+
+    The policies decide identically on every rank (their statistics are reduced across ranks), so every
+    rank re-wraps at the same step. A model that is not DDP is returned unchanged.
+    """
+    controller = getattr(handle, "controller", None)
+    if controller is None or not getattr(controller, "needs_rewrap", False):
+        return model
+    controller.needs_rewrap = False
+    if not _is_ddp(model):
+        return model
+    return rewrap(model, **overrides)
+
+
+def count_allreduce(model: nn.Module) -> dict:
+    """Count what a DDP model all-reduces: registers a comm hook (DDP's default all-reduce, plus counting)
+    and returns the dict it updates, ``{"bytes", "buckets"}``, summed over the steps since. For measuring;
+    a DDP model takes one comm hook, registered before its first backward."""
+    if not _is_ddp(model):
+        raise GradselError(f"count_allreduce takes a DistributedDataParallel model, got {type(model).__name__}")
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+    counts = {"bytes": 0, "buckets": 0}
+
+    def hook(group, bucket):
+        buf = bucket.buffer()
+        counts["bytes"] += buf.numel() * buf.element_size()
+        counts["buckets"] += 1
+        return allreduce_hook(group, bucket)
+
+    model.register_comm_hook(model.process_group, hook)
+    return counts

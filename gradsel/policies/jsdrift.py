@@ -22,8 +22,14 @@ gradsel's version:
 5. Freezing is real: a tensor whose groups are all frozen stops requiring grad (autograd skips its weight
    gradient) and its optimizer state is released; a partly frozen tensor is masked like a static
    selection (its frozen rows never move, under AdamW with weight decay too).
-6. History (drift per group per measurement, freeze steps, trainable share) is kept for plots
-   (:func:`plot_drift`), tables (:func:`drift_table`) and checkpoints (``handle.state_dict()``).
+6. History (drift per group per measurement, freeze steps, trainable share, the seconds the signal cost) is
+   kept for plots (:func:`plot_drift`), tables (:func:`drift_table`) and checkpoints (``handle.state_dict()``).
+7. ``order="network"``: a group may freeze only once every group before it in forward order froze, so the
+   frozen part is a prefix of the network and backward stops early. ``preset="fast"`` bundles the cheap
+   signal, network order and the plateau rule (``docs/jsdrift.md``).
+8. Under a process group the drift statistics are reduced across ranks (sums and counts), so every rank
+   decides the same; the masks are checked to agree after each measurement, and a freeze that takes whole
+   tensors out of training asks for a DDP re-wrap (:func:`gradsel.distributed.rewrap_if_needed`).
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from __future__ import annotations
 import fnmatch
 import math
 import re
+import time
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -38,6 +45,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .. import distributed as _dist
 from ..errors import GradselError
 from ..fisher import fisher
 from ..fisher.batches import BatchReader, iter_batches
@@ -45,7 +53,7 @@ from ..report import table
 from .base import Context, Policy
 from .registry import register_policy
 
-__all__ = ["JSDrift", "js_distance", "plot_drift", "drift_table", "build_groups"]
+__all__ = ["JSDrift", "js_distance", "plot_drift", "drift_table", "build_groups", "PRESETS", "DEFAULTS"]
 
 _EPS = 1e-30
 
@@ -172,47 +180,91 @@ def _take_probe(data: Any, num: int, reader: BatchReader) -> list:
     return out
 
 
+#: the options' values when neither the call nor a preset sets them
+DEFAULTS: dict[str, Any] = dict(interval=10, source="probe", probe_samples=32, groups="tensor", blocks=1,
+                                smoothing=0.5, rule="threshold", threshold=0.05, lam=-1.0, tol=0.05, patience=2,
+                                warmup=0, floor=1, order="any", window=None)
+
+#: named option sets; options given explicitly override the preset's
+PRESETS: dict[str, dict[str, Any]] = {
+    # cheap signal (squared training gradients of the last 3 steps before each measurement), freezing
+    # from the input side, a group freezing once its smoothed drift stops falling by 5% a measurement
+    "fast": dict(source="train", window=3, order="network", rule="plateau", tol=0.05, groups="auto",
+                 interval=10, patience=2, smoothing=0.5),
+}
+
+
 @register_policy("jsdrift")
 class JSDrift(Policy):
     """Progressive freezing of parameter groups whose Fisher distribution has stopped drifting.
 
+    Every option left out takes the ``preset``'s value, else :data:`DEFAULTS`'s.
+
     Options:
+        preset: None or a name in :data:`PRESETS` (``"fast"``: training-gradient signal, network order,
+            plateau rule, groups per block).
         interval: steps between Fisher measurements.
         source: ``"probe"`` (per-sample Fisher on a fixed probe set) or ``"train"`` (training gradients).
+        window: with ``source="train"``, how many of the ``interval`` steps before each measurement have
+            their gradients squared (default: all of them); fewer costs proportionally less.
         probe: batches for the probe set (default: the data given to ``select``).
         probe_samples: how many probe samples to keep.
         groups: ``"tensor"``, ``"auto"`` or a dict group name → list of names / prefixes / globs.
         blocks: split each tensor into this many row blocks (with ``groups="tensor"``).
         smoothing: weight of the newest distance in the exponential smoothing (1 = no smoothing).
-        rule: ``"threshold"`` or ``"relative"``.
+        rule: ``"threshold"``, ``"relative"`` or ``"plateau"``.
         threshold: drift below which a group counts as stable (``rule="threshold"``).
         lam: with ``rule="relative"``, stable means below ``mean + lam * std`` of the active groups.
+        tol: with ``rule="plateau"``, stable means the smoothed drift fell by less than this share since
+            the last measurement (or rose): it has stopped improving.
         patience: consecutive stable measurements before a group freezes.
         warmup: no freezing before this step.
         floor: what always stays trainable, the groups that drift most: an int is a number of groups
             (default 1), a float in [0, 1] a share of candidate elements (like ``keep=``: ``1`` is one
             group, ``1.0`` everything). ``0`` lets every group freeze (a warning then says so).
+        order: ``"any"`` (a stable group freezes whatever its place) or ``"network"`` (only once every
+            group before it in forward order froze: the frozen part is a prefix and backward stops early).
     """
 
     progressive = True
     default_keep = 1.0
 
-    def __init__(self, interval: int = 10, source: str = "probe", probe: Any = None, probe_samples: int = 32,
-                 groups: Any = "tensor", blocks: int = 1, smoothing: float = 0.5, rule: str = "threshold",
-                 threshold: float = 0.05, lam: float = -1.0, patience: int = 2, warmup: int = 0,
-                 floor: int | float = 1):
-        if source not in ("probe", "train"):
-            raise GradselError(f"source={source!r} is not known: use 'probe' or 'train'")
-        if rule not in ("threshold", "relative"):
-            raise GradselError(f"rule={rule!r} is not known: use 'threshold' or 'relative'")
-        if not (isinstance(interval, int) and interval >= 1):
-            raise GradselError(f"interval must be a positive integer, got {interval!r}")
-        if not 0.0 < smoothing <= 1.0:
-            raise GradselError(f"smoothing must be in (0, 1], got {smoothing}")
-        _check_floor(floor)
-        super().__init__(interval=interval, source=source, probe_samples=probe_samples, groups=groups,
-                         blocks=blocks, smoothing=smoothing, rule=rule, threshold=threshold, lam=lam,
-                         patience=patience, warmup=warmup, floor=floor)
+    def __init__(self, interval: int | None = None, source: str | None = None, probe: Any = None,
+                 probe_samples: int | None = None, groups: Any = None, blocks: int | None = None,
+                 smoothing: float | None = None, rule: str | None = None, threshold: float | None = None,
+                 lam: float | None = None, patience: int | None = None, warmup: int | None = None,
+                 floor: int | float | None = None, order: str | None = None, tol: float | None = None,
+                 window: int | None = None, preset: str | None = None):
+        if preset is not None and preset not in PRESETS:
+            raise GradselError(f"preset={preset!r} is not known: use one of {sorted(PRESETS)} or leave it out")
+        given = dict(interval=interval, source=source, probe_samples=probe_samples, groups=groups, blocks=blocks,
+                     smoothing=smoothing, rule=rule, threshold=threshold, lam=lam, patience=patience,
+                     warmup=warmup, floor=floor, order=order, tol=tol, window=window)
+        o = dict(DEFAULTS)
+        o.update(PRESETS.get(preset, {}))
+        o.update({k: v for k, v in given.items() if v is not None})
+        if o["source"] not in ("probe", "train"):
+            raise GradselError(f"source={o['source']!r} is not known: use 'probe' or 'train'")
+        if o["rule"] not in ("threshold", "relative", "plateau"):
+            raise GradselError(f"rule={o['rule']!r} is not known: use 'threshold', 'relative' or 'plateau'")
+        if o["order"] not in ("any", "network"):
+            raise GradselError(f"order={o['order']!r} is not known: use 'any' (default) or 'network' (freeze from "
+                               "the input side only)")
+        if not (isinstance(o["interval"], int) and o["interval"] >= 1):
+            raise GradselError(f"interval must be a positive integer, got {o['interval']!r}")
+        if o["window"] is None:
+            o["window"] = o["interval"]
+        if not (isinstance(o["window"], int) and 1 <= o["window"]):
+            raise GradselError(f"window must be a positive integer (steps squared before each measurement), got "
+                               f"{o['window']!r}")
+        o["window"] = min(o["window"], o["interval"])
+        if not 0.0 < o["smoothing"] <= 1.0:
+            raise GradselError(f"smoothing must be in (0, 1], got {o['smoothing']}")
+        if not 0.0 <= o["tol"] < 1.0:
+            raise GradselError(f"tol must be in [0, 1) (the smoothed drift's relative fall that counts as still "
+                               f"improving), got {o['tol']}")
+        _check_floor(o["floor"])
+        super().__init__(**o, **({"preset": preset} if preset is not None else {}))
         self.probe = probe
         self.fisher_options: dict = {}
 
@@ -257,8 +309,11 @@ def _check_floor(floor: Any, groups: int | None = None) -> None:
 class DriftController:
     """Measures drift every ``interval`` steps and freezes stable groups through the handle.
 
-    Public: :attr:`done`, :meth:`trainable_share`, :meth:`trainable_elements`, :meth:`trainable_groups`,
+    Public: :attr:`done`, :attr:`needs_rewrap`, ``on_freeze`` (callbacks called with each freeze event),
+    :meth:`trainable_share`, :meth:`trainable_elements`, :meth:`trainable_groups`, :meth:`network_order`,
     ``frozen`` (group → step it froze), ``history``, ``state_dict()`` / ``load_state_dict()``.
+    :meth:`step` returns the freeze event of that step (a dict: ``step``, ``groups``, ``tensors`` that left
+    training whole) or None.
     """
 
     def __init__(self, policy: JSDrift, selection, model: nn.Module, handle):
@@ -274,13 +329,28 @@ class DriftController:
         self.step_count = 0
         self.prev: dict[str, torch.Tensor] = {}
         self.smoothed: dict[str, float] = {}
+        self.prev_smoothed: dict[str, float] = {}
         self.stable: dict[str, int] = {}
         self.frozen: dict[str, int] = {}  # group -> step it froze
-        self.history: dict[str, Any] = {"steps": [], "drift": {}, "smoothed": {}, "share": [], "frozen": self.frozen}
+        self.history: dict[str, Any] = {"steps": [], "drift": {}, "smoothed": {}, "share": [], "frozen": self.frozen,
+                                        "signal_time": 0.0, "probe_time": 0.0}
+        #: callables called with each freeze event (``{"step", "groups", "tensors"}``), e.g. to re-wrap DDP
+        self.on_freeze: list = []
+        #: True after a freeze took whole tensors out of training, until :func:`gradsel.distributed.rewrap_if_needed`
+        #: (or the user) re-wrapped the DDP model and set it back to False
+        self.needs_rewrap = False
         _check_floor(self.o["floor"], len(self.groups))
+        self._order: list[str] | None = None  # tensor names in forward order (order="network")
+        self._order_hooks: list = []
+        if self.o.get("order", "any") == "network":
+            self._record_order()
         self._adopt_frozen()
         self._buffers: dict[str, torch.Tensor] = {}
         self._hooks: dict[str, Any] = {}
+        self._counted = 0  # training steps squared into the buffers since the last measurement
+        self._counted_tensors: set[str] = set()  # tensors squared during the current step
+        self._hook_time = 0.0
+        self._collect = self._collecting(1)
         if self.o["source"] == "train":
             self._attach_train_hooks()
         else:
@@ -311,9 +381,61 @@ class DriftController:
                       "keep a floor (floor=1, the default, leaves the group that drifts most trainable)",
                       stacklevel=7)
 
+    # -- network order ---------------------------------------------------------------------------------
+    def _record_order(self) -> None:
+        """Forward pre-hooks on the modules that own candidates: the first forward (the probe's baseline
+        or the first training step) records the order in which they run; the hooks go at the first step."""
+        seen: list[str] = []
+        candidates = set(self.shapes)
+
+        for mname, module in self.model.named_modules():
+            own = [f"{mname}.{p}" if mname else p for p, _ in module.named_parameters(recurse=False)]
+            own = [n for n in own if n in candidates]
+            if not own:
+                continue
+
+            def pre(mod, args, own=own):
+                for n in own:
+                    if n not in seen_set:
+                        seen_set.add(n)
+                        seen.append(n)
+
+            self._order_hooks.append(module.register_forward_pre_hook(pre))
+        seen_set: set[str] = set()
+        self._seen = seen
+
+    def _finish_order(self) -> None:
+        if self._order is not None or self.o.get("order", "any") != "network":
+            return
+        for h in self._order_hooks:
+            h.remove()
+        self._order_hooks = []
+        seen = getattr(self, "_seen", [])
+        # tensors no forward pre-hook saw (used by a module that does not own them) go last, in model order
+        self._order = list(seen) + [n for n in self.selection.candidates if n not in set(seen)]
+
+    def network_order(self) -> list[str]:
+        """Group names in forward order (``order="network"``): a group's place is the first forward call of
+        a module that owns one of its tensors; groups at the same place (a weight and its bias, row blocks)
+        share a tier and may freeze in any order among themselves."""
+        return [g.name for g in sorted(self.groups, key=self._tier)]  # sorted() is stable: group order in a tier
+
+    def _tier(self, g: Group) -> int:
+        order = self._order if self._order is not None else (list(getattr(self, "_seen", [])) or
+                                                            list(self.selection.candidates))
+        place = {n: i for i, n in enumerate(order)}
+        rest = len(order)
+        return min(place.get(n, rest + self.selection.candidates.index(n)) for n in g.tensors())
+
     # -- measurement ---------------------------------------------------------------------------------
     def _active(self) -> list[Group]:
         return [g for g in self.groups if g.name not in self.frozen]
+
+    def _collecting(self, step: int) -> bool:
+        """Whether the gradients of training step ``step`` (1-based) are squared (``window`` before each
+        measurement)."""
+        interval, window = self.o["interval"], self.o.get("window") or self.o["interval"]
+        return (step - 1) % interval >= interval - window
 
     def _attach_train_hooks(self) -> None:
         """Sum the squared (masked) training gradients of every active tensor between measurements."""
@@ -322,8 +444,13 @@ class DriftController:
             self._buffers[name] = torch.zeros_like(params[name], dtype=torch.float32)
 
             def add(q, name=name):
-                if q.grad is not None:
-                    self._buffers[name].add_(q.grad.detach().float().square())
+                if q.grad is not None and self._collect:
+                    t0 = time.perf_counter()
+                    g = q.grad.detach()
+                    g = g if g.dtype == torch.float32 else g.float()
+                    self._buffers[name].addcmul_(g, g)
+                    self._hook_time += time.perf_counter() - t0
+                    self._counted_tensors.add(name)
 
             self._hooks[name] = params[name].register_post_accumulate_grad_hook(add)
 
@@ -333,14 +460,22 @@ class DriftController:
             scores = {n: self._buffers[n].clone() for n in names}
             for b in self._buffers.values():
                 b.zero_()
+            count = self._counted
+            self._counted = 0
+            # under a process group each rank squared its own gradients: add the ranks' sums (and counts)
+            _dist.reduce_fisher(scores, count)
             return scores
         opts = {k: v for k, v in self.policy.fisher_options.items() if v is not None}
-        return dict(fisher(self.model, self.policy.probe, params=names, progress=False, **opts))
+        t0 = time.perf_counter()
+        out = dict(fisher(self.model, self.policy.probe, params=names, progress=False, **opts))
+        self.history["probe_time"] = self.history.get("probe_time", 0.0) + time.perf_counter() - t0
+        return out  # under a process group gradsel.fisher already reduced the ranks' sums and counts
 
-    def _measure(self) -> None:
+    def _measure(self) -> dict | None:
         active = self._active()
         if not active:
-            return
+            return None
+        t0 = time.perf_counter()
         scores = self._scores()
         record = {}
         for g in active:
@@ -348,43 +483,74 @@ class DriftController:
             if g.name in self.prev:
                 d = js_distance(self.prev[g.name], dist)
                 a = self.o["smoothing"]
+                if g.name in self.smoothed:
+                    self.prev_smoothed[g.name] = self.smoothed[g.name]
                 self.smoothed[g.name] = d if g.name not in self.smoothed else a * d + (1 - a) * self.smoothed[g.name]
                 record[g.name] = d
             self.prev[g.name] = dist
+        event = None
         if record:
             self.history["steps"].append(self.step_count)
             for g in active:
                 if g.name in record:
                     self.history["drift"].setdefault(g.name, []).append([self.step_count, record[g.name]])
                     self.history["smoothed"].setdefault(g.name, []).append([self.step_count, self.smoothed[g.name]])
-            self._decide(active)
+            event = self._decide(active)
         self.history["share"].append([self.step_count, self.trainable_share()])
+        _dist.check_masks_agree({n: self.selection.masks[n] for n in self.selection.candidates})
+        self.history["signal_time"] = self.history.get("signal_time", 0.0) + time.perf_counter() - t0
+        return event
 
-    def _decide(self, active: list[Group]) -> None:
+    def _is_stable(self, name: str, limit: float) -> bool:
+        d = self.smoothed[name]
+        if self.o["rule"] == "plateau":
+            if name not in self.prev_smoothed:
+                return False  # needs two smoothed values to see a trend
+            return d >= (1.0 - self.o.get("tol", 0.05)) * self.prev_smoothed[name]
+        return d < limit
+
+    def _decide(self, active: list[Group]) -> dict | None:
         drifts = {g.name: self.smoothed[g.name] for g in active if g.name in self.smoothed}
         if not drifts:
-            return
-        if self.o["rule"] == "threshold":
-            limit = self.o["threshold"]
-        else:
+            return None
+        if self.o["rule"] == "relative":
             vals = torch.tensor(list(drifts.values()), dtype=torch.float64)
             limit = float(vals.mean() + self.o["lam"] * (vals.std() if len(vals) > 1 else 0.0))
-        for name, d in drifts.items():
-            self.stable[name] = self.stable.get(name, 0) + 1 if d < limit else 0
+        else:
+            limit = self.o["threshold"]
+        for name in drifts:
+            self.stable[name] = self.stable.get(name, 0) + 1 if self._is_stable(name, limit) else 0
         if self.step_count < self.o["warmup"]:
-            return
-        ready = sorted((d, i, name) for i, (name, d) in enumerate(drifts.items())
-                       if self.stable[name] >= self.o["patience"])
+            return None
+        ready = {name for name in drifts if self.stable[name] >= self.o["patience"]}
         trainable, count = self.trainable_elements(), len(active)
         to_freeze = []
-        for _, _, name in ready:  # most stable first: the floor keeps the groups that drift most
-            if not self._floor_allows(trainable - self.sizes[name], count - 1):
-                break
-            trainable -= self.sizes[name]
-            count -= 1
-            to_freeze.append(name)
+        if self.o.get("order", "any") == "network":
+            self._finish_order()
+            tiers: dict[int, list[str]] = {}
+            for g in active:
+                tiers.setdefault(self._tier(g), []).append(g.name)
+            for t in sorted(tiers):  # from the input side: a tier opens once every tier before it froze
+                names = sorted((n for n in tiers[t] if n in ready), key=lambda n: (drifts[n], n))
+                for name in names:
+                    if not self._floor_allows(trainable - self.sizes[name], count - 1):
+                        break
+                    trainable -= self.sizes[name]
+                    count -= 1
+                    to_freeze.append(name)
+                if any(n not in to_freeze for n in tiers[t]):
+                    break
+        else:
+            order = sorted((d, i, name) for i, (name, d) in enumerate(drifts.items()) if name in ready)
+            for _, _, name in order:  # most stable first: the floor keeps the groups that drift most
+                if not self._floor_allows(trainable - self.sizes[name], count - 1):
+                    break
+                trainable -= self.sizes[name]
+                count -= 1
+                to_freeze.append(name)
         if to_freeze:
-            self._freeze(to_freeze)
+            return self._freeze(to_freeze)
+        return None
 
     def _floor_allows(self, elements: int, groups: int) -> bool:
         """Whether ``elements`` trainable candidate elements in ``groups`` groups satisfy the floor."""
@@ -393,7 +559,7 @@ class DriftController:
             return groups >= floor
         return elements / self.total >= floor
 
-    def _freeze(self, names: list[str]) -> None:
+    def _freeze(self, names: list[str]) -> dict:
         by_name = {g.name: g for g in self.groups}
         masks: dict[str, torch.Tensor] = {}
         for gname in names:
@@ -407,12 +573,19 @@ class DriftController:
                     m[rows[0]:rows[1]] = False
         self.handle.update(masks)
         self.selection.budget = self.trainable_elements()  # budget == selected(): the elements trained now
-        for n, m in masks.items():  # tensors that left training need no gradient statistics
-            if not bool(m.any()) and n in self._hooks:
+        whole = sorted(n for n, m in masks.items() if not bool(m.any()))
+        for n in whole:  # tensors that left training need no gradient statistics
+            if n in self._hooks:
                 self._hooks.pop(n).remove()
                 del self._buffers[n]
+        if whole:
+            self.needs_rewrap = True
         if not self._active():
             self._warn_nothing_left()
+        event = {"step": self.step_count, "groups": list(names), "tensors": whole}
+        for fn in list(self.on_freeze):
+            fn(event)
+        return event
 
     # -- public --------------------------------------------------------------------------------------
     def trainable_elements(self) -> int:
@@ -444,26 +617,45 @@ class DriftController:
             return False
         return all(self.stable.get(g.name, 0) >= self.o["patience"] for g in active)
 
-    def step(self) -> None:
+    def step(self) -> dict | None:
+        """Advance one training step; every ``interval`` steps measure and maybe freeze. Returns the freeze
+        event of this step or None."""
         self.step_count += 1
+        if self._order is None and self._order_hooks:
+            self._finish_order()  # the first training forward has run: the order is known
+        if self._counted_tensors:
+            self._counted += 1
+            self._counted_tensors = set()
+        event = None
         if self.step_count % self.o["interval"] == 0:
-            self._measure()
+            event = self._measure()
+        self._collect = self._collecting(self.step_count + 1)
+        if self._hook_time:
+            self.history["signal_time"] = self.history.get("signal_time", 0.0) + self._hook_time
+            self._hook_time = 0.0
+        return event
 
     def close(self) -> None:
         for h in self._hooks.values():
             h.remove()
         self._hooks = {}
+        for h in self._order_hooks:
+            h.remove()
+        self._order_hooks = []
 
     def state_dict(self) -> dict:
         return {"step": self.step_count, "prev": {k: v.clone() for k, v in self.prev.items()},
-                "smoothed": dict(self.smoothed), "stable": dict(self.stable), "frozen": dict(self.frozen),
-                "history": _copy_history(self.history),
+                "smoothed": dict(self.smoothed), "prev_smoothed": dict(self.prev_smoothed),
+                "stable": dict(self.stable), "frozen": dict(self.frozen),
+                "history": _copy_history(self.history), "counted": self._counted,
+                "order": list(self._order) if self._order is not None else None,
                 "buffers": {k: v.clone() for k, v in self._buffers.items()}}
 
     def load_state_dict(self, state: dict) -> None:
         self.step_count = int(state["step"])
         self.prev = {k: v.clone() for k, v in state["prev"].items()}
         self.smoothed = dict(state["smoothed"])
+        self.prev_smoothed = dict(state.get("prev_smoothed", {}))
         self.stable = dict(state["stable"])
         self.frozen.clear()
         self.frozen.update(state["frozen"])
@@ -472,8 +664,17 @@ class DriftController:
         self.history.clear()
         self.history.update(history)
         self.selection.budget = self.trainable_elements()
+        if state.get("order") is not None:
+            for h in self._order_hooks:
+                h.remove()
+            self._order_hooks = []
+            self._order = list(state["order"])
+        self._counted = int(state.get("counted", 0))
+        self._collect = self._collecting(self.step_count + 1)
         if self.o["source"] == "train":
-            self.close()
+            for h in self._hooks.values():
+                h.remove()
+            self._hooks = {}
             self._buffers = {}
             self._attach_train_hooks()
             for n, b in state["buffers"].items():
@@ -484,7 +685,8 @@ class DriftController:
 def _copy_history(h: dict) -> dict:
     return {"steps": list(h["steps"]), "drift": {k: [list(x) for x in v] for k, v in h["drift"].items()},
             "smoothed": {k: [list(x) for x in v] for k, v in h["smoothed"].items()},
-            "share": [list(x) for x in h["share"]], "frozen": dict(h["frozen"])}
+            "share": [list(x) for x in h["share"]], "frozen": dict(h["frozen"]),
+            "signal_time": float(h.get("signal_time", 0.0)), "probe_time": float(h.get("probe_time", 0.0))}
 
 
 def _history(obj) -> dict:
