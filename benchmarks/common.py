@@ -128,3 +128,40 @@ def md_table(rows: list[dict], columns: list[str]) -> str:
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in columns) + " |" for r in rows]
     return "\n".join(lines)
+
+
+def in_fresh_process_or_fail(target: Callable, *args: Any, timeout: float | None = None) -> Any:
+    """Like :func:`in_fresh_process`, but a child that dies or runs past ``timeout`` seconds gives
+    ``{"error": "<why>"}`` instead of hanging the parent."""
+    import queue as queue_module
+
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=target, args=(*args, queue))
+    old = os.environ.get("MALLOC_MMAP_THRESHOLD_")
+    os.environ["MALLOC_MMAP_THRESHOLD_"] = "131072"
+    try:
+        proc.start()
+    finally:
+        if old is None:
+            os.environ.pop("MALLOC_MMAP_THRESHOLD_")
+        else:
+            os.environ["MALLOC_MMAP_THRESHOLD_"] = old
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        try:
+            value = queue.get(timeout=1.0)
+            break
+        except queue_module.Empty:
+            if not proc.is_alive():
+                try:  # what it put just before exiting may still be on its way
+                    value = queue.get(timeout=2.0)
+                except queue_module.Empty:
+                    value = {"error": f"the process died (exit code {proc.exitcode})"}
+                break
+            if deadline is not None and time.monotonic() > deadline:
+                proc.kill()
+                value = {"error": f"ran past the {timeout:.0f} s limit"}
+                break
+    proc.join()
+    return value
