@@ -361,3 +361,133 @@ def test_applying_a_selection_again_keeps_its_frozen_groups():
 def test_bad_floor(floor, match):
     with pytest.raises(GradselError, match=match):
         gradsel.select(TwoBranch(), [_data(8, torch.Generator())], "jsdrift", floor=floor, progress=False)
+
+
+# -- network order, the cheap signal, presets ----------------------------------------------------------------
+
+FORWARD = ["mix", "b1", "b2", "c", "a"]  # TwoBranch's forward order; it registers a, mix, b1, b2, c
+
+
+def test_network_order_is_the_forward_order_and_frozen_groups_form_a_prefix():
+    # threshold 10: every group is stable at step 10, so only the order and the floor decide
+    _, _, handle, _, _ = _run(12, order="network", threshold=10.0, floor=2)
+    c = handle.controller
+    assert c.network_order() == [f"{m}.{p}" for m in FORWARD for p in ("weight", "bias")]
+    assert set(c.frozen) == set(c.network_order()[:-2])  # the prefix; the floor keeps the last two (a.*)
+    handle.remove()
+    # the same run in any order keeps the two that drift most instead, which are not a.*
+    _, _, anyway, _, _ = _run(12, threshold=10.0, floor=2)
+    assert set(anyway.controller.trainable_groups()) != {"a.weight", "a.bias"}
+    anyway.remove()
+    # with a real rule: a.* is stable (it froze at step 10 in any order) but sits after drifting groups
+    _, _, handle, _, _ = _run(60, order="network")
+    order, frozen = handle.controller.network_order(), handle.controller.frozen
+    assert "a.weight" not in frozen and "b1.weight" not in frozen
+    assert set(order[: len(frozen)]) == set(frozen)
+    handle.remove()
+
+
+def test_a_frozen_prefix_leaves_the_backward_graph():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 3))
+    g = torch.Generator().manual_seed(0)
+    data = lambda: (torch.randn(16, 6, generator=g), torch.randint(0, 3, (16,), generator=g))  # noqa: E731
+    sel = gradsel.select(model, [data()], "jsdrift", order="network", interval=2, threshold=10.0, floor=2,
+                         patience=1, progress=False)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    needs = {}
+    outputs = {}
+    hooks = [model[i].register_forward_hook(lambda m, a, o, i=i: outputs.__setitem__(i, o.requires_grad))
+             for i in (0, 2, 4)]
+    with sel.apply(model, opt) as handle:
+        events = []
+        handle.controller.on_freeze.append(events.append)
+        for _ in range(4):
+            x, y = data()
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+            event = handle.step()
+            needs.setdefault("first", handle.controller.needs_rewrap)
+            if event is not None:
+                assert event == events[-1]
+        assert events[0]["step"] == 2 and events[0]["tensors"] == ["0.bias", "0.weight", "2.bias", "2.weight"]
+        assert handle.controller.needs_rewrap and needs["first"] is False
+        x, y = data()
+        nn.functional.cross_entropy(model(x), y).backward()
+        # layers 0 and 2 froze: autograd records nothing for them, so backward stops at layer 4's input
+        assert outputs == {0: False, 2: False, 4: True}
+        assert model[0].weight.grad is None
+    for h in hooks:
+        h.remove()
+
+
+def test_train_window_squares_only_the_last_steps_before_a_measurement():
+    _, _, all_steps, _, _ = _run(4, source="train", interval=5)
+    _, _, last_one, _, _ = _run(4, source="train", interval=5, window=1)
+    assert all(bool(b.any()) for b in all_steps.state_dict()["controller"]["buffers"].values())
+    assert not any(bool(b.any()) for b in last_one.state_dict()["controller"]["buffers"].values())  # step 5 not yet run
+    assert all_steps.controller.state_dict()["counted"] == 4 and last_one.controller.state_dict()["counted"] == 0
+    all_steps.remove()
+    last_one.remove()
+
+
+def test_history_records_what_the_signal_cost(tmp_path):
+    _, _, probe, _, _ = _run(20)
+    _, _, train, _, _ = _run(20, source="train")
+    hp, ht = probe.controller.history, train.controller.history
+    assert hp["probe_time"] > 0 and hp["signal_time"] >= hp["probe_time"]
+    assert ht["probe_time"] == 0 and ht["signal_time"] > 0
+    back = gradsel.Selection.load(probe.selection.save(tmp_path / "sel.safetensors"))
+    assert back.info["jsdrift"]["probe_time"] == pytest.approx(hp["probe_time"])
+    probe.remove()
+    train.remove()
+
+
+def test_preset_fast_and_explicit_overrides():
+    from gradsel.policies.jsdrift import JSDrift
+
+    fast = JSDrift(preset="fast").options
+    assert (fast["source"], fast["order"], fast["rule"], fast["groups"]) == ("train", "network", "plateau", "auto")
+    assert fast["preset"] == "fast"
+    assert JSDrift(preset="fast", source="probe", interval=4).options["source"] == "probe"
+    assert JSDrift(preset="fast", interval=2).options["window"] == 2  # the window never exceeds the interval
+    assert JSDrift().options["order"] == "any" and JSDrift().options["source"] == "probe"  # defaults unchanged
+
+
+def test_preset_fast_freezes_a_prefix_when_the_drift_stops_falling():
+    _, _, handle, _, _ = _run(60, preset="fast", interval=5, warmup=0)
+    c = handle.controller
+    assert c.frozen and c.trainable_groups()  # froze something, and the floor kept the rest alive
+    order = c.network_order()
+    assert order == FORWARD and set(order[: len(c.frozen)]) == set(c.frozen)
+    tol, patience = c.o["tol"], c.o["patience"]
+    for name, step in c.frozen.items():  # each froze after `patience` measurements without a 5% fall
+        series = [d for s, d in c.history["smoothed"][name] if s <= step]
+        assert len(series) >= patience + 1
+        assert all(b >= (1 - tol) * a for a, b in zip(series[-patience - 1:], series[-patience:]))
+    handle.remove()
+
+
+@pytest.mark.parametrize("options", [dict(preset="fast", interval=5), dict(order="network", source="train",
+                                                                           window=2, threshold=0.3)])
+def test_resume_reproduces_the_run_with_network_order_and_training_gradients(options):
+    full_model, _, full, _, _ = _run(60, **options)
+    model, opt, handle, g, _ = _run(23, **options)
+    state = copy.deepcopy({"model": model.state_dict(), "opt": opt.state_dict(), "handle": handle.state_dict(),
+                           "rng": g.get_state()})
+    handle.remove()
+    resumed_model, _, resumed, _, _ = _run(37, state=state, **options)
+    assert resumed.controller.frozen == full.controller.frozen and full.controller.frozen
+    assert resumed.controller.network_order() == full.controller.network_order()
+    for name, series in full.controller.history["smoothed"].items():
+        assert [d for _, d in resumed.controller.history["smoothed"][name]] == pytest.approx(
+            [d for _, d in series], abs=1e-6)
+
+
+@pytest.mark.parametrize("options, match", [(dict(preset="slow"), "preset="), (dict(order="backward"), "order="),
+                                            (dict(rule="median"), "rule="), (dict(tol=1.5), "tol must"),
+                                            (dict(window=0), "window must")])
+def test_bad_new_options(options, match):
+    with pytest.raises(GradselError, match=match):
+        gradsel.select(TwoBranch(), [_data(8, torch.Generator())], "jsdrift", progress=False, **options)
