@@ -181,6 +181,7 @@ def _hooks_fallback(model, batch, **kw):
 @pytest.mark.parametrize("case", ["mlp", "cnn_batchnorm", "bert", "bert_lora", "smp_unet", "torchvision_resnet18_inplace",
                                   "depthwise_separable", "module_called_twice", "torch_checkpoint", "timm_vit",
                                   "param_added_to_conv_output", "gpt2_tied_lm_head", "gpt2_own_lm_loss",
+                                  "embedding_attention_layernorm",
                                   "bert_hf_gradient_checkpointing"])
 def test_hooks_rules_cover_every_candidate(case):
     # no fallback pass at all: position embeddings (1, T, D) expanded, unused encoder stages zero, in-place
@@ -192,15 +193,6 @@ def test_hooks_rules_cover_every_candidate(case):
 
 
 @needs_hooks
-def test_hooks_falls_back_only_for_parameters_without_rule():
-    for case, expected in [("embedding_attention_layernorm", {"attn.in_proj_weight", "attn.in_proj_bias",
-                                                              "attn.out_proj.weight", "attn.out_proj.bias"})]:
-        model, batch, ref, opts = _case(case)
-        est, fell = _hooks_fallback(model, batch, loss=opts.get("loss"))
-        assert fell <= expected, case
-        _assert_matches(est, ref)
-
-
 @needs_hooks
 @pytest.mark.parametrize("case", ["mlp", "cnn_batchnorm", "bert", "module_called_twice", "depthwise_separable",
                                   "gpt2_tied_lm_head", "torch_checkpoint"])
@@ -288,8 +280,9 @@ def test_hooks_runs_under_autocast_and_sums_in_float32(case):
     model, batch = make(), make_batch()
     ref = gradsel.fisher_loop(model, batch, progress=False)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        est = gradsel.fisher(model, batch, engine="hooks", chunk_size=3, progress=False)
+        est, fell = _hooks_fallback(model, batch, chunk_size=3)
         loop16 = gradsel.fisher_loop(model, batch, progress=False)
+    assert fell == set()  # a weight cast once and used by two calls still counts as two uses
     overall = max(r.abs().max().item() for r in ref.values())
     for name in ref:
         assert est[name].dtype == torch.float32

@@ -29,7 +29,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call
+from torch.func import functional_call, grad, vmap
 from torch.utils import _pytree as pytree
 
 from ...errors import GradselError
@@ -343,7 +343,29 @@ class HooksEngine:
         # parameters without a rule shaped like a batch of one (pos_embed (1, T, D), cls_token, an offset
         # (1, C, 1, 1)) that the model broadcasts against the batch: given a copy per sample, autograd returns
         # each sample's gradient in one backward (checked against the loop on the first chunk)
-        self.expandable = [n for n in names if n not in ruled and self.params[n].dim() >= 2
+        # a module without rule holding candidates of its own (nn.MultiheadAttention, a layer scale): its
+        # input and output gradient are captured like a rule layer's, and torch.func forms each sample's
+        # gradient of that module alone (checked against the loop on the first chunk)
+        owners = Counter(id(p) for m in model.modules(remove_duplicate=False) for p in m.parameters(recurse=False))
+        wanted = set(names)
+        # (with the candidates of its submodules that no rule covers: nn.MultiheadAttention reads its
+        # out_proj's weight without running out_proj)
+        self.local: dict[str, tuple[nn.Module, dict[str, str]]] = {}
+        claimed = set(ruled)
+
+        def free(full: str, p: torch.Tensor) -> bool:
+            return full in wanted and full not in claimed and owners[id(p)] == 1 and self.params.get(full) is p
+
+        for mod_name, module in model.named_modules():
+            if module is model or not any(free(f"{mod_name}.{a}", p) for a, p in module.named_parameters(recurse=False)):
+                continue
+            own = {rel: f"{mod_name}.{rel}" for rel, p in module.named_parameters() if free(f"{mod_name}.{rel}", p)}
+            claimed.update(own.values())
+            self.local[mod_name] = (module, own)
+        local_names = {pname for _, own in self.local.values() for pname in own.values()}
+        self._local_checked = False
+        self._no_local: set[str] = set()
+        self.expandable = [n for n in names if n not in ruled and n not in local_names and self.params[n].dim() >= 2
                            and self.params[n].shape[0] == 1]
         self._forward_module = _Forward(model, reader)
         self._swap: dict[str, torch.Tensor] | None = None
@@ -359,7 +381,7 @@ class HooksEngine:
     def __call__(self, batch: Any) -> dict[str, Any]:
         n = self.reader.size(batch)
         grads: dict[str, Any] = {}
-        if (self.layers or self.expandable) and not self._whole_model_fallback:
+        if (self.layers or self.expandable or self.local) and not self._whole_model_fallback:
             try:
                 grads = self._per_layer(batch, n)
             except _NoPerSampleLoss as exc:
@@ -443,12 +465,47 @@ class HooksEngine:
 
             return hook
 
+        lcalls: dict[str, list] = {name: [] for name in self.local}
+
+        def local_hook(name: str):
+            def hook(module, args, kwargs, output):
+                if not recording[0] or not torch.is_grad_enabled():
+                    return None
+                flat, spec = pytree.tree_flatten((args, kwargs))
+                batched = [isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == n for t in flat]
+                outs, out_spec = pytree.tree_flatten(output)
+                out_batched = [isinstance(t, torch.Tensor) and t.is_floating_point() and t.dim() > 0
+                               and t.shape[0] == n for t in outs]
+                if not any(out_batched):
+                    lcalls[name].append(None)  # no batch dimension to split: the fallback computes it
+                    return None
+                new = None
+                if not any(isinstance(t, torch.Tensor) and t.requires_grad for t in flat):
+                    root = torch.zeros((), dtype=outs[out_batched.index(True)].dtype, device=outs[0].device,
+                                       requires_grad=True)
+                    roots.append(root)
+                    outs = [t + root if b else t for t, b in zip(outs, out_batched)]
+                    new = pytree.tree_unflatten(outs, out_spec)
+                call = {"flat": [t.detach() if isinstance(t, torch.Tensor) else t for t in flat], "spec": spec,
+                        "batched": batched, "out_batched": out_batched,
+                        "shapes": [t.shape if b else None for t, b in zip(outs, out_batched)],
+                        "grads": [None] * len(outs)}
+                lcalls[name].append(call)
+                for j, (t, b) in enumerate(zip(outs, out_batched)):
+                    if b and t.requires_grad:
+                        t.register_hook(lambda g, j=j, call=call: call["grads"].__setitem__(j, g))
+                return new
+
+            return hook
+
         leaves = {}
         if self._expand is not False:
             for pname in self.expandable:
                 p = self.params[pname]
                 leaves[pname] = p.detach().expand(n, *p.shape[1:]).clone().requires_grad_(True)
         handles = [layer.module.register_forward_hook(forward_hook(name, layer)) for name, layer in self.layers.items()]
+        handles += [module.register_forward_hook(local_hook(name), with_kwargs=True)
+                    for name, (module, _) in self.local.items()]
         try:
             self._swap = {"model." + k: v for k, v in leaves.items()} or None
             losses = self._losses(batch, n)
@@ -501,6 +558,7 @@ class HooksEngine:
                 made = layer.rule(layer.module, xs, ds, want, n)
                 for attr, g in made.items():
                     parts.setdefault(layer.attrs[attr], []).append(g)
+        out.update(self._local_grads(lcalls, batch, n))
         for pname, got_parts in parts.items():
             out[pname] = got_parts[0] if len(got_parts) == 1 else _summed(got_parts, n, self.params[pname])
         if not opaque:  # a candidate absent from the graph (a layer that never runs) has zero gradients
@@ -508,6 +566,35 @@ class HooksEngine:
                 p = self.params[pname]
                 if pname not in out and p.requires_grad and uses[id(p)] == 0:
                     out[pname] = ZeroGrads(n)
+        return out
+
+    def _local_grads(self, lcalls: dict[str, list], batch: Any, n: int) -> dict[str, torch.Tensor]:
+        """Each sample's gradient of the local modules' own candidates: torch.func on that module alone, fed
+        with the captured inputs and output gradients (calls summed); checked once against the loop."""
+        out: dict[str, torch.Tensor] = {}
+        for name, (module, own) in self.local.items():
+            calls = lcalls[name]
+            own = {attr: pname for attr, pname in own.items() if pname not in self._no_local}
+            if not calls or not own or any(c is None or all(g is None for g in c["grads"]) for c in calls):
+                continue  # never ran, no batch dimension, or not reached by the backward: the fallback
+            cands = {attr: self.params[pname].detach() for attr, pname in own.items()}
+            consts = {k: v.detach() for k, v in module.named_parameters() if k not in cands}
+            total = None
+            for call in calls:
+                g = _module_grads(module, cands, consts, call)
+                total = g if total is None else {k: total[k] + g[k] for k in g}
+            for attr, pname in own.items():
+                out[pname] = total[attr]
+        if out and not self._local_checked:
+            self._local_checked = True
+            k = min(2, n)
+            ref = self._make_last_resort(self.model, list(out), self.reader)(self.reader.take(batch, slice(0, k)))
+            for pname in list(out):
+                g, r = out[pname][:k], ref[pname].to(out[pname].dtype)
+                rtol = 1e-7 if g.dtype == torch.float64 else 1e-3
+                if not torch.allclose(g, r, rtol=rtol, atol=rtol * float(r.abs().max()) + 1e-30):
+                    self._no_local.add(pname)
+                    del out[pname]
         return out
 
     def _expansion_holds(self, batch: Any, n: int, losses: torch.Tensor, leaf_grads: dict[str, torch.Tensor]) -> bool:
@@ -579,6 +666,27 @@ def _widened(xs: list[torch.Tensor], ds: list[torch.Tensor]) -> tuple[list, list
     return ([x.to(wide) if x.is_floating_point() else x for x in xs], [d.to(wide) for d in ds])
 
 
+def _module_grads(module: nn.Module, cands: dict[str, torch.Tensor], consts: dict[str, torch.Tensor],
+                  call: dict) -> dict[str, torch.Tensor]:
+    """``{attr: (n, *shape)}``: per-sample gradients of ``module``'s own parameters for one captured call."""
+    flat, spec, batched = call["flat"], call["spec"], call["batched"]
+    rows = [t for t, b in zip(flat, batched) if b]
+    deltas = [torch.zeros(shape, dtype=cands[next(iter(cands))].dtype, device=rows[0].device if rows else None)
+              if g is None else g for g, shape, b in zip(call["grads"], call["shapes"], call["out_batched"]) if b]
+
+    def one_sample(params, rows_i, deltas_i):
+        it = iter(rows_i)
+        args, kwargs = pytree.tree_unflatten([next(it).unsqueeze(0) if b else t for t, b in zip(flat, batched)], spec)
+        outs = pytree.tree_leaves(functional_call(module, {**consts, **params}, tuple(args), kwargs))
+        picked = [t for t, b in zip(outs, call["out_batched"]) if b]
+        return sum((o.squeeze(0) * d.to(o.dtype)).sum() for o, d in zip(picked, deltas_i))
+
+    with torch.enable_grad(), warnings.catch_warnings():
+        # SDPA has no vmap batching rule yet; torch warns once per op and runs a correct slow path
+        warnings.filterwarnings("ignore", message="There is a performance drop")
+        return vmap(grad(one_sample), in_dims=(None, 0, 0))(cands, rows, deltas)
+
+
 def _dense(g: Any) -> Callable[[int, int], torch.Tensor]:
     """``make(start, stop)``: the per-sample gradients of samples ``start:stop`` as a dense tensor."""
     if isinstance(g, torch.Tensor):
@@ -609,27 +717,38 @@ def _summed(parts: list, n: int, param: torch.Tensor) -> BlockGrads:
 
 
 def _parameter_uses(losses: torch.Tensor) -> tuple[Counter, bool]:
-    """How often each parameter enters autograd's graph of ``losses`` (edges into its AccumulateGrad), and
-    whether the graph holds custom Python functions (reentrant checkpointing) that can hide parameter uses."""
-    uses: Counter = Counter()
+    """How often each parameter enters autograd's graph of ``losses``, and whether the graph holds custom
+    Python functions (reentrant checkpointing) that can hide parameter uses.
+
+    A use is an edge into the parameter's AccumulateGrad node; under autocast a parameter is cast once per
+    forward and the cast reused by every call, so the uses of a cast (``ToCopyBackward0``) count instead."""
+    incoming: Counter = Counter()
+    nodes: dict[int, Any] = {}
     opaque = False
-    seen: set[int] = set()
     stack = [losses.grad_fn] if losses.grad_fn is not None else []
     while stack:
         node = stack.pop()
-        if id(node) in seen:
+        if id(node) in nodes:
             continue
-        seen.add(id(node))
+        nodes[id(node)] = node
         if isinstance(node, torch.autograd.function.BackwardCFunction):
             opaque = True
         for nxt, _ in node.next_functions:
-            if nxt is None:
-                continue
+            if nxt is not None:
+                incoming[id(nxt)] += 1
+                if id(nxt) not in nodes:
+                    stack.append(nxt)
+    uses: Counter = Counter()
+    for node in nodes.values():
+        variable = getattr(node, "variable", None)
+        if variable is not None:
+            continue
+        for nxt, _ in node.next_functions:
             variable = getattr(nxt, "variable", None)
-            if variable is not None:
-                uses[id(variable)] += 1
-            else:
-                stack.append(nxt)
+            if variable is None:
+                continue
+            cast = type(node).__name__ == "ToCopyBackward0" and len(node.next_functions) == 1
+            uses[id(variable)] += incoming[id(node)] if cast else 1
     return uses, opaque
 
 
