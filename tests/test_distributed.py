@@ -7,7 +7,6 @@ writes what it got to tmp_path; the parent computes the single-process reference
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import traceback
@@ -23,15 +22,13 @@ from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 import gradsel
 from gradsel import distributed as gd
 from tests import models as M
+from tests.dist_utils import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT = 120  # seconds per spawned pair (a loaded 2-core machine; each pair takes ~10-30 s)
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+_free_port = free_port  # shared with tests/test_launchers.py
 
 
 def _entry(rank: int, world: int, port: int, work: str, out: str) -> None:
