@@ -14,6 +14,13 @@ For the BERT-from-config and the smp Unet, four ways to train the same steps:
 
 The frozen groups for the first three are the first half of the parameter tensors in model order
 (embeddings and early layers / the encoder's first stages): the usual candidates for early freezing.
+
+``python -m benchmarks.jsdrift_speed --e2e`` measures time to quality instead (``jsdrift_e2e.{md,json}``):
+the same number of steps on a synthetic but learnable task (BERT: the label says whether a marker
+token occurs; Unet: the mask is where the first channel is positive) for full fine-tuning, jsdrift's
+``preset="fast"`` and jsdrift's default probe source; total wall time with every measurement included,
+the signal's share of it (``history["signal_time"]``), the trainable share at the end, the mean training
+loss of the last 10 steps and the accuracy on 4 held-out batches.
 """
 
 from __future__ import annotations
@@ -40,10 +47,13 @@ def bert(device):
         num_labels=2, attn_implementation="eager")).to(device)
     g = torch.Generator().manual_seed(0)
 
-    def batch():
+    def batch():  # label: whether the marker token 999 occurs (inserted at a random place in half the rows)
         ids = torch.randint(1000, 30522, (16, 64), generator=g)
+        labels = torch.randint(0, 2, (16,), generator=g)
+        where = torch.randint(0, 64, (16,), generator=g)
+        ids[labels.bool(), where[labels.bool()]] = 999
         return {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device),
-                "labels": (ids[:, 0] % 2).to(device)}
+                "labels": labels.to(device)}
 
     return "BERT 4×256, batch 16, seq 64", model, batch, lambda m, b: m(**b).loss
 
@@ -177,16 +187,98 @@ def run(device="cpu", steps=8, rounds=3):
     return rows
 
 
+def _accuracy(model, batches, label):
+    model.eval()
+    right = total = 0
+    with torch.no_grad():
+        for b in batches:
+            if isinstance(b, dict):
+                pred = model(**b).logits.argmax(-1)
+                y = b["labels"]
+            else:
+                pred = model(b[0]).argmax(1)
+                y = b[1]
+            right += int((pred == y).sum())
+            total += y.numel()
+    model.train()
+    return right / total
+
+
+E2E_METHODS = {"full": None, "jsdrift fast": dict(preset="fast"), "jsdrift probe (defaults)": dict()}
+
+
+def run_e2e(device="cpu", steps=100):
+    """Time to quality: the same steps for full and jsdrift, wall time including every measurement."""
+    rows = []
+    for make in (bert, unet):
+        label, model, batch, loss_fn = make(device)
+        init = {k: v.clone() for k, v in model.state_dict().items()}
+        held_out = [batch() for _ in range(4)]
+        probe = [batch() for _ in range(4)]
+        stream = [batch() for _ in range(steps)]  # the same batches for every method
+        for method, options in E2E_METHODS.items():
+            model.load_state_dict(init)
+            model.train()
+            opt = torch.optim.AdamW(model.parameters(), lr=5e-4 if "BERT" in label else 1e-3, weight_decay=0.01)
+            t0 = time.perf_counter()
+            handle = None
+            if options is not None:
+                sel = gradsel.select(model, probe, "jsdrift", progress=False, **options)
+                handle = sel.apply(model, opt)
+            losses, first = [], None
+            for b in stream:
+                opt.zero_grad(set_to_none=True)
+                loss = loss_fn(model, b)
+                loss.backward()
+                opt.step()
+                losses.append(float(loss.detach()))
+                if handle is not None:
+                    handle.step()
+                    if first is None and handle.controller.frozen:
+                        first = handle.steps
+            if device != "cpu":
+                torch.cuda.synchronize()
+            total = time.perf_counter() - t0
+            h = handle.controller.history if handle is not None else {"signal_time": 0.0, "probe_time": 0.0}
+            row = {"model": label, "method": method, "steps": steps, "total time (s)": total,
+                   "signal time (s)": h["signal_time"], "signal share": h["signal_time"] / total,
+                   "first freeze at step": first,
+                   "final trainable share": handle.controller.trainable_share() if handle is not None else 1.0,
+                   "loss, last 10 steps": sum(losses[-10:]) / 10, "held-out accuracy": _accuracy(model, held_out, label)}
+            if handle is not None:
+                handle.remove()
+            rows.append(row)
+            print(row, flush=True)
+        base = next(r for r in rows if r["model"] == label and r["method"] == "full")["total time (s)"]
+        for r in rows:
+            if r["model"] == label:
+                r["time vs full"] = r["total time (s)"] / base
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=3, help="interleaved repetitions of the three fixed runs")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--e2e", action="store_true", help="time to quality (jsdrift_e2e.md) instead")
+    parser.add_argument("--e2e-steps", type=int, default=100)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     load = os.getloadavg()[0]
+    if args.e2e:
+        rows = run_e2e(args.device, args.e2e_steps)
+        cols = ["model", "method", "steps", "total time (s)", "time vs full", "signal time (s)", "signal share",
+                "first freeze at step", "final trainable share", "loss, last 10 steps", "held-out accuracy"]
+        md = (f"# jsdrift: time to quality\n\nMachine: {machine()}. Command: `python -m benchmarks.jsdrift_speed --e2e "
+              f"--e2e-steps {args.e2e_steps} --device {args.device}{f' --threads {args.threads}' if args.threads else ''}`; "
+              f"load average at the start {load:.1f}. The same {args.e2e_steps} batches for each method (AdamW); total "
+              "wall time includes selection, every probe or training-gradient measurement and the freezes; signal "
+              "share is the controller's recorded `signal_time` over the total.\n\n" + md_table(rows, cols) + "\n")
+        write("jsdrift_e2e", rows, md, args.device)
+        return
     rows = run(args.device, args.steps, args.rounds)
     fixed = ["model", "frozen share (first half of tensors)", "unfrozen step (s)", "unfrozen backward (s)",
              "mask-only step (s)", "mask-only backward (s)", "jsdrift frozen step (s)", "jsdrift frozen backward (s)",
