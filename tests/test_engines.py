@@ -290,3 +290,54 @@ def test_hooks_runs_under_autocast_and_sums_in_float32(case):
         assert (est[name] - ref[name]).abs().max().item() <= 0.05 * scale, name
         # no worse than the loop under the same autocast (twice as far at most)
         assert (est[name] - ref[name]).abs().max() <= 2 * (loop16[name] - ref[name]).abs().max() + 1e-3 * scale
+
+
+@needs_hooks
+@pytest.mark.parametrize("problem", ["regression", "multi_label_classification"])
+def test_hooks_writes_the_hf_models_own_loss_per_sample(problem):
+    # the per-sample form of the model's loss is found by comparing with the model's own on one sample
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    labels = 1 if problem == "regression" else 3
+    model = BertForSequenceClassification(BertConfig(
+        vocab_size=100, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+        max_position_embeddings=32, num_labels=labels, problem_type=problem, attn_implementation="eager")).double()
+    batch = M.bert_batch(n=5)
+    g = torch.Generator().manual_seed(2)
+    batch["labels"] = (torch.randn(5, generator=g).double() if problem == "regression"
+                       else (torch.rand(5, 3, generator=g) > 0.5).double())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # no whole-model fallback
+        est = gradsel.fisher(model, batch, engine="hooks", chunk_size=2, per_sample=True, progress=False)
+    ref = gradsel.fisher_loop(model, batch, per_sample=True, progress=False)
+    _assert_matches(est, ref)
+    assert (est.per_sample - ref.per_sample).abs().max() <= TOL * ref.per_sample.abs().max()
+
+
+@needs_hooks
+def test_hooks_with_custom_forward_and_loss_and_an_unknown_model_loss():
+    model = M.mlp().double()
+    x, y = _double(M.mlp_batch())
+    batch = {"features": x, "target": y}
+    est = gradsel.fisher(model, batch, engine="hooks", forward=lambda m, b: m(b["features"]),
+                         loss=lambda out, b: torch.nn.functional.cross_entropy(out, b["target"]), chunk_size=5,
+                         progress=False)
+    ref = gradsel.fisher_loop(model, (x, y), progress=False)
+    _assert_matches(est, ref)
+
+    class Scaled(torch.nn.Module):  # an HF-style output whose loss is no known per-sample form
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(6, 3)
+
+        def forward(self, features, labels):
+            logits = self.lin(features)
+            return {"logits": logits, "loss": 3.0 * torch.nn.functional.cross_entropy(logits, labels) + 1.0}
+
+    torch.manual_seed(0)
+    odd = Scaled().double()
+    hf = {"features": x, "labels": y}
+    with pytest.warns(RuntimeWarning, match="matches none of the per-sample forms"):
+        est = gradsel.fisher(odd, hf, engine="hooks", chunk_size=5, progress=False)
+    _assert_matches(est, gradsel.fisher_loop(odd, hf, progress=False))

@@ -634,7 +634,7 @@ class HooksEngine:
                 raise GradselError("the model returned no loss for a dict batch: include 'labels' in the batch "
                                    "or pass loss=(outputs, batch) -> scalar tensor")
             labels = batch["labels"]
-            outputs = self._run({k: v for k, v in batch.items() if k != "labels"})
+            outputs = self._run(batch)  # with the labels: a forward= may read them; the batch loss goes unused
             forms = _hf_forms(self.model, logits_of(outputs), labels, n)
             if self._loss_form is None:
                 self._loss_form = self._check_form(forms, batch)
