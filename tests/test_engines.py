@@ -341,3 +341,36 @@ def test_hooks_with_custom_forward_and_loss_and_an_unknown_model_loss():
     with pytest.warns(RuntimeWarning, match="matches none of the per-sample forms"):
         est = gradsel.fisher(odd, hf, engine="hooks", chunk_size=5, progress=False)
     _assert_matches(est, gradsel.fisher_loop(odd, hf, progress=False))
+
+
+class _ScaleReadOutside(torch.nn.Module):
+    """A layer-scale module (no rule) whose parameter the parent also reads directly."""
+
+    class Scale(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gamma = torch.nn.Parameter(torch.randn(6))
+
+        def forward(self, x):
+            return x * self.gamma
+
+    def __init__(self):
+        super().__init__()
+        self.scale = self.Scale()
+        self.head = torch.nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.scale(x)) + self.scale.gamma)
+
+
+@needs_hooks
+def test_hooks_local_module_gradient_is_checked_against_the_loop():
+    # the local torch.func gradient of Scale misses the parent's direct read: found once, left to vmap
+    torch.manual_seed(0)
+    model = _ScaleReadOutside().double()
+    batch = _double(M.mlp_batch(n=6))
+    est, fell = _hooks_fallback(model, batch, per_sample=True, chunk_size=3)
+    ref = gradsel.fisher_loop(model, batch, per_sample=True, progress=False)
+    assert fell == {"scale.gamma"}
+    _assert_matches(est, ref)
+    assert (est.per_sample - ref.per_sample).abs().max() <= TOL * ref.per_sample.abs().max()

@@ -13,9 +13,14 @@ per-sample parameter gradient (or only its square) from ``(input_i, δ_i)``:
 - ``nn.Embedding``: the looked-up rows (:class:`~gradsel.fisher.rules.EmbeddingGrads`);
 - LayerNorm, GroupNorm, BatchNorm (running statistics) and every bias: closed forms.
 
-Candidates without a rule (parameters of a module without one, tied weights, a layer whose output has no
-batch dimension, a layer that never ran under autograd) go to a fallback engine that differentiates only
-them (the vmap engine, or the loop where vmap cannot run the model).
+Beyond the rules: a layer called more than once sums its calls; a weight tied across rule layers (GPT-2's LM
+head) sums each sample's dense gradients before squaring; outputs and top-level parameters shaped like a
+batch of one (position embeddings, ViT's ``pos_embed``/``cls_token``) get a copy per sample; a module without
+rule (``nn.MultiheadAttention``) gets a local ``torch.func`` per-sample gradient from its captured inputs and
+output gradients. Every parameter's uses are counted in autograd's graph, and the copies and local
+gradients are checked once against the loop. What is left (a weight also read outside its layer, a layer
+whose output has no batch dimension) goes to a fallback engine that differentiates only those parameters
+(the vmap engine, or the loop where vmap cannot run the model).
 """
 
 from __future__ import annotations
@@ -340,16 +345,12 @@ class HooksEngine:
         self.layers = find_layers(model, names)
         self.params = dict(model.named_parameters())
         ruled = {pname for layer in self.layers.values() for pname in layer.attrs.values()}
-        # parameters without a rule shaped like a batch of one (pos_embed (1, T, D), cls_token, an offset
-        # (1, C, 1, 1)) that the model broadcasts against the batch: given a copy per sample, autograd returns
-        # each sample's gradient in one backward (checked against the loop on the first chunk)
-        # a module without rule holding candidates of its own (nn.MultiheadAttention, a layer scale): its
-        # input and output gradient are captured like a rule layer's, and torch.func forms each sample's
-        # gradient of that module alone (checked against the loop on the first chunk)
+        # a module without rule holding candidates of its own (nn.MultiheadAttention, a layer scale), with the
+        # candidates of its submodules that no rule covers (MultiheadAttention reads its out_proj's weight
+        # without running out_proj): its inputs and output gradients are captured like a rule layer's, and
+        # torch.func forms each sample's gradient of that module alone (checked against the loop once)
         owners = Counter(id(p) for m in model.modules(remove_duplicate=False) for p in m.parameters(recurse=False))
         wanted = set(names)
-        # (with the candidates of its submodules that no rule covers: nn.MultiheadAttention reads its
-        # out_proj's weight without running out_proj)
         self.local: dict[str, tuple[nn.Module, dict[str, str]]] = {}
         claimed = set(ruled)
 
@@ -363,8 +364,11 @@ class HooksEngine:
             claimed.update(own.values())
             self.local[mod_name] = (module, own)
         local_names = {pname for _, own in self.local.values() for pname in own.values()}
-        self._local_checked = False
+        self._local_checked: set[str] = set()
         self._no_local: set[str] = set()
+        # parameters of the top module shaped like a batch of one (pos_embed (1, T, D), cls_token, an offset
+        # (1, C, 1, 1)) that the model broadcasts against the batch: given a copy per sample, autograd returns
+        # each sample's gradient in the same backward (checked once against the losses and the loop)
         self.expandable = [n for n in names if n not in ruled and n not in local_names and self.params[n].dim() >= 2
                            and self.params[n].shape[0] == 1]
         self._forward_module = _Forward(model, reader)
@@ -585,11 +589,12 @@ class HooksEngine:
                 total = g if total is None else {k: total[k] + g[k] for k in g}
             for attr, pname in own.items():
                 out[pname] = total[attr]
-        if out and not self._local_checked:
-            self._local_checked = True
+        unchecked = [pname for pname in out if pname not in self._local_checked]
+        if unchecked:
+            self._local_checked.update(unchecked)
             k = min(2, n)
-            ref = self._make_last_resort(self.model, list(out), self.reader)(self.reader.take(batch, slice(0, k)))
-            for pname in list(out):
+            ref = self._make_last_resort(self.model, unchecked, self.reader)(self.reader.take(batch, slice(0, k)))
+            for pname in unchecked:
                 g, r = out[pname][:k], ref[pname].to(out[pname].dtype)
                 rtol = 1e-7 if g.dtype == torch.float64 else 1e-3
                 if not torch.allclose(g, r, rtol=rtol, atol=rtol * float(r.abs().max()) + 1e-30):
