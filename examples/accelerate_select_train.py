@@ -88,6 +88,12 @@ def main() -> None:
         handle = selection.apply(model, optimizer)
     train_loader = DataLoader(data, batch_size=16, shuffle=True)
     ddp, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
+    prepared_error = None
+    if args.check_dir and world > 1:  # gradsel refuses the prepared loader (it would count repeated samples)
+        try:
+            gradsel.fisher(model, train_loader, progress=False)
+        except gradsel.GradselError as exc:
+            prepared_error = str(exc)
 
     # 3. masked training through the DDP wrapper
     step = 0
@@ -113,6 +119,7 @@ def main() -> None:
         raise SystemExit(f"rank {rank}: the replicas differ after {args.steps} steps")
     if args.check_dir:
         torch.save({"world": world, "masks": selection.masks, "start": start, "num_samples": fisher.num_samples,
+                    "prepared_error": prepared_error,
                     "end": {n: p.detach().cpu().clone() for n, p in params.items()}},
                    os.path.join(args.check_dir, f"rank{rank}.pt"))
     if accelerator.is_main_process:

@@ -191,6 +191,19 @@ def _distributed_sampler(data: Any):
     return None
 
 
+def _refuse_accelerate_shard(data: Any) -> None:
+    """A DataLoader that ``accelerator.prepare`` sharded: its batches carry no global positions, and with
+    ``even_batches`` (the default) the last batches repeat samples, so the Fisher would count them twice."""
+    sampler = getattr(data, "batch_sampler", None)
+    kinds = {type(data).__name__, type(sampler).__name__}
+    if type(data).__module__.startswith("accelerate") and kinds & {"BatchSamplerShard", "DataLoaderDispatcher"}:
+        raise GradselError("this DataLoader was sharded by accelerator.prepare: accelerate pads the ranks' last "
+                           "batches with repeated samples (even_batches) and its batches carry no dataset index, so "
+                           "the Fisher would count some samples twice. Estimate on a DataLoader with "
+                           "DistributedSampler(dataset, accelerator.num_processes, accelerator.process_index) "
+                           "before accelerator.prepare (see examples/accelerate_select_train.py)")
+
+
 def _local_count(data: Any, reader: Any) -> int | None:
     """How many samples this rank's data holds, when that is known without reading it."""
     from torch.utils.data import DataLoader, IterableDataset
@@ -266,6 +279,7 @@ def shard_of(data: Any, group: Any, reader: Any, *, subset: torch.Tensor | None 
         return None
     dist = _dist()
     rank, world = dist.get_rank(group), dist.get_world_size(group)
+    _refuse_accelerate_shard(data)
     sampler = _distributed_sampler(data)
     if sampler is not None:
         if sampler.num_replicas != world or sampler.rank != rank:
