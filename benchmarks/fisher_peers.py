@@ -283,7 +283,7 @@ def _peak(fn: Callable[[], Any]) -> float:
 # ---------------------------------------------------------------------------------------------- driver
 
 def run(models: list[str], methods: list[str], quick: bool, repeats: int, timeout: float) -> list[dict]:
-    rows = []
+    rows, start = [], time.perf_counter()
     tasks = [(m, k) for m in models for k in methods]
     bar = tqdm(tasks, unit="run", desc="peers")
     for model_name, method in bar:
@@ -292,38 +292,59 @@ def run(models: list[str], methods: list[str], quick: bool, repeats: int, timeou
             row = {"model key": model_name, "method": method, "error": f"{METHODS[method][1]} is not installed",
                    "check": {"text": "not installed", "ok": False}}
         else:
+            t0 = time.perf_counter()
             row = in_fresh_process_or_fail(_worker, model_name, method, quick, repeats, timeout=timeout)
+            row["process (s)"] = round(time.perf_counter() - t0, 1)
             row.setdefault("model key", model_name)
             row.setdefault("method", method)
             row.setdefault("check", {"text": "-", "ok": False})
         rows.append(row)
         cell = f"{row['× floor']:.2f}× floor, {row['peak MB']:.0f} MB" if "× floor" in row else row.get("error")
-        tqdm.write(f"{model_name:9s} {method:19s} {cell} | {row['check']['text']}")
+        tqdm.write(f"{model_name:9s} {method:19s} {cell} | {row['check']['text']} [{row.get('process (s)', 0)} s]")
+    print(f"{len(tasks)} processes in {time.perf_counter() - start:.0f} s", flush=True)
     return rows
+
+
+def _check_cell(r: dict) -> str:
+    """The correctness part of a grid cell: empty when ok, else what is wrong in a few words."""
+    c = r["check"]
+    if c.get("ok") or c["text"] == "reference":
+        return ""
+    if "max_rel_err" not in c:
+        return "check: " + c["text"].split(":")[0]
+    parts = [] if c["max_rel_err"] <= TOLERANCE else [f"**wrong** ({c['max_rel_err']:.2g} on {c['worst']})"]
+    if c.get("missing"):
+        parts.append(f"misses {len(c['missing'])} tensors")
+    return ", ".join(parts)
 
 
 def markdown(rows: list[dict], command: str, repeats: int) -> str:
     labels = {r["model key"]: r["model"] for r in rows if "model" in r}
-    for key, r in ((r["model key"], r) for r in rows):
-        r["model"] = labels.get(key, key)
+    for r in rows:
+        r["model"] = labels.get(r["model key"], r["model key"])
     methods = list(dict.fromkeys(r["method"] for r in rows))
-    grid = []
+    grid, notes = [], []
     for key in dict.fromkeys(r["model key"] for r in rows):
         line = {"model": labels.get(key, key)}
-        for r in rows:
-            if r["model key"] == key:
-                cell = f"{r['× floor']:.2f}×" if "× floor" in r else "cannot run"
-                check_ok = r["check"].get("ok")
-                line[r["method"]] = cell + ("" if check_ok or r["check"]["text"] == "reference" else
-                                            " (" + r["check"]["text"].replace("**", "") + ")")
+        for r in (r for r in rows if r["model key"] == key):
+            if "× floor" in r:
+                cell = f"{r['× floor']:.2f}× · {r['peak MB']:.0f} MB"
+            else:
+                notes.append(f"{len(notes) + 1}. {r['model']}, {r['method']}: {r.get('error', '?')}")
+                cell = f"cannot run ({len(notes)})"
+            extra = _check_cell(r)
+            line[r["method"]] = cell + (", " + extra if extra and "× floor" in r else "")
         grid.append(line)
     long = []
     for r in rows:
+        check_text = r["check"]["text"]
+        if "error" in r and check_text == "cannot run: " + r["error"]:
+            check_text = "cannot run"
         long.append({"model": r["model"], "method": r["method"],
                      "time ÷ floor": r.get("× floor", "-"), "time (s)": r.get("time (s)", "-"),
                      "floor (s)": r.get("floor (s)", "-"), "peak MB": r.get("peak MB", "-"),
-                     "floor peak MB": r.get("floor peak MB", "-"), "correctness (float64)": r["check"]["text"],
-                     "failure": r.get("error", "")})
+                     "floor peak MB": r.get("floor peak MB", "-"), "correctness (float64)": check_text,
+                     "failure": r.get("error", ""), "process (s)": r.get("process (s)", "-")})
     return (
         "# The diagonal Fisher: gradsel and the peers, side by side\n\n"
         f"Machine: {machine()}. Command: `{command}`. Each (model, method) in its own spawned process, float32, "
@@ -333,11 +354,12 @@ def markdown(rows: list[dict], command: str, repeats: int) -> str:
         f"same model against `gradsel.fisher_loop`, the largest max|est − loop| / max|loop| over tensors "
         f"(ok ≤ {TOLERANCE:g}), and the tensors a method returns nothing for. Preparation (wrapping, "
         "converting) is not timed. See `benchmarks/fisher_peers.py` for how each peer is called.\n\n"
-        "## Time ÷ floor (correctness where not ok)\n\n"
+        "## Time ÷ floor · peak MB (correctness where it is not ok)\n\n"
         + md_table(grid, ["model", *methods])
+        + "\n\nWhere a method cannot run a model, the first line of its error:\n\n" + "\n".join(notes)
         + "\n\n## All columns\n\n"
         + md_table(long, ["model", "method", "time ÷ floor", "time (s)", "floor (s)", "peak MB", "floor peak MB",
-                          "correctness (float64)", "failure"])
+                          "correctness (float64)", "failure", "process (s)"])
         + "\n")
 
 
