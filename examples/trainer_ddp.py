@@ -58,13 +58,17 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="save the selection here (rank 0 writes it)")
     parser.add_argument("--steps", type=int, default=10, help="training steps")
     parser.add_argument("--keep", type=float, default=0.02, help="share of the candidate elements to train")
+    parser.add_argument("--optimizer", choices=["sparse", "dense"], default="sparse",
+                        help="sparse: SparseAdamW (state for the selection only); dense: the Trainer's AdamW, guarded")
     parser.add_argument("--check-dir", default=None,
                         help="each rank writes its masks and initial/final parameters here (used by the tests)")
     opts = parser.parse_args()
 
     cpu = not torch.cuda.is_available()
     args = TrainingArguments(output_dir=opts.output_dir, use_cpu=cpu, ddp_backend="gloo" if cpu else "nccl",
-                             ddp_find_unused_parameters=False, max_steps=opts.steps, per_device_train_batch_size=4,
+                             # sparse: frozen tensors never enter DDP; dense: the callback freezes them after
+                             # the Trainer wrapped the model, so DDP must look for unused parameters
+                             ddp_find_unused_parameters=opts.optimizer == "dense", max_steps=opts.steps, per_device_train_batch_size=4,
                              learning_rate=5e-3, weight_decay=0.01, max_grad_norm=1.0, seed=0, report_to=[],
                              save_strategy="no", logging_steps=5, disable_tqdm=True, dataloader_num_workers=0)
     # building TrainingArguments initialised the process group (torchrun's env): select under it
@@ -81,12 +85,19 @@ def main() -> None:
                                progress=False)  # the Fisher over all ranks' rows; masks checked to agree
     start = {n: p.detach().cpu().clone() for n, p in model.named_parameters()}
 
-    optimizer = sparse_trainer_optimizer(selection, model, args)  # before the Trainer wraps the model in DDP
+    optimizers = (None, None)
+    if opts.optimizer == "sparse":  # before the Trainer wraps the model in DDP
+        optimizers = (sparse_trainer_optimizer(selection, model, args), None)
     trainer = Trainer(model=model, args=args, train_dataset=rows, data_collator=collate,
-                      optimizers=(optimizer, None), callbacks=[GradselCallback(selection)])
+                      optimizers=optimizers, callbacks=[GradselCallback(selection)])
     trainer.train()
+    try:  # how many tensors the Trainer's DDP registered (a prototype torch interface: None if it changes)
+        ddp_tensors = trainer.model_wrapped._get_ddp_logging_data().get("num_parameter_tensors")
+    except Exception:
+        ddp_tensors = None
 
     params = {n: p.detach().cpu() for n, p in model.named_parameters()}
+    frozen = list(optimizers[0].frozen) if optimizers[0] is not None else []
     moved = [n for n, m in selection.masks.items() if not torch.equal(params[n][~m], start[n][~m])]
     if moved:
         raise SystemExit(f"rank {rank}: masked entries moved in {moved}")
@@ -97,12 +108,12 @@ def main() -> None:
         raise SystemExit(f"rank {rank}: the replicas differ after training")
     if opts.check_dir:
         torch.save({"world": world, "masks": selection.masks, "start": start, "end": params,
-                    "frozen": list(optimizer.frozen), "global_step": trainer.state.global_step},
+                    "frozen": frozen, "ddp_tensors": ddp_tensors, "global_step": trainer.state.global_step},
                    os.path.join(opts.check_dir, f"rank{rank}.pt"))
     if trainer.is_world_process_zero():
         print(f"{world} process(es), {trainer.state.global_step} Trainer steps; {selection.selected()} of "
-              f"{selection.total()} candidate elements trained ({len(optimizer.frozen)} tensors frozen whole, "
-              "outside DDP's buckets); masks agree; masked entries fixed; replicas identical")
+              f"{selection.total()} candidate elements trained ({opts.optimizer} optimizer; "
+              f"{len(frozen)} tensors frozen before DDP); masks agree; masked entries fixed; replicas identical")
         if opts.out:
             selection.save(opts.out)
     dist.barrier()

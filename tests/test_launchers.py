@@ -116,20 +116,26 @@ def test_accelerate_cpu_flag_starts_one_process(tmp_path, one_thread):
     assert "one process only" in proc.stderr and "--multi_gpu" in proc.stderr
 
 
-def test_trainer_ddp_example_two_processes(tmp_path, one_thread):
+@pytest.mark.parametrize("optimizer", ["sparse", "dense"])
+def test_trainer_ddp_example_two_processes(tmp_path, optimizer, one_thread):
     pytest.importorskip("transformers")
     check, out = tmp_path / "check", tmp_path / "sel.safetensors"
     check.mkdir()
     stdout = _launch(torchrun(EXAMPLES / "trainer_ddp.py", "--steps", "6", "--output-dir", str(tmp_path / "trainer"),
-                              "--out", str(out), "--check-dir", str(check)))
+                              "--optimizer", optimizer, "--out", str(out), "--check-dir", str(check)))
     assert "2 process(es), 6 Trainer steps" in stdout
     ex = _example("trainer_ddp")
     runs = _runs(check)
     masks = _assert_trained_alike(runs, ex.make_model())
     assert all(r["global_step"] == 6 for r in runs)
-    # tensors with nothing selected were frozen before the Trainer's DDP wrapped the model, and did not move
-    frozen = runs[0]["frozen"]
-    assert frozen and all(not bool(masks[n].any()) for n in frozen)
+    unselected = {n for n, m in masks.items() if not bool(m.any())}
+    assert unselected  # the case that needs care under DDP: tensors frozen whole
+    if optimizer == "sparse":  # frozen before the Trainer's DDP was built: they are not in its buckets
+        assert set(runs[0]["frozen"]) == unselected
+        if runs[0]["ddp_tensors"] is not None:
+            assert runs[0]["ddp_tensors"] == len(masks) - len(unselected)
+    elif runs[0]["ddp_tensors"] is not None:  # dense: DDP registered them all and found them unused
+        assert runs[0]["ddp_tensors"] == len(masks)
     saved = gradsel.Selection.load(out)
     rows = ex.make_rows()
     fisher = gradsel.fisher(ex.make_model(), DataLoader(rows, batch_size=8, collate_fn=ex.collate), progress=False)
