@@ -374,3 +374,16 @@ def test_hooks_local_module_gradient_is_checked_against_the_loop():
     assert fell == {"scale.gamma"}
     _assert_matches(est, ref)
     assert (est.per_sample - ref.per_sample).abs().max() <= TOL * ref.per_sample.abs().max()
+
+
+@needs_hooks
+def test_hooks_finds_a_model_that_mixes_samples_and_falls_back():
+    # BatchNorm without running statistics normalises by the batch even in eval mode: the batch-of-one
+    # gradient differs from the batched one, so the hooks engine must not use its backward
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4, track_running_stats=False),
+                                torch.nn.Tanh(), torch.nn.Flatten(), torch.nn.Linear(4 * 36, 3)).double()
+    x, y = _double(M.image_batch(n=6, size=8))
+    with pytest.warns(RuntimeWarning, match="mixes samples in eval mode"):
+        est = gradsel.fisher(model, (x, y), engine="hooks", chunk_size=3, progress=False)
+    _assert_matches(est, gradsel.fisher_loop(model, (x, y), progress=False))

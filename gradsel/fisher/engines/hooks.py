@@ -380,6 +380,7 @@ class HooksEngine:
         self._expand: bool | None = None  # expand batch-shared outputs and parameters (None: not yet checked)
         self._loss_form: str | None = None
         self._whole_model_fallback = False
+        self._separable = False  # checked once: the batched forward gives each sample the loss it gives alone
 
     # -- the engine ---------------------------------------------------------------------------------------
     def __call__(self, batch: Any) -> dict[str, Any]:
@@ -530,6 +531,8 @@ class HooksEngine:
                 h.remove()
         leaf_grads = {pname: (torch.zeros_like(leaves[pname]) if g is None else g).reshape(n, *self.params[pname].shape)
                       for pname, g in zip(leaves, got[len(roots):])}
+        if not self._separable:
+            self._check_separable(batch, n, losses.detach())
         if (expanded[0] or leaves) and self._expand is None:
             self._expand = self._expansion_holds(batch, n, losses.detach(), leaf_grads)
             if not self._expand:
@@ -601,6 +604,19 @@ class HooksEngine:
                     self._no_local.add(pname)
                     del out[pname]
         return out
+
+    def _check_separable(self, batch: Any, n: int, losses: torch.Tensor) -> None:
+        """Once: the first two samples' losses in the batched forward must be those of a batch of one each (a
+        BatchNorm without running statistics, or any layer mixing samples, breaks that)."""
+        with torch.no_grad():
+            for i in range(min(2, n)):
+                one = self._losses(self.reader.take(batch, slice(i, i + 1)), 1)[0]
+                if not torch.allclose(losses[i], one, rtol=1e-4, atol=1e-6 * (1 + float(one.abs()))):
+                    raise _NoPerSampleLoss(
+                        f"sample {i}'s loss in the batch ({float(losses[i]):.6g}) is not its loss alone "
+                        f"({float(one):.6g}): the model mixes samples in eval mode (a BatchNorm without running "
+                        "statistics?), so one batched backward cannot give per-sample gradients")
+        self._separable = True
 
     def _expansion_holds(self, batch: Any, n: int, losses: torch.Tensor, leaf_grads: dict[str, torch.Tensor]) -> bool:
         """Once: with shared outputs and parameters expanded per sample, the losses must be the model's own
