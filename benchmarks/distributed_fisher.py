@@ -51,8 +51,6 @@ class Counter:
 
     @staticmethod
     def _sent(name: str, args: tuple, kwargs: dict) -> int:
-        import torch.distributed as dist  # noqa: F401
-
         if name == "all_gather":  # all_gather(output_list, tensor)
             t = args[1] if len(args) > 1 else kwargs["tensor"]
         elif name in ("all_gather_into_tensor", "reduce_scatter_tensor", "all_to_all_single"):
