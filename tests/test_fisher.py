@@ -57,7 +57,7 @@ def test_vmap_matches_batch_of_one_loop_float64(arch):
     make, make_batch = ARCHS[arch]
     model = make().double()
     batch = _double(make_batch())
-    est = gradsel.fisher(model, batch, chunk_size=3, progress=False)
+    est = gradsel.fisher(model, batch, chunk_size=3, progress=False, engine="vmap")
     assert est.engine == "vmap"
     names = gradsel.params.resolve(model)
     ref = _reference(model, batch, names=names)

@@ -1,4 +1,5 @@
-"""Diagonal Fisher from per-sample gradients: the torch.func engine and the batch-of-one reference loop."""
+"""Diagonal Fisher from per-sample gradients: the public ``fisher``, the whole-model torch.func engine and the
+batch-of-one reference loop (the per-layer hooks engine is in ``engines/``)."""
 
 from __future__ import annotations
 
@@ -242,7 +243,11 @@ def fisher(model: nn.Module, data: Any, *, params: ParamSpec | None = None, loss
         samples: only use these sample positions (indices into the data's order, or a bool mask). Their
             rows are packed into batches of ``chunk_size`` (default: the data's batch size) and the data
             is read up to the batch holding the last of them; a position past the end raises.
-        engine: ``"auto"`` (vmap, falling back to the loop with a warning), ``"vmap"`` or ``"loop"``.
+        engine: ``"auto"`` (whole-model ``torch.func.vmap``, falling back to the loop with a warning where
+            vmap cannot run the model), ``"vmap"``, ``"hooks"`` (per layer, from one ordinary forward and
+            backward: faster, composes with activation checkpointing and autocast, but assumes that the
+            model's batched forward treats each sample on its own, which it checks on a chunk's first
+            samples only; see docs/concepts.md) or ``"loop"`` (the batch-of-one reference).
         seed: seeds the label draws of ``kind="mc"``, together with each sample's position: a sample gets
             the same labels however the data is batched or subset.
         memory_budget: bytes of per-sample gradients to hold at once when ``chunk_size`` is not given.
@@ -370,8 +375,6 @@ def _per_sample_grads(run: _Engine, chunk: Any, engine: str, rows: torch.Tensor)
         return run(chunk), run
     if isinstance(run, _LoopEngine):  # after a fallback
         return _run_loop(run, chunk, rows), run
-    if not isinstance(run, _VmapEngine):
-        return run(chunk), run
     try:
         return run(chunk), run
     except GradselError:
@@ -379,7 +382,8 @@ def _per_sample_grads(run: _Engine, chunk: Any, engine: str, rows: torch.Tensor)
     except Exception as exc:  # vmap cannot run every model; the loop can
         loop = _LoopEngine(run.model, run.names, run.reader)
         grads = _run_loop(loop, chunk, rows)
-        warnings.warn(f"gradsel.fisher: torch.func.vmap cannot run {_raised_in(exc, run)} "
+        what = "torch.func.vmap" if isinstance(run, _VmapEngine) else f"the {run.name} engine"
+        warnings.warn(f"gradsel.fisher: {what} cannot run {_raised_in(exc, run)} "
                       f"({type(exc).__name__}: {_first_line(exc)}); the batch-of-one loop runs it, so gradsel is "
                       "falling back to the batch-of-one loop, which is slower. Pass engine='loop' to skip the attempt.",
                       RuntimeWarning, stacklevel=3)

@@ -656,7 +656,11 @@ class HooksEngine:
                                    "or pass loss=(outputs, batch) -> scalar tensor")
             labels = batch["labels"]
             outputs = self._run(batch)  # with the labels: a forward= may read them; the batch loss goes unused
-            forms = _hf_forms(self.model, logits_of(outputs), labels, n)
+            try:
+                logits = logits_of(outputs)
+            except GradselError as exc:  # a model that returns only its loss: no per-sample form to write
+                raise _NoPerSampleLoss(f"{type(self.model).__name__} returns no logits beside its loss") from exc
+            forms = _hf_forms(self.model, logits, labels, n)
             if self._loss_form is None:
                 self._loss_form = self._check_form(forms, batch)
             return forms[self._loss_form]()
