@@ -19,7 +19,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 setup: $(VENV)/.installed
 
 demo: setup
-	$(PY) -m recipes.nlp --config demo
+	$(PY) -m recipes.quickstart
 
 test: setup
 	$(PY) -m pytest -q -m "not slow" tests gradsel --doctest-modules
