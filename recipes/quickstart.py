@@ -123,15 +123,17 @@ def run_method(method: str, cfg: dict, sel_path: str | None) -> dict:
             "artifact MiB": size / 2**20}
 
 
-def main(argv: list[str] | None = None) -> Path:
+def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description="gradsel in three minutes: Fisher, selection, masked fine-tune")
     parser.add_argument("--steps", type=int, default=40, help="training steps per method")
     parser.add_argument("--samples", type=int, default=128, help="samples in the Fisher estimate")
     parser.add_argument("--out", default="runs/quickstart", help="output folder")
+    parser.add_argument("--warmup", type=int, default=10, help="head-only steps before the Fisher (and each run)")
+    parser.add_argument("--max-test", type=int, default=400, help="test reviews")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = parser.parse_args(argv)
-    cfg = {"max_train": 1000, "max_test": 400, "max_length": 40, "batch_size": 32, "steps": args.steps,
-           "warmup": 10, "threads": args.threads}
+    cfg = {"max_train": 1000, "max_test": args.max_test, "max_length": 40, "batch_size": 32, "steps": args.steps,
+           "warmup": args.warmup, "threads": args.threads}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t_all = time.perf_counter()
@@ -181,7 +183,7 @@ def main(argv: list[str] | None = None) -> Path:
     print("\n" + table(fmt, cols))
     print(f"\nwall time {wall:.0f} s; table, plot and selection in {out}/")
     print(f"next: gradsel inspect {sel_path} --plot {out}/selection.png")
-    return out
+    return rows
 
 
 def _plot(rows: list[dict], path: Path) -> None:

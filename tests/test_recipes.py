@@ -80,3 +80,19 @@ def test_configs_parse_and_name_known_methods(config):
     assert set(b["methods"]) <= set(seg.ALL_METHODS)
     if config == "full":
         assert len(a["seeds"]) >= 3 and len(b["seeds"]) >= 3
+
+
+def test_quickstart_demo_end_to_end(tmp_path):
+    """``make demo``'s job, shortened: three methods, counts from the selection, a delta far below a checkpoint,
+    and (inside each run) no masked entry moved."""
+    from recipes.quickstart import KEEP, main
+
+    rows = main(["--steps", "2", "--samples", "16", "--warmup", "1", "--max-test", "32", "--out", str(tmp_path)])
+    by = {r["method"]: r for r in rows}
+    assert list(by) == ["head only", "FISH Mask 0.5%", "full fine-tuning"]
+    sel = gradsel.Selection.load(tmp_path / "selection.safetensors")
+    assert sel.selected() == round(KEEP * sel.total())
+    assert by["FISH Mask 0.5%"]["trainable params"] == sel.trainable()
+    assert by["head only"]["trainable params"] == sum(sel.masks[n].numel() for n in sel.always)
+    assert by["FISH Mask 0.5%"]["artifact MiB"] < 0.05 * by["full fine-tuning"]["artifact MiB"]
+    assert (tmp_path / "quickstart.png").stat().st_size > 0 and "| FISH Mask 0.5%" in (tmp_path / "summary.md").read_text()
