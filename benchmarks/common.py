@@ -66,22 +66,11 @@ def in_fresh_process(target: Callable, *args: Any) -> Any:
     """``target(*args, queue)`` in a spawned process; returns what it put on the queue.
 
     The child starts with large blocks going through mmap, so that freed tensors leave the resident set and
-    its peak RSS shows the live peak, not the allocator's caches.
+    its peak RSS shows the live peak, not the allocator's caches. A child that dies raises.
     """
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    proc = ctx.Process(target=target, args=(*args, queue))
-    old = os.environ.get("MALLOC_MMAP_THRESHOLD_")
-    os.environ["MALLOC_MMAP_THRESHOLD_"] = "131072"
-    try:
-        proc.start()
-    finally:
-        if old is None:
-            os.environ.pop("MALLOC_MMAP_THRESHOLD_")
-        else:
-            os.environ["MALLOC_MMAP_THRESHOLD_"] = old
-    value = queue.get()
-    proc.join()
+    value = in_fresh_process_or_fail(target, *args)
+    if isinstance(value, dict) and set(value) == {"error"}:
+        raise RuntimeError(f"{getattr(target, '__name__', target)}: {value['error']}")
     return value
 
 

@@ -287,6 +287,17 @@ class SparseAdamW(torch.optim.Optimizer):
         super().load_state_dict({k: v for k, v in state_dict.items() if k != _INDEX_KEY})
 
     # -- selections that shrink (progressive policies) -----------------------------------------------------
+    def follow(self, masks: dict[str, torch.Tensor], params: dict[str, torch.Tensor],
+               seen: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Shrink to the masks a progressive policy replaced since ``seen`` (an identity check per tensor, so
+        cheap every step); returns the masks to pass as ``seen`` next time. Used by the Trainer and Lightning
+        callbacks."""
+        for name, mask in masks.items():
+            p = params.get(name)
+            if seen.get(name) is not mask and p is not None and p in self._index:
+                self.set_mask(p, mask)
+        return dict(masks)
+
     @torch.no_grad()
     def set_mask(self, param: torch.Tensor, mask: torch.Tensor) -> None:
         """Train only ``mask``'s elements of ``param`` from now on (a subset of those trained so far).

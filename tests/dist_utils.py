@@ -46,3 +46,28 @@ def torchrun(script: Path, *args: str, nproc: int = 2) -> list[str]:
     """``python -m torch.distributed.run`` on 127.0.0.1 with a free port."""
     return [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", str(nproc),
             "--master-addr", "127.0.0.1", "--master-port", str(free_port()), str(script), *args]
+
+
+def spawn_ranks(target, world: int, *args, out: Path, timeout: float, errors: str = "*.err") -> None:
+    """Run ``target(rank, world, port, *args)`` in ``world`` spawned processes (a free port on 127.0.0.1),
+    each bounded by ``timeout`` seconds: a worker still alive then is killed and the test fails. A worker
+    reports a failure by writing a file matching ``errors`` into ``out`` (its traceback)."""
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    port = free_port()
+    procs = [ctx.Process(target=target, args=(r, world, port, *args), daemon=True) for r in range(world)]
+    for p in procs:
+        p.start()
+    try:
+        for p in procs:
+            p.join(timeout)
+    finally:
+        alive = [p for p in procs if p.is_alive()]
+        for p in alive:
+            p.kill()
+            p.join(5)
+    failed = [f.read_text() for f in sorted(Path(out).glob(errors))]
+    assert not failed, "worker failed:\n" + "\n".join(failed)
+    assert not alive, f"workers still running after {timeout} s (killed)"
+    assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]

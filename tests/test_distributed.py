@@ -15,20 +15,18 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 import gradsel
 from gradsel import distributed as gd
 from tests import models as M
-from tests.dist_utils import free_port
+from tests.dist_utils import free_port, spawn_ranks
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT = 120  # seconds per spawned pair (a loaded 2-core machine; each pair takes ~10-30 s)
 
 
-_free_port = free_port  # shared with tests/test_launchers.py
 
 
 def _entry(rank: int, world: int, port: int, work: str, out: str) -> None:
@@ -52,24 +50,7 @@ def _entry(rank: int, world: int, port: int, work: str, out: str) -> None:
 
 def _spawn(work: str, tmp_path: Path, world: int = 2) -> list:
     """Run ``work(rank, world)`` in ``world`` spawned processes; their results, by rank."""
-    ctx = mp.get_context("spawn")
-    port = _free_port()
-    procs = [ctx.Process(target=_entry, args=(r, world, port, work, str(tmp_path)), daemon=True)
-             for r in range(world)]
-    for p in procs:
-        p.start()
-    try:
-        for p in procs:
-            p.join(TIMEOUT)
-    finally:
-        alive = [p for p in procs if p.is_alive()]
-        for p in alive:
-            p.kill()
-            p.join(5)
-    errors = [f.read_text() for f in sorted(tmp_path.glob(f"{work}_*.err"))]
-    assert not errors, "worker failed:\n" + "\n".join(errors)
-    assert not alive, f"{work}: workers still running after {TIMEOUT} s (killed)"
-    assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
+    spawn_ranks(_entry, world, work, str(tmp_path), out=tmp_path, timeout=TIMEOUT, errors=f"{work}_*.err")
     return [torch.load(tmp_path / f"{work}_{r}.pt", weights_only=False) for r in range(world)]
 
 
@@ -415,7 +396,7 @@ def test_torchrun_example(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo", PYTHONPATH=str(ROOT))
     out = tmp_path / "sel.safetensors"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
-           "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
+           "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
            str(ROOT / "examples" / "torchrun_fisher.py"), "--out", str(out), "--steps", "3"]
     proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

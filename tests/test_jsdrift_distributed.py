@@ -10,18 +10,17 @@ step fall to the trainable tensors' size.
 from __future__ import annotations
 
 import os
-import socket
 import traceback
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 from torch import nn
 
 import gradsel
 from gradsel import distributed as gd
+from tests.dist_utils import spawn_ranks
 
 TIMEOUT = 120  # seconds for the spawned pair (a loaded 2-core machine; the pair takes ~10-20 s)
 STEPS = 24
@@ -119,31 +118,10 @@ def _entry(rank: int, world: int, port: int, out: str) -> None:
         raise
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("jsdrift_ddp")
-    ctx = mp.get_context("spawn")
-    port = _free_port()
-    procs = [ctx.Process(target=_entry, args=(r, 2, port, str(tmp)), daemon=True) for r in range(2)]
-    for p in procs:
-        p.start()
-    try:
-        for p in procs:
-            p.join(TIMEOUT)
-    finally:
-        alive = [p for p in procs if p.is_alive()]
-        for p in alive:
-            p.kill()
-            p.join(5)
-    errors = [f.read_text() for f in sorted(tmp.glob("rank*.err"))]
-    assert not errors, "worker failed:\n" + "\n".join(errors)
-    assert not alive, f"workers still running after {TIMEOUT} s (killed)"
+    spawn_ranks(_entry, 2, str(tmp), out=tmp, timeout=TIMEOUT, errors="rank*.err")
     return [torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in range(2)]
 
 

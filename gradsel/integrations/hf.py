@@ -120,11 +120,7 @@ class GradselCallback(TrainerCallback):
     def _sync(self) -> None:
         """Shrink the sparse optimizer to masks that the policy changed (identity check, cheap)."""
         masks = self.selection.masks
-        if self.sparse is not None:
-            for name, mask in masks.items():
-                if self._seen.get(name) is not mask and name in self._params and self._params[name] in self.sparse._index:
-                    self.sparse.set_mask(self._params[name], mask)
-        self._seen = dict(masks)
+        self._seen = self.sparse.follow(masks, self._params, self._seen) if self.sparse is not None else dict(masks)
 
     # -- checkpoints ---------------------------------------------------------------------------------------
     def on_save(self, args, state, control, **kwargs):

@@ -129,12 +129,7 @@ class GradselCallback(Callback):
     def _sync(self) -> None:
         """Shrink the sparse optimizer to masks that the policy changed (identity check, cheap)."""
         masks = self.selection.masks
-        if self.sparse is not None:
-            for name, mask in masks.items():
-                p = self._params.get(name)
-                if self._seen.get(name) is not mask and p is not None and p in self.sparse._index:
-                    self.sparse.set_mask(p, mask)
-        self._seen = dict(masks)
+        self._seen = self.sparse.follow(masks, self._params, self._seen) if self.sparse is not None else dict(masks)
 
     # -- checkpoints ---------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
