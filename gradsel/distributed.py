@@ -16,7 +16,8 @@ Sample positions across ranks (what ``samples=``, ``kind="mc"`` and ``Fisher.sam
 - anything else: each rank's data is its own shard, numbered rank after rank (rank 0's samples first).
 
 The estimator, the selection and ``Selection.apply`` call into this module; nothing else in gradsel
-tests whether a process group exists.
+tests whether a process group exists. Models sharded by FSDP2 (``fully_shard``, :func:`is_fsdp`) are
+handled in :mod:`gradsel.fsdp`: the Fisher reduce-scattered per unit, top-k and masks on shards.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from torch import nn
 from .errors import GradselError
 
 __all__ = ["BUCKET_BYTES", "default_group", "unwrap", "reduce_fisher", "check_masks_agree", "rewrap",
-           "shard_of", "Shard", "for_apply", "rewrap_if_needed", "count_allreduce"]
+           "shard_of", "Shard", "for_apply", "rewrap_if_needed", "count_allreduce", "is_fsdp"]
 
 #: largest flat buffer per all-reduce (as DDP's default ``bucket_cap_mb=25``)
 BUCKET_BYTES = 25 << 20
@@ -433,3 +434,15 @@ def count_allreduce(model: nn.Module) -> dict:
 
     model.register_comm_hook(model.process_group, hook)
     return counts
+
+
+# -- FSDP2 --------------------------------------------------------------------------------------------------------
+
+def is_fsdp(model: nn.Module) -> bool:
+    """Whether ``fully_shard`` (FSDP2) manages ``model`` or one of its submodules; the sharded Fisher, top-k,
+    selection and optimizer for such models are in :mod:`gradsel.fsdp`."""
+    import sys
+
+    fsdp = sys.modules.get("torch.distributed.fsdp")  # not imported: nothing can be sharded yet
+    cls = getattr(fsdp, "FSDPModule", None)
+    return cls is not None and any(isinstance(m, cls) for m in model.modules())

@@ -28,14 +28,27 @@ __all__ = ["SparseAdamW", "sparse_adamw", "state_bytes"]
 _INDEX_KEY = "gradsel_index"
 
 
+def _local(t: torch.Tensor | None) -> torch.Tensor | None:
+    """An FSDP2 parameter's (or gradient's) local shard, the DTensor's local tensor; any other tensor as is."""
+    local = getattr(t, "_local_tensor", None)
+    return t if local is None else local
+
+
 def _flat_index(mask: torch.Tensor, param: torch.Tensor) -> torch.Tensor | None:
-    """Flat indices of the True entries (int32 below 2**31 elements), None when all are True."""
-    if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != tuple(param.shape):
-        raise GradselError(f"a mask must be a tensor of the parameter's shape {tuple(param.shape)}, got "
+    """Flat indices of the True entries (int32 below 2**31 elements), None when all are True.
+
+    For a DTensor parameter (FSDP2) the mask is its local shard's; a shard holding no selected element gets
+    an empty index (another rank holds the tensor's selected elements)."""
+    shard = _local(param)
+    if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != tuple(shard.shape):
+        raise GradselError(f"a mask must be a tensor of the parameter's shape {tuple(shard.shape)}, got "
                            f"{type(mask).__name__} {tuple(getattr(mask, 'shape', ()))}")
     mask = mask.to(torch.bool)
     if bool(mask.all()):
         return None
+    if shard is not param and not bool(mask.any()):
+        return torch.zeros(0, dtype=torch.int32, device=shard.device)
+    param = shard
     if not bool(mask.any()):
         raise GradselError(f"a parameter of shape {tuple(param.shape)} has no selected element: leave it out of "
                            "the optimizer (gradsel.optim.sparse_adamw does) instead of passing an all-False mask")
@@ -134,14 +147,14 @@ class SparseAdamW(torch.optim.Optimizer):
         for p, m in zip(params, masks):
             idx = None if m is None else _flat_index(m, p)
             if idx is not None:
-                _flat(p)
+                _flat(_local(p))
             self._index[p] = idx
             if idx is not None and self.compact_grads:
                 self._hooks.append(p.register_post_accumulate_grad_hook(self._gather_grad))
 
     # -- gradients ---------------------------------------------------------------------------------------
     def _gather_grad(self, p: torch.Tensor) -> None:
-        sel = _flat(p.grad).index_select(0, self._idx(p))
+        sel = _flat(_local(p.grad)).index_select(0, self._idx(p))
         buf = self._cgrad.get(p)
         self._cgrad[p] = sel if buf is None else buf.add_(sel)
         p.grad = None
@@ -157,12 +170,12 @@ class SparseAdamW(torch.optim.Optimizer):
         """The gradient of the selected elements (gathered), or the dense gradient; None when there is none."""
         idx = self._idx(p)
         if idx is None:
-            return p.grad
+            return _local(p.grad)
         if self.compact_grads and p in self._cgrad:
             return self._cgrad[p]
         if p.grad is None:
             return None
-        return _flat(p.grad).index_select(0, idx)
+        return _flat(_local(p.grad)).index_select(0, idx)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         super().zero_grad(set_to_none)
@@ -225,7 +238,7 @@ class SparseAdamW(torch.optim.Optimizer):
                 if exp_avg.shape != grad.shape:
                     raise GradselError(f"optimizer state of shape {tuple(exp_avg.shape)} does not fit a gradient "
                                        f"of shape {tuple(grad.shape)}: the state was loaded from another selection")
-                target = p if idx is None else _flat(p).index_select(0, idx)
+                target = _local(p) if idx is None else _flat(_local(p)).index_select(0, idx)
                 state["step"] += 1
                 step = state["step"].item()
                 if wd != 0:
@@ -243,7 +256,7 @@ class SparseAdamW(torch.optim.Optimizer):
                     denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
                 target.addcdiv_(exp_avg, denom, value=-step_size)
                 if idx is not None:
-                    _flat(p).scatter_(0, idx.long(), target)
+                    _flat(_local(p)).scatter_(0, idx.long(), target)
         return loss
 
     # -- checkpoints -------------------------------------------------------------------------------------

@@ -357,6 +357,14 @@ def select(model: nn.Module, data: Any = None, policy: str | Policy = "fish", *,
     """
     pol = get_policy(policy, **options)
     model = distributed.unwrap(model)  # DDP: the user's names, without "module."
+    if distributed.is_fsdp(model):  # FSDP2: top-k over the sharded Fisher, masks as local shards
+        from .fsdp import select as sharded_select
+
+        return sharded_select(model, data, pol, keep=keep, params=params, exclude=exclude, always=always,
+                              fisher=fisher, seed=seed,
+                              fisher_options=dict(loss=loss, forward=forward, num_samples=num_samples, kind=kind,
+                                                  chunk_size=chunk_size, progress=progress, seed=seed,
+                                                  **({} if group is None else {"group": group})))
     always_names = resolve(model, always, what="always") if always is not None else []
     names = [n for n in resolve(model, params, exclude) if n not in set(always_names)]
     if not names:

@@ -292,6 +292,11 @@ def fisher(model: nn.Module, data: Any, *, params: ParamSpec | None = None, loss
     shard = distributed.shard_of(data, group, reader, subset=subset, num_samples=num_samples, kind=kind)
     if shard is not None:  # positions and counts are global: this rank reads its own samples among them
         subset, num_samples = shard.subset, None
+    if distributed.is_fsdp(model):  # FSDP2: each rank keeps its shard of the Fisher (gradsel/fsdp.py)
+        from ..fsdp import estimate as sharded_estimate
+
+        return sharded_estimate(model, data, names, reader, shard, masks=masks, subset=subset, chunk_size=chunk_size,
+                                kind=kind, seed=seed, scores=scores, engine=engine, progress=progress)
     all_params = dict(model.named_parameters())
     acc_dtype = {n: torch.float64 if all_params[n].dtype == torch.float64 else torch.float32 for n in names}
     acc = ({n: torch.zeros(all_params[n].shape, dtype=acc_dtype[n], device=all_params[n].device) for n in names}

@@ -1,0 +1,760 @@
+"""gradsel on FSDP2 models (``torch.distributed.fsdp.fully_shard``): sharded Fisher, top-k, optimizer, files.
+
+No rank ever holds the whole model's Fisher or masks:
+
+- :func:`estimate` (what ``gradsel.fisher`` runs on a sharded model) runs the per-layer hooks engine on the
+  FSDP2 model itself: one ordinary forward and backward per chunk, during which FSDP2 all-gathers each unit's
+  parameters as it always does. The rules form ``Σ_i g_i²`` of each parameter from the layer's captured input
+  and output gradient (they need no parameter values), one ``fully_shard`` unit at a time, in the parameter's
+  full shape; that unit's sums are then reduce-scattered in FSDP2's own layout (dim 0 cut into
+  ``ceil(rows / world)``-row chunks, the last ones shorter or empty, zero padding on the wire) and added to this
+  rank's shard before the next unit is formed. Peak extra memory: one unit's full-shape sums.
+- the ranks run the same number of chunks (FSDP2's collectives need every rank in every forward): a rank whose
+  samples are used up runs its last chunk again and adds nothing.
+- :func:`top_k` finds the k-th largest score across ranks by a radix select over the scores' float64 bit
+  patterns (8 rounds, each one all-reduce of 256 counts), then breaks ties by global position (parameter order,
+  then flat index) with one all-gather of per-rank tie counts: masks equal, element for element, to the
+  single-process ``top_k`` over the full Fisher, returned as local shards.
+- :class:`ShardedSelection` holds local mask shards; ``save`` gathers them to rank 0, which writes one complete
+  ordinary selection file; ``optimizer`` gives a :class:`gradsel.optim.SparseAdamW` over the local shards.
+
+See ``docs/scaling-out.md`` (FSDP2) for costs and what is not supported yet.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from . import distributed as gd
+from .errors import GradselError
+from .fisher.result import Fisher
+from .selection import Selection, resolve_budget
+
+__all__ = ["Layout", "layouts", "ShardedFisher", "estimate", "top_k", "ShardedSelection", "select",
+           "sparse_adamw", "local_rows"]
+
+#: samples per chunk when neither ``chunk_size`` nor the data's batches say otherwise
+MAX_CHUNK = 32
+_SIGN = -(1 << 63)
+
+
+def _dist():
+    import torch.distributed as dist
+
+    return dist
+
+
+# -- where each parameter's shard lives ---------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Layout:
+    """One parameter's FSDP2 layout on this rank: dim 0 cut into chunks of ``chunk`` rows, rank after rank.
+
+    Attributes:
+        shape: the parameter's full shape.
+        start: the first full-tensor row this rank holds.
+        rows: how many rows this rank holds (the last ranks hold fewer, possibly none).
+        chunk: rows per rank in the padded layout (``ceil(shape[0] / world)``).
+        unit: index of the ``fully_shard`` unit (parameter group) holding the parameter.
+        rank: this rank in the shard group; world: the shard group's size.
+    """
+
+    shape: tuple
+    start: int
+    rows: int
+    chunk: int
+    unit: int
+    rank: int
+    world: int
+
+    @property
+    def row_numel(self) -> int:
+        return math.prod(self.shape[1:])
+
+    @property
+    def local_shape(self) -> tuple:
+        return (self.rows, *self.shape[1:])
+
+    def rows_of(self, rank: int) -> tuple[int, int]:
+        """``(start, rows)`` held by ``rank``."""
+        start = min(self.shape[0], rank * self.chunk)
+        return start, max(0, min(self.shape[0], (rank + 1) * self.chunk) - start)
+
+
+def local_rows(full: torch.Tensor, layout: Layout) -> torch.Tensor:
+    """This rank's rows of a full-shape tensor (a view)."""
+    return full.narrow(0, layout.start, layout.rows)
+
+
+def _fsdp_params(model: nn.Module) -> tuple[dict[int, Any], dict[int, int]]:
+    """``id(sharded parameter) -> FSDPParam`` and ``-> unit index`` over every ``fully_shard`` unit."""
+    from torch.distributed.fsdp import FSDPModule
+
+    found, units = {}, {}
+    unit = 0
+    for module in model.modules():
+        if not isinstance(module, FSDPModule):
+            continue
+        for group in module._get_fsdp_state()._fsdp_param_groups:
+            for fp in group.fsdp_params:
+                found[id(fp.sharded_param)] = fp
+                units[id(fp.sharded_param)] = unit
+            unit += 1
+    return found, units
+
+
+def _shard_group(fp: Any) -> Any:
+    from torch.distributed.fsdp._fully_shard._fsdp_common import FSDPMeshInfo, HSDPMeshInfo
+
+    info = fp.mesh_info
+    if not isinstance(info, FSDPMeshInfo) or isinstance(info, HSDPMeshInfo) or getattr(fp, "is_dtensor", False):
+        raise GradselError("gradsel supports fully_shard on a 1-D device mesh (plain FSDP2); HSDP (a 2-D mesh), "
+                           "replicate-only meshes and tensor-parallel DTensor parameters are not supported yet")
+    placement = getattr(fp, "fsdp_placement", None)
+    if placement is not None and getattr(placement, "dim", 0) != 0:
+        raise GradselError(f"a parameter is sharded on dim {placement.dim} (shard_placement_fn): gradsel supports "
+                           "FSDP2's default Shard(0) only")
+    return info.shard_process_group
+
+
+def layouts(model: nn.Module, names: list[str]) -> tuple[dict[str, Layout], Any, dict[str, Any]]:
+    """Each candidate's :class:`Layout`, the shard process group, and ``name -> FSDPParam``.
+
+    Raises:
+        GradselError: a candidate not managed by ``fully_shard``, a layout other than Shard(0) on a 1-D mesh.
+    """
+    found, units = _fsdp_params(model)
+    params = dict(model.named_parameters())
+    out, fps, group = {}, {}, None
+    for name in names:
+        p = params[name]
+        fp = found.get(id(p))
+        if fp is None:
+            raise GradselError(f"parameter {name!r} is not managed by fully_shard (it is replicated or was added "
+                               "after wrapping): apply fully_shard to the root module too, so that every parameter "
+                               "is sharded, or leave it out with exclude=")
+        g = _shard_group(fp)
+        if group is None:
+            group = g
+        elif g is not group and _dist().get_world_size(g) != _dist().get_world_size(group):
+            raise GradselError("the fully_shard units use different process groups: gradsel needs one shard group")
+        rank, world = fp.mesh_info.shard_mesh_rank, fp.mesh_info.shard_mesh_size
+        shape = tuple(p.shape)
+        chunk = -(-shape[0] // world) if shape else 1
+        start = min(shape[0], rank * chunk)
+        rows = max(0, min(shape[0], (rank + 1) * chunk) - start)
+        lay = Layout(shape, start, rows, chunk, units[id(p)], rank, world)
+        local = tuple(p.to_local().shape) if hasattr(p, "to_local") else tuple(p.shape)
+        if local != lay.local_shape:
+            raise GradselError(f"internal: {name!r} holds a local shard of shape {local} on rank {rank}, gradsel "
+                               f"expected {lay.local_shape} (FSDP2's Shard(0) chunks); please report this")
+        out[name], fps[name] = lay, fp
+    return out, group, fps
+
+
+# -- the sharded Fisher ---------------------------------------------------------------------------------------
+
+class ShardedFisher(Fisher):
+    """A Fisher whose tensors are this rank's shards (FSDP2's Shard(0) rows), not full tensors.
+
+    ``fisher[name]`` is a plain tensor of ``fisher.layouts[name].local_shape``; ``sharded`` is True (a plain
+    :class:`~gradsel.fisher.Fisher` has no such attribute: test with ``getattr(f, "sharded", False)``).
+
+    Attributes:
+        layouts: name → :class:`Layout` (full shape, rows held here).
+        group: the shard process group.
+        stats: ``{"collectives", "bytes"}`` this rank sent to reduce-scatter the sums (plus the small
+            collectives that keep the ranks in step).
+    """
+
+    sharded = True
+
+    def __init__(self, scores, num_samples, *, layouts: dict[str, Layout], group: Any, stats: dict, **kwargs):
+        super().__init__(scores, num_samples, **kwargs)
+        self.layouts = layouts
+        self.group = group
+        self.stats = stats
+
+    def numel(self) -> int:
+        """Number of scored elements over all ranks."""
+        return sum(math.prod(lay.shape) for lay in self.layouts.values())
+
+    def flat(self) -> torch.Tensor:
+        raise GradselError("a sharded Fisher has no flat view on one rank: use gradsel.fsdp.top_k, or gather it "
+                           "yourself only for a small model")
+
+    def __repr__(self) -> str:
+        return (f"ShardedFisher({len(self)} tensors, {self.numel():,} elements over {next(iter(self.layouts.values())).world if self.layouts else 0} "
+                f"ranks, num_samples={self.num_samples}, kind={self.kind!r})")
+
+
+class _Refuse:
+    """Stands in for the hooks engine's fallbacks: torch.func does not run through FSDP2's sharded parameters."""
+
+    def __init__(self, model, names, reader):
+        raise GradselError(
+            f"under FSDP2 gradsel computes the Fisher with per-layer rules only (Linear, Conv1d/2d, Embedding, "
+            f"LayerNorm, GroupNorm, BatchNorm with running statistics, transformers' Conv1D); {len(names)} "
+            f"candidate(s) need another engine (first {names[0]!r}): torch.func transforms do not run through "
+            "FSDP2's sharded parameters. Leave them out with exclude= (or params=), or estimate on the model "
+            "before fully_shard and pass fisher=")
+
+
+class _LiveParams(Mapping):
+    """name → the parameter autograd sees now: FSDP2's unsharded parameter once it exists, else the shard."""
+
+    def __init__(self, model: nn.Module, fps: dict[str, Any]):
+        self._plain = dict(model.named_parameters())
+        self._fps = fps
+
+    def __getitem__(self, name):
+        fp = self._fps.get(name)
+        if fp is not None and hasattr(fp, "_unsharded_param"):
+            return fp._unsharded_param
+        return self._plain[name]
+
+    def __iter__(self):
+        return iter(self._plain)
+
+    def __len__(self):
+        return len(self._plain)
+
+
+@contextlib.contextmanager
+def _plain_classes(model: nn.Module) -> Iterator[None]:
+    """fully_shard gives each unit a class of its own (``FSDPLinear`` from ``(FSDPModule, nn.Linear)``); the
+    hooks engine picks its rules by exact class, so while it looks for rule layers each unit wears its
+    original class again (nothing runs meanwhile)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    swapped = []
+    for m in model.modules():
+        cls = type(m)
+        if isinstance(m, FSDPModule):
+            base = next((b for b in cls.__bases__ if not issubclass(b, FSDPModule)), None)
+            if base is not None:
+                m.__class__ = base
+                swapped.append((m, cls))
+    try:
+        yield
+    finally:
+        for m, cls in swapped:
+            m.__class__ = cls
+
+
+def _engine(model: nn.Module, names: list[str], reader: Any, fps: dict[str, Any]):
+    from .fisher.engines.hooks import HooksEngine
+
+    class _ShardedHooks(HooksEngine):
+        name = "hooks-fsdp"
+
+    with _plain_classes(model):
+        run = _ShardedHooks(model, names, reader, _Refuse, _Refuse)
+    # modules without rule (local torch.func gradients) and per-sample parameter copies swap parameters
+    # through torch.func: not through FSDP2. The one-off checks that run extra forwards are skipped, as their
+    # count would differ between ranks (FSDP2 needs every rank in every forward): batch-shared outputs are
+    # expanded per sample without the check, captured tensors are copied (no in-place check).
+    run.local = {}
+    run.expandable = []
+    run._separable = True
+    run._expand = True
+    run._clone = True
+    run.params = _LiveParams(model, fps)  # autograd's uses are those of the unsharded parameters
+    return run
+
+
+def _reduce_scatter(inp: torch.Tensor, out: torch.Tensor, group: Any) -> None:
+    """``out`` = this rank's part of the sum of every rank's ``inp`` (reduce_scatter_tensor)."""
+    dist = _dist()
+    dist.reduce_scatter_tensor(out, inp, op=dist.ReduceOp.SUM, group=group)
+
+
+def _scatter_unit(names: list[str], full: dict[str, torch.Tensor], acc: dict[str, torch.Tensor],
+                  lays: dict[str, Layout], group: Any, stats: dict) -> None:
+    """Reduce-scatter one unit's full-shape sums (one buffer per dtype) and add this rank's rows to ``acc``."""
+    world = lays[names[0]].world
+    device = gd._comm_device(group)
+    by_dtype: dict[torch.dtype, list[str]] = {}
+    for n in names:
+        by_dtype.setdefault(full[n].dtype, []).append(n)
+    for dtype, ns in by_dtype.items():
+        blocks = []
+        for n in ns:
+            lay = lays[n]
+            padded = torch.zeros(world * lay.chunk, lay.row_numel, dtype=dtype, device=device)
+            padded[: lay.shape[0]] = full[n].reshape(lay.shape[0], lay.row_numel).to(device)
+            blocks.append(padded.reshape(world, lay.chunk * lay.row_numel))
+        inp = torch.cat(blocks, 1).reshape(-1)
+        out = torch.empty(inp.numel() // world, dtype=dtype, device=device)
+        _reduce_scatter(inp, out, group)
+        stats["collectives"] += 1
+        stats["bytes"] += inp.numel() * inp.element_size()
+        start = 0
+        for n in ns:
+            lay = lays[n]
+            part = out[start:start + lay.rows * lay.row_numel]
+            acc[n].add_(part.reshape(lay.local_shape).to(acc[n].device))
+            start += lay.chunk * lay.row_numel
+
+
+def _flags(values: list[int], group: Any, stats: dict) -> list[int]:
+    dist = _dist()
+    t = torch.tensor(values, dtype=torch.int64, device=gd._comm_device(group))
+    dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
+    stats["collectives"] += 1
+    stats["bytes"] += t.numel() * 8
+    return t.cpu().tolist()
+
+
+def _raise_collectively(error: BaseException | None, group: Any) -> None:
+    """Every rank raises: the failing rank its own error, the others one that names it and quotes it."""
+    dist = _dist()
+    messages: list = [None] * dist.get_world_size(group)
+    dist.all_gather_object(messages, None if error is None else f"{type(error).__name__}: {error}", group=group)
+    if error is not None:
+        raise error
+    rank = next(i for i, m in enumerate(messages) if m is not None)
+    raise GradselError(f"rank {rank} failed while estimating the sharded Fisher: {messages[rank]}")
+
+
+def estimate(model: nn.Module, data: Any, names: list[str], reader: Any, shard: Any, *, masks: dict | None,
+             subset: torch.Tensor | None, chunk_size: int | None, kind: str, seed: int, scores: bool,
+             engine: str, progress: bool) -> ShardedFisher:
+    """``gradsel.fisher`` on an FSDP2 model (called by it): each rank keeps its shard of every parameter's Fisher.
+
+    ``shard`` is this rank's :class:`gradsel.distributed.Shard` of the data; the other arguments are those
+    ``gradsel.fisher`` has checked already. See the module docstring for how it is done.
+    """
+    from tqdm.auto import tqdm
+
+    from .fisher.batches import gather, numbered
+    from .fisher.estimate import _accumulate, eval_mode
+
+    if engine not in ("auto", "hooks"):
+        raise GradselError(f"engine={engine!r} cannot run an FSDP2 model (torch.func and the batch-of-one loop do not "
+                           "run through fully_shard's sharded parameters): use engine='auto' or 'hooks'")
+    if shard is None or shard.group is None:
+        raise GradselError("an FSDP2 model needs an initialised process group")
+    lays, group, fps = layouts(model, names)
+    dist = _dist()
+    if dist.get_world_size(group) != dist.get_world_size(shard.group):
+        raise GradselError("the data's process group and the fully_shard group differ in size: pass group= the "
+                           "group fully_shard shards over")
+    params = dict(model.named_parameters())
+    acc_dtype = {n: torch.float64 if params[n].dtype == torch.float64 else torch.float32 for n in names}
+    device = {n: params[n].to_local().device if hasattr(params[n], "to_local") else params[n].device for n in names}
+    acc = ({n: torch.zeros(lays[n].local_shape, dtype=acc_dtype[n], device=device[n]) for n in names}
+           if scores else None)
+    flat_masks = None
+    if masks is not None:
+        flat_masks = {n: None if m is None else torch.as_tensor(m, dtype=torch.bool).reshape(-1).to(device[n])
+                      for n, m in masks.items()}
+    units: dict[int, list[str]] = {}
+    for n in names:
+        units.setdefault(lays[n].unit, []).append(n)
+    run = _engine(model, names, reader, fps)
+    size = chunk_size or MAX_CHUNK
+
+    def chunks() -> Iterator[tuple[torch.Tensor, Any]]:
+        batches = numbered(data, reader) if subset is None else gather(data, subset, reader, chunk_size)
+        for index, batch in shard.positions(batches):
+            for start in range(0, len(index), size):
+                rows = index[start:start + size]
+                yield rows, reader.take(batch, slice(start, start + len(rows)))
+
+    stats = {"collectives": 0, "bytes": 0}
+    contributions: list[torch.Tensor] = []
+    used_index: list[torch.Tensor] = []
+    used, last, error = 0, None, None
+    source = chunks()
+    bar = tqdm(unit="sample", desc="fisher (fsdp)", disable=not progress, leave=False)
+    try:
+        with eval_mode(model), torch.enable_grad():
+            while True:
+                item = None
+                if error is None:
+                    try:
+                        item = next(source, None)
+                    except Exception as exc:  # a bad batch: every rank stops together below
+                        error = exc
+                has, never, failed = _flags([int(item is not None), int(last is None and item is None),
+                                             int(error is not None)], group, stats)
+                if failed:
+                    _raise_collectively(error, group)
+                if not has:
+                    break
+                if never:
+                    raise GradselError(f"{never} rank(s) hold no samples while others do: under FSDP2 every rank "
+                                       "runs every forward, so give each rank at least one sample (a "
+                                       "DistributedSampler does)")
+                rows, chunk = item if item is not None else last
+                real = item is not None
+                try:  # the label checks and mc draws run one forward each on every rank, in step
+                    reader._logit_shapes = {}
+                    reader.check_outputs(model, chunk, rows, classes=kind != "mc")
+                    if kind == "mc":
+                        chunk = reader.with_sampled_labels(model, chunk, seed, rows)
+                except Exception as exc:
+                    error = exc
+                if _flags([int(error is not None)], group, stats)[0]:
+                    _raise_collectively(error, group)
+                grads = run(chunk)
+                contrib = torch.zeros(len(rows), dtype=torch.float64) if (masks is not None and real) else None
+                for unit_names in units.values():
+                    full = ({n: torch.zeros(lays[n].shape, dtype=acc_dtype[n], device=device[n]) for n in unit_names}
+                            if scores else None)
+                    if real and error is None:
+                        try:
+                            c = _accumulate(full, {n: grads[n] for n in unit_names}, rows, flat_masks, acc_dtype)
+                            if contrib is not None and c is not None:
+                                contrib += c
+                        except GradselError as exc:  # NaN: keep the collectives in step, stop at the next round
+                            error = exc
+                            if full is not None:
+                                full = {n: t.zero_() for n, t in full.items()}
+                    if scores:
+                        _scatter_unit(unit_names, full, acc, lays, group, stats)
+                    del full
+                del grads
+                if real and error is None:
+                    if contrib is not None:
+                        contributions.append(contrib)
+                    used_index.append(rows)
+                    used += len(rows)
+                    bar.update(len(rows))
+                last = (rows, chunk) if real else last
+    finally:
+        bar.close()
+    used, contributions, used_index = shard.reduce(None, used, contributions, used_index, masks is not None)
+    if used == 0:
+        raise GradselError("no samples were read from data: check that the loader is not empty "
+                           "(and that samples= selects some)")
+    means = {n: a.div_(used) for n, a in acc.items()} if acc is not None else {}
+    return ShardedFisher(means, used, layouts=lays, group=group, stats=stats, kind=kind,
+                         per_sample=torch.cat(contributions) if masks is not None else None,
+                         sample_index=torch.cat(used_index), engine=run.name)
+
+
+# -- global top-k over sharded scores ---------------------------------------------------------------------------
+
+def _keys(t: torch.Tensor, largest: bool) -> torch.Tensor:
+    """int64 keys whose signed order is the scores' order (float64 holds float32 and bfloat16 exactly;
+    -0.0 counts as 0.0); reversed for ``largest=False``."""
+    x = t.detach().reshape(-1).to(torch.float64) + 0.0
+    bits = x.view(torch.int64)
+    key = torch.where(bits < 0, bits ^ 0x7FFFFFFFFFFFFFFF, bits)
+    return key if largest else ~key
+
+
+def _all_reduce_long(values: torch.Tensor, group: Any) -> torch.Tensor:
+    dist = _dist()
+    t = values.to(gd._comm_device(group))
+    dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
+    return t.cpu()
+
+
+def top_k(scores: dict[str, torch.Tensor], lays: dict[str, Layout], k: int, *, largest: bool = True,
+          group: Any = None) -> dict[str, torch.Tensor]:
+    """Exactly ``k`` True entries over all ranks' shards at the largest (or smallest) scores, as local masks.
+
+    The same masks, element for element, as :func:`gradsel.policies.top_k` over the full tensors (ties by
+    parameter order, then flat index), without gathering the scores: a radix select finds the k-th score
+    (8 all-reduces of 256 int64 counts, each a pass over the local scores), then one all-gather of per-rank,
+    per-tensor tie counts assigns the ties in global order. Every rank must call it with its own shards.
+
+    Args:
+        scores: name → this rank's shard of the scores (rows ``lays[name].start`` onwards).
+        lays: name → :class:`Layout`.
+        k: how many to select in total.
+        largest: the largest (True) or the smallest scores.
+        group: the shard process group.
+    """
+    names = list(scores)
+    total = sum(math.prod(lays[n].shape) for n in names)
+    if not 0 <= k <= total:
+        raise GradselError(f"cannot select {k} of {total} elements")
+    nan = _all_reduce_long(torch.tensor([sum(int(torch.isnan(scores[n]).sum()) for n in names)]), group)
+    if int(nan[0]):
+        raise GradselError("scores contain NaN: the Fisher estimate is broken; check the data and the loss")
+    if k in (0, total):
+        return {n: torch.full(lays[n].local_shape, k > 0, dtype=torch.bool) for n in names}
+    need, prefix = k, 0
+    for shift in range(56, -8, -8):
+        hist = torch.zeros(256, dtype=torch.int64)
+        for n in names:
+            u = _keys(scores[n], largest).cpu() ^ _SIGN  # unsigned order in the bit pattern
+            if shift < 56:
+                u = u[((u >> (shift + 8)) & ((1 << (56 - shift)) - 1)) == prefix]
+            hist += torch.bincount(((u >> shift) & 0xFF), minlength=256)
+        counts = _all_reduce_long(hist, group).tolist()
+        above = 0
+        for digit in range(255, -1, -1):
+            if above + counts[digit] >= need:
+                break
+            above += counts[digit]
+        need -= above
+        prefix = (prefix << 8) | digit
+    threshold = prefix + _SIGN  # back to the signed key: exactly ``need`` of the ties at it go in
+    keys = {n: _keys(scores[n], largest).cpu() for n in names}
+    ties = torch.tensor([int((keys[n] == threshold).sum()) for n in names], dtype=torch.int64)
+    dist = _dist()
+    world = dist.get_world_size(group)
+    rank = dist.get_rank(group)
+    out = [torch.empty_like(ties).to(gd._comm_device(group)) for _ in range(world)]
+    dist.all_gather(out, ties.to(gd._comm_device(group)), group=group)
+    per_rank = torch.stack([o.cpu() for o in out])  # (world, tensors)
+    masks = {}
+    left = need
+    for i, n in enumerate(names):
+        mine = 0
+        for r in range(world):  # within a tensor, rank r's rows come before rank r+1's
+            take = min(left, int(per_rank[r, i]))
+            left -= take
+            if r == rank:
+                mine = take
+        mask = keys[n] > threshold
+        if mine:
+            first = (keys[n] == threshold).nonzero().flatten()[:mine]
+            mask[first] = True
+        masks[n] = mask.reshape(lays[n].local_shape)
+    return masks
+
+
+# -- selections on shards ---------------------------------------------------------------------------------------
+
+class ShardedSelection(Selection):
+    """A :class:`~gradsel.Selection` whose masks are this rank's shards of the FSDP2 parameters.
+
+    ``masks[name]`` has ``layouts[name].local_shape``; ``shapes`` are the full shapes. Counts
+    (:meth:`selected`, :meth:`rows`, :meth:`summary`) are reduced across ranks, so every rank must call them;
+    :meth:`save` writes one complete file from rank 0; :meth:`gather` returns the full masks.
+    """
+
+    sharded = True
+
+    def __init__(self, masks: dict[str, torch.Tensor], *, layouts: dict[str, Layout], group: Any, **kwargs: Any):
+        self.layouts = layouts
+        self.group = group
+        super().__init__(masks, **kwargs)
+        self.shapes = {n: tuple(layouts[n].shape) for n in self.masks}
+
+    def _counts(self, names: list[str]) -> list[int]:
+        local = torch.tensor([int(self.masks[n].sum()) for n in names], dtype=torch.int64)
+        return _all_reduce_long(local, self.group).tolist() if names else []
+
+    def selected(self) -> int:
+        """Selected candidate elements over all ranks (a collective)."""
+        return int(sum(self._counts(self.candidates)))
+
+    def total(self) -> int:
+        return sum(math.prod(self.shapes[n]) for n in self.candidates)
+
+    def trainable(self) -> int:
+        return self.selected() + sum(math.prod(self.shapes[n]) for n in self.always)
+
+    def rows(self, by: str | int = "tensor") -> list[dict]:
+        names = self.candidates + self.always
+        counts = dict(zip(names, self._counts(names)))
+        groups: dict[str, dict] = {}
+        for name in names:
+            key = name if by == "tensor" else ".".join(name.split(".")[: int(by)])
+            if name in self.always:
+                key += " (always)"
+            row = groups.setdefault(key, {"group": key, "selected": 0, "total": 0})
+            row["selected"] += counts[name]
+            row["total"] += math.prod(self.shapes[name])
+        for row in groups.values():
+            row["share"] = row["selected"] / row["total"] if row["total"] else 0.0
+        return list(groups.values())
+
+    def summary(self, by: str | int = "tensor", *, markdown: bool = False) -> str:
+        return self.gather().summary(by, markdown=markdown)
+
+    def __repr__(self) -> str:  # no collective in a repr
+        return (f"ShardedSelection(policy={self.policy!r}, budget={self.budget:,}/{self.total():,}, "
+                f"tensors={len(self.candidates)}, always={len(self.always)}, rank {self._rank()})")
+
+    def _rank(self) -> int:
+        return _dist().get_rank(self.group)
+
+    def gather(self, dst: int | None = None) -> Selection | None:
+        """The full masks as a plain :class:`~gradsel.Selection`: on every rank (``dst=None``, an all-gather),
+        or on rank ``dst`` only (a gather; the other ranks get None). One collective of one byte per element."""
+        dist = _dist()
+        names = list(self.masks)
+        device = gd._comm_device(self.group)
+        parts = []
+        for n in names:
+            lay = self.layouts[n]
+            buf = torch.zeros(lay.chunk * lay.row_numel, dtype=torch.uint8)
+            buf[: lay.rows * lay.row_numel] = self.masks[n].reshape(-1).to(torch.uint8)
+            parts.append(buf)
+        mine = torch.cat(parts).to(device) if parts else torch.zeros(0, dtype=torch.uint8, device=device)
+        world, rank = dist.get_world_size(self.group), self._rank()
+        if dst is None:
+            bufs = [torch.empty_like(mine) for _ in range(world)]
+            dist.all_gather(bufs, mine, group=self.group)
+        else:
+            bufs = [torch.empty_like(mine) for _ in range(world)] if rank == dst else None
+            dist.gather(mine, bufs, group=self.group, group_dst=dst)
+            if rank != dst:
+                return None
+        bufs = [b.cpu() for b in bufs]
+        full, offset = {}, 0
+        for n in names:
+            lay = self.layouts[n]
+            width = lay.chunk * lay.row_numel
+            pieces = [bufs[r][offset:offset + lay.rows_of(r)[1] * lay.row_numel] for r in range(world)]
+            full[n] = torch.cat(pieces).to(torch.bool).reshape(lay.shape)
+            offset += width
+        return Selection(full, policy=self.policy, options=self.options, candidates=self.candidates,
+                         always=self.always, budget=self.budget, seed=self.seed, info=self.info,
+                         policy_object=self._policy_object)
+
+    def save(self, path) -> Path:
+        """Gather the masks to rank 0, which writes one complete selection file (as a single process would);
+        every rank must call it, and every rank returns the path once the file is written."""
+        dist = _dist()
+        full = self.gather(dst=0)
+        ok = torch.ones(1, dtype=torch.int64)
+        error = None
+        if full is not None:
+            try:
+                full.save(path)
+            except Exception as exc:
+                ok.zero_()
+                error = exc
+        ok = ok.to(gd._comm_device(self.group))
+        dist.broadcast(ok, group=self.group, group_src=0)
+        if error is not None:
+            raise error
+        if not int(ok.cpu()[0]):
+            raise GradselError(f"rank 0 could not write the selection file {path}: see rank 0's error")
+        return Path(path)
+
+    def apply(self, model: nn.Module, optimizer: Any = None):
+        raise GradselError("Selection.apply on an FSDP2 model is not supported yet: train with "
+                           "selection.optimizer(model, lr) (SparseAdamW on the local shards), which never moves an "
+                           "element outside the selection")
+
+    def delta(self, model: nn.Module, base_state_dict: Any, **kwargs: Any):
+        raise GradselError("SparseDelta from an FSDP2 model is not supported yet: gather the model's full state "
+                           "dict (torch.distributed.checkpoint) and use selection.gather() on a single process")
+
+    def optimizer(self, model: nn.Module, lr: float = 1e-3, **kwargs: Any):
+        """A :class:`gradsel.optim.SparseAdamW` over this rank's selected elements (see :func:`sparse_adamw`)."""
+        return sparse_adamw(self, model, lr, **kwargs)
+
+
+def sparse_adamw(selection: ShardedSelection, model: nn.Module, lr: float = 1e-3, *, freeze: bool = True,
+                 no_decay: Any = None, **kwargs: Any):
+    """:func:`gradsel.optim.sparse_adamw` on an FSDP2 model: moments only for this rank's selected elements.
+
+    A tensor is in the optimizer on every rank when any rank holds a selected element of it (a rank holding
+    none keeps empty state for it), and ``freeze`` turns off ``requires_grad`` of the tensors no rank selects,
+    on every rank alike (FSDP2 reduce-scatters the same gradients on every rank).
+    """
+    from .optim import SparseAdamW
+    from .params import resolve
+
+    selection.check(model)
+    params = dict(model.named_parameters())
+    names = list(selection.masks)
+    counts = dict(zip(names, selection._counts(names)))
+    decay_off = set(resolve(model, no_decay, what="no_decay")) if no_decay is not None else set()
+    groups = {True: {"params": [], "masks": []}, False: {"params": [], "masks": [], "weight_decay": 0.0}}
+    chosen = set()
+    for name in names:
+        if counts[name] == 0:
+            continue
+        p = params[name]
+        group = groups[name not in decay_off]
+        group["params"].append(p)
+        local = p.to_local() if hasattr(p, "to_local") else p
+        whole = counts[name] == math.prod(selection.shapes[name])
+        group["masks"].append(None if whole else selection.masks[name].to(local.device))
+        chosen.add(name)
+    if not chosen:
+        raise GradselError("the selection selects no element: there is nothing to optimize")
+    frozen = []
+    if freeze:
+        for name, p in params.items():
+            if name not in chosen and p.requires_grad:
+                p.requires_grad_(False)
+                p.grad = None
+                frozen.append(name)
+    kwargs.setdefault("progressive", False)
+    opt = SparseAdamW([g for g in groups.values() if g["params"]], lr=lr, **kwargs)
+    opt.frozen = frozen
+    return opt
+
+
+def select(model: nn.Module, data: Any, pol: Any, *, keep: Any, params: Any, exclude: Any, always: Any,
+           fisher: Fisher | None, seed: int, fisher_options: dict) -> ShardedSelection:
+    """``gradsel.select`` on an FSDP2 model (called by it): ``fish`` and ``reverse`` with the global element
+    budget, by :func:`top_k` over the sharded Fisher; masks are local shards (:class:`ShardedSelection`)."""
+    from .fisher import fisher as estimate_fisher
+    from .params import resolve
+
+    if pol.name not in ("fish", "reverse") or getattr(pol, "budget", "global") != "global" \
+            or getattr(pol, "granularity", "element") != "element":
+        raise GradselError(f"under FSDP2 gradsel selects with policy 'fish' or 'reverse' (budget='global', "
+                           f"granularity='element') so far; {pol!r} is not supported on sharded models yet. Select on "
+                           "the model before fully_shard (every rank alike) if it fits, and shard the masks with "
+                           "gradsel.fsdp.shard_selection")
+    always_names = resolve(model, always, what="always") if always is not None else []
+    names = [n for n in resolve(model, params, exclude) if n not in set(always_names)]
+    if not names:
+        raise GradselError("every candidate is also in always=: nothing is left to rank")
+    lays, group, _ = layouts(model, names + always_names)
+    total = sum(math.prod(lays[n].shape) for n in names)
+    if keep is None:
+        keep = pol.default_keep
+        if keep is None:
+            raise GradselError(f"policy {pol.name!r} needs keep=: a fraction in (0, 1] or an integer count")
+    k = resolve_budget(keep, total)
+    if fisher is None:
+        if data is None:
+            raise GradselError("this policy needs Fisher scores: pass data to select() or fisher=")
+        fisher = estimate_fisher(model, data, params=names, **fisher_options)
+    missing = [n for n in names if n not in fisher]
+    if missing:
+        raise GradselError(f"fisher= has no scores for {missing[:5]}: estimate it with the same params=")
+    scores = {}
+    for n in names:
+        t = fisher[n]
+        if tuple(t.shape) == lays[n].local_shape and getattr(fisher, "sharded", False):
+            scores[n] = t
+        elif tuple(t.shape) == lays[n].shape:  # a full Fisher (every rank the same): this rank's rows
+            scores[n] = local_rows(t, lays[n])
+        else:
+            raise GradselError(f"fisher= scores for {n!r} have shape {tuple(t.shape)}; the parameter is "
+                               f"{lays[n].shape} (this rank's shard {lays[n].local_shape}): they belong to another model")
+    masks = top_k(scores, lays, k, largest=pol.name == "fish", group=group)
+    for n in always_names:
+        masks[n] = torch.ones(lays[n].local_shape, dtype=torch.bool)
+    sel = ShardedSelection(masks, layouts=lays, group=group, policy=pol.name, options=pol.options, candidates=names,
+                           always=always_names, budget=k, seed=seed, info={}, policy_object=pol)
+    got = sel.selected()
+    if got != k:
+        raise GradselError(f"internal: the sharded top-k selected {got} elements, the budget is {k}; please report this")
+    return sel
+
+
+def shard_selection(selection: Selection, model: nn.Module) -> ShardedSelection:
+    """This rank's shards of a full :class:`~gradsel.Selection` (the same on every rank) for an FSDP2 model."""
+    names = list(selection.masks)
+    lays, group, _ = layouts(model, names)
+    selection.check(model)
+    masks = {n: local_rows(selection.masks[n], lays[n]).clone() for n in names}
+    return ShardedSelection(masks, layouts=lays, group=group, policy=selection.policy, options=selection.options,
+                            candidates=selection.candidates, always=selection.always, budget=selection.budget,
+                            seed=selection.seed, info=selection.info)

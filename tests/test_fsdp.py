@@ -1,0 +1,339 @@
+"""gradsel on FSDP2 (fully_shard) models: 2 processes on gloo at 127.0.0.1, compared with one process in float64.
+
+The workers shard a model with fully_shard (submodules and root, uneven dim-0 shards), estimate the Fisher,
+select, train with SparseAdamW and save; the parent compares each rank's shards with one process over all
+the data.
+"""
+
+from __future__ import annotations
+
+import os
+import traceback
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from torch import nn
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+
+import gradsel
+from gradsel import fsdp as gf
+from gradsel.policies import top_k as plain_top_k
+from tests import models as M
+from tests.dist_utils import free_port
+
+TIMEOUT = 150  # seconds per spawned pair (a loaded 2-core machine)
+
+
+def _entry(rank: int, world: int, port: int, work: str, out: str) -> None:
+    os.environ["OMP_NUM_THREADS"] = "1"
+    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
+    torch.set_num_threads(1)
+    import torch.distributed as dist
+
+    try:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                                timeout=timedelta(seconds=TIMEOUT))
+        try:
+            result = globals()[work](rank, world, Path(out))
+            torch.save(result, Path(out) / f"{work}_{rank}.pt")
+        finally:
+            dist.destroy_process_group()
+    except BaseException:
+        (Path(out) / f"{work}_{rank}.err").write_text(traceback.format_exc())
+        raise
+
+
+def _spawn(work: str, tmp_path: Path, world: int = 2) -> list:
+    """Run ``work(rank, world, tmp_path)`` in ``world`` spawned processes; their results, by rank."""
+    ctx = mp.get_context("spawn")
+    port = free_port()
+    procs = [ctx.Process(target=_entry, args=(r, world, port, work, str(tmp_path)), daemon=True) for r in range(world)]
+    for p in procs:
+        p.start()
+    try:
+        for p in procs:
+            p.join(TIMEOUT)
+    finally:
+        alive = [p for p in procs if p.is_alive()]
+        for p in alive:
+            p.kill()
+            p.join(5)
+    errors = [f.read_text() for f in sorted(tmp_path.glob(f"{work}_*.err"))]
+    assert not errors, "worker failed:\n" + "\n".join(errors)
+    assert not alive, f"{work}: workers still running after {TIMEOUT} s (killed)"
+    assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
+    return [torch.load(tmp_path / f"{work}_{r}.pt", weights_only=False) for r in range(world)]
+
+
+# -- models and data (the same in the workers and the parent) ------------------------------------------------------
+
+def _mlp(seed: int = 0) -> nn.Sequential:
+    """Dim-0 sizes 7, 5, 3: uneven shards on 2 ranks (4+3, 3+2, 2+1 rows)."""
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(6, 7), nn.LayerNorm(7), nn.Tanh(), nn.Linear(7, 5), nn.Tanh(),
+                         nn.Linear(5, 3)).double()
+
+
+def _shard(model: nn.Module, units: list[nn.Module]) -> nn.Module:
+    from torch.distributed.fsdp import fully_shard
+
+    for m in units:
+        fully_shard(m)
+    fully_shard(model)
+    return model
+
+
+def _sharded_mlp(seed: int = 0) -> nn.Sequential:
+    model = _mlp(seed)
+    return _shard(model, [model[0], model[3]])  # units: [0], [3], and the root (LayerNorm, [5])
+
+
+def _data(n: int = 13):
+    x, y = M.mlp_batch(n=n, seed=3)
+    return x.double(), y
+
+
+def _loader(dataset, distributed: bool = True):
+    if not distributed:
+        return DataLoader(dataset, batch_size=3)
+    # 13 samples on 2 ranks: 7 each with one padding duplicate; 3 batches on one rank, 2 on the other once the
+    # duplicate is dropped, so the ranks run different numbers of chunks of their own
+    return DataLoader(dataset, batch_size=3, sampler=DistributedSampler(dataset, shuffle=True, seed=1))
+
+
+def _local(model: nn.Module) -> dict:
+    return {n: p.to_local().detach().clone() for n, p in model.named_parameters()}
+
+
+def _pack(f) -> dict:
+    return {"scores": {n: t.clone() for n, t in f.items()}, "num_samples": f.num_samples, "per_sample": f.per_sample,
+            "sample_index": f.sample_index, "layouts": dict(f.layouts), "stats": dict(f.stats),
+            "sharded": getattr(f, "sharded", False)}
+
+
+def _tie_scores() -> dict:
+    """Few distinct values (many ties), float64 and float32 tensors, a tensor of zeros."""
+    g = torch.Generator().manual_seed(11)
+    return {"a": torch.randint(0, 3, (7, 6), generator=g).double(), "b": torch.randint(0, 2, (5,), generator=g).float(),
+            "c": torch.zeros(3, 2, dtype=torch.float64), "d": torch.rand(4, 3, generator=g, dtype=torch.float64)}
+
+
+def _layouts_for(shapes: dict, rank: int, world: int) -> dict:
+    out = {}
+    for n, shape in shapes.items():
+        chunk = -(-shape[0] // world)
+        start = min(shape[0], rank * chunk)
+        out[n] = gf.Layout(tuple(shape), start, max(0, min(shape[0], start + chunk) - start), chunk, 0, rank, world)
+    return out
+
+
+STEPS = 50
+
+
+def _batches():
+    g = torch.Generator().manual_seed(9)
+    for _ in range(STEPS):
+        yield torch.randn(8, 6, generator=g, dtype=torch.float64), torch.randint(0, 3, (8,), generator=g)
+
+
+# -- workers ------------------------------------------------------------------------------------------------------
+
+def work_core(rank: int, world: int, out: Path) -> dict:
+    x, y = _data()
+    ds = TensorDataset(x, y)
+    model = _sharded_mlp()
+    res = {"local_shapes": {n: tuple(p.to_local().shape) for n, p in model.named_parameters()}}
+    f = gradsel.fisher(model, _loader(ds), progress=False, per_sample=True)
+    res["fisher"] = _pack(f)
+    res["fisher_mc"] = _pack(gradsel.fisher(model, _loader(ds), progress=False, kind="mc", seed=5))
+    fish = gradsel.select(model, _loader(ds), "fish", keep=20, progress=False)
+    res["fish"] = {"masks": fish.masks, "selected": fish.selected(), "type": type(fish).__name__}
+    res["reverse"] = gradsel.select(model, None, "reverse", keep=20, fisher=f, progress=False).masks
+    fish.save(out / "fish.safetensors")
+    # the top-k on its own: ties everywhere, both directions, budgets from 1 to all
+    full = _tie_scores()
+    lays = _layouts_for({n: t.shape for n, t in full.items()}, rank, world)
+    local = {n: gf.local_rows(t, lays[n]).clone() for n, t in full.items()}
+    total = sum(t.numel() for t in full.values())
+    res["topk"] = []
+    for k in (1, 5, 17, 40, total - 1, total):
+        for largest in (True, False):
+            got = gf.top_k(local, lays, k, largest=largest)
+            ref = plain_top_k(full, k, largest=largest)
+            res["topk"].append({"k": k, "largest": largest, "got": got,
+                                "want": {n: gf.local_rows(m, lays[n]) for n, m in ref.items()}})
+    # bad inputs
+    try:
+        gradsel.select(model, _loader(ds), "random", keep=5, progress=False)
+        res["random_error"] = None
+    except gradsel.GradselError as exc:
+        res["random_error"] = str(exc)
+    try:
+        gradsel.fisher(model, _loader(ds), progress=False, engine="vmap")
+        res["vmap_error"] = None
+    except gradsel.GradselError as exc:
+        res["vmap_error"] = str(exc)
+    try:
+        fish.apply(model)
+        res["apply_error"] = None
+    except gradsel.GradselError as exc:
+        res["apply_error"] = str(exc)
+    res["sparse"] = _work_sparse(rank, world, ds)
+    return res
+
+
+def _work_sparse(rank: int, world: int, ds) -> dict:
+    model = _sharded_mlp(seed=2)
+    sel = gradsel.select(model, _loader(ds), "fish", keep=15, always="5.*", progress=False)
+    start = {n: p.full_tensor().detach().clone() for n, p in model.named_parameters()}
+    opt = sel.optimizer(model, lr=1e-2, weight_decay=0.1)
+    for x, t in _batches():
+        half = slice(rank * 4, rank * 4 + 4)
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x[half]), t[half]).backward()
+        opt.step()
+    return {"start": start, "end": {n: p.full_tensor().detach().clone() for n, p in model.named_parameters()},
+            "masks": sel.masks, "full_masks": sel.gather().masks, "frozen": list(opt.frozen),
+            "state": {n: opt.state[p]["exp_avg"].numel() for n, p in model.named_parameters() if p in opt.state}}
+
+
+def work_bert(rank: int, world: int, out: Path) -> dict:
+    bert = M.bert().double()
+    _shard(bert, list(bert.bert.encoder.layer))
+    batch = M.bert_batch(n=6)
+    half = slice(rank * 3, rank * 3 + 3)
+    f = gradsel.fisher(bert, [{k: v[half] for k, v in batch.items()}], progress=False)
+    return {"fisher": _pack(f), "local_shapes": {n: tuple(p.to_local().shape) for n, p in bert.named_parameters()}}
+
+
+# -- tests --------------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def core_runs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("fsdp")
+    return _spawn("work_core", out), out
+
+
+def _assert_shards(run: dict, ref, rtol: float = 1e-10) -> None:
+    got = run["fisher"] if "fisher" in run else run
+    assert got["sharded"] and got["num_samples"] == ref.num_samples
+    assert sorted(got["scores"]) == sorted(ref)
+    largest = max(float(t.abs().max()) for t in ref.values())
+    for n, full in ref.items():
+        lay = got["layouts"][n]
+        assert lay.shape == tuple(full.shape)
+        assert tuple(got["scores"][n].shape) == lay.local_shape  # the shard, never the whole tensor
+        want = full[lay.start:lay.start + lay.rows]
+        torch.testing.assert_close(got["scores"][n], want, rtol=rtol, atol=rtol * largest, msg=n)
+
+
+def test_fisher_shards_equal_one_process(core_runs, one_thread):
+    """Each rank holds its Shard(0) rows of the one-process Fisher (float64, uneven shards, uneven chunk counts)."""
+    runs, _ = core_runs
+    x, y = _data()
+    ref = gradsel.fisher_loop(_mlp(), (x, y), progress=False, per_sample=True)
+    ref_mc = gradsel.fisher_loop(_mlp(), (x, y), progress=False, kind="mc", seed=5)
+    for run in runs:
+        _assert_shards(run["fisher"], ref)
+        _assert_shards(run["fisher_mc"], ref_mc)
+        torch.testing.assert_close(run["fisher"]["per_sample"], ref.per_sample, rtol=1e-10, atol=0)
+        torch.testing.assert_close(run["fisher"]["sample_index"], ref.sample_index)
+        for n, lay in run["fisher"]["layouts"].items():
+            assert lay.local_shape == run["local_shapes"][n]  # the same layout as the parameter's DTensor shard
+    # the shards are uneven and together cover every row once
+    for n, full in ref.items():
+        lays = [run["fisher"]["layouts"][n] for run in runs]
+        assert [lay.start for lay in lays] == [0, lays[0].rows] and sum(lay.rows for lay in lays) == full.shape[0]
+    assert runs[0]["fisher"]["layouts"]["0.weight"].rows == 4 and runs[1]["fisher"]["layouts"]["0.weight"].rows == 3
+    # per round 2 flag all-reduces + one reduce-scatter per unit (3 units); 3 rounds (rank 1, with 2 chunks of its
+    # own, ran its last one again) and a last flag exchange: the ranks stayed in step
+    stats = runs[0]["fisher"]["stats"]
+    assert stats == runs[1]["fisher"]["stats"] and stats["collectives"] == 3 * (2 + 3) + 1
+    assert stats["bytes"] > 0
+
+
+@pytest.mark.parametrize("policy", ["fish", "reverse"])
+def test_masks_equal_one_process_top_k(core_runs, policy, one_thread):
+    runs, _ = core_runs
+    x, y = _data()
+    ref = gradsel.select(_mlp(), _loader(TensorDataset(x, y), distributed=False), policy, keep=20, progress=False)
+    for run in runs:
+        masks = run["fish"]["masks"] if policy == "fish" else run["reverse"]
+        lays = run["fisher"]["layouts"]
+        for n, m in ref.masks.items():
+            assert torch.equal(masks[n], m[lays[n].start:lays[n].start + lays[n].rows]), (policy, n)
+    if policy == "fish":
+        assert all(run["fish"]["selected"] == 20 and run["fish"]["type"] == "ShardedSelection" for run in runs)
+
+
+def test_sharded_top_k_ties_equal_plain_top_k(core_runs):
+    runs, _ = core_runs
+    for run in runs:
+        assert len(run["topk"]) == 12
+        for case in run["topk"]:
+            for n, want in case["want"].items():
+                assert torch.equal(case["got"][n], want), (case["k"], case["largest"], n)
+
+
+def test_saved_file_is_complete(core_runs, one_thread):
+    runs, out = core_runs
+    sel = gradsel.Selection.load(out / "fish.safetensors", _mlp())
+    x, y = _data()
+    ref = gradsel.select(_mlp(), _loader(TensorDataset(x, y), distributed=False), "fish", keep=20, progress=False)
+    assert sel.selected() == sel.budget == 20
+    for n, m in ref.masks.items():
+        assert tuple(sel.masks[n].shape) == tuple(m.shape)  # full shapes: not rank 0's rows
+        assert torch.equal(sel.masks[n], m), n
+
+
+def test_sparse_adamw_on_shards_equals_dense_adamw(core_runs, one_thread):
+    runs, _ = core_runs
+    x, y = _data()
+    model = _mlp(seed=2)
+    sel = gradsel.select(model, _loader(TensorDataset(x, y), distributed=False), "fish", keep=15, always="5.*",
+                         progress=False)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    with sel.apply(model, opt) as handle:
+        for xb, tb in _batches():
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(xb), tb).backward()
+            opt.step()
+            handle.step()
+    for run in runs:
+        sparse = run["sparse"]
+        for n, m in sel.masks.items():
+            assert torch.equal(sparse["full_masks"][n], m), n
+        for n, p in model.named_parameters():
+            torch.testing.assert_close(sparse["end"][n], p.detach(), rtol=0, atol=1e-6, msg=n)
+            m = sel.masks[n]
+            assert torch.equal(sparse["end"][n][~m], sparse["start"][n][~m]), n  # masked entries never moved
+        # state only for this rank's selected elements (dense for the always= head)
+        for n, count in sparse["state"].items():
+            local = sparse["masks"][n]
+            assert count == (local.numel() if bool(sel.masks[n].all()) else int(local.sum())), n
+        assert sorted(sparse["frozen"]) == sorted(n for n, m in sel.masks.items() if not bool(m.any()))
+    for n, m in sel.masks.items():
+        if n in runs[0]["sparse"]["state"] and not bool(m.all()):
+            assert runs[0]["sparse"]["state"][n] + runs[1]["sparse"]["state"].get(n, 0) == int(m.sum())
+
+
+def test_sharded_bad_inputs(core_runs):
+    runs, _ = core_runs
+    for run in runs:
+        assert "fish" in run["random_error"] and "not supported" in run["random_error"]
+        assert "engine='vmap'" in run["vmap_error"]
+        assert "optimizer" in run["apply_error"]
+
+
+@pytest.mark.slow
+def test_fisher_bert_shards_equal_one_process(tmp_path, one_thread):
+    runs = _spawn("work_bert", tmp_path)
+    bert, batch = M.bert().double(), M.bert_batch(n=6)
+    ref = gradsel.fisher_loop(bert, batch, progress=False)
+    for run in runs:
+        _assert_shards(run["fisher"], ref)
+        for n, lay in run["fisher"]["layouts"].items():
+            assert lay.local_shape == run["local_shapes"][n]
