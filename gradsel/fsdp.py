@@ -192,8 +192,9 @@ class ShardedFisher(Fisher):
                            "yourself only for a small model")
 
     def __repr__(self) -> str:
-        return (f"ShardedFisher({len(self)} tensors, {self.numel():,} elements over {next(iter(self.layouts.values())).world if self.layouts else 0} "
-                f"ranks, num_samples={self.num_samples}, kind={self.kind!r})")
+        world = next(iter(self.layouts.values())).world if self.layouts else 0
+        return (f"ShardedFisher({len(self)} tensors, {self.numel():,} elements over {world} ranks, "
+                f"num_samples={self.num_samples}, kind={self.kind!r})")
 
 
 class _Refuse:
@@ -274,7 +275,9 @@ def _engine(model: nn.Module, names: list[str], reader: Any, fps: dict[str, Any]
 def _reduce_scatter(inp: torch.Tensor, out: torch.Tensor, group: Any) -> None:
     """``out`` = this rank's part of the sum of every rank's ``inp`` (reduce_scatter_tensor)."""
     dist = _dist()
-    dist.reduce_scatter_tensor(out, inp, op=dist.ReduceOp.SUM, group=group)
+    # torch 2.14 renamed reduce_scatter_tensor (deprecated there) to reduce_scatter_single
+    scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+    scatter(out, inp, op=dist.ReduceOp.SUM, group=group)
 
 
 def _scatter_unit(names: list[str], full: dict[str, torch.Tensor], acc: dict[str, torch.Tensor],
@@ -737,7 +740,8 @@ def select(model: nn.Module, data: Any, pol: Any, *, keep: Any, params: Any, exc
             scores[n] = local_rows(t, lays[n])
         else:
             raise GradselError(f"fisher= scores for {n!r} have shape {tuple(t.shape)}; the parameter is "
-                               f"{lays[n].shape} (this rank's shard {lays[n].local_shape}): they belong to another model")
+                               f"{lays[n].shape} (this rank's shard {lays[n].local_shape}): they belong to another "
+                               "model")
     masks = top_k(scores, lays, k, largest=pol.name == "fish", group=group)
     for n in always_names:
         masks[n] = torch.ones(lays[n].local_shape, dtype=torch.bool)
@@ -745,7 +749,8 @@ def select(model: nn.Module, data: Any, pol: Any, *, keep: Any, params: Any, exc
                            always=always_names, budget=k, seed=seed, info={}, policy_object=pol)
     got = sel.selected()
     if got != k:
-        raise GradselError(f"internal: the sharded top-k selected {got} elements, the budget is {k}; please report this")
+        raise GradselError(f"internal: the sharded top-k selected {got} elements, the budget is {k}; please "
+                           "report this")
     return sel
 
 

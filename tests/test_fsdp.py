@@ -71,10 +71,10 @@ def _spawn(work: str, tmp_path: Path, world: int = 2) -> list:
 # -- models and data (the same in the workers and the parent) ------------------------------------------------------
 
 def _mlp(seed: int = 0) -> nn.Sequential:
-    """Dim-0 sizes 7, 5, 3: uneven shards on 2 ranks (4+3, 3+2, 2+1 rows)."""
+    """Dim-0 sizes 7, 5, 1, 3: uneven shards on 2 ranks (4+3, 3+2, 1+0: rank 1 holds none of 5.*, 2+1 rows)."""
     torch.manual_seed(seed)
     return nn.Sequential(nn.Linear(6, 7), nn.LayerNorm(7), nn.Tanh(), nn.Linear(7, 5), nn.Tanh(),
-                         nn.Linear(5, 3)).double()
+                         nn.Linear(5, 1), nn.Tanh(), nn.Linear(1, 3)).double()
 
 
 def _shard(model: nn.Module, units: list[nn.Module]) -> nn.Module:
@@ -88,7 +88,7 @@ def _shard(model: nn.Module, units: list[nn.Module]) -> nn.Module:
 
 def _sharded_mlp(seed: int = 0) -> nn.Sequential:
     model = _mlp(seed)
-    return _shard(model, [model[0], model[3]])  # units: [0], [3], and the root (LayerNorm, [5])
+    return _shard(model, [model[0], model[3]])  # units: [0], [3], and the root (LayerNorm, [5], [7])
 
 
 def _data(n: int = 13):
@@ -118,7 +118,8 @@ def _tie_scores() -> dict:
     """Few distinct values (many ties), float64 and float32 tensors, a tensor of zeros."""
     g = torch.Generator().manual_seed(11)
     return {"a": torch.randint(0, 3, (7, 6), generator=g).double(), "b": torch.randint(0, 2, (5,), generator=g).float(),
-            "c": torch.zeros(3, 2, dtype=torch.float64), "d": torch.rand(4, 3, generator=g, dtype=torch.float64)}
+            "c": torch.zeros(3, 2, dtype=torch.float64), "e": torch.rand(1, 4, generator=g),  # rank 1: no rows
+            "d": torch.rand(4, 3, generator=g, dtype=torch.float64)}
 
 
 def _layouts_for(shapes: dict, rank: int, world: int) -> dict:
@@ -181,13 +182,50 @@ def work_core(rank: int, world: int, out: Path) -> dict:
         res["apply_error"] = None
     except gradsel.GradselError as exc:
         res["apply_error"] = str(exc)
+    res.update(_work_bad(rank, world))
     res["sparse"] = _work_sparse(rank, world, ds)
     return res
 
 
+class _Scale(nn.Module):
+    """A module with a parameter of its own and no per-layer rule."""
+
+    def __init__(self, n: int):
+        super().__init__()
+        self.s = nn.Parameter(torch.ones(n, dtype=torch.float64))
+
+    def forward(self, x):
+        return x * self.s
+
+
+def _error(fn) -> str | None:
+    try:
+        fn()
+    except gradsel.GradselError as exc:
+        return str(exc)
+    return None
+
+
+def _work_bad(rank: int, world: int) -> dict:
+    """Errors that every rank must raise together (FSDP2 collectives would otherwise hang)."""
+    x, y = _data()
+    out = {}
+    torch.manual_seed(0)
+    no_rule = _shard(nn.Sequential(nn.Linear(6, 4), _Scale(4), nn.Linear(4, 3)).double(), [])
+    out["no_rule_error"] = _error(lambda: gradsel.fisher(no_rule, [(x[:4], y[:4])], progress=False))
+    model = _sharded_mlp()
+    mine = (x[:4].clone(), y[:4])
+    if rank == 1:
+        mine[0][1, 2] = float("inf")  # a NaN loss on rank 1 only
+    out["nan_error"] = _error(lambda: gradsel.fisher(model, [mine], progress=False))
+    out["empty_error"] = _error(lambda: gradsel.fisher(model, [(x[:4], y[:4])] if rank == 0 else [],
+                                                       progress=False))
+    return out
+
+
 def _work_sparse(rank: int, world: int, ds) -> dict:
     model = _sharded_mlp(seed=2)
-    sel = gradsel.select(model, _loader(ds), "fish", keep=15, always="5.*", progress=False)
+    sel = gradsel.select(model, _loader(ds), "fish", keep=15, always="7.*", progress=False)
     start = {n: p.full_tensor().detach().clone() for n, p in model.named_parameters()}
     opt = sel.optimizer(model, lr=1e-2, weight_decay=0.1)
     for x, t in _batches():
@@ -248,6 +286,7 @@ def test_fisher_shards_equal_one_process(core_runs, one_thread):
         lays = [run["fisher"]["layouts"][n] for run in runs]
         assert [lay.start for lay in lays] == [0, lays[0].rows] and sum(lay.rows for lay in lays) == full.shape[0]
     assert runs[0]["fisher"]["layouts"]["0.weight"].rows == 4 and runs[1]["fisher"]["layouts"]["0.weight"].rows == 3
+    assert runs[1]["fisher"]["layouts"]["5.weight"].rows == 0  # an empty shard
     # per round 2 flag all-reduces + one reduce-scatter per unit (3 units); 3 rounds (rank 1, with 2 chunks of its
     # own, ran its last one again) and a last flag exchange: the ranks stayed in step
     stats = runs[0]["fisher"]["stats"]
@@ -293,7 +332,7 @@ def test_sparse_adamw_on_shards_equals_dense_adamw(core_runs, one_thread):
     runs, _ = core_runs
     x, y = _data()
     model = _mlp(seed=2)
-    sel = gradsel.select(model, _loader(TensorDataset(x, y), distributed=False), "fish", keep=15, always="5.*",
+    sel = gradsel.select(model, _loader(TensorDataset(x, y), distributed=False), "fish", keep=15, always="7.*",
                          progress=False)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
     with sel.apply(model, opt) as handle:
@@ -326,6 +365,10 @@ def test_sharded_bad_inputs(core_runs):
         assert "fish" in run["random_error"] and "not supported" in run["random_error"]
         assert "engine='vmap'" in run["vmap_error"]
         assert "optimizer" in run["apply_error"]
+        assert "'1.s'" in run["no_rule_error"] and "exclude=" in run["no_rule_error"]
+        assert "1 rank(s) hold no samples" in run["empty_error"]
+    assert "'0.weight'" in runs[1]["nan_error"] and "NaN" in runs[1]["nan_error"]  # the rank that failed
+    assert "rank 1 failed" in runs[0]["nan_error"] and "NaN" in runs[0]["nan_error"]  # the other, told why
 
 
 @pytest.mark.slow
