@@ -172,7 +172,8 @@ class ShardedFisher(Fisher):
         layouts: name → :class:`Layout` (full shape, rows held here).
         group: the shard process group.
         stats: ``{"collectives", "bytes"}`` this rank sent to reduce-scatter the sums (plus the small
-            collectives that keep the ranks in step).
+            collectives that keep the ranks in step), and ``"full_bytes"``: the largest full-shape sums held
+            at once (one unit's), the most of the Fisher any rank holds beyond its shard.
     """
 
     sharded = True
@@ -285,6 +286,8 @@ def _scatter_unit(names: list[str], full: dict[str, torch.Tensor], acc: dict[str
     """Reduce-scatter one unit's full-shape sums (one buffer per dtype) and add this rank's rows to ``acc``."""
     world = lays[names[0]].world
     device = gd._comm_device(group)
+    held = sum(t.numel() * t.element_size() for t in full.values())
+    stats["full_bytes"] = max(stats.get("full_bytes", 0), held)
     by_dtype: dict[torch.dtype, list[str]] = {}
     for n in names:
         by_dtype.setdefault(full[n].dtype, []).append(n)
@@ -373,7 +376,7 @@ def estimate(model: nn.Module, data: Any, names: list[str], reader: Any, shard: 
                 rows = index[start:start + size]
                 yield rows, reader.take(batch, slice(start, start + len(rows)))
 
-    stats = {"collectives": 0, "bytes": 0}
+    stats = {"collectives": 0, "bytes": 0, "full_bytes": 0}
     contributions: list[torch.Tensor] = []
     used_index: list[torch.Tensor] = []
     used, last, error = 0, None, None

@@ -292,6 +292,11 @@ def test_fisher_shards_equal_one_process(core_runs, one_thread):
     stats = runs[0]["fisher"]["stats"]
     assert stats == runs[1]["fisher"]["stats"] and stats["collectives"] == 3 * (2 + 3) + 1
     assert stats["bytes"] > 0
+    # the most of the Fisher held in full shape at once is one unit's sums (float64 here), never the model's
+    per_unit: dict = {}
+    for n, lay in runs[0]["fisher"]["layouts"].items():
+        per_unit[lay.unit] = per_unit.get(lay.unit, 0) + 8 * ref[n].numel()
+    assert stats["full_bytes"] == max(per_unit.values()) < sum(per_unit.values())
 
 
 @pytest.mark.parametrize("policy", ["fish", "reverse"])
