@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
@@ -22,7 +21,7 @@ import gradsel
 from gradsel import fsdp as gf
 from gradsel.policies import top_k as plain_top_k
 from tests import models as M
-from tests.dist_utils import free_port
+from tests.dist_utils import spawn_ranks
 
 TIMEOUT = 150  # seconds per spawned pair (a loaded 2-core machine)
 
@@ -48,23 +47,7 @@ def _entry(rank: int, world: int, port: int, work: str, out: str) -> None:
 
 def _spawn(work: str, tmp_path: Path, world: int = 2) -> list:
     """Run ``work(rank, world, tmp_path)`` in ``world`` spawned processes; their results, by rank."""
-    ctx = mp.get_context("spawn")
-    port = free_port()
-    procs = [ctx.Process(target=_entry, args=(r, world, port, work, str(tmp_path)), daemon=True) for r in range(world)]
-    for p in procs:
-        p.start()
-    try:
-        for p in procs:
-            p.join(TIMEOUT)
-    finally:
-        alive = [p for p in procs if p.is_alive()]
-        for p in alive:
-            p.kill()
-            p.join(5)
-    errors = [f.read_text() for f in sorted(tmp_path.glob(f"{work}_*.err"))]
-    assert not errors, "worker failed:\n" + "\n".join(errors)
-    assert not alive, f"{work}: workers still running after {TIMEOUT} s (killed)"
-    assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
+    spawn_ranks(_entry, world, work, str(tmp_path), out=tmp_path, timeout=TIMEOUT, errors=f"{work}_*.err")
     return [torch.load(tmp_path / f"{work}_{r}.pt", weights_only=False) for r in range(world)]
 
 
