@@ -94,6 +94,34 @@ class _Entry:
                 t.copy_(flat.view(t.shape))
 
 
+def _entry(name: str, new: torch.Tensor, base: torch.Tensor, mask: torch.Tensor | None, is_param: bool,
+           outside: list) -> _Entry | None:
+    """One tensor's entry (None when nothing in it changed); appends (name, count) of changes outside the mask
+    of a parameter to ``outside``."""
+    new, base = new.detach().cpu(), base.detach().cpu()
+    changed = (_bits(new) != _bits(base)).reshape(-1)
+    if not bool(changed.any()):
+        return None
+    if is_param:
+        stray = changed if mask is None else changed & ~mask.reshape(-1)
+        if bool(stray.any()):
+            outside.append((name, int(stray.sum())))
+            if mask is None:
+                return None
+            changed = changed & mask.reshape(-1)
+            if not bool(changed.any()):
+                return None
+    count, numel = int(changed.sum()), new.numel()
+    index_dtype = torch.int32 if numel < 2**31 else torch.int64
+    sparse_bytes = count * (torch.empty(0, dtype=index_dtype).element_size() + new.element_size())
+    if sparse_bytes < numel * new.element_size():
+        index = changed.nonzero().squeeze(1).to(index_dtype)
+        values, base_vals = _flat(new)[index.long()], _flat(base)[index.long()]
+    else:
+        index, values, base_vals = None, _flat(new).clone(), _flat(base).clone()
+    return _Entry(name, tuple(new.shape), index, values, base_vals)
+
+
 class SparseDelta:
     """The elements training changed, with their fine-tuned (and base) values; see the module docstring.
 
@@ -143,7 +171,12 @@ class SparseDelta:
                 base; the base is checked bit for bit at merge time). False: a third smaller.
             strict: a parameter element outside the selection that changed raises (the delta could not
                 reproduce the model). False: such changes are left out, with a warning.
+
+        A :class:`gradsel.fsdp.ShardedSelection` (an FSDP2 model) goes to its ``delta``: every rank must call
+        it; rank 0 gets the delta, the other ranks None.
         """
+        if getattr(selection, "sharded", False):
+            return selection.delta(model, base_state_dict, base_values=base_values, strict=strict)
         selection.check(model)
         new_sd = model.state_dict()
         if sorted(new_sd) != sorted(base_state_dict):
@@ -161,29 +194,17 @@ class SparseDelta:
             canonical[n] = first.setdefault(id(p), n)
         entries, outside = [], []
         for name in sorted(new_sd):
-            new, base = new_sd[name].detach().cpu(), base_state_dict[name].detach().cpu()
-            changed = (_bits(new) != _bits(base)).reshape(-1)
-            if not bool(changed.any()):
-                continue
-            if name in canonical:
-                mask = selection.masks.get(canonical[name])
-                stray = changed if mask is None else changed & ~mask.reshape(-1)
-                if bool(stray.any()):
-                    outside.append((name, int(stray.sum())))
-                    if mask is None:
-                        continue
-                    changed = changed & mask.reshape(-1)
-                    if not bool(changed.any()):
-                        continue
-            count, numel = int(changed.sum()), new.numel()
-            index_dtype = torch.int32 if numel < 2**31 else torch.int64
-            sparse_bytes = count * (torch.empty(0, dtype=index_dtype).element_size() + new.element_size())
-            if sparse_bytes < numel * new.element_size():
-                index = changed.nonzero().squeeze(1).to(index_dtype)
-                values, base_vals = _flat(new)[index.long()], _flat(base)[index.long()]
-            else:
-                index, values, base_vals = None, _flat(new).clone(), _flat(base).clone()
-            entries.append(_Entry(name, tuple(new.shape), index, values, base_vals))
+            mask = selection.masks.get(canonical[name]) if name in canonical else None
+            entry = _entry(name, new_sd[name], base_state_dict[name], mask, name in canonical, outside)
+            if entry is not None:
+                entries.append(entry)
+        return cls._assemble(entries, outside, selection.metadata(), base_state_dict, base_values=base_values,
+                             strict=strict)
+
+    @classmethod
+    def _assemble(cls, entries: list[_Entry], outside: list, meta: dict, base_state_dict: Mapping, *,
+                  base_values: bool, strict: bool) -> "SparseDelta":
+        """The delta from its entries; ``outside``: (name, count) of changes outside the selection."""
         if outside:
             what = ", ".join(f"{n} ({c} elements)" for n, c in outside[:5])
             msg = (f"training changed parameter elements outside the selection: {what}; a delta restricted to "
@@ -191,12 +212,11 @@ class SparseDelta:
             if strict:
                 raise GradselError(msg + ". Train with the selection applied (gradsel.optim.sparse_adamw or "
                                    "selection.apply(model, optimizer)), or pass strict=False to leave them out")
-            warnings.warn(msg + "; they are left out (strict=False)", stacklevel=2)
+            warnings.warn(msg + "; they are left out (strict=False)", stacklevel=3)
         base_sha = cls._hash_values(e.base for e in entries)
         if not base_values:
             for e in entries:
                 e.base = None
-        meta = selection.metadata()
         sel_meta = {k: meta[k] for k in ("policy", "options", "budget", "selected", "total", "seed")}
         sel_meta["always"] = len(meta["always"])
         return cls(entries, fingerprint=fingerprint(base_state_dict), manifest=_manifest(base_state_dict),

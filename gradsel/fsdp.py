@@ -16,7 +16,8 @@ No rank ever holds the whole model's Fisher or masks:
   then flat index) with one all-gather of per-rank tie counts: masks equal, element for element, to the
   single-process ``top_k`` over the full Fisher, returned as local shards.
 - :class:`ShardedSelection` holds local mask shards; ``save`` gathers them to rank 0, which writes one complete
-  ordinary selection file; ``optimizer`` gives a :class:`gradsel.optim.SparseAdamW` over the local shards.
+  ordinary selection file; ``optimizer`` gives a :class:`gradsel.optim.SparseAdamW` over the local shards;
+  ``delta`` gathers the trained tensors one at a time and makes the :class:`gradsel.SparseDelta` on rank 0.
 
 See ``docs/scaling-out.md`` (FSDP2) for costs and what is not supported yet.
 """
@@ -651,13 +652,86 @@ class ShardedSelection(Selection):
                            "selection.optimizer(model, lr) (SparseAdamW on the local shards), which never moves an "
                            "element outside the selection")
 
-    def delta(self, model: nn.Module, base_state_dict: Any, **kwargs: Any):
-        raise GradselError("SparseDelta from an FSDP2 model is not supported yet: gather the model's full state "
-                           "dict (torch.distributed.checkpoint) and use selection.gather() on a single process")
+    def delta(self, model: nn.Module, base_state_dict: Any, *, path: Any = None, base_values: bool = True,
+              strict: bool = True):
+        """:meth:`gradsel.SparseDelta.from_models` on the FSDP2 model, gathered to rank 0.
+
+        Every rank must call it. Each sharded tensor is gathered in full (``full_tensor``, every rank in the
+        same order), one at a time; rank 0 keeps only its changed selected elements, so it never holds the
+        whole trained model at once. The delta equals, tensor for tensor, the one a single process makes
+        from the same trained weights and the gathered masks.
+
+        Args:
+            model: the trained FSDP2 model (sharded).
+            base_state_dict: the state dict before training, the same on every rank: either a full one
+                (plain tensors, e.g. ``copy.deepcopy(model.state_dict())`` before ``fully_shard``) or FSDP2's
+                sharded one (``{k: v.detach().clone() for k, v in model.state_dict().items()}`` of the
+                sharded model before training, DTensors; gathered tensor by tensor as well).
+            path: also write the delta there, from rank 0 only (the other ranks write nothing); every rank
+                returns once the file is written.
+            base_values, strict: as in :meth:`~gradsel.SparseDelta.from_models`.
+
+        Returns:
+            The :class:`~gradsel.SparseDelta` on rank 0; None on the other ranks.
+
+        Raises:
+            GradselError: on every rank together: the model and the base do not match, or (``strict``)
+                training changed elements outside the selection.
+        """
+        from .delta import SparseDelta, _entry
+
+        dist = _dist()
+        self.check(model)
+        new_sd = model.state_dict()
+        if sorted(new_sd) != sorted(base_state_dict):
+            extra = sorted(set(new_sd) ^ set(base_state_dict))[:5]
+            raise GradselError(f"the model and base_state_dict have different entries ({extra}): pass the state "
+                               "dict of the same model taken before training")
+        for name, t in new_sd.items():
+            b = base_state_dict[name]
+            if tuple(b.shape) != tuple(t.shape) or b.dtype != t.dtype:
+                raise GradselError(f"{name!r} is {tuple(t.shape)} {t.dtype} in the model but {tuple(b.shape)} "
+                                   f"{b.dtype} in base_state_dict: they are not the same model (pass the full "
+                                   "or the FSDP2 state dict of this model taken before training)")
+        full = self.gather(dst=0)
+        rank = self._rank()
+        canonical, first = {}, {}
+        for n, p in model.named_parameters(remove_duplicate=False):
+            canonical[n] = first.setdefault(id(p), n)
+        entries, outside = [], []
+        for name in sorted(new_sd):  # the same order on every rank: full_tensor is a collective
+            new, base = _full(new_sd[name]), _full(base_state_dict[name])
+            if rank == 0:
+                mask = full.masks.get(canonical[name]) if name in canonical else None
+                entry = _entry(name, new, base, mask, name in canonical, outside)
+                if entry is not None:
+                    entries.append(entry)
+            del new, base
+        result, error = None, None
+        if rank == 0:
+            try:
+                result = SparseDelta._assemble(entries, outside, full.metadata(), base_state_dict,
+                                               base_values=base_values, strict=strict)
+                if path is not None:
+                    result.save(path)
+            except Exception as exc:
+                error = exc
+        said = [None if error is None else f"{type(error).__name__}: {error}"]
+        dist.broadcast_object_list(said, group=self.group, group_src=0)
+        if error is not None:
+            raise error
+        if said[0] is not None:
+            raise GradselError(f"rank 0 could not make the delta: {said[0]}")
+        return result
 
     def optimizer(self, model: nn.Module, lr: float = 1e-3, **kwargs: Any):
         """A :class:`gradsel.optim.SparseAdamW` over this rank's selected elements (see :func:`sparse_adamw`)."""
         return sparse_adamw(self, model, lr, **kwargs)
+
+
+def _full(t: Any) -> torch.Tensor:
+    """A DTensor's full tensor (a collective: every rank calls it in the same order); a plain tensor as is."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
 def sparse_adamw(selection: ShardedSelection, model: nn.Module, lr: float = 1e-3, *, freeze: bool = True,

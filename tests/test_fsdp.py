@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 import gradsel
 from gradsel import fsdp as gf
+from gradsel.delta import SparseDelta
 from gradsel.policies import top_k as plain_top_k
 from tests import models as M
 from tests.dist_utils import spawn_ranks
@@ -36,6 +37,7 @@ def _entry(rank: int, world: int, port: int, work: str, out: str) -> None:
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                                 timeout=timedelta(seconds=TIMEOUT))
         try:
+            os.environ["GRADSEL_TEST_OUT"] = out
             result = globals()[work](rank, world, Path(out))
             torch.save(result, Path(out) / f"{work}_{rank}.pt")
         finally:
@@ -207,18 +209,40 @@ def _work_bad(rank: int, world: int) -> dict:
 
 
 def _work_sparse(rank: int, world: int, ds) -> dict:
+    full_base = {k: v.clone() for k, v in _mlp(seed=2).state_dict().items()}  # before fully_shard
     model = _sharded_mlp(seed=2)
     sel = gradsel.select(model, _loader(ds), "fish", keep=15, always="7.*", progress=False)
     start = {n: p.full_tensor().detach().clone() for n, p in model.named_parameters()}
+    sharded_base = {k: v.detach().clone() for k, v in model.state_dict().items()}  # FSDP2's DTensors
     opt = sel.optimizer(model, lr=1e-2, weight_decay=0.1)
     for x, t in _batches():
         half = slice(rank * 4, rank * 4 + 4)
         opt.zero_grad()
         nn.functional.cross_entropy(model(x[half]), t[half]).backward()
         opt.step()
-    return {"start": start, "end": {n: p.full_tensor().detach().clone() for n, p in model.named_parameters()},
-            "masks": sel.masks, "full_masks": sel.gather().masks, "frozen": list(opt.frozen),
-            "state": {n: opt.state[p]["exp_avg"].numel() for n, p in model.named_parameters() if p in opt.state}}
+    end = {n: p.full_tensor().detach().clone() for n, p in model.named_parameters()}
+    full_sel = sel.gather()
+    out = Path(os.environ["GRADSEL_TEST_OUT"])
+    # each rank names its own file: only rank 0's may appear
+    delta = sel.delta(model, full_base, path=out / f"delta_{rank}.safetensors")
+    sel.delta(model, sharded_base, path=out / f"delta_sharded_{rank}.safetensors")
+    via = SparseDelta.from_models(sel, model, full_base)  # the same, through the class method
+    if rank == 0:
+        via.save(out / "delta_via.safetensors")
+    if rank == 0:  # the single-process reference: the same masks and trained weights on a plain model
+        plain = _mlp(seed=2)
+        plain.load_state_dict(end)
+        SparseDelta.from_models(full_sel, plain, full_base).save(out / "delta_ref.safetensors")
+    moved = dict(full_base)
+    frozen = next(n for n, m in full_sel.masks.items() if not bool(m.all()))
+    moved[frozen] = moved[frozen].clone()
+    moved[frozen].view(-1)[int((~full_sel.masks[frozen]).reshape(-1).nonzero()[0])] += 1.0
+    return {"start": start, "end": end, "base": full_base,
+            "masks": sel.masks, "full_masks": full_sel.masks, "frozen": list(opt.frozen),
+            "state": {n: opt.state[p]["exp_avg"].numel() for n, p in model.named_parameters() if p in opt.state},
+            "delta_type": type(delta).__name__,
+            "outside_error": _error(lambda: sel.delta(model, moved)),
+            "mismatch_error": _error(lambda: sel.delta(model, {k: v for k, v in full_base.items() if k != "0.bias"}))}
 
 
 def work_bert(rank: int, world: int, out: Path) -> dict:
@@ -345,6 +369,31 @@ def test_sparse_adamw_on_shards_equals_dense_adamw(core_runs, one_thread):
     for n, m in sel.masks.items():
         if n in runs[0]["sparse"]["state"] and not bool(m.all()):
             assert runs[0]["sparse"]["state"][n] + runs[1]["sparse"]["state"].get(n, 0) == int(m.sum())
+
+
+def test_sharded_delta_is_one_complete_file(core_runs, one_thread):
+    """Rank 0 alone writes the delta, equal byte for byte to one process's over the same masks and trained weights
+    (from a full or FSDP2's sharded base), and merging it onto the base gives the trained full weights."""
+    runs, out = core_runs
+    ref = (out / "delta_ref.safetensors").read_bytes()
+    assert (out / "delta_0.safetensors").read_bytes() == ref
+    assert (out / "delta_sharded_0.safetensors").read_bytes() == ref
+    assert (out / "delta_via.safetensors").read_bytes() == ref
+    assert not (out / "delta_1.safetensors").exists() and not (out / "delta_sharded_1.safetensors").exists()
+    assert [run["sparse"]["delta_type"] for run in runs] == ["SparseDelta", "NoneType"]
+    delta = SparseDelta.load(out / "delta_0.safetensors")
+    sparse = runs[0]["sparse"]
+    assert {e.name for e in delta.entries} == {n for n in sparse["end"]
+                                              if not torch.equal(sparse["end"][n], sparse["base"][n])}
+    assert 0 < delta.numel() <= 15 + 6  # the selected elements and the always= head, nothing else
+    model = _mlp(seed=2)
+    model.load_state_dict(sparse["base"])
+    delta.merge(model)
+    for n, p in model.named_parameters():
+        assert torch.equal(p.detach(), sparse["end"][n]), n
+    for run in runs:  # raised on every rank together
+        assert "outside the selection" in run["sparse"]["outside_error"]
+        assert "different entries" in run["sparse"]["mismatch_error"] and "0.bias" in run["sparse"]["mismatch_error"]
 
 
 def test_sharded_bad_inputs(core_runs):
