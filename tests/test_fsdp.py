@@ -167,6 +167,11 @@ def work_core(rank: int, world: int, out: Path) -> dict:
         res["apply_error"] = None
     except gradsel.GradselError as exc:
         res["apply_error"] = str(exc)
+    from gradsel.integrations.peft import shira_config, shira_mask_fn
+
+    res["shira_error"] = _error(lambda: shira_config(fish, model))
+    res["shira_mask_error"] = _error(lambda: shira_mask_fn(fish, model))
+    res["shira_model_error"] = _error(lambda: shira_config(fish.gather(), model))
     res.update(_work_bad(rank, world))
     res["sparse"] = _work_sparse(rank, world, ds)
     return res
@@ -404,6 +409,9 @@ def test_sharded_bad_inputs(core_runs):
         assert "optimizer" in run["apply_error"]
         assert "'1.s'" in run["no_rule_error"] and "exclude=" in run["no_rule_error"]
         assert "1 rank(s) hold no samples" in run["empty_error"]
+        for key in ("shira_error", "shira_mask_error"):  # SHiRA needs full masks: gather first
+            assert "ShardedSelection" in run[key] and "selection.gather()" in run[key], key
+        assert "before fully_shard" in run["shira_model_error"] and "get_peft_model" in run["shira_model_error"]
     assert "'0.weight'" in runs[1]["nan_error"] and "NaN" in runs[1]["nan_error"]  # the rank that failed
     assert "rank 1 failed" in runs[0]["nan_error"] and "NaN" in runs[0]["nan_error"]  # the other, told why
 

@@ -41,6 +41,23 @@ def require_shira():
     return peft
 
 
+def _refuse_sharded(selection, model: nn.Module) -> None:
+    """SHiRA's masks are full weight masks for a peft model built before FSDP2 shards it."""
+    if getattr(selection, "sharded", False):
+        raise GradselError("this selection holds FSDP2 mask shards (a ShardedSelection), but a SHiRA adapter needs "
+                           "each weight's full mask: call full = selection.gather() on every rank, then "
+                           "shira_config(full, model) with the model before fully_shard (apply get_peft_model "
+                           "first, then fully_shard the peft model)")
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # a torch without FSDP2
+        return
+    if any(isinstance(m, FSDPModule) for m in model.modules()):
+        raise GradselError("the model is already sharded by fully_shard (FSDP2): peft's SHiRA layers must be added "
+                           "first; pass the model before fully_shard (and a full selection, selection.gather() on "
+                           "every rank), call get_peft_model, then fully_shard the peft model")
+
+
 def _linear_weights(model: nn.Module) -> dict[str, tuple[str, nn.Linear]]:
     """weight name → (module name, module) for every nn.Linear."""
     return {(f"{m}." if m else "") + "weight": (m, mod) for m, mod in model.named_modules()
@@ -110,6 +127,7 @@ def shira_mask_fn(selection, model: nn.Module) -> Callable[..., torch.Tensor]:
     not ``r * (in + out)``, raises a GradselError.
     """
     require_shira()
+    _refuse_sharded(selection, model)
     selection.check(model)
     linears = _linear_weights(model)
     by_weight = {id(mod.weight): (name, mod.weight) for name, (_, mod) in linears.items() if name in selection.masks}
@@ -145,6 +163,7 @@ def shira_config(selection, model: nn.Module, *, r: int | None = None, **config_
             norms, non-Linear weights, part of an ``always`` module); per-layer counts fit no single ``r``.
     """
     peft = require_shira()
+    _refuse_sharded(selection, model)
     selection.check(model)
     linears = _linear_weights(model)
     modules = dict(model.named_modules())
