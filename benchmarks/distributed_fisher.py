@@ -11,6 +11,11 @@ Run: ``python -m benchmarks.distributed_fisher [--samples 64] [--steps 10] [--de
   with the same per-rank batch, in one process and under DDP; bytes per step are DDP's gradient buckets
   (counted through a comm hook that calls torch's default all-reduce hook).
 
+- ``fsdp`` (case ``bert-fsdp``, 2+ processes only): ``gradsel.fisher`` on the BERT sharded with FSDP2
+  (``fully_shard`` on each encoder layer, then the root): time, the bytes gradsel reduce-scatters per rank
+  (``ShardedFisher.stats``), every collective's bytes including FSDP2's own parameter all-gathers, the
+  largest full-shape sums held at once (one unit's), and the Fisher shard each rank keeps.
+
 Models: a BERT from config (4 layers, hidden 256, vocab 30522: ~11M parameters, as in fisher_speed) and the
 tests' Unet (``tests/models.py``: resnet18 encoder, depth 3). On a loaded machine the times mean little:
 the bytes are exact.
@@ -35,6 +40,7 @@ from .common import machine, md_table, write
 
 ROOT = Path(__file__).resolve().parents[1]
 COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "broadcast", "reduce_scatter_tensor",
+               "reduce_scatter_single", "all_gather_single",
                "all_to_all_single", "reduce", "gather", "scatter")
 
 
@@ -53,7 +59,8 @@ class Counter:
     def _sent(name: str, args: tuple, kwargs: dict) -> int:
         if name == "all_gather":  # all_gather(output_list, tensor)
             t = args[1] if len(args) > 1 else kwargs["tensor"]
-        elif name in ("all_gather_into_tensor", "reduce_scatter_tensor", "all_to_all_single"):
+        elif name in ("all_gather_into_tensor", "reduce_scatter_tensor", "reduce_scatter_single",
+                      "all_gather_single", "all_to_all_single"):
             t = args[1] if len(args) > 1 else kwargs.get("input", kwargs.get("input_tensor"))
         elif name == "scatter":
             t = args[1] if len(args) > 1 else kwargs.get("scatter_list")
@@ -67,7 +74,9 @@ class Counter:
         import torch.distributed as dist
 
         for name in COLLECTIVES:
-            original = getattr(dist, name)
+            original = getattr(dist, name, None)
+            if original is None:  # the *_single collectives: newer torch only
+                continue
             self._saved[name] = original
 
             def wrapped(*args, _name=name, _original=original, **kwargs):
@@ -164,8 +173,12 @@ def _run(rank: int, world: int, port: int, case: str, opts: dict, device_kind: s
     else:
         barrier = sync
     try:
+        fsdp = case.endswith("-fsdp")
+        case = case.removesuffix("-fsdp")
         size = opts["seq"] if case == "bert" else opts["size"]
         label, model, rows, head, loss = globals()[f"{case}_case"](device, opts["samples"], size)
+        if fsdp:
+            return _run_fsdp(model, rows, label, opts, device, barrier, world, rank)
         n_params = sum(p.numel() for p in model.parameters())
         sampler = DistributedSampler(rows, world, rank, shuffle=False) if world > 1 else None
         loader = DataLoader(rows, batch_size=opts["batch"], sampler=sampler, collate_fn=collate(device))
@@ -217,6 +230,30 @@ def _run(rank: int, world: int, port: int, case: str, opts: dict, device_kind: s
             import torch.distributed as dist
 
             dist.destroy_process_group()
+
+
+def _run_fsdp(model, rows, label, opts, device, barrier, world, rank) -> dict:
+    """The Fisher on the BERT sharded by FSDP2 (each encoder layer a unit, then the root)."""
+    from torch.distributed.fsdp import fully_shard
+    from torch.utils.data import DataLoader, DistributedSampler
+
+    import gradsel
+
+    n_params = sum(p.numel() for p in model.parameters())
+    full_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    for layer in model.bert.encoder.layer:
+        fully_shard(layer)
+    fully_shard(model)
+    sampler = DistributedSampler(rows, world, rank, shuffle=False)
+    loader = DataLoader(rows, batch_size=opts["batch"], sampler=sampler, collate_fn=collate(device))
+    counter = Counter()
+    with counter:
+        result = gradsel.fisher(model, loader, progress=False)
+    return {"label": label, "params": n_params, "fisher_samples": result.num_samples,
+            "gradsel_bytes": result.stats["bytes"], "gradsel_collectives": result.stats["collectives"],
+            "all_bytes": counter.bytes, "all_collectives": counter.calls, "unit_bytes": result.stats["full_bytes"],
+            "shard_bytes": sum(t.numel() * t.element_size() for t in result.values()), "fisher_full_bytes": full_bytes,
+            "fisher_s": _timed(lambda: gradsel.fisher(model, loader, progress=False), opts["repeats"], barrier)}
 
 
 def _entry(rank, world, port, case, opts, device_kind, queue):
@@ -276,21 +313,36 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2, help="timed Fisher estimates (best kept)")
     parser.add_argument("--steps", type=int, default=10, help="timed training steps (best kept)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads per rank (0: cores / world)")
-    parser.add_argument("--cases", default="bert,unet")
+    parser.add_argument("--cases", default="bert,unet,bert-fsdp")
     parser.add_argument("--worlds", default="1,2")
     parser.add_argument("--timeout", type=float, default=900, help="seconds per run before its workers are killed")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--name", default="distributed_fisher", help="results file name (a smoke run: another)")
     args = parser.parse_args()
     opts = {k: getattr(args, k) for k in ("samples", "batch", "seq", "size", "repeats", "steps", "threads", "timeout")}
     worlds = [int(w) for w in args.worlds.split(",")]
     if args.device == "cuda":  # NCCL: one GPU per rank
         worlds = [w for w in worlds if w <= torch.cuda.device_count()]
 
-    fisher_rows, step_rows = [], []
+    fisher_rows, step_rows, fsdp_rows = [], [], []
     for case in args.cases.split(","):
         for world in worlds:
+            if case.endswith("-fsdp") and world == 1:
+                continue  # FSDP2 needs a process group: the one-process row is the plain case's
             ranks = run(case, world, opts, args.device)
             r0 = ranks[0]
+            if case.endswith("-fsdp"):
+                assert all(r["fisher_samples"] == args.samples for r in ranks), [r["fisher_samples"] for r in ranks]
+                fsdp_rows.append({"model": r0["label"], "params": r0["params"], "processes": world,
+                                  "samples": args.samples, "fisher s": max(r["fisher_s"] for r in ranks),
+                                  "ms / sample": 1e3 * max(r["fisher_s"] for r in ranks) / args.samples,
+                                  "gradsel MB sent / rank": max(r["gradsel_bytes"] for r in ranks) / 2**20,
+                                  "all collectives MB / rank": max(r["all_bytes"] for r in ranks) / 2**20,
+                                  "largest unit sums MB": max(r["unit_bytes"] for r in ranks) / 2**20,
+                                  "Fisher shard MB / rank": max(r["shard_bytes"] for r in ranks) / 2**20,
+                                  "full Fisher MB": r0["fisher_full_bytes"] / 2**20})
+                print(fsdp_rows[-1], flush=True)
+                continue
             assert all(r["fisher_samples"] == args.samples for r in ranks), [r["fisher_samples"] for r in ranks]
             common = {"model": r0["label"], "params": r0["params"], "processes": world}
             fisher_rows.append({**common, "samples": args.samples,
@@ -309,8 +361,9 @@ def main() -> None:
     backend = "NCCL" if args.device == "cuda" else "gloo"
     md = [f"# Fisher across processes ({backend})", "",
           f"Machine: {machine()}. Command: `python -m benchmarks.distributed_fisher "
-          + " ".join(a for a in sys.argv[1:]) + "`.", "",
-          "## Fisher estimate", "",
+          + " ".join(a for a in sys.argv[1:]) + "`.", ""]
+    if fisher_rows:  # the replicated (DDP-style) path
+        md += ["## Fisher estimate", "",
           "Time: the slowest rank's best estimate over the same global samples. Bytes: what one rank hands to the "
           "collectives per estimate (Fisher sums in float32 buckets, the counts' all-gather, the mask check is not "
           "part of it); the sums travel once, whatever the number of samples.", "",
@@ -322,8 +375,17 @@ def main() -> None:
           "before wrapping and stay out of the buckets.", "",
           md_table(step_rows, ["model", "setup", "batch / rank", "step ms", "all-reduced MB / step",
                                "trained tensors MB", "all parameters MB"]), ""]
-    write("distributed_fisher", {"fisher": fisher_rows, "step": step_rows, "options": opts, "machine": machine()},
-          "\n".join(md), args.device)
+    if fsdp_rows:
+        md += ["## Fisher on an FSDP2-sharded model (gradsel.fsdp)", "",
+               "The BERT under fully_shard (each encoder layer a unit, then the root). gradsel MB: the sums it "
+               "reduce-scatters, one unit at a time, every chunk (plus small flags); all collectives: also FSDP2's "
+               "own parameter all-gathers in forward and backward (counted through torch.distributed's functions). No rank holds more of the Fisher than its shard "
+               "and one unit's full-shape sums.", "",
+               md_table(fsdp_rows, ["model", "params", "processes", "samples", "fisher s", "ms / sample",
+                                    "gradsel MB sent / rank", "all collectives MB / rank", "largest unit sums MB",
+                                    "Fisher shard MB / rank", "full Fisher MB"]), ""]
+    write(args.name, {"fisher": fisher_rows, "step": step_rows, "fsdp": fsdp_rows, "options": opts,
+                      "machine": machine()}, "\n".join(md), args.device)
 
 
 if __name__ == "__main__":
