@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
 import subprocess
 import sys
+import traceback
+from datetime import timedelta
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -71,3 +74,25 @@ def spawn_ranks(target, world: int, *args, out: Path, timeout: float, errors: st
     assert not failed, "worker failed:\n" + "\n".join(failed)
     assert not alive, f"workers still running after {timeout} s (killed)"
     assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
+
+
+@contextlib.contextmanager
+def gloo_rank(rank: int, world: int, port: int, err: Path, timeout: float):
+    """Inside a spawned worker: one thread, a gloo process group on 127.0.0.1, always destroyed; a failure's
+    traceback goes to ``err`` (what :func:`spawn_ranks` collects) before it is raised."""
+    os.environ["OMP_NUM_THREADS"] = "1"
+    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    try:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                                timeout=timedelta(seconds=timeout))
+        try:
+            yield
+        finally:
+            dist.destroy_process_group()
+    except BaseException:
+        Path(err).write_text(traceback.format_exc())
+        raise

@@ -9,8 +9,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import traceback
-from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -21,7 +19,7 @@ from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 import gradsel
 from gradsel import distributed as gd
 from tests import models as M
-from tests.dist_utils import free_port, spawn_ranks
+from tests.dist_utils import free_port, gloo_rank, spawn_ranks
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT = 120  # seconds per spawned pair (a loaded 2-core machine; each pair takes ~10-30 s)
@@ -30,22 +28,8 @@ TIMEOUT = 120  # seconds per spawned pair (a loaded 2-core machine; each pair ta
 
 
 def _entry(rank: int, world: int, port: int, work: str, out: str) -> None:
-    os.environ["OMP_NUM_THREADS"] = "1"
-    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
-    torch.set_num_threads(1)
-    import torch.distributed as dist
-
-    try:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                                timeout=timedelta(seconds=TIMEOUT))
-        try:
-            result = globals()[work](rank, world)
-            torch.save(result, Path(out) / f"{work}_{rank}.pt")
-        finally:
-            dist.destroy_process_group()
-    except BaseException:
-        (Path(out) / f"{work}_{rank}.err").write_text(traceback.format_exc())
-        raise
+    with gloo_rank(rank, world, port, Path(out) / f"{work}_{rank}.err", TIMEOUT):
+        torch.save(globals()[work](rank, world), Path(out) / f"{work}_{rank}.pt")
 
 
 def _spawn(work: str, tmp_path: Path, world: int = 2) -> list:

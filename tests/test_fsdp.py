@@ -8,8 +8,6 @@ the data.
 from __future__ import annotations
 
 import os
-import traceback
-from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -22,29 +20,15 @@ from gradsel import fsdp as gf
 from gradsel.delta import SparseDelta
 from gradsel.policies import top_k as plain_top_k
 from tests import models as M
-from tests.dist_utils import spawn_ranks
+from tests.dist_utils import gloo_rank, spawn_ranks
 
 TIMEOUT = 150  # seconds per spawned pair (a loaded 2-core machine)
 
 
 def _entry(rank: int, world: int, port: int, work: str, out: str) -> None:
-    os.environ["OMP_NUM_THREADS"] = "1"
-    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
-    torch.set_num_threads(1)
-    import torch.distributed as dist
-
-    try:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                                timeout=timedelta(seconds=TIMEOUT))
-        try:
-            os.environ["GRADSEL_TEST_OUT"] = out
-            result = globals()[work](rank, world, Path(out))
-            torch.save(result, Path(out) / f"{work}_{rank}.pt")
-        finally:
-            dist.destroy_process_group()
-    except BaseException:
-        (Path(out) / f"{work}_{rank}.err").write_text(traceback.format_exc())
-        raise
+    with gloo_rank(rank, world, port, Path(out) / f"{work}_{rank}.err", TIMEOUT):
+        os.environ["GRADSEL_TEST_OUT"] = out
+        torch.save(globals()[work](rank, world, Path(out)), Path(out) / f"{work}_{rank}.pt")
 
 
 def _spawn(work: str, tmp_path: Path, world: int = 2) -> list:

@@ -9,9 +9,6 @@ step fall to the trainable tensors' size.
 
 from __future__ import annotations
 
-import os
-import traceback
-from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -20,7 +17,7 @@ from torch import nn
 
 import gradsel
 from gradsel import distributed as gd
-from tests.dist_utils import spawn_ranks
+from tests.dist_utils import gloo_rank, spawn_ranks
 
 TIMEOUT = 120  # seconds for the spawned pair (a loaded 2-core machine; the pair takes ~10-20 s)
 STEPS = 24
@@ -101,21 +98,8 @@ def work(rank: int, world: int) -> dict:
 
 
 def _entry(rank: int, world: int, port: int, out: str) -> None:
-    os.environ["OMP_NUM_THREADS"] = "1"
-    os.environ["GLOO_SOCKET_IFNAME"] = "lo"
-    torch.set_num_threads(1)
-    import torch.distributed as dist
-
-    try:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                                timeout=timedelta(seconds=TIMEOUT))
-        try:
-            torch.save(work(rank, world), Path(out) / f"rank{rank}.pt")
-        finally:
-            dist.destroy_process_group()
-    except BaseException:
-        (Path(out) / f"rank{rank}.err").write_text(traceback.format_exc())
-        raise
+    with gloo_rank(rank, world, port, Path(out) / f"rank{rank}.err", TIMEOUT):
+        torch.save(work(rank, world), Path(out) / f"rank{rank}.pt")
 
 
 @pytest.fixture(scope="module")
