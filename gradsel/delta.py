@@ -122,6 +122,28 @@ def _entry(name: str, new: torch.Tensor, base: torch.Tensor, mask: torch.Tensor 
     return _Entry(name, tuple(new.shape), index, values, base_vals)
 
 
+def _check_base(new_sd: Mapping[str, torch.Tensor], base_state_dict: Mapping[str, torch.Tensor],
+                hint: str = "") -> None:
+    """The base state dict must have the trained model's keys, shapes and dtypes."""
+    if sorted(new_sd) != sorted(base_state_dict):
+        extra = sorted(set(new_sd) ^ set(base_state_dict))[:5]
+        raise GradselError(f"the model and base_state_dict have different entries ({extra}): pass the state "
+                           "dict of the same model taken before training")
+    for name, t in new_sd.items():
+        b = base_state_dict[name]
+        if tuple(b.shape) != tuple(t.shape) or b.dtype != t.dtype:
+            raise GradselError(f"{name!r} is {tuple(t.shape)} {t.dtype} in the model but {tuple(b.shape)} "
+                               f"{b.dtype} in base_state_dict: they are not the same model{hint}")
+
+
+def _canonical_names(model: nn.Module) -> dict[str, str]:
+    """Each parameter name (tied ones included) → the first name of that parameter (the one masks use)."""
+    canonical, first = {}, {}
+    for n, p in model.named_parameters(remove_duplicate=False):
+        canonical[n] = first.setdefault(id(p), n)
+    return canonical
+
+
 class SparseDelta:
     """The elements training changed, with their fine-tuned (and base) values; see the module docstring.
 
@@ -179,19 +201,8 @@ class SparseDelta:
             return selection.delta(model, base_state_dict, base_values=base_values, strict=strict)
         selection.check(model)
         new_sd = model.state_dict()
-        if sorted(new_sd) != sorted(base_state_dict):
-            extra = sorted(set(new_sd) ^ set(base_state_dict))[:5]
-            raise GradselError(f"the model and base_state_dict have different entries ({extra}): pass the state "
-                               "dict of the same model taken before training")
-        for name, t in new_sd.items():
-            b = base_state_dict[name]
-            if tuple(b.shape) != tuple(t.shape) or b.dtype != t.dtype:
-                raise GradselError(f"{name!r} is {tuple(t.shape)} {t.dtype} in the model but {tuple(b.shape)} "
-                                   f"{b.dtype} in base_state_dict: they are not the same model")
-        canonical = {}
-        first = {}
-        for n, p in model.named_parameters(remove_duplicate=False):
-            canonical[n] = first.setdefault(id(p), n)
+        _check_base(new_sd, base_state_dict)
+        canonical = _canonical_names(model)
         entries, outside = [], []
         for name in sorted(new_sd):
             mask = selection.masks.get(canonical[name]) if name in canonical else None

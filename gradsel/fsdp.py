@@ -678,26 +678,16 @@ class ShardedSelection(Selection):
             GradselError: on every rank together: the model and the base do not match, or (``strict``)
                 training changed elements outside the selection.
         """
-        from .delta import SparseDelta, _entry
+        from .delta import SparseDelta, _canonical_names, _check_base, _entry
 
         dist = _dist()
         self.check(model)
         new_sd = model.state_dict()
-        if sorted(new_sd) != sorted(base_state_dict):
-            extra = sorted(set(new_sd) ^ set(base_state_dict))[:5]
-            raise GradselError(f"the model and base_state_dict have different entries ({extra}): pass the state "
-                               "dict of the same model taken before training")
-        for name, t in new_sd.items():
-            b = base_state_dict[name]
-            if tuple(b.shape) != tuple(t.shape) or b.dtype != t.dtype:
-                raise GradselError(f"{name!r} is {tuple(t.shape)} {t.dtype} in the model but {tuple(b.shape)} "
-                                   f"{b.dtype} in base_state_dict: they are not the same model (pass the full "
-                                   "or the FSDP2 state dict of this model taken before training)")
+        _check_base(new_sd, base_state_dict, " (pass the full or the FSDP2 state dict of this model taken before "
+                    "training)")
         full = self.gather(dst=0)
         rank = self._rank()
-        canonical, first = {}, {}
-        for n, p in model.named_parameters(remove_duplicate=False):
-            canonical[n] = first.setdefault(id(p), n)
+        canonical = _canonical_names(model)
         entries, outside = [], []
         for name in sorted(new_sd):  # the same order on every rank: full_tensor is a collective
             new, base = _full(new_sd[name]), _full(base_state_dict[name])
@@ -742,39 +732,15 @@ def sparse_adamw(selection: ShardedSelection, model: nn.Module, lr: float = 1e-3
     none keeps empty state for it), and ``freeze`` turns off ``requires_grad`` of the tensors no rank selects,
     on every rank alike (FSDP2 reduce-scatters the same gradients on every rank).
     """
-    from .optim import SparseAdamW
-    from .params import resolve
+    from .optim import build_sparse_adamw
 
     selection.check(model)
-    params = dict(model.named_parameters())
     names = list(selection.masks)
     counts = dict(zip(names, selection._counts(names)))
-    decay_off = set(resolve(model, no_decay, what="no_decay")) if no_decay is not None else set()
-    groups = {True: {"params": [], "masks": []}, False: {"params": [], "masks": [], "weight_decay": 0.0}}
-    chosen = set()
-    for name in names:
-        if counts[name] == 0:
-            continue
-        p = params[name]
-        group = groups[name not in decay_off]
-        group["params"].append(p)
-        local = p.to_local() if hasattr(p, "to_local") else p
-        whole = counts[name] == math.prod(selection.shapes[name])
-        group["masks"].append(None if whole else selection.masks[name].to(local.device))
-        chosen.add(name)
-    if not chosen:
-        raise GradselError("the selection selects no element: there is nothing to optimize")
-    frozen = []
-    if freeze:
-        for name, p in params.items():
-            if name not in chosen and p.requires_grad:
-                p.requires_grad_(False)
-                p.grad = None
-                frozen.append(name)
+    masks = {name: (None if counts[name] == math.prod(selection.shapes[name]) else selection.masks[name])
+             for name in names if counts[name] > 0}
     kwargs.setdefault("progressive", False)
-    opt = SparseAdamW([g for g in groups.values() if g["params"]], lr=lr, **kwargs)
-    opt.frozen = frozen
-    return opt
+    return build_sparse_adamw(model, masks, lr, freeze=freeze, no_decay=no_decay, **kwargs)
 
 
 def select(model: nn.Module, data: Any, pol: Any, *, keep: Any, params: Any, exclude: Any, always: Any,

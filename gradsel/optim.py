@@ -434,28 +434,32 @@ def sparse_adamw(selection, model: nn.Module, lr: float = 1e-3, *, freeze: bool 
     """
     model = unwrap_model(model)  # torch.compile / DDP wrappers: the selection's names are the inner model's
     selection.check(model)
+    masks = {name: (None if bool(m.all()) else m) for name, m in selection.masks.items() if bool(m.any())}
+    kwargs.setdefault("progressive", bool(getattr(selection.policy_object(), "progressive", False)))
+    return build_sparse_adamw(model, masks, lr, freeze=freeze, no_decay=no_decay, **kwargs)
+
+
+def build_sparse_adamw(model: nn.Module, masks: dict[str, torch.Tensor | None], lr: float, *, freeze: bool,
+                       no_decay: ParamSpec | None, **kwargs: Any) -> SparseAdamW:
+    """A :class:`SparseAdamW` over the parameters named in ``masks`` (None: trained whole), with a no-decay
+    group; with ``freeze``, every other parameter stops requiring grad (names in ``optimizer.frozen``)."""
+    if not masks:
+        raise GradselError("the selection selects no element: there is nothing to optimize")
     params = dict(model.named_parameters())
     decay_off = set(resolve(model, no_decay, what="no_decay")) if no_decay is not None else set()
     groups = {True: {"params": [], "masks": []}, False: {"params": [], "masks": [], "weight_decay": 0.0}}
-    chosen = set()
-    for name, mask in selection.masks.items():
-        if not bool(mask.any()):
-            continue
+    for name, mask in masks.items():
         p = params[name]
         group = groups[name not in decay_off]
         group["params"].append(p)
-        group["masks"].append(None if bool(mask.all()) else mask.to(p.device))
-        chosen.add(name)
-    if not chosen:
-        raise GradselError("the selection selects no element: there is nothing to optimize")
+        group["masks"].append(None if mask is None else mask.to(getattr(p, "_local_tensor", p).device))
     frozen = []
     if freeze:
         for name, p in params.items():
-            if name not in chosen and p.requires_grad:
+            if name not in masks and p.requires_grad:
                 p.requires_grad_(False)
                 p.grad = None
                 frozen.append(name)
-    kwargs.setdefault("progressive", bool(getattr(selection.policy_object(), "progressive", False)))
     opt = SparseAdamW([g for g in groups.values() if g["params"]], lr=lr, **kwargs)
     opt.frozen = frozen
     return opt
