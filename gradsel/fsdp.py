@@ -16,7 +16,8 @@ No rank ever holds the whole model's Fisher or masks:
   then flat index) with one all-gather of per-rank tie counts: masks equal, element for element, to the
   single-process ``top_k`` over the full Fisher, returned as local shards.
 - :class:`ShardedSelection` holds local mask shards; ``save`` gathers them to rank 0, which writes one complete
-  ordinary selection file; ``optimizer`` gives a :class:`gradsel.optim.SparseAdamW` over the local shards;
+  ordinary selection file; ``optimizer`` gives a :class:`gradsel.optim.SparseAdamW` over the local shards,
+  ``apply`` guards the user's own optimizer on the local shards (masking.py's guard on ``to_local()``);
   ``delta`` gathers the trained tensors one at a time and makes the :class:`gradsel.SparseDelta` on rank 0.
 
 See ``docs/scaling-out.md`` (FSDP2) for costs and what is not supported yet.
@@ -37,6 +38,8 @@ from torch import nn
 from . import distributed as gd
 from .errors import GradselError
 from .fisher.result import Fisher
+from .masking import MaskHandle, _Entries, _Guard
+from .optim import _local
 from .selection import Selection, resolve_budget
 
 __all__ = ["Layout", "layouts", "ShardedFisher", "estimate", "top_k", "ShardedSelection", "select",
@@ -648,9 +651,19 @@ class ShardedSelection(Selection):
         return Path(path)
 
     def apply(self, model: nn.Module, optimizer: Any = None):
-        raise GradselError("Selection.apply on an FSDP2 model is not supported yet: train with "
-                           "selection.optimizer(model, lr) (SparseAdamW on the local shards), which never moves an "
-                           "element outside the selection")
+        """Train only the selection on the FSDP2 model with the user's own optimizer; returns the handle.
+
+        As :meth:`gradsel.Selection.apply`, on each DTensor parameter's local shard: a post-accumulate-grad
+        hook (FSDP2 runs it right after its reduce-scatter) zeroes the local gradient outside the local mask;
+        for ``torch.optim.SGD``/``Adam``/``AdamW`` the guard zeroes masked moments and applies weight decay to
+        the selected local entries only, any other optimizer gets a per-step transient copy of the partly
+        selected local shards. Tensors that no rank selects stop requiring grad on every rank alike. Every rank
+        must call it (the per-tensor counts are reduced once).
+        """
+        if getattr(self.policy_object(), "progressive", False):
+            raise GradselError(f"policy {self.policy!r} is progressive: progressive freezing is not supported on "
+                               "FSDP2 models yet; train a static selection (fish, reverse, random)")
+        return _ShardedHandle(self, model, optimizer)
 
     def delta(self, model: nn.Module, base_state_dict: Any, *, path: Any = None, base_values: bool = True,
               strict: bool = True):
@@ -717,6 +730,60 @@ class ShardedSelection(Selection):
     def optimizer(self, model: nn.Module, lr: float = 1e-3, **kwargs: Any):
         """A :class:`gradsel.optim.SparseAdamW` over this rank's selected elements (see :func:`sparse_adamw`)."""
         return sparse_adamw(self, model, lr, **kwargs)
+
+
+class _LocalEntries(_Entries):
+    """The guard's compact selected entries, read and written on a DTensor's local tensor (its storage)."""
+
+    def take(self, t: torch.Tensor) -> torch.Tensor:
+        return super().take(_local(t))
+
+    def put(self, t: torch.Tensor, values: torch.Tensor) -> None:
+        super().put(_local(t), values)
+
+    def keep(self, t: torch.Tensor) -> None:
+        super().keep(_local(t))
+
+
+class _ShardGuard(_Guard):
+    """:class:`gradsel.masking._Guard` for one FSDP2 parameter: frozen when no rank selects any of its elements
+    (the same decision on every rank), else its local mask guards the local shard."""
+
+    def __init__(self, param: nn.Parameter, mask: torch.Tensor, *, count: int):
+        self.count = count  # selected elements over all ranks
+        super().__init__(param, mask)
+
+    def _decide(self, mask: torch.Tensor) -> tuple[bool, _Entries | None]:
+        # FSDP2 calls the sharded parameter's post-accumulate-grad hooks (the guard's) after its reduce-scatter
+        frozen = self.count == 0
+        return frozen, None if frozen or bool(mask.all()) else _LocalEntries(mask)
+
+
+class _ShardedHandle(MaskHandle):
+    """:class:`gradsel.masking.MaskHandle` over FSDP2 local shards (see :meth:`ShardedSelection.apply`)."""
+
+    def __init__(self, selection: ShardedSelection, model: nn.Module, optimizer: Any = None):
+        names = list(selection.masks)
+        self._counts = dict(zip(names, selection._counts(names)))
+        super().__init__(selection, model, optimizer)
+        total = sum(math.prod(selection.shapes[n]) for n in names)
+        self._share = sum(self._counts.values()) / max(1, total)
+
+    def _guard(self, name: str, param: nn.Parameter, mask: torch.Tensor) -> _Guard:
+        local = getattr(param, "_local_tensor", None)
+        if local is None:
+            raise GradselError(f"parameter {name!r} is not sharded by fully_shard: a ShardedSelection applies to the "
+                               "FSDP2 model it was made for (use a plain Selection for an unsharded model)")
+        if tuple(local.shape) != tuple(mask.shape):
+            raise GradselError(f"{name!r}: this rank holds a shard of shape {tuple(local.shape)}, the selection's "
+                               f"mask shard is {tuple(mask.shape)}: the selection was sharded for another layout "
+                               "(another world size); shard the full selection again with gradsel.fsdp.shard_selection")
+        return _ShardGuard(param, mask.to(local.device), count=self._counts[name])
+
+    @property
+    def trainable_share(self) -> float:
+        """The share of the masked parameters' elements trained, over all ranks (counted at ``apply``)."""
+        return self._share
 
 
 def _full(t: Any) -> torch.Tensor:

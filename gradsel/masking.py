@@ -124,8 +124,7 @@ class _Guard:
         if self.hook is not None:
             self.hook.remove()
             self.hook = None
-        self.frozen = not bool(mask.any())
-        self.entries = None if self.frozen or bool(mask.all()) else _Entries(mask)
+        self.frozen, self.entries = self._decide(mask)
         p.requires_grad_(self.requires_grad and not self.frozen)
         if self.frozen:
             p.grad = None
@@ -134,6 +133,11 @@ class _Guard:
             if p.grad is not None:
                 entries.keep(p.grad)
             self.hook = p.register_post_accumulate_grad_hook(lambda q: entries.keep(q.grad))
+
+    def _decide(self, mask: torch.Tensor) -> tuple[bool, "_Entries | None"]:
+        """``(frozen whole, selected entries or None when all are)`` (:mod:`gradsel.fsdp` decides across ranks)."""
+        frozen = not bool(mask.any())
+        return frozen, None if frozen or bool(mask.all()) else _Entries(mask)
 
     def remove(self) -> None:
         if self.hook is not None:
@@ -187,7 +191,7 @@ class MaskHandle:
         params = dict(model.named_parameters())
         self.guards: dict[str, _Guard] = {}
         for name, mask in selection.masks.items():
-            self.guards[name] = _Guard(params[name], mask.to(params[name].device))
+            self.guards[name] = self._guard(name, params[name], mask)
         self._undo: list[Callable[[], None]] = []
         self._opt_hooks = []
         if self.optimizer is not None:
@@ -205,6 +209,10 @@ class MaskHandle:
         self.controller = selection.policy_object().controller(selection, model, self)
         self.steps = 0
         self.removed = False
+
+    def _guard(self, name: str, param: nn.Parameter, mask: torch.Tensor) -> "_Guard":
+        """The guard of one masked parameter (:mod:`gradsel.fsdp` guards FSDP2's local shards)."""
+        return _Guard(param, mask.to(param.device))
 
     # -- optimizer guard ---------------------------------------------------------------------------------
     def _partial(self) -> dict[nn.Parameter, _Entries]:

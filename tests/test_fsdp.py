@@ -146,11 +146,7 @@ def work_core(rank: int, world: int, out: Path) -> dict:
         res["vmap_error"] = None
     except gradsel.GradselError as exc:
         res["vmap_error"] = str(exc)
-    try:
-        fish.apply(model)
-        res["apply_error"] = None
-    except gradsel.GradselError as exc:
-        res["apply_error"] = str(exc)
+    res["apply_error"] = _error(lambda: fish.apply(_mlp()))  # a sharded selection on an unsharded model
     from gradsel.integrations.peft import shira_config, shira_mask_fn
 
     res["shira_error"] = _error(lambda: shira_config(fish, model))
@@ -158,6 +154,7 @@ def work_core(rank: int, world: int, out: Path) -> dict:
     res["shira_model_error"] = _error(lambda: shira_config(fish.gather(), model))
     res.update(_work_bad(rank, world))
     res["sparse"] = _work_sparse(rank, world, ds)
+    res["apply"] = _work_apply(rank, world, ds)
     return res
 
 
@@ -232,6 +229,52 @@ def _work_sparse(rank: int, world: int, ds) -> dict:
             "delta_type": type(delta).__name__,
             "outside_error": _error(lambda: sel.delta(model, moved)),
             "mismatch_error": _error(lambda: sel.delta(model, {k: v for k, v in full_base.items() if k != "0.bias"}))}
+
+
+APPLY_STEPS = 25
+
+
+def _apply_optimizer(kind: str, params):
+    if kind == "adamw":
+        return torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1)
+    return torch.optim.SGD(params, lr=0.05, momentum=0.9, weight_decay=0.01)
+
+
+def _work_apply(rank: int, world: int, ds) -> dict:
+    """Selection.apply on the FSDP2 model with torch's AdamW (decoupled decay) and SGD (momentum, L2 decay)."""
+    out = Path(os.environ["GRADSEL_TEST_OUT"])
+    full_base = {k: v.clone() for k, v in _mlp(seed=2).state_dict().items()}
+    model = _sharded_mlp(seed=2)
+    first = gradsel.select(model, _loader(ds), "fish", keep=15, always="7.*", progress=False)
+    full = first.gather()
+    res = {}
+    for kind in ("adamw", "sgd"):
+        if kind != "adamw":
+            model = _sharded_mlp(seed=2)
+        sel = first if kind == "adamw" else gf.shard_selection(full, model)
+        start = _local(model)
+        opt = _apply_optimizer(kind, model.parameters())
+        handle = sel.apply(model, opt)
+        requires = {n: p.requires_grad for n, p in model.named_parameters()}
+        leaked = 0.0
+        for x, t in list(_batches())[:APPLY_STEPS]:
+            half = slice(rank * 4, rank * 4 + 4)
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x[half]), t[half]).backward()
+            for n, p in model.named_parameters():  # after FSDP2's reduce-scatter: nothing outside the local mask
+                if p.grad is not None:
+                    leaked = max(leaked, float(p.grad.to_local()[~sel.masks[n]].abs().sum()))
+            opt.step()
+            handle.step()
+        state = {n: sorted(opt.state[p]) for n, p in model.named_parameters() if opt.state.get(p)}
+        res[kind] = {"start": start, "end_local": _local(model), "masks": dict(sel.masks),
+                     "end": {n: p.full_tensor().detach().clone() for n, p in model.named_parameters()},
+                     "requires_grad": requires, "leaked": leaked, "state": state, "share": handle.trainable_share}
+        handle.remove()
+        sel.save(out / f"apply_{kind}.safetensors")
+        sel.delta(model, full_base, path=out / f"apply_delta_{kind}_{rank}.safetensors")
+    res["base"] = full_base
+    return res
 
 
 def work_bert(rank: int, world: int, out: Path) -> dict:
@@ -390,7 +433,7 @@ def test_sharded_bad_inputs(core_runs):
     for run in runs:
         assert "fish" in run["random_error"] and "not supported" in run["random_error"]
         assert "engine='vmap'" in run["vmap_error"]
-        assert "optimizer" in run["apply_error"]
+        assert "not sharded by fully_shard" in run["apply_error"]
         assert "'1.s'" in run["no_rule_error"] and "exclude=" in run["no_rule_error"]
         assert "1 rank(s) hold no samples" in run["empty_error"]
         for key in ("shira_error", "shira_mask_error"):  # SHiRA needs full masks: gather first
@@ -398,6 +441,50 @@ def test_sharded_bad_inputs(core_runs):
         assert "before fully_shard" in run["shira_model_error"] and "get_peft_model" in run["shira_model_error"]
     assert "'0.weight'" in runs[1]["nan_error"] and "NaN" in runs[1]["nan_error"]  # the rank that failed
     assert "rank 1 failed" in runs[0]["nan_error"] and "NaN" in runs[0]["nan_error"]  # the other, told why
+
+
+@pytest.mark.parametrize("kind", ["adamw", "sgd"])
+def test_apply_on_fsdp2_equals_one_process_masked_training(core_runs, kind, one_thread):
+    """Selection.apply on FSDP2 with torch's own optimizer: masked entries of every rank's shard bit for bit
+    fixed, no gradient left outside the mask after the reduce-scatter, unselected tensors frozen on every rank,
+    and the trajectory of one process under apply with the same global batches (float64, 25 steps)."""
+    runs, out = core_runs
+    x, y = _data()
+    model = _mlp(seed=2)
+    sel = gradsel.select(model, _loader(TensorDataset(x, y), distributed=False), "fish", keep=15, always="7.*",
+                         progress=False)
+    opt = _apply_optimizer(kind, model.parameters())
+    with sel.apply(model, opt) as handle:
+        for xb, tb in list(_batches())[:APPLY_STEPS]:
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(xb), tb).backward()
+            opt.step()
+            handle.step()
+    frozen = {n for n, m in sel.masks.items() if not bool(m.any())}
+    assert frozen and len(frozen) < len(sel.masks)
+    for rank, run in enumerate(runs):
+        got = run["apply"][kind]
+        assert got["leaked"] == 0.0
+        assert {n for n, r in got["requires_grad"].items() if not r} == frozen
+        assert not frozen & set(got["state"])  # no optimizer state for frozen tensors
+        assert got["share"] == handle.trainable_share  # over all ranks, not this rank's shard
+        for n, p in model.named_parameters():
+            lay = run["fisher"]["layouts"][n]
+            assert torch.equal(got["masks"][n], sel.masks[n][lay.start:lay.start + lay.rows]), n
+            m = got["masks"][n]
+            assert torch.equal(got["end_local"][n][~m], got["start"][n][~m]), (rank, n)  # bit for bit
+            torch.testing.assert_close(got["end"][n], p.detach(), rtol=0, atol=1e-6, msg=n)
+        moved = [n for n in sel.masks if n not in frozen and not torch.equal(got["end"][n], run["apply"]["base"][n])]
+        assert set(moved) == set(sel.masks) - frozen  # every trained tensor moved
+    # the files after training: one complete selection and one delta, from rank 0 only
+    saved = gradsel.Selection.load(out / f"apply_{kind}.safetensors", _mlp())
+    assert all(torch.equal(saved.masks[n], m) for n, m in sel.masks.items())
+    assert not (out / f"apply_delta_{kind}_1.safetensors").exists()
+    delta = SparseDelta.load(out / f"apply_delta_{kind}_0.safetensors")
+    merged = _mlp(seed=2)
+    delta.merge(merged)
+    for n, p in merged.named_parameters():
+        assert torch.equal(p.detach(), runs[0]["apply"][kind]["end"][n]), n
 
 
 @pytest.mark.slow
