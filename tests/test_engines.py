@@ -387,3 +387,94 @@ def test_hooks_finds_a_model_that_mixes_samples_and_falls_back():
     with pytest.warns(RuntimeWarning, match="mixes samples in eval mode"):
         est = gradsel.fisher(model, (x, y), engine="hooks", chunk_size=3, progress=False)
     _assert_matches(est, gradsel.fisher_loop(model, (x, y), progress=False))
+
+
+# -- the one-time checks' decisions, kept per model between calls -----------------------------------------
+
+class _Flagged(torch.nn.Module):
+    """A flag that its forward reads: set, the batch's mean enters every sample's output (samples mix)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(6, 3)
+        self.mix = False
+
+    def forward(self, x):
+        h = self.lin(x)
+        return h + 0.5 * h.mean(0) if self.mix else h
+
+
+def _count_checks(monkeypatch):
+    from gradsel.fisher.engines.hooks import HooksEngine
+
+    runs = []
+    check = HooksEngine._check_separable
+    monkeypatch.setattr(HooksEngine, "_check_separable", lambda self, *a: (runs.append(1), check(self, *a))[1])
+    return runs
+
+
+def _mixing_forward(self, x):
+    h = self.lin(x)
+    return h - 0.3 * h.mean(0)
+
+
+@needs_hooks
+@pytest.mark.parametrize("change", ["flag", "forward", "module", "parameter", "loss"])
+def test_hooks_decisions_are_reused_until_the_model_or_loss_changes(change, monkeypatch):
+    import types
+
+    torch.manual_seed(0)
+    model = _Flagged().double()
+    batch = _double(M.mlp_batch(n=6))
+    batch = (batch[0][:, :6].contiguous(), batch[1] % 3)
+    runs = _count_checks(monkeypatch)
+    ce = torch.nn.functional.cross_entropy
+    _assert_matches(gradsel.fisher(model, batch, engine="hooks", chunk_size=3, progress=False),
+                    gradsel.fisher_loop(model, batch, progress=False))
+    assert len(runs) == 1
+    gradsel.fisher(model, batch, engine="hooks", chunk_size=3, progress=False)
+    assert len(runs) == 1  # same model, loss and batch structure: the first call's decision holds
+    mixes = True
+    if change == "flag":
+        model.mix = True
+    elif change == "forward":
+        model.forward = types.MethodType(_mixing_forward, model)
+    elif change == "module":
+        model.lin = torch.nn.Linear(6, 3).double()
+        mixes = False
+    elif change == "parameter":
+        model.lin.weight = torch.nn.Parameter(torch.randn(3, 6, dtype=torch.float64))
+        mixes = False
+    else:
+        mixes = False
+    loss = (lambda out, b: ce(out, b[1])) if change == "loss" else None
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        est = gradsel.fisher(model, batch, engine="hooks", chunk_size=3, loss=loss, progress=False)
+    assert len(runs) == 2  # checked again
+    assert any("mixes samples" in str(w.message) for w in seen) == mixes
+    _assert_matches(est, gradsel.fisher_loop(model, batch, loss=loss, progress=False))
+    if mixes:  # the decision to fall back is kept too, and said again
+        with pytest.warns(RuntimeWarning, match="mixes samples"):
+            again = gradsel.fisher(model, batch, engine="hooks", chunk_size=3, progress=False)
+        assert len(runs) == 2
+        _assert_matches(again, est)
+
+
+@needs_hooks
+def test_hooks_loss_form_follows_the_hf_config():
+    # the model's own loss changes with config.problem_type: the per-sample form is found again
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(BertConfig(
+        vocab_size=100, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+        max_position_embeddings=32, num_labels=1, problem_type="regression", attn_implementation="eager")).double()
+    batch = M.bert_batch(n=5)
+    batch["labels"] = torch.rand(5, 1, generator=torch.Generator().manual_seed(2)).double()
+    for problem in ("regression", "multi_label_classification"):
+        model.config.problem_type = problem
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)
+            est = gradsel.fisher(model, batch, engine="hooks", chunk_size=2, progress=False)
+        _assert_matches(est, gradsel.fisher_loop(model, batch, progress=False))

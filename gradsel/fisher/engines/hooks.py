@@ -25,7 +25,10 @@ whose output has no batch dimension) goes to a fallback engine that differentiat
 
 from __future__ import annotations
 
+import copy
+import json
 import warnings
+import weakref
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -320,6 +323,88 @@ class _Forward(nn.Module):
         return self.reader.run(self.model, batch)
 
 
+# -- what the one-time checks decided, kept per model ----------------------------------------------------------
+
+# the engine's attributes that its one-time checks set (each check runs once, on the first chunk it needs)
+_DECISIONS = ("_separable", "_expand", "_loss_form", "_clone", "_whole_model_fallback", "_fallback_reason",
+              "_local_checked", "_no_local")
+_DECIDED: "weakref.WeakKeyDictionary[nn.Module, tuple[_Signature, dict]]" = weakref.WeakKeyDictionary()
+_PLAIN = (bool, int, float, str, type(None), torch.dtype, torch.device)
+
+
+def _plain_attrs(module: nn.Module) -> tuple:
+    """A module's own settings (stride, eps, p, a flag its forward reads): attributes of plain types."""
+    out = []
+    for k, v in module.__dict__.items():
+        if k.startswith("_"):
+            continue
+        if isinstance(v, _PLAIN) or (isinstance(v, tuple) and all(isinstance(x, _PLAIN) for x in v)):
+            out.append((k, v))
+    return tuple(out)
+
+
+class _Signature:
+    """What the checks' decisions depend on: the module tree (each module's identity, type, settings, hooks
+    and any per-instance ``forward``), every parameter and buffer (identity, shape, dtype, device,
+    requires_grad), an HF model's config, the loss and forward functions, the candidates, the engine and
+    its fallbacks, autocast, the global module hooks, and the batch's structure (keys, dtypes, ranks).
+    Objects are compared by identity and held weakly (an entry never keeps a model alive); one that cannot
+    be held weakly makes the signature unusable (:meth:`of` gives None: nothing is cached)."""
+
+    def __init__(self, plain: tuple, refs: list):
+        self.plain = plain
+        self.refs = refs
+
+    @classmethod
+    def of(cls, engine: "HooksEngine", batch: Any) -> "_Signature | None":
+        model, reader = engine.model, engine.reader
+        plain: list = [type(engine), engine._make_fallback, engine._make_last_resort, tuple(engine.names)]
+        objs: list = []
+        for name, m in model.named_modules(remove_duplicate=False):
+            objs.append(m)
+            plain.append((name, type(m), _plain_attrs(m), tuple(m._forward_hooks), tuple(m._forward_pre_hooks),
+                          tuple(m._backward_hooks), tuple(m._backward_pre_hooks), tuple(m._state_dict_hooks),
+                          "forward" in m.__dict__))
+            if "forward" in m.__dict__:
+                objs.append(m.__dict__["forward"])
+        for name, t in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]:
+            objs.append(t)
+            plain.append((name, tuple(t.shape), t.dtype, t.device, t.requires_grad, isinstance(t, nn.Parameter)))
+        config = getattr(model, "config", None)
+        if config is not None:
+            try:
+                plain.append(config.to_json_string(use_diff=False) if hasattr(config, "to_json_string")
+                             else json.dumps(vars(config), sort_keys=True, default=repr))
+            except Exception:  # noqa: BLE001 (a config that cannot be written out: decide afresh)
+                return None
+        for fn in (reader.loss_fn, reader.forward_fn):
+            plain.append(fn is None)
+            if fn is not None:
+                objs.append(fn)
+        g = torch.nn.modules.module
+        plain.append(tuple(tuple(getattr(g, h, {})) for h in ("_global_forward_hooks", "_global_forward_pre_hooks",
+                                                              "_global_backward_hooks", "_global_backward_pre_hooks")))
+        plain.append(tuple((d, torch.is_autocast_enabled(d), torch.get_autocast_dtype(d)) for d in ("cpu", "cuda")))
+        leaves, spec = pytree.tree_flatten(batch)
+        plain.append(str(spec))
+        plain.append(tuple((x.dtype, x.dim(), x.device) if isinstance(x, torch.Tensor) else type(x) for x in leaves))
+        try:
+            refs = [weakref.ref(o) for o in objs]
+        except TypeError:  # a bound method made on access, a callable object without weakref support
+            return None
+        return cls(tuple(plain), refs)
+
+    def matches(self, other: "_Signature") -> bool:
+        return (self.plain == other.plain and len(self.refs) == len(other.refs)
+                and all(a() is not None and a() is b() for a, b in zip(self.refs, other.refs)))
+
+
+def forget(model: nn.Module) -> None:
+    """Drop what the hooks engine's one-time checks decided for ``model`` (they run again on the next call)."""
+    _DECIDED.pop(model, None)
+
+
+
 class _NoPerSampleLoss(Exception):
     """The model's own loss could not be written per sample: the caller falls back."""
 
@@ -381,25 +466,51 @@ class HooksEngine:
         self._loss_form: str | None = None
         self._whole_model_fallback = False
         self._separable = False  # checked once: the batched forward gives each sample the loss it gives alone
+        self._fallback_reason = ""
+        # the checks' decisions are kept per model, for the next call with the same signature (_Signature)
+        self._signature: _Signature | None = None
+        self._signed = False
 
     # -- the engine ---------------------------------------------------------------------------------------
     def __call__(self, batch: Any) -> dict[str, Any]:
         n = self.reader.size(batch)
         grads: dict[str, Any] = {}
+        if not self._signed:
+            self._adopt(batch)
         if (self.layers or self.expandable or self.local) and not self._whole_model_fallback:
             try:
                 grads = self._per_layer(batch, n)
             except _NoPerSampleLoss as exc:
-                warnings.warn(f"gradsel.fisher(engine='hooks'): {exc}; the vmap engine computes every candidate "
-                              "instead (slower). Pass loss= (one sample's loss) to use the hooks engine.",
-                              RuntimeWarning, stacklevel=4)
-                self._whole_model_fallback = True
+                self._whole_model_fallback, self._fallback_reason = True, str(exc)
+                self._warn_whole_model()
                 grads = {}
+            self._remember()
         rest = [name for name in self.names if name not in grads]
         self.fallen_back = rest  # the candidates of this chunk that no rule covered (for tests and reports)
         if rest:
             grads.update(self._fallback(rest, batch))
         return {name: grads[name] for name in self.names}
+
+    def _warn_whole_model(self) -> None:
+        warnings.warn(f"gradsel.fisher(engine='hooks'): {self._fallback_reason}; the vmap engine computes every "
+                      "candidate instead (slower). Pass loss= (one sample's loss) to use the hooks engine.",
+                      RuntimeWarning, stacklevel=5)
+
+    def _adopt(self, batch: Any) -> None:
+        """On the first chunk: take the decisions of an earlier call on the same model and signature."""
+        self._signed = True
+        self._signature = _Signature.of(self, batch)
+        entry = _DECIDED.get(self.model)
+        if self._signature is None or entry is None or not entry[0].matches(self._signature):
+            return
+        for k, v in entry[1].items():
+            setattr(self, k, copy.copy(v))
+        if self._whole_model_fallback:
+            self._warn_whole_model()
+
+    def _remember(self) -> None:
+        if self._signature is not None:
+            _DECIDED[self.model] = (self._signature, {k: copy.copy(getattr(self, k)) for k in _DECISIONS})
 
     def _fallback(self, names: list[str], batch: Any) -> dict[str, Any]:
         key = frozenset(names)
