@@ -221,3 +221,18 @@ class MovementCheck:
         for n, p in self.model.named_parameters():
             changed += int((p.detach() != self.start[n]).sum())
         self.changed = changed
+
+
+def override(cfg: dict, *, max_steps: int | None = None, seeds: list[int] | None = None,
+             steps_key: str = "max_steps") -> dict:
+    """Apply the command line's sizing overrides to a loaded config in place: ``training[steps_key]`` and
+    ``seeds`` (for short measurement runs of a long config)."""
+    if max_steps is not None:
+        if max_steps < 1:
+            raise GradselError(f"--max-steps must be a positive number of steps, got {max_steps}")
+        cfg["training"][steps_key] = max_steps
+    if seeds is not None:
+        if not seeds:
+            raise GradselError("--seeds needs at least one seed")
+        cfg["seeds"] = list(seeds)
+    return cfg

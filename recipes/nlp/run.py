@@ -12,8 +12,19 @@ Methods (``fish.methods`` in the config):
 - ``lora_fish_25``: the same with 25% of the baseline's count;
 - ``lora_fish_nowarm``: ``lora_fish`` without the warm-up (A scored at B = 0: all ties);
 - ``fish_mask``: FISH Mask on the full model at ``fish.mask_keep`` of its parameters;
+- ``fish_row``: FISH on the full model at ``fish.mask_keep`` by whole rows (``granularity="row"``: output
+  rows of the Linear weights with their bias entries), trained through :func:`gradsel.rowsparse.row_sparse`
+  so that backward forms the weight gradient of the selected rows only;
 - ``ird``: IRD on the full model at ``fish.ird_keep`` (when the policy is registered);
+- ``jsdrift``: progressive freezing (``jsdrift:`` in the config, by default ``preset: fast``: the
+  training gradients as the signal, freezing from the input side); the head is never frozen;
 - ``full``: full fine-tuning, the reference.
+
+``training.path`` says how a selection trains: ``dense`` (the Trainer's AdamW over every parameter, the
+masked entries guarded: what the published ``full`` / ``full_scaled`` tables ran, and the default when the
+key is absent) or ``sparse`` (:func:`gradsel.integrations.hf.sparse_trainer_optimizer`: optimizer state
+for the selected elements only, tensors without one leave backward). ``training.activation_checkpointing``
+(true / false) passes through to ``TrainingArguments``.
 
 The classifier head is new and trained in full by every method (``always=``), as FISH Mask does.
 
@@ -44,7 +55,9 @@ from .model import load_model, tiny_model
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
 ALL_METHODS = ["lora", "lora_fish", "lora_rand", "lora_rev", "lora_fish_25", "lora_fish_nowarm", "fish_mask",
-               "ird", "full"]
+               "fish_row", "ird", "jsdrift", "full"]
+MASK_POLICY = {"fish_mask": "fish", "fish_row": "fish", "ird": "ird"}
+PATHS = ("dense", "sparse")
 LORA_POLICY = {"lora_fish": "fish", "lora_rand": "random", "lora_rev": "reverse", "lora_fish_25": "fish",
                "lora_fish_nowarm": "fish"}
 
@@ -100,19 +113,37 @@ def _train_steps(model: nn.Module, batches, steps: int, lr: float) -> None:
     model.eval()
 
 
+def _path(cfg: dict) -> str:
+    path = cfg["training"].get("path", "dense")
+    if path not in PATHS:
+        raise GradselError(f"training.path={path!r} is not known: use 'sparse' (optimizer state for the selection "
+                           "only) or 'dense' (the Trainer's AdamW, guarded; the published tables)")
+    return path
+
+
+def _jsdrift_policy(cfg: dict):
+    from gradsel.policies.jsdrift import JSDrift
+
+    options = dict(cfg.get("jsdrift") or {"preset": "fast"})
+    return JSDrift(**options)
+
+
 def run_one(cfg: dict, method: str, seed: int) -> dict:
     """Train and evaluate one method with one seed; returns a row of measurements."""
     torch.manual_seed(seed)
     torch.set_num_threads(cfg.get("threads", torch.get_num_threads()))
+    path = _path(cfg)
     task = _data(cfg)
     tokenizer, model = _model(cfg, seed)
     d, tr, fi, lo = cfg["dataset"], cfg["training"], cfg["fish"], cfg["lora"]
     train = encode(tokenizer, task.train_texts, task.train_labels, max_length=d.get("max_length", 64))
     test = encode(tokenizer, task.test_texts, task.test_labels, max_length=d.get("max_length", 64))
-    kind = "lora" if method.startswith("lora") else ("full" if method == "full" else "mask")
+    kind = ("lora" if method.startswith("lora") else "full" if method == "full" else
+            "jsdrift" if method == "jsdrift" else "mask")
     base_count = lora_count(model, lo["baseline_rank"], lo["target_modules"])
     head = [n for n, _ in model.named_parameters() if n.startswith("classifier.")]
     head_count = sum(model.get_parameter(n).numel() for n in head)
+    total = sum(p.numel() for p in model.parameters())
 
     selection, fisher_time = None, 0.0
     if kind == "lora":
@@ -120,8 +151,8 @@ def run_one(cfg: dict, method: str, seed: int) -> dict:
         model = _wrap_lora(model, cfg, rank)
         always = [n for n, _ in model.named_parameters() if ".classifier." in n]
         budget = base_count + head_count
-    elif kind == "full":
-        budget = sum(p.numel() for p in model.parameters())
+    elif kind in ("full", "jsdrift"):
+        budget = total
     else:
         always = head
         for n, p in model.named_parameters():
@@ -144,21 +175,38 @@ def run_one(cfg: dict, method: str, seed: int) -> dict:
             if kind == "mask":
                 for n, p in model.named_parameters():
                     p.requires_grad_(flags[n])
+        options = {}
         if kind == "lora":
             ratio = 0.25 if method == "lora_fish_25" else fi.get("prune_to_ratio_of_baseline", 1.0)
             keep = int(round(ratio * base_count))
             policy, params = LORA_POLICY[method], None
         else:
-            policy = "fish" if method == "fish_mask" else "ird"
-            keep = fi["mask_keep"] if method == "fish_mask" else fi["ird_keep"]
+            policy = MASK_POLICY[method]
+            keep = fi["ird_keep"] if method == "ird" else fi["mask_keep"]
             params = [n for n, _ in model.named_parameters() if n not in always]
-        options = dict(fi.get("ird_options", {})) if policy == "ird" else {}
+            if method == "fish_row":
+                options["granularity"] = "row"
+        if policy == "ird":
+            options.update(fi.get("ird_options", {}))
         selection = gradsel.select(model, probe if policy != "random" else None, policy, keep=keep, params=params,
                                    always=always, num_samples=fi["num_samples"], seed=seed,
                                    progress=cfg.get("progress", True), **options)
         model.load_state_dict(start)  # the warm-up informed the scores only
         fisher_time = time.perf_counter() - t0
         budget = selection.budget + sum(model.get_parameter(n).numel() for n in always)
+    if kind == "jsdrift":
+        policy = _jsdrift_policy(cfg)
+        probe = None
+        if policy.options["source"] == "probe":
+            pick = torch.randperm(len(train), generator=torch.Generator().manual_seed(10_000 + seed))
+            probe = list(loader(torch.utils.data.TensorDataset(*(t[pick[: policy.options["probe_samples"]]]
+                                                                 for t in train.tensors)),
+                                batch_size=tr["batch_size"]))
+        t0 = time.perf_counter()
+        selection = gradsel.select(model, probe, policy, params=[n for n in dict(model.named_parameters())
+                                                                 if n not in head],
+                                   always=head, seed=seed, progress=False)
+        fisher_time = time.perf_counter() - t0
 
     base_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     before = {n: base_state[n] if n in base_state else p.detach().clone() for n, p in model.named_parameters()}
@@ -166,16 +214,22 @@ def run_one(cfg: dict, method: str, seed: int) -> dict:
     trainable_now = {n: (masks[n] if masks and n in masks else True) for n, p in model.named_parameters()
                      if p.requires_grad}
     trainable = common.trainable_count(model, masks)
-    lr = tr["lr"]["lora" if kind == "lora" else kind]
-    result = _fit(model, train, cfg, seed, lr, selection)
+    lr = tr["lr"]["lora" if kind == "lora" else "full" if kind == "jsdrift" else kind]
+    result = _fit(model, train, cfg, seed, lr, selection, path, row=method == "fish_row")
     unchanged, changed = common.frozen_unchanged(model, before, trainable_now)
+    unchanged = unchanged and result.pop("frozen unchanged", True)
     acc = _accuracy(model, test, tr.get("eval_batch_size", 128))
-    artifact = _artifact_bytes(model, selection, base_state)
-    return {"method": method, "seed": seed, "accuracy": acc, "trainable params": trainable, "budget": budget,
-            "artifact MiB": artifact / 2**20,
-            "train time (s)": result["time"], "peak train MiB": result["mib"], "fisher time (s)": fisher_time,
-            "steps": result["steps"], "masked unchanged": unchanged, "elements changed": changed,
-            "policy": selection.policy if selection is not None else "", "task": task.name}
+    artifact = _artifact_bytes(model, selection if kind != "jsdrift" else None, base_state)
+    steps = max(result["steps"], 1)
+    row = {"method": method, "seed": seed, "accuracy": acc, "trainable params": trainable, "budget": budget,
+           "artifact MiB": artifact / 2**20, "path": path if selection is not None else "dense",
+           "train time (s)": result["time"], "step (s)": result["time"] / steps,
+           "peak train MiB": result["mib"], "fisher time (s)": fisher_time,
+           "run time (s)": result["time"] + fisher_time, "steps": result["steps"],
+           "masked unchanged": unchanged, "elements changed": changed,
+           "policy": selection.policy if selection is not None else "", "task": task.name}
+    row.update({k: v for k, v in result.items() if k not in ("time", "mib", "steps")})
+    return row
 
 
 def _artifact_bytes(model: nn.Module, selection, base_state: dict) -> int:
@@ -196,10 +250,55 @@ def _artifact_bytes(model: nn.Module, selection, base_state: dict) -> int:
         return path.stat().st_size
 
 
-def _fit(model, train, cfg, seed, lr, selection) -> dict:
+def _probe(model, selection, gradsel_cb):
+    """A Trainer callback that measures what the recipe reports: the gradient bytes before each optimizer
+    step, the trainable share after each step, and, for a progressive policy, a digest of every tensor when
+    it froze (so that the run can check that nothing frozen moved afterwards)."""
+    from transformers import TrainerCallback
+
+    total = sum(p.numel() for p in model.parameters())
+
+    class Probe(TrainerCallback):
+        def __init__(self):
+            self.grad_bytes, self.shares, self.frozen_hash, self.hooked = 0, [], {}, False
+
+        def on_step_begin(self, args, state, control, **kw):
+            ctl = getattr(getattr(gradsel_cb, "handle", None), "controller", None)
+            if ctl is not None and not self.hooked:  # the callback applied the selection: watch its freezes
+                ctl.on_freeze.append(self.record_freeze)
+                self.hooked = True
+
+        def on_pre_optimizer_step(self, args, state, control, **kw):
+            self.grad_bytes = max(self.grad_bytes, sum(p.grad.numel() * p.grad.element_size()
+                                                       for p in model.parameters() if p.grad is not None))
+
+        def on_step_end(self, args, state, control, **kw):
+            self.shares.append(common.trainable_count(model, selection.masks if selection else None) / total)
+
+        def record_freeze(self, event):
+            params = dict(model.named_parameters())
+            for n in event["tensors"]:
+                self.frozen_hash[n] = _digest(params[n])
+
+        def frozen_unchanged(self) -> bool:
+            params = dict(model.named_parameters())
+            return all(_digest(params[n]) == h for n, h in self.frozen_hash.items())
+
+    return Probe()
+
+
+def _digest(t: torch.Tensor) -> str:
+    import hashlib
+
+    return hashlib.blake2b(memoryview(t.detach().contiguous().numpy()).cast("B")).hexdigest()
+
+
+def _fit(model, train, cfg, seed, lr, selection, path: str, row: bool = False) -> dict:
     from transformers import Trainer, TrainingArguments
 
-    from gradsel.integrations.hf import GradselCallback
+    from gradsel.integrations.hf import GradselCallback, sparse_trainer_optimizer
+    from gradsel.masking import unwrap_optimizer
+    from gradsel.optim import state_bytes
 
     tr = cfg["training"]
     with tempfile.TemporaryDirectory() as out:
@@ -209,14 +308,51 @@ def _fit(model, train, cfg, seed, lr, selection) -> dict:
             max_steps=tr.get("max_steps") or -1, warmup_steps=tr.get("warmup_steps", 0),
             lr_scheduler_type=tr.get("scheduler", "linear"), logging_strategy="no", save_strategy="no",
             report_to="none", use_cpu=True, seed=seed, data_seed=seed, label_names=["labels"],
-            disable_tqdm=not cfg.get("progress", True), dataloader_num_workers=0)
-        callbacks = [GradselCallback(selection)] if selection is not None else []
-        trainer = Trainer(model=model, args=args, train_dataset=train, data_collator=_collate, callbacks=callbacks)
-        with common.PeakRSS() as mem:
-            t0 = time.perf_counter()
-            out_state = trainer.train()
-            elapsed = time.perf_counter() - t0
-    return {"time": elapsed, "mib": mem.mib, "steps": out_state.global_step}
+            disable_tqdm=not cfg.get("progress", True), dataloader_num_workers=0,
+            **({"activation_checkpointing": True} if tr.get("activation_checkpointing") else {}))
+        callbacks, optimizers, gradsel_cb = [], (None, None), None
+        if selection is not None:
+            gradsel_cb = GradselCallback(selection)
+            callbacks.append(gradsel_cb)
+            if path == "sparse":
+                optimizers = (sparse_trainer_optimizer(selection, model, args), None)
+        probe = _probe(model, selection, gradsel_cb)
+        callbacks.append(probe)
+        trainer = Trainer(model=model, args=args, train_dataset=train, data_collator=_collate, callbacks=callbacks,
+                          optimizers=optimizers)
+        rows = None
+        if row:
+            from gradsel.rowsparse import row_sparse
+
+            rows = row_sparse(model, selection)
+        try:
+            with common.PeakRSS() as mem:
+                t0 = time.perf_counter()
+                out_state = trainer.train()
+                elapsed = time.perf_counter() - t0
+        finally:
+            if rows is not None:
+                rows.remove()
+        opt = unwrap_optimizer(trainer.optimizer)
+        state_elems = sum(s["exp_avg"].numel() for s in opt.state.values() if "exp_avg" in s)
+    result = {"time": elapsed, "mib": mem.mib, "steps": out_state.global_step,
+              "optimizer state elements": state_elems, "optimizer state MiB": state_bytes(opt) / 2**20,
+              "grad MiB": probe.grad_bytes / 2**20,
+              "final trainable share": probe.shares[-1] if probe.shares else float("nan"),
+              "mean trainable share": sum(probe.shares) / len(probe.shares) if probe.shares else float("nan")}
+    if rows is not None:
+        result["row-sparse layers"] = len(rows.layers)
+        result["rows trained"] = sum(t for t, _ in rows.layers.values())
+        result["rows"] = sum(r for _, r in rows.layers.values())
+    history = selection.info.get("jsdrift") if selection is not None else None
+    if history is not None:
+        result["signal time (s)"] = float(history.get("signal_time", 0.0))
+        result["signal share"] = result["signal time (s)"] / elapsed
+        result["groups frozen"] = len(history["frozen"])
+        result["freeze steps"] = " ".join(f"{g}@{s}" for g, s in history["frozen"].items())
+        result["frozen unchanged"] = probe.frozen_unchanged()
+    return result
+
 
 
 @torch.no_grad()
@@ -236,8 +372,12 @@ COLUMNS = [
     ("artifact MiB", "", lambda r: round(r["artifact MiB"], 3)),
     ("accuracy (mean ± std)", "", lambda r: common.pm(r["accuracy"], r["accuracy std"])),
     ("train time (s)", "", lambda r: round(r["train time (s)"], 1)),
+    ("step (s)", "", lambda r: round(r["step (s)"], 3)),
     ("peak train MiB", "", lambda r: round(r["peak train MiB"], 1)),
+    ("optimizer state MiB", "", lambda r: round(r["optimizer state MiB"], 2)),
     ("fisher time (s)", "", lambda r: round(r["fisher time (s)"], 1)),
+    ("mean trainable share", "", lambda r: round(r["mean trainable share"], 4)),
+    ("signal share", "", lambda r: round(r["signal share"], 4)),
     ("seeds", "", lambda r: r["seeds"]),
     ("masked unchanged", "", lambda r: r["masked unchanged"]),
 ]
@@ -248,8 +388,11 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--config", default="demo", help="config name (smoke, demo, full) or YAML path")
     parser.add_argument("--out", default=None, help="output directory (default runs/nlp/<config>)")
     parser.add_argument("--methods", nargs="*", default=None, help="run only these methods")
+    parser.add_argument("--max-steps", type=int, default=None, help="stop every run after this many steps (sizing)")
+    parser.add_argument("--seeds", type=int, nargs="*", default=None, help="run only these seeds")
     args = parser.parse_args(argv)
     name, cfg = common.load_config(args.config, CONFIGS)
+    common.override(cfg, max_steps=args.max_steps, seeds=args.seeds)
     methods = args.methods or cfg["fish"]["methods"]
     unknown = [m for m in methods if m not in ALL_METHODS]
     if unknown:
@@ -270,9 +413,10 @@ def main(argv: list[str] | None = None) -> Path:
               f"trainable {r['trainable params']:,}, {r['train time (s)']:.1f} s", flush=True)
         common.write_csv(rows, out / "runs.csv")
     wall = time.perf_counter() - t0
-    agg = common.aggregate(rows, ["accuracy", "train time (s)", "peak train MiB", "fisher time (s)",
-                                  "artifact MiB"],
-                           ["trainable params", "budget"])
+    agg = common.aggregate(rows, ["accuracy", "train time (s)", "step (s)", "peak train MiB", "fisher time (s)",
+                                  "artifact MiB", "optimizer state MiB", "grad MiB", "mean trainable share",
+                                  "signal share", "run time (s)"],
+                           ["trainable params", "budget", "path"])
     common.write_csv(agg, out / "summary.csv")
     md = common.summary_table(agg, COLUMNS, markdown=True)
     (out / "summary.md").write_text(f"# NLP recipe: {name}\n\nTask: {rows[0]['task']}; wall time {wall:.0f} s.\n\n{md}\n")
