@@ -190,21 +190,49 @@ class SparseAdamW(torch.optim.Optimizer):
         """Clip the selected gradient entries to ``max_norm`` in total; return the norm before clipping.
 
         The norm is taken over the entries the optimizer trains only, which is what
-        ``torch.nn.utils.clip_grad_norm_`` gives under ``Selection.apply`` (masked gradients zeroed).
+        ``torch.nn.utils.clip_grad_norm_`` gives under ``Selection.apply`` (masked gradients zeroed). On FSDP2
+        local shards (DTensor parameters) it is the norm over every rank's selected entries (one all-reduce of
+        this rank's sum of powers, or of its maximum for ``inf``, over the shard group), so every rank clips by
+        the same factor as one process would; every rank must call it.
         """
-        grads = [g for group in self.param_groups for p in group["params"] if (g := self._grad(p)) is not None]
-        if not grads:
+        group = self._shard_group()
+        grads = [g for pg in self.param_groups for p in pg["params"] if (g := self._grad(p)) is not None]
+        if not grads and group is None:
             return torch.tensor(0.0)
         norms = [torch.linalg.vector_norm(g, norm_type) for g in grads]
-        total = torch.linalg.vector_norm(torch.stack(norms), norm_type)
+        if group is None:
+            total = torch.linalg.vector_norm(torch.stack(norms), norm_type)
+        else:
+            import torch.distributed as dist
+
+            inf = norm_type == float("inf")
+            device = norms[0].device if norms else _local(self.param_groups[0]["params"][0]).device
+            # a norm is >= 0: with no local gradient, 0 adds nothing to the sum and nothing to the maximum
+            stacked = torch.stack([n.double() for n in norms] + [torch.zeros((), dtype=torch.float64, device=device)])
+            part = (stacked.max() if inf else stacked.pow(norm_type).sum()).reshape(1)
+            dist.all_reduce(part, op=dist.ReduceOp.MAX if inf else dist.ReduceOp.SUM, group=group)
+            total = (part[0] if inf else part[0].pow(1.0 / norm_type)).to(norms[0].dtype if norms else torch.float32)
         coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
         for group in self.param_groups:
             for p in group["params"]:
                 if self._index[p] is not None and self.compact_grads and p in self._cgrad:
                     self._cgrad[p].mul_(coef)
                 elif p.grad is not None:
-                    p.grad.mul_(coef)  # entries outside the selection are never read, scaling them is harmless
+                    _local(p.grad).mul_(coef.to(_local(p.grad).device))  # outside the selection: never read
         return total
+
+    def _shard_group(self) -> Any:
+        """The process group FSDP2 shards this optimizer's DTensor parameters over; None for plain tensors."""
+        meshes = [m for pg in self.param_groups for p in pg["params"] if (m := getattr(p, "device_mesh", None))]
+        if not meshes:
+            return None
+        plain = sum(getattr(p, "device_mesh", None) is None for pg in self.param_groups for p in pg["params"])
+        ranks = {(m.ndim, tuple(m.mesh.reshape(-1).tolist())) for m in meshes}  # each fully_shard call has its own
+        if plain or len(ranks) != 1 or meshes[0].ndim != 1:
+            raise GradselError("clip_grad_norm_ on FSDP2 needs every parameter of the optimizer sharded by fully_shard "
+                               "over the same ranks on a 1-D device mesh (a replicated plain tensor would be counted "
+                               f"once per rank); this optimizer mixes {plain} plain tensor(s) and meshes {sorted(ranks)}")
+        return meshes[0].get_group()
 
     # -- the step ----------------------------------------------------------------------------------------
     @torch.no_grad()

@@ -274,7 +274,26 @@ def _work_apply(rank: int, world: int, ds) -> dict:
         sel.save(out / f"apply_{kind}.safetensors")
         sel.delta(model, full_base, path=out / f"apply_delta_{kind}_{rank}.safetensors")
     res["base"] = full_base
+    res["clip"] = {compact: _work_clip(rank, ds, compact) for compact in (False, True)}
     return res
+
+
+CLIP = 0.05  # below every step's norm here: clipping is active throughout
+
+
+def _work_clip(rank: int, ds, compact: bool) -> dict:
+    """SparseAdamW on FSDP2 shards with clip_grad_norm_ before each step."""
+    model = _sharded_mlp(seed=2)
+    sel = gradsel.select(model, _loader(ds), "fish", keep=15, always="7.*", progress=False)
+    opt = sel.optimizer(model, lr=1e-2, weight_decay=0.1, compact_grads=compact)
+    norms = []
+    for x, t in list(_batches())[:APPLY_STEPS]:
+        half = slice(rank * 4, rank * 4 + 4)
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x[half]), t[half]).backward()
+        norms.append(float(opt.clip_grad_norm_(CLIP)))
+        opt.step()
+    return {"norms": norms, "end": {n: p.full_tensor().detach().clone() for n, p in model.named_parameters()}}
 
 
 def work_bert(rank: int, world: int, out: Path) -> dict:
@@ -485,6 +504,30 @@ def test_apply_on_fsdp2_equals_one_process_masked_training(core_runs, kind, one_
     delta.merge(merged)
     for n, p in merged.named_parameters():
         assert torch.equal(p.detach(), runs[0]["apply"][kind]["end"][n]), n
+
+
+@pytest.mark.parametrize("compact", [False, True])
+def test_sparse_adamw_clipping_on_shards_equals_one_process(core_runs, compact, one_thread):
+    """clip_grad_norm_ on FSDP2 shards takes the norm over every rank's selected entries: the norms of each step
+    and the trajectory equal one process's SparseAdamW clipped the same way."""
+    runs, _ = core_runs
+    x, y = _data()
+    model = _mlp(seed=2)
+    sel = gradsel.select(model, _loader(TensorDataset(x, y), distributed=False), "fish", keep=15, always="7.*",
+                         progress=False)
+    opt = sel.optimizer(model, lr=1e-2, weight_decay=0.1, compact_grads=compact)
+    norms = []
+    for xb, tb in list(_batches())[:APPLY_STEPS]:
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(xb), tb).backward()
+        norms.append(float(opt.clip_grad_norm_(CLIP)))
+        opt.step()
+    assert min(norms) > CLIP  # clipping was active at every step
+    for run in runs:
+        got = run["apply"]["clip"][compact]
+        assert got["norms"] == pytest.approx(norms, rel=1e-10)
+        for n, p in model.named_parameters():
+            torch.testing.assert_close(got["end"][n], p.detach(), rtol=0, atol=1e-6, msg=n)
 
 
 @pytest.mark.slow
