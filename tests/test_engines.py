@@ -478,3 +478,69 @@ def test_hooks_loss_form_follows_the_hf_config():
             warnings.simplefilter("error", RuntimeWarning)
             est = gradsel.fisher(model, batch, engine="hooks", chunk_size=2, progress=False)
         _assert_matches(est, gradsel.fisher_loop(model, batch, progress=False))
+
+
+# -- the conv weight routes: one batched matmul over unfolded inputs, or the kernel one sample at a time ----
+
+class _ConvZoo(torch.nn.Module):
+    """Strided, dilated, padded, grouped, depthwise (with a channel multiplier), 1×1 strided, a Conv1d, and
+    a conv called twice; ``channels_last`` makes the 2-D inputs channels-last."""
+
+    def __init__(self, channels_last: bool = False):
+        super().__init__()
+        C = torch.nn.Conv2d
+        self.channels_last = channels_last
+        self.stem = C(3, 8, 3, stride=2, padding=1)
+        self.dilated = C(8, 8, 3, padding=2, dilation=2)
+        self.grouped = C(8, 12, (3, 2), padding=(1, 0), groups=4)
+        self.depthwise = C(12, 24, 3, padding=1, groups=12)
+        self.pointwise = C(24, 8, 1, stride=2)
+        self.twice = C(8, 8, 3, padding=1, bias=False)
+        self.conv1d = torch.nn.Conv1d(8, 6, 3, stride=2, padding=1, dilation=1)
+        self.head = torch.nn.Linear(6, 3)
+
+    def forward(self, x):
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        h = torch.tanh(self.stem(x))
+        h = torch.tanh(self.dilated(h))
+        h = torch.tanh(self.grouped(h))
+        h = torch.tanh(self.depthwise(h))[..., :h.shape[-1] - 1]
+        h = torch.tanh(self.pointwise(h))
+        h = torch.tanh(self.twice(torch.tanh(self.twice(h))))
+        h = torch.tanh(self.conv1d(h.flatten(2)))
+        return self.head(h.mean(2))
+
+
+@needs_hooks
+@pytest.mark.parametrize("route", ["matmul", "matmul_blocks", "kernel"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
+def test_hooks_conv_routes_match_the_loop(route, channels_last, monkeypatch):
+    from gradsel.fisher.engines import hooks
+
+    seen = []
+    pick = hooks._conv_route
+    monkeypatch.setattr(hooks, "_conv_route", lambda m, ds: (seen.append(route), route[:6])[1])
+    if route == "matmul_blocks":  # a few output channels of every group at a time
+        monkeypatch.setattr(hooks, "CONV_BLOCK_BYTES", 600)
+    torch.manual_seed(0)
+    model = _ConvZoo(channels_last).double()
+    x, y = _double(M.image_batch(n=5, size=12))
+    mask = {n: torch.rand(p.shape, generator=torch.Generator().manual_seed(4)) > 0.5
+            for n, p in model.named_parameters()}
+    est, fell = _hooks_fallback(model, (x, y), per_sample=mask, chunk_size=3)
+    ref = gradsel.fisher_loop(model, (x, y), per_sample=mask, progress=False)
+    assert fell == set() and seen and pick is not hooks._conv_route
+    _assert_matches(est, ref)
+    assert (est.per_sample - ref.per_sample).abs().max() <= TOL * ref.per_sample.abs().max()
+
+
+@needs_hooks
+def test_hooks_conv_route_by_positions():
+    from gradsel.fisher.engines import hooks
+
+    conv = torch.nn.Conv2d(4, 4, 3)
+    small = [torch.zeros(2, 4, 16, 16)]  # 256 positions a sample
+    assert hooks._conv_route(conv, small) == "matmul"
+    assert hooks._conv_route(conv, small + small) == "kernel"  # two calls: 512 positions a sample
+    assert hooks._conv_route(conv, [torch.zeros(2, 4, 32, 32)]) == "kernel"
