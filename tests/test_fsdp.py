@@ -296,6 +296,52 @@ def _work_clip(rank: int, ds, compact: bool) -> dict:
     return {"norms": norms, "end": {n: p.full_tensor().detach().clone() for n, p in model.named_parameters()}}
 
 
+SHIRA_STEPS = 20
+
+
+def _shira_train(model: nn.Module, sel, rank: int | None):
+    """A SHiRA peft model of ``model`` from ``sel`` (r=1 on 0.weight and 3.weight, head 7 saved whole), trained
+    with AdamW on the first SHIRA_STEPS batches (half of each on ``rank``; all of it when None)."""
+    from peft import get_peft_model
+
+    from gradsel.integrations.peft import shira_config
+
+    peft_model = get_peft_model(model, shira_config(sel, model))
+    if rank is not None:
+        _shard(peft_model, [peft_model.base_model.model[0], peft_model.base_model.model[3]])
+    opt = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1)
+    for x, t in list(_batches())[:SHIRA_STEPS]:
+        part = slice(None) if rank is None else slice(rank * 4, rank * 4 + 4)
+        opt.zero_grad()
+        nn.functional.cross_entropy(peft_model(x[part]), t[part]).backward()
+        opt.step()
+    return peft_model
+
+
+def _shira_selection(model: nn.Module, batches):
+    from gradsel.integrations.peft import shira_select
+
+    return shira_select(model, batches, r=1, params=["0.weight", "3.weight"], always="7.*", progress=False)
+
+
+def work_shira(rank: int, world: int, out: Path) -> dict:
+    """The SHiRA export under FSDP2: select (Fisher reduced across ranks), build the peft model from a
+    ShardedSelection (gathered for the unsharded model), shard it, train, save_shira."""
+    from gradsel.integrations.peft import save_shira, shira_mask_fn
+
+    x, y = _data(n=12)
+    half = slice(rank * 6, rank * 6 + 6)
+    sel = _shira_selection(_mlp(seed=4), [(x[half], y[half])])
+    sharded = gf.shard_selection(sel, _sharded_mlp(seed=4))
+    model = _mlp(seed=4)
+    fn = shira_mask_fn(sharded, model)  # gathered: full masks
+    masks = {"0.weight": fn(model[0], 1), "3.weight": fn(model[3], 1)}
+    peft_model = _shira_train(model, sharded, rank)
+    local = {k: v.to_local().clone() for k, v in peft_model.state_dict().items() if "shira_weight" in k}
+    save_shira(peft_model, out / "shira_fsdp")
+    return {"masks": masks, "local": local}
+
+
 def work_bert(rank: int, world: int, out: Path) -> dict:
     bert = M.bert().double()
     _shard(bert, list(bert.bert.encoder.layer))
@@ -455,9 +501,8 @@ def test_sharded_bad_inputs(core_runs):
         assert "not sharded by fully_shard" in run["apply_error"]
         assert "'1.s'" in run["no_rule_error"] and "exclude=" in run["no_rule_error"]
         assert "1 rank(s) hold no samples" in run["empty_error"]
-        for key in ("shira_error", "shira_mask_error"):  # SHiRA needs full masks: gather first
-            assert "ShardedSelection" in run[key] and "selection.gather()" in run[key], key
-        assert "before fully_shard" in run["shira_model_error"] and "get_peft_model" in run["shira_model_error"]
+        for key in ("shira_error", "shira_mask_error", "shira_model_error"):  # peft layers go in before fully_shard
+            assert "before fully_shard" in run[key] and "get_peft_model" in run[key] and "save_shira" in run[key], key
     assert "'0.weight'" in runs[1]["nan_error"] and "NaN" in runs[1]["nan_error"]  # the rank that failed
     assert "rank 1 failed" in runs[0]["nan_error"] and "NaN" in runs[0]["nan_error"]  # the other, told why
 
@@ -528,6 +573,40 @@ def test_sparse_adamw_clipping_on_shards_equals_one_process(core_runs, compact, 
         assert got["norms"] == pytest.approx(norms, rel=1e-10)
         for n, p in model.named_parameters():
             torch.testing.assert_close(got["end"][n], p.detach(), rtol=0, atol=1e-6, msg=n)
+
+
+def test_shira_export_under_fsdp2_is_one_complete_adapter(tmp_path, one_thread):
+    """save_shira on an FSDP2-sharded SHiRA peft model: rank 0 writes one adapter, equal to the one-process
+    adapter (same keys and indices, values within 1e-6 after the same training), loadable by peft."""
+    pytest.importorskip("peft")
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    runs = _spawn("work_shira", tmp_path)
+    x, y = _data(n=12)
+    sel = _shira_selection(_mlp(seed=4), [(x, y)])
+    ref = _shira_train(_mlp(seed=4), sel, None)
+    ref.save_pretrained(tmp_path / "shira_one")
+    for run in runs:
+        for n, m in run["masks"].items():
+            assert torch.equal(m.bool(), sel.masks[n]), n  # the ShardedSelection, gathered, gives the full masks
+    got = load_file(tmp_path / "shira_fsdp" / "adapter_model.safetensors")
+    want = load_file(tmp_path / "shira_one" / "adapter_model.safetensors")
+    assert sorted(got) == sorted(want) and any("shira_indices" in k for k in want)
+    for k, v in want.items():
+        assert got[k].shape == v.shape, k  # complete tensors, not rank 0's slice
+        if "indices" in k:
+            assert torch.equal(got[k], v), k
+        else:
+            torch.testing.assert_close(got[k], v, rtol=0, atol=1e-6, msg=k)
+    key = next(k for k in want if "shira_weight" in k)
+    local = runs[0]["local"][key + ".default"]  # peft's adapter name, dropped in the file
+    assert local.numel() < got[key].numel()  # rank 0 held a slice only
+    batch = torch.randn(5, 6, dtype=torch.float64)
+    loaded = PeftModel.from_pretrained(_mlp(seed=4), tmp_path / "shira_fsdp").eval()
+    one = PeftModel.from_pretrained(_mlp(seed=4), tmp_path / "shira_one").eval()
+    torch.testing.assert_close(loaded(batch), one(batch), rtol=0, atol=1e-5)
+    assert not torch.allclose(loaded(batch), _mlp(seed=4)(batch))  # the adapter changed the model
 
 
 @pytest.mark.slow

@@ -10,7 +10,12 @@ Fisher top-k spreads its budget unevenly, so:
 - :func:`shira_config` turns a selection (that one, or any whose per-layer counts fit one ``r``) into a
   ready ``ShiraConfig``: target modules, ``r``, the mask function, and ``modules_to_save`` for ``always=``
   modules such as a new classifier head;
-- :func:`shira_mask_fn` is the mask function alone.
+- :func:`shira_mask_fn` is the mask function alone;
+- :func:`save_shira` saves the adapter as peft's ``save_pretrained`` does, also when the peft model is sharded
+  by FSDP2 (``fully_shard``): one complete adapter gathered to rank 0.
+
+A :class:`gradsel.fsdp.ShardedSelection` is gathered (on every rank) for the peft model built before
+``fully_shard``.
 
 peft is imported only when these functions are called.
 """
@@ -26,7 +31,7 @@ from torch import nn
 from ..errors import GradselError
 from ..params import ParamSpec, resolve
 
-__all__ = ["shira_select", "shira_config", "shira_mask_fn", "require_shira"]
+__all__ = ["shira_select", "shira_config", "shira_mask_fn", "save_shira", "require_shira"]
 
 
 def require_shira():
@@ -41,21 +46,18 @@ def require_shira():
     return peft
 
 
-def _refuse_sharded(selection, model: nn.Module) -> None:
-    """SHiRA's masks are full weight masks for a peft model built before FSDP2 shards it."""
-    if getattr(selection, "sharded", False):
-        raise GradselError("this selection holds FSDP2 mask shards (a ShardedSelection), but a SHiRA adapter needs "
-                           "each weight's full mask: call full = selection.gather() on every rank, then "
-                           "shira_config(full, model) with the model before fully_shard (apply get_peft_model "
-                           "first, then fully_shard the peft model)")
+def _full_selection(selection, model: nn.Module):
+    """The selection with full weight masks (a ShardedSelection is gathered: a collective, every rank calls it);
+    a GradselError when ``model`` is already sharded by FSDP2 (peft's SHiRA layers must be added first)."""
     try:
         from torch.distributed.fsdp import FSDPModule
     except ImportError:  # a torch without FSDP2
-        return
-    if any(isinstance(m, FSDPModule) for m in model.modules()):
+        FSDPModule = None
+    if FSDPModule is not None and any(isinstance(m, FSDPModule) for m in model.modules()):
         raise GradselError("the model is already sharded by fully_shard (FSDP2): peft's SHiRA layers must be added "
-                           "first; pass the model before fully_shard (and a full selection, selection.gather() on "
-                           "every rank), call get_peft_model, then fully_shard the peft model")
+                           "first; pass the model before fully_shard (a ShardedSelection is gathered for it), call "
+                           "get_peft_model, then fully_shard the peft model and save it with save_shira")
+    return selection.gather() if getattr(selection, "sharded", False) else selection
 
 
 def _linear_weights(model: nn.Module) -> dict[str, tuple[str, nn.Linear]]:
@@ -127,7 +129,7 @@ def shira_mask_fn(selection, model: nn.Module) -> Callable[..., torch.Tensor]:
     not ``r * (in + out)``, raises a GradselError.
     """
     require_shira()
-    _refuse_sharded(selection, model)
+    selection = _full_selection(selection, model)
     selection.check(model)
     linears = _linear_weights(model)
     by_weight = {id(mod.weight): (name, mod.weight) for name, (_, mod) in linears.items() if name in selection.masks}
@@ -163,7 +165,7 @@ def shira_config(selection, model: nn.Module, *, r: int | None = None, **config_
             norms, non-Linear weights, part of an ``always`` module); per-layer counts fit no single ``r``.
     """
     peft = require_shira()
-    _refuse_sharded(selection, model)
+    selection = _full_selection(selection, model)
     selection.check(model)
     linears = _linear_weights(model)
     modules = dict(model.named_modules())
@@ -212,3 +214,63 @@ def shira_config(selection, model: nn.Module, *, r: int | None = None, **config_
         config = peft.ShiraConfig(r=int(inferred), mask_type="gradsel", target_modules=targets, **kwargs)
     config.mask_fn = shira_mask_fn(selection, model)
     return config
+
+
+def _adapter_key(key: str) -> bool:
+    """peft's rule for what a SHiRA adapter file holds: the ``shira_`` tensors and the ``modules_to_save``."""
+    return "shira_" in key or ".modules_to_save." in key
+
+
+def save_shira(peft_model: nn.Module, path: Any, **kwargs: Any) -> Any:
+    """``peft_model.save_pretrained(path)`` for a SHiRA peft model, sharded by FSDP2 or not.
+
+    Under FSDP2 each adapter tensor (``shira_weight``, ``modules_to_save``) is gathered in full
+    (``full_tensor``, every rank in the same order, one at a time) and rank 0 alone calls peft's
+    ``save_pretrained`` with that state dict: one complete adapter, loadable by
+    ``PeftModel.from_pretrained`` onto the unsharded base, never rank 0's slice alone. The base weights are
+    not gathered. Under a process group without FSDP2 (DDP replicas) rank 0 saves. Every rank must call it;
+    every rank returns once the files are written.
+
+    Args:
+        peft_model: the peft model (``get_peft_model``), possibly ``fully_shard``-ed afterwards.
+        path: the adapter folder.
+        **kwargs: passed to ``save_pretrained``.
+
+    Returns:
+        ``path``.
+
+    Raises:
+        GradselError: on every rank together when rank 0 could not write the adapter.
+    """
+    require_shira()
+    from .. import distributed as gd
+
+    group = gd.default_group()
+    rank = 0 if group is None else torch.distributed.get_rank(group)
+    state = None
+    if gd.is_fsdp(peft_model):
+        state = {}
+        for key, value in peft_model.state_dict().items():  # the same order on every rank
+            if not _adapter_key(key):
+                continue
+            full = value.full_tensor() if hasattr(value, "full_tensor") else value
+            if rank == 0:
+                state[key] = full.detach().cpu()
+            del full
+    error = None
+    if rank == 0:
+        try:
+            if state is None:
+                peft_model.save_pretrained(path, **kwargs)
+            else:
+                peft_model.save_pretrained(path, state_dict=state, **kwargs)
+        except Exception as exc:
+            error = exc
+    if group is not None:
+        said = [None if error is None else f"{type(error).__name__}: {error}"]
+        torch.distributed.broadcast_object_list(said, group=group, group_src=0)
+        if error is None and said[0] is not None:
+            raise GradselError(f"rank 0 could not save the SHiRA adapter to {path}: {said[0]}")
+    if error is not None:
+        raise error
+    return path
