@@ -544,3 +544,5 @@ def test_hooks_conv_route_by_positions():
     assert hooks._conv_route(conv, small) == "matmul"
     assert hooks._conv_route(conv, small + small) == "kernel"  # two calls: 512 positions a sample
     assert hooks._conv_route(conv, [torch.zeros(2, 4, 32, 32)]) == "kernel"
+    assert hooks._conv_route(torch.nn.Conv2d(4, 4, 1, stride=2), [torch.zeros(2, 4, 32, 32)]) == "matmul"  # no unfold
+    assert hooks._conv_route(torch.nn.Conv2d(4, 4, 1, padding=1), [torch.zeros(2, 4, 32, 32)]) == "kernel"

@@ -223,7 +223,12 @@ class ConvWeightGrads(LazyGrads):
 
 
 def _conv_route(module: nn.Module, ds: list) -> str:
-    """``"matmul"`` where a sample has few output positions, ``"kernel"`` (one sample per call) elsewhere."""
+    """``"matmul"`` for a 1×1 convolution without padding (no unfold: a strided slice) and where a sample
+    has few output positions; ``"kernel"`` (one sample per call) elsewhere. Measured on the 3×3 layers of
+    a ResNet-18/50 on CPU: the kernel on one sample is 3-5× the batched weight gradient at 4×4 or 8×8
+    outputs, the matmul 1.5-2×; from 32×32 on the kernel is within 10% of it and the unfold costs more."""
+    if all(k == 1 for k in module.kernel_size) and all(p == 0 for p in module.padding):
+        return "matmul"
     positions = sum(t[0].numel() // t.shape[1] for t in ds)
     return "matmul" if positions <= SMALL_POSITIONS else "kernel"
 
