@@ -1,7 +1,12 @@
 """The diagonal empirical Fisher by gradsel and by its peers, side by side, each method in its own process.
 
-Run: ``python -m benchmarks.fisher_peers [--quick] [--repeats 3] [--models bert,vit] [--methods opacus,loop]``.
-Writes ``benchmarks/results/fisher_peers.{md,json}`` (``--quick`` writes ``fisher_peers_quick.*``).
+Run: ``python -m benchmarks.fisher_peers [--quick] [--repeats 3] [--batches 1] [--models bert,vit] [--methods opacus,loop]``.
+Writes ``benchmarks/results/fisher_peers.{md,json}`` (``--quick`` writes ``fisher_peers_quick.*``, ``--batches N``
+with N > 1 ``fisher_peers_batchesN.*``).
+
+``--batches N`` (default 1) times one call over N batches against N floors: for the gradsel engines one
+``fisher()`` call over a list of N batches (the steady state of an estimate over a loader: one-time checks
+and setup are paid once), for the peers N calls.
 
 Every method computes ``mean_i g_i²``, ``g_i`` the gradient of sample ``i``'s own loss (cross-entropy; the
 mean over a segmentation target's pixels), for every parameter of the model:
@@ -61,7 +66,22 @@ def first_line(exc: BaseException) -> str:
 # each prepares on a case and returns run(tensors) -> {parameter name: mean over samples of g²}
 
 def _loop(case: Case) -> Run:
-    return lambda ts: dict(gradsel.fisher_loop(case.model, case.as_batch(ts), progress=False))
+    return lambda ts: dict(gradsel.fisher_loop(case.model, _data(case, ts), progress=False))
+
+
+def _data(case: Case, ts: Any) -> Any:
+    """One batch (plain tensors) or a list of them (``--batches``) in the form ``gradsel.fisher`` reads."""
+    return [case.as_batch(t) for t in ts] if isinstance(ts, list) else case.as_batch(ts)
+
+
+def _per_batch(run: Run) -> Run:
+    """A peer that takes one batch, over a list of batches (``--batches``): one call per batch."""
+    def each(ts):
+        if not isinstance(ts, list):
+            return run(ts)
+        outs = [run(t) for t in ts]
+        return {k: sum(o[k] for o in outs) / len(outs) for k in outs[0]}
+    return each
 
 
 def _gradsel(engine: str) -> Callable[[Case], Run]:
@@ -70,8 +90,8 @@ def _gradsel(engine: str) -> Callable[[Case], Run]:
 
         if engine not in ENGINES:
             raise RuntimeError(f"this gradsel has no engine={engine!r} (engines: {', '.join(ENGINES)})")
-        return lambda ts: dict(gradsel.fisher(case.model, case.as_batch(ts), engine=engine,
-                                              chunk_size=len(ts[-1]), progress=False))
+        return lambda ts: dict(gradsel.fisher(case.model, _data(case, ts), engine=engine,
+                                              chunk_size=case.n, progress=False))
     return prepare
 
 
@@ -175,6 +195,8 @@ def _nngeometry(case: Case) -> Run:
     return run
 
 
+GRADSEL = ("loop", "gradsel vmap", "gradsel hooks")  # one fisher() call over a list of batches
+
 # name -> (prepare, the package it needs)
 METHODS: dict[str, tuple[Callable[[Case], Run], str | None]] = {
     "loop": (_loop, None),
@@ -240,21 +262,23 @@ def check(model_name: str, method: str) -> dict:
 
 # ---------------------------------------------------------------------------------------------- one process
 
-def _worker(model_name: str, method: str, quick: bool, repeats: int, queue) -> None:
+def _worker(model_name: str, method: str, quick: bool, repeats: int, batches: int, queue) -> None:
     warnings.filterwarnings("ignore")  # the peers' own warnings (a missing rule shows as missed tensors)
     row: dict[str, Any] = {"model key": model_name, "method": method}
     try:
         case = build(model_name, small=quick)
         row["model"], row["batch"] = case.label, case.n
         row["params (M)"] = round(sum(p.numel() for p in case.model.parameters()) / 1e6, 1)
-        ts = case.tensors(seed=0)
+        ts = case.tensors(seed=0) if batches == 1 else [case.tensors(seed=s) for s in range(batches)]
         # the floor runs on its own copy: the peers' hooks on the model would slow it down
         floor_case = dataclasses.replace(case, model=copy.deepcopy(case.model))
-        floor = floor_case.floor
+        floor = floor_case.floor if batches == 1 else (lambda b: [floor_case.floor(t) for t in b])
         floor(ts)
         floor_case.model.zero_grad(set_to_none=True)  # its peak includes allocating the gradients
         row["floor peak MB"] = _peak(lambda: floor(ts))
         run = METHODS[method][0](case)
+        if batches > 1 and method not in GRADSEL:
+            run = _per_batch(run)
         t0 = time.perf_counter()
         run(ts)  # warm-up
         row["first call (s)"] = time.perf_counter() - t0
@@ -282,7 +306,8 @@ def _peak(fn: Callable[[], Any]) -> float:
 
 # ---------------------------------------------------------------------------------------------- driver
 
-def run(models: list[str], methods: list[str], quick: bool, repeats: int, timeout: float) -> list[dict]:
+def run(models: list[str], methods: list[str], quick: bool, repeats: int, timeout: float,
+        batches: int = 1) -> list[dict]:
     rows, start = [], time.perf_counter()
     tasks = [(m, k) for m in models for k in methods]
     bar = tqdm(tasks, unit="run", desc="peers")
@@ -293,7 +318,7 @@ def run(models: list[str], methods: list[str], quick: bool, repeats: int, timeou
                    "check": {"text": "not installed", "ok": False}}
         else:
             t0 = time.perf_counter()
-            row = in_fresh_process_or_fail(_worker, model_name, method, quick, repeats, timeout=timeout)
+            row = in_fresh_process_or_fail(_worker, model_name, method, quick, repeats, batches, timeout=timeout)
             row["process (s)"] = round(time.perf_counter() - t0, 1)
             row.setdefault("model key", model_name)
             row.setdefault("method", method)
@@ -318,7 +343,7 @@ def _check_cell(r: dict) -> str:
     return ", ".join(parts)
 
 
-def markdown(rows: list[dict], command: str, repeats: int) -> str:
+def markdown(rows: list[dict], command: str, repeats: int, batches: int = 1) -> str:
     labels = {r["model key"]: r["model"] for r in rows if "model" in r}
     for r in rows:
         r["model"] = labels.get(r["model key"], r["model key"])
@@ -350,7 +375,9 @@ def markdown(rows: list[dict], command: str, repeats: int) -> str:
         f"Machine: {machine()}. Command: `{command}`. Each (model, method) in its own spawned process, float32, "
         f"eval mode; time = best of {repeats} rounds that interleave the method and the floor (one ordinary "
         "batched forward+backward over the same samples), after a warm-up of each; peak MB = resident-set "
-        "growth during one call (the floor's beside it). Correctness: float64 on a small configuration of the "
+        "growth during one call (the floor's beside it)"
+        + (f"; each timed call covers {batches} batches (gradsel: one fisher() call over them; peers: one call "
+           f"per batch) against {batches} floors" if batches > 1 else "") + ". Correctness: float64 on a small configuration of the "
         f"same model against `gradsel.fisher_loop`, the largest max|est − loop| / max|loop| over tensors "
         f"(ok ≤ {TOLERANCE:g}), and the tensors a method returns nothing for. Preparation (wrapping, "
         "converting) is not timed. See `benchmarks/fisher_peers.py` for how each peer is called.\n\n"
@@ -370,6 +397,8 @@ def main() -> None:
     parser.add_argument("--models", default=",".join(CASES), help=f"comma-separated, of {', '.join(CASES)}")
     parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, of {', '.join(METHODS)}")
     parser.add_argument("--timeout", type=float, default=600, help="seconds per (model, method) process")
+    parser.add_argument("--batches", type=int, default=1,
+                        help="batches per timed call (default 1): gradsel's engines take them in one fisher() call")
     args = parser.parse_args()
     repeats = args.repeats or (1 if args.quick else 3)
     models = [m for m in args.models.split(",") if m]
@@ -377,9 +406,13 @@ def main() -> None:
     unknown = [m for m in models if m not in CASES] + [m for m in methods if m not in METHODS]
     if unknown:
         parser.error(f"unknown model or method: {unknown}")
-    rows = run(models, methods, args.quick, repeats, args.timeout)
-    command = "python -m benchmarks.fisher_peers" + (" --quick" if args.quick else "")
-    write("fisher_peers_quick" if args.quick else "fisher_peers", rows, markdown(rows, command, repeats))
+    if args.batches < 1:
+        parser.error("--batches takes a positive number")
+    rows = run(models, methods, args.quick, repeats, args.timeout, args.batches)
+    command = ("python -m benchmarks.fisher_peers" + (" --quick" if args.quick else "")
+               + (f" --batches {args.batches}" if args.batches > 1 else ""))
+    name = "fisher_peers_quick" if args.quick else "fisher_peers"
+    write(name + (f"_batches{args.batches}" if args.batches > 1 else ""), rows, markdown(rows, command, repeats, args.batches))
 
 
 if __name__ == "__main__":
