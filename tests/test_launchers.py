@@ -142,3 +142,76 @@ def test_trainer_ddp_example_two_processes(tmp_path, optimizer, one_thread):
     assert fisher.num_samples == 64
     _assert_top_k(masks, fisher, saved.always, saved.budget)
     assert all(torch.equal(saved.masks[n], m) for n, m in masks.items())
+
+
+# -- the Trainer callback's guard against freezing under DDP without find_unused_parameters ------------------------
+
+def _trainer_args(world: int, find, **extra):
+    """What the guard reads of ``TrainingArguments``: a real one cannot report world_size > 1 without a process
+    group, so the fields are stood in (names as in transformers 5)."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(world_size=world, ddp_find_unused_parameters=find, activation_checkpointing=False,
+                           fsdp="", deepspeed=None, output_dir="unused", resume_from_checkpoint=None, **extra)
+
+
+def _begin(sel, model, args, optimizer):
+    from types import SimpleNamespace
+
+    from gradsel.integrations.hf import GradselCallback
+
+    cb = GradselCallback(sel)
+    cb.on_train_begin(args, SimpleNamespace(global_step=0), None, model=model, optimizer=optimizer)
+    return cb
+
+
+def test_trainer_callback_refuses_freezing_under_ddp_without_find_unused(one_thread):
+    """world_size > 1 and find_unused_parameters False (given, or the Trainer's default for a PreTrainedModel
+    without checkpointing is True, with checkpointing False): a selection that freezes whole tensors after the
+    Trainer wrapped the model raises before training, naming the fixes; every other case applies."""
+    pytest.importorskip("transformers")
+    from tests import models as M
+
+    from gradsel.integrations.hf import sparse_trainer_optimizer
+
+    batch = M.mlp_batch(n=12)
+    model = M.mlp()
+    sel = gradsel.select(model, batch, "fish", keep=3, progress=False)
+    frozen = [n for n, m in sel.masks.items() if not bool(m.any())]
+    assert frozen  # the case that needs care
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+    with pytest.raises(gradsel.GradselError, match=r"2 processes under DDP with find_unused_parameters=False") as err:
+        _begin(sel, model, _trainer_args(2, False), opt)
+    assert repr(frozen[0]) in str(err.value) and "sparse_trainer_optimizer" in str(err.value)
+    assert "ddp_find_unused_parameters=True" in str(err.value)
+    assert all(p.requires_grad for p in model.parameters())  # raised before applying anything
+    for world, find in ((2, True), (2, None), (1, False)):  # find_unused on, the default for a plain module, 1 rank
+        cb = _begin(sel, model, _trainer_args(world, find), opt)
+        assert cb.handle is not None and not dict(model.named_parameters())[frozen[0]].requires_grad
+        cb.on_train_end(None, None, None)
+    # nothing frozen whole: nothing to wait for
+    everything = gradsel.select(model, batch, "fish", keep=1.0, progress=False)
+    _begin(everything, model, _trainer_args(2, False), opt).on_train_end(None, None, None)
+    # sparse mode: the tensors were frozen before the Trainer wrapped the model
+    sparse = sparse_trainer_optimizer(sel, model, SimpleArgs())
+    _begin(sel, model, _trainer_args(2, False), sparse).on_train_end(None, None, None)
+    # a progressive policy freezes during training, in either mode: only find_unused_parameters helps
+    drift = gradsel.select(M.mlp(), [batch], "jsdrift", progress=False)
+    fresh = M.mlp()
+    with pytest.raises(gradsel.GradselError, match="sparse mode does not avoid this") as err:
+        _begin(drift, fresh, _trainer_args(2, False), sparse_trainer_optimizer(drift, fresh, SimpleArgs()))
+    assert "ddp_find_unused_parameters=True" in str(err.value) and "'jsdrift'" in str(err.value)
+    # a PreTrainedModel: the Trainer's default is find_unused = not checkpointing
+    bert = M.bert()
+    bsel = gradsel.select(bert, M.bert_batch(n=8), "fish", keep=20, progress=False)
+    bopt = torch.optim.AdamW(bert.parameters(), lr=0.1)
+    _begin(bsel, bert, _trainer_args(2, None), bopt).on_train_end(None, None, None)
+    bert.activation_checkpointing_enable()
+    with pytest.raises(gradsel.GradselError, match="find_unused_parameters=False"):
+        _begin(bsel, bert, _trainer_args(2, None), bopt)
+
+
+class SimpleArgs:
+    """The AdamW fields of ``TrainingArguments`` that sparse_trainer_optimizer reads."""
+
+    learning_rate, adam_beta1, adam_beta2, adam_epsilon, weight_decay = 0.1, 0.9, 0.999, 1e-8, 0.0

@@ -90,6 +90,7 @@ class GradselCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         opt = unwrap_optimizer(optimizer) if optimizer is not None else None
         self.sparse = opt if isinstance(opt, SparseAdamW) else None
+        self._refuse_ddp_freezing(args, model)
         if self.sparse is not None:
             with warnings.catch_warnings():  # the sparse optimizer needs no guard: it never writes outside the masks
                 warnings.filterwarnings("ignore", message="Selection.apply without an optimizer")
@@ -100,6 +101,44 @@ class GradselCallback(TrainerCallback):
         if state.global_step > 0:
             self._restore(args, state)
         self._sync()
+
+    def _refuse_ddp_freezing(self, args, model) -> None:
+        """Under the Trainer's DDP the model was wrapped before this callback runs, so a tensor the selection
+        freezes whole from now on (at ``apply`` in dense mode, or later for a progressive policy such as
+        jsdrift, in either mode) never reports its gradient to DDP's reducer; with
+        ``find_unused_parameters=False`` the ranks then wait for it. Raise before training instead."""
+        if getattr(args, "world_size", 1) <= 1 or getattr(args, "fsdp", None) or getattr(args, "deepspeed", None):
+            return
+        find = getattr(args, "ddp_find_unused_parameters", None)
+        if find is None:  # the Trainer's own default (Trainer._build_accelerator_args, transformers 5)
+            from transformers import PreTrainedModel
+
+            checkpointing = bool(getattr(model, "is_activation_checkpointing", False)
+                                 or getattr(model, "is_gradient_checkpointing", False)
+                                 or getattr(args, "activation_checkpointing", False))
+            find = not checkpointing if isinstance(model, PreTrainedModel) else True
+        if find:
+            return
+        params = dict(model.named_parameters())
+        frozen = [n for n, m in self.selection.masks.items()
+                  if n in params and params[n].requires_grad and not bool(m.any())]
+        progressive = bool(getattr(self.selection.policy_object(), "progressive", False))
+        if not frozen and not progressive:
+            return
+        unused = ("set TrainingArguments(ddp_find_unused_parameters=True) (DDP then all-reduces zeros for the "
+                  "frozen tensors and walks the autograd graph every step)")
+        if progressive:
+            what = (f"uses the progressive policy {self.selection.policy!r}, which freezes whole tensors during "
+                    "training, after the Trainer wrapped the model (sparse mode does not avoid this)")
+            fixes = unused[0].upper() + unused[1:]
+        else:
+            what = (f"freezes {len(frozen)} whole tensor(s) (first {frozen[0]!r}) when the callback applies it, "
+                    "after the Trainer wrapped the model")
+            fixes = ("Either train in sparse mode, optimizers=(sparse_trainer_optimizer(selection, model, args), "
+                     "None), which freezes them before the Trainer wraps the model, or " + unused)
+        raise GradselError(
+            f"the Trainer runs {args.world_size} processes under DDP with find_unused_parameters=False, and this "
+            f"selection {what}: DDP would wait for their gradients, which never come. {fixes}.")
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.handle is None:
