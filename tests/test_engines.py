@@ -546,3 +546,20 @@ def test_hooks_conv_route_by_positions():
     assert hooks._conv_route(conv, [torch.zeros(2, 4, 32, 32)]) == "kernel"
     assert hooks._conv_route(torch.nn.Conv2d(4, 4, 1, stride=2), [torch.zeros(2, 4, 32, 32)]) == "matmul"  # no unfold
     assert hooks._conv_route(torch.nn.Conv2d(4, 4, 1, padding=1), [torch.zeros(2, 4, 32, 32)]) == "kernel"
+
+
+@needs_hooks
+def test_hooks_forget_drops_the_decisions(monkeypatch):
+    from gradsel.fisher.engines.hooks import forget
+
+    torch.manual_seed(0)
+    model = _Flagged().double()
+    x, y = _double(M.mlp_batch(n=6))
+    batch = (x[:, :6].contiguous(), y % 3)
+    runs = _count_checks(monkeypatch)
+    gradsel.fisher(model, batch, engine="hooks", chunk_size=3, progress=False)
+    gradsel.fisher(model, batch, engine="hooks", chunk_size=3, progress=False)
+    assert len(runs) == 1
+    forget(model)
+    gradsel.fisher(model, batch, engine="hooks", chunk_size=3, progress=False)
+    assert len(runs) == 2
