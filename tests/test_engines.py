@@ -540,9 +540,9 @@ def test_hooks_conv_route_by_positions():
     from gradsel.fisher.engines import hooks
 
     conv = torch.nn.Conv2d(4, 4, 3)
-    small = [torch.zeros(2, 4, 16, 16)]  # 256 positions a sample
+    small = [torch.zeros(2, 4, 8, 8)]  # 64 positions a sample
     assert hooks._conv_route(conv, small) == "matmul"
-    assert hooks._conv_route(conv, small + small) == "kernel"  # two calls: 512 positions a sample
+    assert hooks._conv_route(conv, small + small) == "kernel"  # two calls: 128 positions a sample
     assert hooks._conv_route(conv, [torch.zeros(2, 4, 32, 32)]) == "kernel"
     assert hooks._conv_route(torch.nn.Conv2d(4, 4, 1, stride=2), [torch.zeros(2, 4, 32, 32)]) == "matmul"  # no unfold
     assert hooks._conv_route(torch.nn.Conv2d(4, 4, 1, padding=1), [torch.zeros(2, 4, 32, 32)]) == "kernel"

@@ -149,7 +149,7 @@ def _transposed_linear(module: nn.Module, xs, ds, want, n):
     return _linear(module, xs, ds, want, n, transposed=True)
 
 
-SMALL_POSITIONS = 256  # output positions per sample up to which conv weight gradients are one batched matmul
+SMALL_POSITIONS = 64  # output positions per sample up to which conv weight gradients are one batched matmul
 CONV_BLOCK_BYTES = 8 << 20  # per-sample conv weight gradients formed (and squared) at once by the matmul route
 
 
@@ -226,7 +226,8 @@ def _conv_route(module: nn.Module, ds: list) -> str:
     """``"matmul"`` for a 1×1 convolution without padding (no unfold: a strided slice) and where a sample
     has few output positions; ``"kernel"`` (one sample per call) elsewhere. Measured on the 3×3 layers of
     a ResNet-18/50 on CPU: the kernel on one sample is 3-5× the batched weight gradient at 4×4 or 8×8
-    outputs, the matmul 1.5-2×; from 32×32 on the kernel is within 10% of it and the unfold costs more."""
+    outputs, the matmul 1.5-2×; at 16×16 the two are even (the kernel slightly ahead), from 32×32 on the
+    kernel is within 10% of the batched gradient and the unfold costs more."""
     if all(k == 1 for k in module.kernel_size) and all(p == 0 for p in module.padding):
         return "matmul"
     positions = sum(t[0].numel() // t.shape[1] for t in ds)
