@@ -40,10 +40,11 @@ from .errors import GradselError
 from .fisher.result import Fisher
 from .masking import MaskHandle, _Entries, _Guard
 from .optim import _local
+from .policies.base import split_budget
 from .selection import Selection, resolve_budget
 
 __all__ = ["Layout", "layouts", "ShardedFisher", "estimate", "top_k", "ShardedSelection", "select",
-           "sparse_adamw", "local_rows"]
+           "sparse_adamw", "local_rows", "position_scores", "random_scores", "shard_selection"]
 
 #: samples per chunk when neither ``chunk_size`` nor the data's batches say otherwise
 MAX_CHUNK = 32
@@ -812,16 +813,21 @@ def sparse_adamw(selection: ShardedSelection, model: nn.Module, lr: float = 1e-3
 
 def select(model: nn.Module, data: Any, pol: Any, *, keep: Any, params: Any, exclude: Any, always: Any,
            fisher: Fisher | None, seed: int, fisher_options: dict) -> ShardedSelection:
-    """``gradsel.select`` on an FSDP2 model (called by it): ``fish`` and ``reverse`` with the global element
-    budget, by :func:`top_k` over the sharded Fisher; masks are local shards (:class:`ShardedSelection`)."""
-    from .fisher import fisher as estimate_fisher
+    """``gradsel.select`` on an FSDP2 model (called by it); masks are local shards (:class:`ShardedSelection`).
+
+    ``fish`` and ``reverse`` (budget ``"global"`` or ``"per_tensor"``, by element) rank the sharded Fisher with
+    :func:`top_k`, per tensor with the one-process split of ``k`` for ``per_tensor``: the one-process masks.
+    ``random`` ranks :func:`random_scores` (a hash of ``seed`` and the global position), the same masks for any
+    world size, though not the unsharded ``random`` policy's (a ``randperm`` over all candidates, which no
+    rank of a sharded model should hold)."""
     from .params import resolve
 
-    if pol.name not in ("fish", "reverse") or getattr(pol, "budget", "global") != "global" \
+    budget = getattr(pol, "budget", "global")
+    if pol.name not in ("fish", "reverse", "random") or budget not in ("global", "per_tensor") \
             or getattr(pol, "granularity", "element") != "element":
-        raise GradselError(f"under FSDP2 gradsel selects with policy 'fish' or 'reverse' (budget='global', "
-                           f"granularity='element') so far; {pol!r} is not supported on sharded models yet. Select on "
-                           "the model before fully_shard (every rank alike) if it fits, and shard the masks with "
+        raise GradselError(f"under FSDP2 gradsel selects with 'fish' or 'reverse' (budget 'global' or 'per_tensor') "
+                           f"or 'random', by element, so far; {pol!r} is not supported on sharded models yet. Select "
+                           "on the model before fully_shard (every rank alike) if it fits, and shard the masks with "
                            "gradsel.fsdp.shard_selection")
     always_names = resolve(model, always, what="always") if always is not None else []
     names = [n for n in resolve(model, params, exclude) if n not in set(always_names)]
@@ -834,6 +840,34 @@ def select(model: nn.Module, data: Any, pol: Any, *, keep: Any, params: Any, exc
         if keep is None:
             raise GradselError(f"policy {pol.name!r} needs keep=: a fraction in (0, 1] or an integer count")
     k = resolve_budget(keep, total)
+    if pol.name == "random":
+        scores = random_scores(names, lays, seed)
+    else:
+        scores = _fisher_shards(model, data, names, lays, fisher, fisher_options)
+    largest = pol.name != "reverse"
+    if budget == "global":
+        masks = top_k(scores, lays, k, largest=largest, group=group)
+    else:  # each tensor its share of k (the one-process split), one sharded top-k per tensor
+        parts = split_budget([math.prod(lays[n].shape) for n in names], k)
+        masks = {}
+        for n, part in zip(names, parts):
+            masks.update(top_k({n: scores[n]}, {n: lays[n]}, part, largest=largest, group=group))
+    for n in always_names:
+        masks[n] = torch.ones(lays[n].local_shape, dtype=torch.bool)
+    sel = ShardedSelection(masks, layouts=lays, group=group, policy=pol.name, options=pol.options, candidates=names,
+                           always=always_names, budget=k, seed=seed, info={}, policy_object=pol)
+    got = sel.selected()
+    if got != k:
+        raise GradselError(f"internal: the sharded top-k selected {got} elements, the budget is {k}; please "
+                           "report this")
+    return sel
+
+
+def _fisher_shards(model: nn.Module, data: Any, names: list[str], lays: dict[str, Layout], fisher: Fisher | None,
+                   fisher_options: dict) -> dict[str, torch.Tensor]:
+    """This rank's rows of the Fisher of each candidate: estimated (sharded), or taken from ``fisher=``."""
+    from .fisher import fisher as estimate_fisher
+
     if fisher is None:
         if data is None:
             raise GradselError("this policy needs Fisher scores: pass data to select() or fisher=")
@@ -852,16 +886,47 @@ def select(model: nn.Module, data: Any, pol: Any, *, keep: Any, params: Any, exc
             raise GradselError(f"fisher= scores for {n!r} have shape {tuple(t.shape)}; the parameter is "
                                f"{lays[n].shape} (this rank's shard {lays[n].local_shape}): they belong to another "
                                "model")
-    masks = top_k(scores, lays, k, largest=pol.name == "fish", group=group)
-    for n in always_names:
-        masks[n] = torch.ones(lays[n].local_shape, dtype=torch.bool)
-    sel = ShardedSelection(masks, layouts=lays, group=group, policy=pol.name, options=pol.options, candidates=names,
-                           always=always_names, budget=k, seed=seed, info={}, policy_object=pol)
-    got = sel.selected()
-    if got != k:
-        raise GradselError(f"internal: the sharded top-k selected {got} elements, the budget is {k}; please "
-                           "report this")
-    return sel
+    return scores
+
+
+_M32 = 0xFFFFFFFF
+
+
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    """``x * c mod 2**32`` for int64 ``x`` < 2**32, without int64 overflow (c split into 16-bit halves)."""
+    return (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & _M32
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash (murmur3's finalizer) of int64 ``x`` < 2**32."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x85EBCA6B)
+    x = x ^ (x >> 13)
+    x = _mul32(x, 0xC2B2AE35)
+    return x ^ (x >> 16)
+
+
+def position_scores(positions: torch.Tensor, seed: int) -> torch.Tensor:
+    """Uniform pseudo-random float64 scores in [0, 2**53) of global element positions (int64 >= 0), a function
+    of ``(seed, position)`` alone: any rank computes the scores of its own elements, for any world size."""
+    s = _mix32(torch.tensor((int(seed) & _M32) ^ 0x243F6A88) ^ _mix32(torch.tensor(((int(seed) >> 32) & _M32) ^ 0x85A308D3)))
+    hi = _mix32((positions >> 32) ^ s)
+    h1 = _mix32((positions & _M32) ^ hi)
+    h2 = _mix32(h1 ^ 0x9E3779B9)
+    return (h1 * (1 << 21) + (h2 >> 11)).to(torch.float64)
+
+
+def random_scores(names: list[str], lays: dict[str, Layout], seed: int) -> dict[str, torch.Tensor]:
+    """This rank's shard of the ``random`` policy's scores under FSDP2: :func:`position_scores` of each element's
+    global position (parameter order, then flat index in the full tensor)."""
+    out, offset = {}, 0
+    for n in names:
+        lay = lays[n]
+        first = offset + lay.start * lay.row_numel
+        local = torch.arange(first, first + lay.rows * lay.row_numel, dtype=torch.int64)
+        out[n] = position_scores(local, seed).reshape(lay.local_shape)
+        offset += math.prod(lay.shape)
+    return out
 
 
 def shard_selection(selection: Selection, model: nn.Module) -> ShardedSelection:

@@ -7,6 +7,7 @@ the data.
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -135,12 +136,13 @@ def work_core(rank: int, world: int, out: Path) -> dict:
             ref = plain_top_k(full, k, largest=largest)
             res["topk"].append({"k": k, "largest": largest, "got": got,
                                 "want": {n: gf.local_rows(m, lays[n]) for n, m in ref.items()}})
+    res["per_tensor"] = {policy: gradsel.select(model, None, policy, keep=20, budget="per_tensor", fisher=f,
+                                                progress=False).masks for policy in ("fish", "reverse")}
+    res["random"] = {seed: gradsel.select(model, None, "random", keep=20, seed=seed, progress=False).masks
+                     for seed in (0, 3)}
     # bad inputs
-    try:
-        gradsel.select(model, _loader(ds), "random", keep=5, progress=False)
-        res["random_error"] = None
-    except gradsel.GradselError as exc:
-        res["random_error"] = str(exc)
+    res["row_error"] = _error(lambda: gradsel.select(model, None, "fish", keep=5, granularity="row", fisher=f,
+                                                     progress=False))
     try:
         gradsel.fisher(model, _loader(ds), progress=False, engine="vmap")
         res["vmap_error"] = None
@@ -417,6 +419,40 @@ def test_masks_equal_one_process_top_k(core_runs, policy, one_thread):
         assert all(run["fish"]["selected"] == 20 and run["fish"]["type"] == "ShardedSelection" for run in runs)
 
 
+@pytest.mark.parametrize("policy", ["fish", "reverse"])
+def test_per_tensor_masks_equal_one_process(core_runs, policy, one_thread):
+    runs, _ = core_runs
+    x, y = _data()
+    ref = gradsel.select(_mlp(), _loader(TensorDataset(x, y), distributed=False), policy, keep=20,
+                         budget="per_tensor", progress=False)
+    glob = gradsel.select(_mlp(), _loader(TensorDataset(x, y), distributed=False), policy, keep=20, progress=False)
+    assert sum(int(m.sum()) for m in ref.masks.values()) == 20
+    assert any(not torch.equal(ref.masks[n], glob.masks[n]) for n in ref.masks)  # not the global budget's masks
+    for run in runs:
+        lays = run["fisher"]["layouts"]
+        for n, m in ref.masks.items():
+            assert torch.equal(run["per_tensor"][policy][n], m[lays[n].start:lays[n].start + lays[n].rows]), n
+
+
+def test_random_masks_by_global_position(core_runs):
+    """FSDP2's random masks: the top 20 of position_scores over the full tensors' global positions (one process),
+    each rank holding its rows; other seeds, other masks."""
+    runs, _ = core_runs
+    shapes = {n: p.shape for n, p in _mlp().named_parameters()}
+    scores = gf.position_scores(torch.arange(sum(math.prod(s) for s in shapes.values())), 3)
+    full, offset = {}, 0
+    for n, shape in shapes.items():
+        full[n] = scores[offset:offset + math.prod(shape)].reshape(shape)
+        offset += math.prod(shape)
+    want = plain_top_k(full, 20)
+    for run in runs:
+        lays = run["fisher"]["layouts"]
+        for n, m in want.items():
+            assert torch.equal(run["random"][3][n], m[lays[n].start:lays[n].start + lays[n].rows]), n
+        assert any(not torch.equal(run["random"][0][n], run["random"][3][n]) for n in want)
+    assert sum(int(runs[r]["random"][3][n].sum()) for r in range(2) for n in want) == 20
+
+
 def test_sharded_top_k_ties_equal_plain_top_k(core_runs):
     runs, _ = core_runs
     for run in runs:
@@ -496,7 +532,7 @@ def test_sharded_delta_is_one_complete_file(core_runs, one_thread):
 def test_sharded_bad_inputs(core_runs):
     runs, _ = core_runs
     for run in runs:
-        assert "fish" in run["random_error"] and "not supported" in run["random_error"]
+        assert "granularity='row'" in run["row_error"] and "not supported" in run["row_error"]
         assert "engine='vmap'" in run["vmap_error"]
         assert "not sharded by fully_shard" in run["apply_error"]
         assert "'1.s'" in run["no_rule_error"] and "exclude=" in run["no_rule_error"]
