@@ -239,18 +239,21 @@ APPLY_STEPS = 25
 def _apply_optimizer(kind: str, params):
     if kind == "adamw":
         return torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1)
+    if kind == "adagrad":  # an optimizer the guard does not know: a transient copy of the partly selected shards
+        return torch.optim.Adagrad(params, lr=0.05, weight_decay=0.01)
     return torch.optim.SGD(params, lr=0.05, momentum=0.9, weight_decay=0.01)
 
 
 def _work_apply(rank: int, world: int, ds) -> dict:
-    """Selection.apply on the FSDP2 model with torch's AdamW (decoupled decay) and SGD (momentum, L2 decay)."""
+    """Selection.apply on the FSDP2 model with torch's AdamW (decoupled decay), SGD (momentum, L2 decay) and
+    Adagrad (L2 decay; unknown to the guard, so a transient copy)."""
     out = Path(os.environ["GRADSEL_TEST_OUT"])
     full_base = {k: v.clone() for k, v in _mlp(seed=2).state_dict().items()}
     model = _sharded_mlp(seed=2)
     first = gradsel.select(model, _loader(ds), "fish", keep=15, always="7.*", progress=False)
     full = first.gather()
     res = {}
-    for kind in ("adamw", "sgd"):
+    for kind in ("adamw", "sgd", "adagrad"):
         if kind != "adamw":
             model = _sharded_mlp(seed=2)
         sel = first if kind == "adamw" else gf.shard_selection(full, model)
@@ -268,7 +271,8 @@ def _work_apply(rank: int, world: int, ds) -> dict:
                     leaked = max(leaked, float(p.grad.to_local()[~sel.masks[n]].abs().sum()))
             opt.step()
             handle.step()
-        state = {n: sorted(opt.state[p]) for n, p in model.named_parameters() if opt.state.get(p)}
+        state = {n: float(st["step"]) if "step" in st else None  # SGD keeps no step count
+                 for n, p in model.named_parameters() if (st := opt.state.get(p))}
         res[kind] = {"start": start, "end_local": _local(model), "masks": dict(sel.masks),
                      "end": {n: p.full_tensor().detach().clone() for n, p in model.named_parameters()},
                      "requires_grad": requires, "leaked": leaked, "state": state, "share": handle.trainable_share}
@@ -543,10 +547,10 @@ def test_sharded_bad_inputs(core_runs):
     assert "rank 1 failed" in runs[0]["nan_error"] and "NaN" in runs[0]["nan_error"]  # the other, told why
 
 
-@pytest.mark.parametrize("kind", ["adamw", "sgd"])
+@pytest.mark.parametrize("kind", ["adamw", "sgd", "adagrad"])
 def test_apply_on_fsdp2_equals_one_process_masked_training(core_runs, kind, one_thread):
-    """Selection.apply on FSDP2 with torch's own optimizer: masked entries of every rank's shard bit for bit
-    fixed, no gradient left outside the mask after the reduce-scatter, unselected tensors frozen on every rank,
+    """Selection.apply on FSDP2 with torch's own optimizers (AdamW, SGD: the guard's math; Adagrad: its transient
+    copy): masked entries of every rank's shard bit for bit fixed, no gradient left outside the mask after the reduce-scatter, unselected tensors frozen on every rank,
     and the trajectory of one process under apply with the same global batches (float64, 25 steps)."""
     runs, out = core_runs
     x, y = _data()
@@ -566,7 +570,9 @@ def test_apply_on_fsdp2_equals_one_process_masked_training(core_runs, kind, one_
         got = run["apply"][kind]
         assert got["leaked"] == 0.0
         assert {n for n, r in got["requires_grad"].items() if not r} == frozen
-        assert not frozen & set(got["state"])  # no optimizer state for frozen tensors
+        # frozen tensors never stepped (Adagrad creates its state at construction, the others at the first step)
+        assert all(got["state"].get(n, 0) == 0 for n in frozen)
+        assert all(got["state"][n] in (APPLY_STEPS, None) for n in set(sel.masks) - frozen)
         assert got["share"] == handle.trainable_share  # over all ranks, not this rank's shard
         for n, p in model.named_parameters():
             lay = run["fisher"]["layouts"][n]
