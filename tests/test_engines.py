@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import gradsel
-from gradsel.fisher import estimate
+from gradsel.fisher import estimate, rules
 
 from . import models as M
 
@@ -512,40 +512,54 @@ class _ConvZoo(torch.nn.Module):
         return self.head(h.mean(2))
 
 
-@needs_hooks
-@pytest.mark.parametrize("route", ["matmul", "matmul_blocks", "kernel"])
-@pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
-def test_hooks_conv_routes_match_the_loop(route, channels_last, monkeypatch):
-    from gradsel.fisher.engines import hooks
-
+def _conv_zoo_on(route: str, channels_last: bool, monkeypatch):
+    """The conv zoo in float64 with every conv forced onto ``route``; ``seen`` records that the rule ran."""
     seen = []
-    pick = hooks._conv_route
-    monkeypatch.setattr(hooks, "_conv_route", lambda m, ds: (seen.append(route), route[:6])[1])
+    monkeypatch.setattr(rules, "_conv_route", lambda m, ds: (seen.append(route), route[:6])[1])
     if route == "matmul_blocks":  # a few output channels of every group at a time
-        monkeypatch.setattr(hooks, "CONV_BLOCK_BYTES", 600)
+        monkeypatch.setattr(rules, "CONV_BLOCK_BYTES", 600)
     torch.manual_seed(0)
     model = _ConvZoo(channels_last).double()
     x, y = _double(M.image_batch(n=5, size=12))
     mask = {n: torch.rand(p.shape, generator=torch.Generator().manual_seed(4)) > 0.5
             for n, p in model.named_parameters()}
-    est, fell = _hooks_fallback(model, (x, y), per_sample=mask, chunk_size=3)
-    ref = gradsel.fisher_loop(model, (x, y), per_sample=mask, progress=False)
-    assert fell == set() and seen and pick is not hooks._conv_route
+    return model, (x, y), mask, seen
+
+
+@needs_hooks
+@pytest.mark.parametrize("route", ["matmul", "matmul_blocks", "kernel"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
+def test_hooks_conv_routes_match_the_loop(route, channels_last, monkeypatch):
+    pick = rules._conv_route
+    model, batch, mask, seen = _conv_zoo_on(route, channels_last, monkeypatch)
+    est, fell = _hooks_fallback(model, batch, per_sample=mask, chunk_size=3)
+    ref = gradsel.fisher_loop(model, batch, per_sample=mask, progress=False)
+    assert fell == set() and seen and pick is not rules._conv_route
     _assert_matches(est, ref)
     assert (est.per_sample - ref.per_sample).abs().max() <= TOL * ref.per_sample.abs().max()
 
 
-@needs_hooks
+@pytest.mark.parametrize("route", ["matmul", "matmul_blocks", "kernel"])
+def test_vmap_engine_shares_the_conv_routes(route, monkeypatch):
+    """The vmap engine's conv rule is the same ConvWeightGrads: each route exact against the loop there too."""
+    model, batch, mask, seen = _conv_zoo_on(route, False, monkeypatch)
+    est = gradsel.fisher(model, batch, engine="vmap", per_sample=mask, chunk_size=3, progress=False)
+    ref = gradsel.fisher_loop(model, batch, per_sample=mask, progress=False)
+    assert seen  # the rule ran (for the convs called once), not vmap's own per-sample conv
+    _assert_matches(est, ref)
+    assert (est.per_sample - ref.per_sample).abs().max() <= TOL * ref.per_sample.abs().max()
+
+
 def test_hooks_conv_route_by_positions():
     from gradsel.fisher.engines import hooks
 
     conv = torch.nn.Conv2d(4, 4, 3)
     small = [torch.zeros(2, 4, 8, 8)]  # 64 positions a sample
-    assert hooks._conv_route(conv, small) == "matmul"
-    assert hooks._conv_route(conv, small + small) == "kernel"  # two calls: 128 positions a sample
-    assert hooks._conv_route(conv, [torch.zeros(2, 4, 32, 32)]) == "kernel"
-    assert hooks._conv_route(torch.nn.Conv2d(4, 4, 1, stride=2), [torch.zeros(2, 4, 32, 32)]) == "matmul"  # no unfold
-    assert hooks._conv_route(torch.nn.Conv2d(4, 4, 1, padding=1), [torch.zeros(2, 4, 32, 32)]) == "kernel"
+    assert rules._conv_route(conv, small) == "matmul"
+    assert rules._conv_route(conv, small + small) == "kernel"  # two calls: 128 positions a sample
+    assert rules._conv_route(conv, [torch.zeros(2, 4, 32, 32)]) == "kernel"
+    assert rules._conv_route(torch.nn.Conv2d(4, 4, 1, stride=2), [torch.zeros(2, 4, 32, 32)]) == "matmul"  # no unfold
+    assert rules._conv_route(torch.nn.Conv2d(4, 4, 1, padding=1), [torch.zeros(2, 4, 32, 32)]) == "kernel"
 
 
 @needs_hooks
