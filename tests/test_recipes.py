@@ -6,8 +6,10 @@ from __future__ import annotations
 import csv
 
 import pytest
+import yaml
 
 import gradsel
+from gradsel.errors import GradselError
 
 
 def _read(path):
@@ -21,7 +23,7 @@ def test_nlp_smoke_end_to_end(tmp_path):
     out = main(["--config", "smoke", "--out", str(tmp_path)])
     runs = _read(out / "runs.csv")
     methods = {r["method"] for r in runs}
-    expected = {"lora", "lora_fish", "lora_rand", "lora_rev", "lora_fish_25", "fish_mask", "full"}
+    expected = {"lora", "lora_fish", "lora_rand", "lora_rev", "lora_fish_25", "fish_mask", "fish_row", "jsdrift", "full"}
     if "ird" in gradsel.list_policies():
         expected.add("ird")
     assert methods == expected
@@ -32,6 +34,21 @@ def test_nlp_smoke_end_to_end(tmp_path):
         assert int(r["elements changed"]) <= int(r["trainable params"]), r["method"]
         assert 0.0 <= float(r["accuracy"]) <= 1.0
     by = {r["method"]: r for r in runs}
+    # the smoke config trains through the sparse path: the optimizer holds moments for exactly the elements
+    # that train (a dense AdamW would hold them for every requires_grad tensor, masked entries included)
+    for m in ("fish_mask", "fish_row", "ird", "lora_fish", "lora_rand", "lora_fish_25"):
+        if m in by:
+            assert by[m]["path"] == "sparse", m
+            assert int(by[m]["optimizer state elements"]) == int(by[m]["trainable params"]), m
+    # fish_row: same element budget as fish_mask, whole rows, and backward formed only the touched rows
+    assert by["fish_row"]["trainable params"] == by["fish_mask"]["trainable params"]
+    assert int(by["fish_row"]["row-sparse layers"]) > 0
+    assert 0 < int(by["fish_row"]["rows trained"]) < int(by["fish_row"]["rows"])
+    # jsdrift froze whole groups in four steps; what froze did not move afterwards (digest at the freeze)
+    js = by["jsdrift"]
+    assert int(js["groups frozen"]) >= 1 and float(js["final trainable share"]) < 1.0
+    assert float(js["mean trainable share"]) < 1.0 and float(js["signal share"]) > 0.0
+    assert int(js["optimizer state elements"]) < int(js["trainable params"])  # frozen tensors' moments released
     assert int(by["lora_fish"]["trainable params"]) == int(by["lora"]["trainable params"])  # equal budget
     assert int(by["lora_fish_25"]["trainable params"]) < int(by["lora"]["trainable params"])
     # shipped artifacts, measured on disk: a selection's sparse delta is far below a full checkpoint
@@ -42,6 +59,37 @@ def test_nlp_smoke_end_to_end(tmp_path):
                    "artifact MiB"):
         assert column in summary
     assert (out / "accuracy_vs_params.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def _smoke_variant(tmp_path, module, edit):
+    from recipes import common
+
+    _, cfg = common.load_config("smoke", module.CONFIGS)
+    edit(cfg)
+    path = tmp_path / "variant.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return str(path)
+
+
+def test_nlp_dense_path_keeps_the_published_behaviour(tmp_path):
+    """``training.path: dense`` (what the published tables ran): the Trainer's AdamW holds moments for every
+    element of the masked tensors, and the guard keeps the masked entries where they were."""
+    from recipes.nlp import run
+
+    config = _smoke_variant(tmp_path, run, lambda c: c["training"].update(path="dense"))
+    out = run.main(["--config", config, "--out", str(tmp_path / "out"), "--methods", "fish_mask"])
+    (r,) = _read(out / "runs.csv")
+    assert r["path"] == "dense" and r["masked unchanged"] == "True"
+    assert int(r["trainable params"]) == int(r["budget"])
+    assert int(r["optimizer state elements"]) > 10 * int(r["trainable params"])
+
+
+def test_nlp_unknown_training_path_is_refused(tmp_path):
+    from recipes.nlp import run
+
+    config = _smoke_variant(tmp_path, run, lambda c: c["training"].update(path="fast"))
+    with pytest.raises(GradselError, match="training.path='fast'"):
+        run.main(["--config", config, "--out", str(tmp_path / "out"), "--methods", "fish_mask"])
 
 
 def test_segmentation_smoke_end_to_end(tmp_path):
@@ -61,6 +109,12 @@ def test_segmentation_smoke_end_to_end(tmp_path):
     assert by["fish"]["trainable params"] == by["random"]["trainable params"] == by["reverse"]["trainable params"]
     assert int(by["fish"]["trainable params"]) < int(by["fish_large"]["trainable params"])
     assert float(by["jsdrift"]["final trainable share"]) < 1.0  # the smoke config makes it freeze something
+    # fish_row: fish's budget by whole output channels, sparse optimizer state, channel-sparse backward
+    assert by["fish_row"]["trainable params"] == by["fish"]["trainable params"]
+    assert int(by["fish_row"]["optimizer state elements"]) == int(by["fish_row"]["trainable params"])
+    assert int(by["fish_row"]["row-sparse layers"]) > 0
+    assert 0 < int(by["fish_row"]["rows trained"]) < int(by["fish_row"]["rows"])
+    assert int(by["fish"]["optimizer state elements"]) > int(by["fish"]["trainable params"])  # dense AdamW
     summary = (out / "summary.md").read_text()
     for column in ("in-domain IoU", "zero-shot IoU", "trainable share", "backward/step (s)", "peak MiB"):
         assert column in summary
@@ -68,7 +122,25 @@ def test_segmentation_smoke_end_to_end(tmp_path):
         assert (out / png).read_bytes()[:4] == b"\x89PNG", png
 
 
-@pytest.mark.parametrize("config", ["demo", "full"])
+def test_segmentation_jsdrift_fast_preset_from_config(tmp_path):
+    """``jsdrift: {preset: fast, ...}`` reaches the policy: the training-gradient signal (no probe time),
+    freezing from the input side, and something froze."""
+    from recipes.segmentation import run
+
+    def edit(c):
+        c["jsdrift"] = {"preset": "fast", "interval": 1, "window": 1, "patience": 1, "tol": 0.5}
+        c["training"]["steps"] = 5
+
+    out = run.main(["--config", _smoke_variant(tmp_path, run, edit), "--out", str(tmp_path / "out"),
+                    "--methods", "jsdrift"])
+    (r,) = _read(out / "runs.csv")
+    assert r["masked unchanged"] == "True"
+    assert int(r["groups frozen"]) >= 1 and float(r["final trainable share"]) < 1.0
+    assert r["freeze steps"].startswith("encoder.stage1@")  # network order: the input side first
+    assert float(r["fisher time (s)"]) < 1.0  # no probe set to build: the signal is the training gradients
+
+
+@pytest.mark.parametrize("config", ["demo", "full", "long"])
 def test_configs_parse_and_name_known_methods(config):
     from recipes import common
     from recipes.nlp import run as nlp
@@ -78,8 +150,15 @@ def test_configs_parse_and_name_known_methods(config):
     assert set(a["fish"]["methods"]) <= set(nlp.ALL_METHODS) and a["model"] == "minilm"
     _, b = common.load_config(config, seg.CONFIGS)
     assert set(b["methods"]) <= set(seg.ALL_METHODS)
-    if config == "full":
+    if config in ("full", "long"):
         assert len(a["seeds"]) >= 3 and len(b["seeds"]) >= 3
+    if config == "long":  # long enough for the controls to learn, trained the way that saves
+        tr = a["training"]
+        assert tr["path"] == "sparse"
+        assert (a["dataset"]["max_train"] // tr["batch_size"]) * tr["epochs"] >= 240
+        assert b["training"]["steps"] >= 400
+        assert {"fish_row", "jsdrift", "fish_mask", "full", "lora"} <= set(a["fish"]["methods"])
+        assert {"fish_row", "jsdrift", "fish", "random", "full", "decoder_only"} <= set(b["methods"])
 
 
 def test_quickstart_demo_end_to_end(tmp_path):

@@ -13,9 +13,15 @@ Methods (``methods`` in the config):
 - ``fish`` / ``fish_large``: FISH over the encoder at ``fish.keep`` / ``fish.keep_large`` of its elements,
   decoder and head trained in full;
 - ``fish_nowarm``: ``fish`` with the Fisher taken at initialisation (random decoder), no warm-up;
+- ``fish_row``: FISH over the encoder at ``fish.keep`` by whole output channels (``granularity="row"``),
+  trained through :func:`gradsel.rowsparse.row_sparse` (backward forms the weight gradient of the selected
+  channels only; grouped convolutions keep the dense one) with :class:`gradsel.optim.SparseAdamW`
+  (optimizer state for the selected elements only);
 - ``random`` / ``reverse``: the controls at ``fish.keep``;
 - ``ird``: IRD over the encoder at ``fish.keep``;
-- ``jsdrift``: progressive freezing of encoder stages and decoder blocks (head never frozen).
+- ``jsdrift``: progressive freezing of encoder stages and decoder blocks (head never frozen), with the
+  options of the config's ``jsdrift:`` (e.g. ``preset: fast``: the training gradients as the signal,
+  freezing from the input side; without a preset, jsdrift's defaults, as the published table ran).
 
 Warm-up (``fish.warmup_steps``): the decoder and head are new, so gradients reaching the encoder at
 initialisation are shaped by a random decoder. The recipe trains the decoder and head alone for that many
@@ -36,6 +42,7 @@ from torch import nn
 
 import gradsel
 from gradsel.errors import GradselError
+from gradsel.optim import state_bytes
 from gradsel.policies.jsdrift import JSDrift, plot_drift
 
 from .. import common
@@ -43,9 +50,10 @@ from .data import denormalize, loader, make_crack_sets, make_nuclei_tiles
 from .model import build_unet, encoder_groups, input_norm
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
-ALL_METHODS = ["full", "decoder_only", "fish", "fish_large", "fish_nowarm", "random", "reverse", "ird", "jsdrift"]
-STATIC = {"fish": "fish", "fish_large": "fish", "fish_nowarm": "fish", "random": "random", "reverse": "reverse",
-          "ird": "ird"}
+ALL_METHODS = ["full", "decoder_only", "fish", "fish_large", "fish_nowarm", "fish_row", "random", "reverse", "ird",
+               "jsdrift"]
+STATIC = {"fish": "fish", "fish_large": "fish", "fish_nowarm": "fish", "fish_row": "fish", "random": "random",
+          "reverse": "reverse", "ird": "ird"}
 SHOW = 3  # examples per split in the overlay figure
 
 
@@ -130,6 +138,8 @@ def run_one(cfg: dict, method: str, seed: int, out: str) -> dict:
             _warmup(model, probe, warm, tr["lr"], set(new_parts))
         keep = fi["keep_large"] if method == "fish_large" else fi["keep"]
         options = dict(fi.get("ird_options", {})) if method == "ird" else {}
+        if method == "fish_row":
+            options["granularity"] = "row"
         selection = gradsel.select(model, probe if method != "random" else None, STATIC[method], keep=keep,
                                    params=encoder, always=new_parts, num_samples=fi["num_samples"], seed=seed,
                                    progress=cfg.get("progress", True), **options)
@@ -148,10 +158,19 @@ def run_one(cfg: dict, method: str, seed: int, out: str) -> dict:
         raise GradselError(f"unknown method {method!r}: choose from {ALL_METHODS}")
 
     total = sum(p.numel() for p in model.parameters())
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=tr["lr"],
-                            weight_decay=tr.get("weight_decay", 0.01))
     steps = tr["steps"]
-    handle = selection.apply(model, opt) if selection is not None else None
+    rows = None
+    if method == "fish_row":  # sparse state, and the weight gradient of the selected channels only
+        from gradsel.optim import sparse_adamw
+        from gradsel.rowsparse import row_sparse
+
+        opt = sparse_adamw(selection, model, tr["lr"], weight_decay=tr.get("weight_decay", 0.01))
+        handle = None  # SparseAdamW never writes outside the masks: no guard needed
+        rows = row_sparse(model, selection)
+    else:
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=tr["lr"],
+                                weight_decay=tr.get("weight_decay", 0.01))
+        handle = selection.apply(model, opt) if selection is not None else None
     trainable = common.trainable_count(model, selection.masks if selection is not None else None)
     guard = common.MovementCheck(model, lambda: selection.masks if selection is not None else {})
     shares, backward, step_times = [], [], []
@@ -176,6 +195,8 @@ def run_one(cfg: dict, method: str, seed: int, out: str) -> dict:
     history = handle.controller.history if handle is not None and handle.controller is not None else None
     if handle is not None:
         handle.remove()
+    if rows is not None:
+        rows.remove()
     row = {"method": method, "seed": seed, "trainable params": trainable, "trainable share": trainable / total,
            "final trainable share": shares[-1], "mean trainable share": float(np.mean(shares)),
            "train time (s)": train_time, "step (s)": float(np.median(step_times)),
@@ -183,7 +204,17 @@ def run_one(cfg: dict, method: str, seed: int, out: str) -> dict:
            "backward first 10% (s)": float(np.median(backward[: max(1, steps // 10)])),
            "backward last 10% (s)": float(np.median(backward[-max(1, steps // 10):])),
            "peak train MiB": mem.mib, "fisher time (s)": fisher_time, "masked unchanged": guard.ok,
-           "elements changed": guard.changed}
+           "elements changed": guard.changed, "run time (s)": train_time + fisher_time,
+           "optimizer state MiB": state_bytes(opt) / 2**20,
+           "optimizer state elements": sum(s["exp_avg"].numel() for s in opt.state.values() if "exp_avg" in s)}
+    if rows is not None:
+        row.update({"row-sparse layers": len(rows.layers), "rows trained": sum(t for t, _ in rows.layers.values()),
+                    "rows": sum(r for _, r in rows.layers.values()), "dense layers (grouped)": len(rows.skipped)})
+    if history is not None:
+        row.update({"signal time (s)": float(history.get("signal_time", 0.0)),
+                    "signal share": float(history.get("signal_time", 0.0)) / train_time,
+                    "groups frozen": len(history["frozen"]),
+                    "freeze steps": " ".join(f"{g}@{s}" for g, s in history["frozen"].items())})
     preds = {}
     for split in ("val", "target"):
         if split in data:
@@ -208,10 +239,13 @@ COLUMNS = [
     ("zero-shot Dice", "", lambda r: common.pm(r.get("zero-shot Dice", float("nan")), r.get("zero-shot Dice std", float("nan")), 3)),
     ("final share", "", lambda r: round(r["final trainable share"], 4)),
     ("train time (s)", "", lambda r: round(r["train time (s)"], 1)),
+    ("step (s)", "", lambda r: round(r["step (s)"], 3)),
     ("backward/step (s)", "", lambda r: round(r["backward (s)"], 3)),
     ("backward last 10% (s)", "", lambda r: round(r["backward last 10% (s)"], 3)),
     ("peak MiB", "", lambda r: round(r["peak train MiB"], 1)),
     ("fisher time (s)", "", lambda r: round(r["fisher time (s)"], 1)),
+    ("optimizer state MiB", "", lambda r: round(r["optimizer state MiB"], 2)),
+    ("signal share", "", lambda r: round(r["signal share"], 4)),
     ("masked unchanged", "", lambda r: r["masked unchanged"]),
 ]
 
@@ -261,8 +295,11 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--config", default="demo", help="config name (smoke, demo, full) or YAML path")
     parser.add_argument("--out", default=None, help="output directory (default runs/segmentation/<config>)")
     parser.add_argument("--methods", nargs="*", default=None, help="run only these methods")
+    parser.add_argument("--steps", type=int, default=None, help="train every run for this many steps (sizing)")
+    parser.add_argument("--seeds", type=int, nargs="*", default=None, help="run only these seeds")
     args = parser.parse_args(argv)
     name, cfg = common.load_config(args.config, CONFIGS)
+    common.override(cfg, max_steps=args.steps, seeds=args.seeds, steps_key="steps")
     methods = args.methods or cfg["methods"]
     unknown = [m for m in methods if m not in ALL_METHODS]
     if unknown:
@@ -286,8 +323,10 @@ def main(argv: list[str] | None = None) -> Path:
     wall = time.perf_counter() - t0
     metrics = ["in-domain IoU", "in-domain Dice", "zero-shot IoU", "zero-shot Dice", "train time (s)", "step (s)",
                "backward (s)", "backward first 10% (s)", "backward last 10% (s)", "peak train MiB",
-               "fisher time (s)", "final trainable share", "mean trainable share"]
-    agg = common.aggregate(rows, [m for m in metrics if m in rows[0]], ["trainable params", "trainable share"])
+               "fisher time (s)", "final trainable share", "mean trainable share", "run time (s)",
+               "optimizer state MiB", "signal share"]
+    agg = common.aggregate(rows, [m for m in metrics if any(m in r for r in rows)],
+                           ["trainable params", "trainable share"])
     common.write_csv(agg, out / "summary.csv")
     cols = [c for c in COLUMNS if "zero-shot" not in c[0] or "zero-shot IoU" in rows[0]]
     md = common.summary_table(agg, cols, markdown=True)
