@@ -48,16 +48,24 @@ class _RowLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         x, weight = ctx.saved_tensors
+        rows = ctx.rows
+        g2 = grad.reshape(-1, grad.shape[-1])  # one copy at most (a transposed view's gradient), shared below
         gx = gw = gb = None
         if ctx.needs_input_grad[0]:
-            gx = grad.matmul(weight)
-        g2 = grad.reshape(-1, grad.shape[-1])
-        if ctx.needs_input_grad[1] and ctx.rows.numel():
-            part = g2.index_select(1, ctx.rows).t().matmul(x.reshape(-1, x.shape[-1]))
-            gw = grad.new_zeros(weight.shape).index_copy_(0, ctx.rows, part)
+            gx = g2.mm(weight).view(*grad.shape[:-1], weight.shape[1])
+        if ctx.needs_input_grad[1] and rows.numel():
+            part = _columns(g2, rows).t().mm(x.reshape(-1, x.shape[-1]))
+            gw = torch.zeros_like(weight).index_copy_(0, rows, part)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             gb = g2.sum(0)
         return gx, gw, gb, None
+
+
+def _columns(g: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """``g[:, rows]`` as a new contiguous tensor: ``gather`` (parallel) on several threads, else ``index_select``."""
+    if torch.get_num_threads() > 1:  # index_select along dim 1 runs on one thread; gather splits the rows
+        return torch.gather(g, 1, rows.expand(g.shape[0], rows.numel()))
+    return g.index_select(1, rows)
 
 
 class _RowConv(torch.autograd.Function):
@@ -82,10 +90,11 @@ class _RowConv(torch.autograd.Function):
                                                      1, [True, False, False])[0]
         if ctx.needs_input_grad[1] and ctx.rows.numel():
             rows = ctx.rows
-            part = torch.ops.aten.convolution_backward(grad.index_select(1, rows), x, weight.index_select(0, rows),
+            # the weight argument only gives the shape of the weight gradient: a view of the first rows, no copy
+            part = torch.ops.aten.convolution_backward(grad.index_select(1, rows), x, weight[: rows.numel()],
                                                        None, stride, padding, dilation, False, zeros, 1,
                                                        [False, True, False])[1]
-            gw = grad.new_zeros(weight.shape).index_copy_(0, rows, part)
+            gw = torch.zeros_like(weight).index_copy_(0, rows, part)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             gb = grad.sum([0] + list(range(2, grad.dim())))
         return gx, gw, gb, None, None, None, None
