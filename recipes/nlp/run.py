@@ -16,8 +16,10 @@ Methods (``fish.methods`` in the config):
   rows of the Linear weights with their bias entries), trained through :func:`gradsel.rowsparse.row_sparse`
   so that backward forms the weight gradient of the selected rows only;
 - ``ird``: IRD on the full model at ``fish.ird_keep`` (when the policy is registered);
-- ``jsdrift``: progressive freezing (``jsdrift:`` in the config, by default ``preset: fast``: the
-  training gradients as the signal, freezing from the input side); the head is never frozen;
+- ``jsdrift``: progressive freezing from full fine-tuning (its learning rate, ``training.lr.full``), with
+  the options of ``jsdrift:`` in the config (by default ``preset: fast``: the training gradients as the
+  signal, freezing from the input side); the head is never frozen. A tensor that froze whole is checked
+  (by a digest taken when it froze) not to move afterwards;
 - ``full``: full fine-tuning, the reference.
 
 ``training.path`` says how a selection trains: ``dense`` (the Trainer's AdamW over every parameter, the
