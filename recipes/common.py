@@ -95,6 +95,30 @@ def run_jobs(fn: Callable[..., dict], jobs: list[tuple], isolate: bool) -> list[
     return rows
 
 
+def run_all(fn: Callable[..., dict], jobs: list[tuple], isolate: bool, out: Path, describe: Callable[[dict], str],
+            resume: bool = False) -> list[dict]:
+    """Run every ``(method, seed, …)`` job through :func:`run_jobs`, one at a time, keeping each finished run
+    in ``out/jobs/<method>_seed<seed>.json`` and the table so far in ``out/runs.csv``. With ``resume`` a job
+    whose file exists is read back instead of run again (a long run stopped half-way goes on where it was).
+
+    Each job is ``(cfg, method, seed, *rest)``; ``describe(row)`` is the line printed after each run."""
+    done = out / "jobs"
+    done.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i, job in enumerate(jobs):
+        method, seed = job[1], job[2]
+        path = done / f"{method}_seed{seed}.json"
+        if resume and path.exists():
+            rows.append(json.loads(path.read_text()))
+            print(f"[{i + 1}/{len(jobs)}] {method} seed {seed}: kept from {path}", flush=True)
+        else:
+            rows += run_jobs(fn, [job], isolate)
+            dump_json(rows[-1], path)
+            print(f"[{i + 1}/{len(jobs)}] {describe(rows[-1])}", flush=True)
+        write_csv(rows, out / "runs.csv")
+    return rows
+
+
 def mean_std(values: list[float]) -> tuple[float, float]:
     values = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
     if not values:

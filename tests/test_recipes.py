@@ -140,6 +140,27 @@ def test_segmentation_jsdrift_fast_preset_from_config(tmp_path):
     assert float(r["fisher time (s)"]) < 1.0  # no probe set to build: the signal is the training gradients
 
 
+def test_segmentation_resume_keeps_finished_runs(tmp_path, capsys):
+    """``--resume`` reads finished runs back from out/jobs instead of training them again, and the table
+    holds them beside the new ones; train CPU time is recorded beside the wall time."""
+    from recipes.segmentation import run
+
+    def edit(c):
+        c["training"]["steps"] = 2
+
+    cfg = _smoke_variant(tmp_path, run, edit)
+    out = run.main(["--config", cfg, "--out", str(tmp_path / "out"), "--methods", "decoder_only"])
+    kept = (out / "jobs" / "decoder_only_seed0.json").read_text()
+    capsys.readouterr()
+    run.main(["--config", cfg, "--out", str(out), "--methods", "decoder_only", "full", "--resume"])
+    said = capsys.readouterr().out
+    assert "decoder_only seed 0: kept from" in said and "full seed 0: IoU" in said
+    assert (out / "jobs" / "decoder_only_seed0.json").read_text() == kept  # not trained again
+    runs = {r["method"]: r for r in _read(out / "runs.csv")}
+    assert set(runs) == {"decoder_only", "full"}
+    assert all(0 < float(r["train CPU (s)"]) for r in runs.values())
+
+
 @pytest.mark.parametrize("config", ["demo", "full", "long"])
 def test_configs_parse_and_name_known_methods(config):
     from recipes import common

@@ -225,12 +225,12 @@ def run_one(cfg: dict, method: str, seed: int) -> dict:
     steps = max(result["steps"], 1)
     row = {"method": method, "seed": seed, "accuracy": acc, "trainable params": trainable, "budget": budget,
            "artifact MiB": artifact / 2**20, "path": path if selection is not None else "dense",
-           "train time (s)": result["time"], "step (s)": result["time"] / steps,
+           "train time (s)": result["time"], "train CPU (s)": result["cpu"], "step (s)": result["time"] / steps,
            "peak train MiB": result["mib"], "fisher time (s)": fisher_time,
            "run time (s)": result["time"] + fisher_time, "steps": result["steps"],
            "masked unchanged": unchanged, "elements changed": changed,
            "policy": selection.policy if selection is not None else "", "task": task.name}
-    row.update({k: v for k, v in result.items() if k not in ("time", "mib", "steps")})
+    row.update({k: v for k, v in result.items() if k not in ("time", "cpu", "mib", "steps")})
     return row
 
 
@@ -329,15 +329,15 @@ def _fit(model, train, cfg, seed, lr, selection, path: str, row: bool = False) -
             rows = row_sparse(model, selection)
         try:
             with common.PeakRSS() as mem:
-                t0 = time.perf_counter()
+                t0, cpu0 = time.perf_counter(), time.process_time()
                 out_state = trainer.train()
-                elapsed = time.perf_counter() - t0
+                elapsed, cpu = time.perf_counter() - t0, time.process_time() - cpu0
         finally:
             if rows is not None:
                 rows.remove()
         opt = unwrap_optimizer(trainer.optimizer)
         state_elems = sum(s["exp_avg"].numel() for s in opt.state.values() if "exp_avg" in s)
-    result = {"time": elapsed, "mib": mem.mib, "steps": out_state.global_step,
+    result = {"time": elapsed, "cpu": cpu, "mib": mem.mib, "steps": out_state.global_step,
               "optimizer state elements": state_elems, "optimizer state MiB": state_bytes(opt) / 2**20,
               "grad MiB": probe.grad_bytes / 2**20,
               "final trainable share": probe.shares[-1] if probe.shares else float("nan"),
@@ -374,12 +374,13 @@ COLUMNS = [
     ("artifact MiB", "", lambda r: round(r["artifact MiB"], 3)),
     ("accuracy (mean ± std)", "", lambda r: common.pm(r["accuracy"], r["accuracy std"])),
     ("train time (s)", "", lambda r: round(r["train time (s)"], 1)),
+    ("train CPU (s)", "", lambda r: round(r.get("train CPU (s)", float("nan")), 1)),
     ("step (s)", "", lambda r: round(r["step (s)"], 3)),
     ("peak train MiB", "", lambda r: round(r["peak train MiB"], 1)),
     ("optimizer state MiB", "", lambda r: round(r["optimizer state MiB"], 2)),
     ("fisher time (s)", "", lambda r: round(r["fisher time (s)"], 1)),
     ("mean trainable share", "", lambda r: round(r["mean trainable share"], 4)),
-    ("signal share", "", lambda r: round(r["signal share"], 4)),
+    ("signal share", "", lambda r: round(r.get("signal share", 0.0), 4)),  # 0 where no run has a signal
     ("seeds", "", lambda r: r["seeds"]),
     ("masked unchanged", "", lambda r: r["masked unchanged"]),
 ]
@@ -392,6 +393,7 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--methods", nargs="*", default=None, help="run only these methods")
     parser.add_argument("--max-steps", type=int, default=None, help="stop every run after this many steps (sizing)")
     parser.add_argument("--seeds", type=int, nargs="*", default=None, help="run only these seeds")
+    parser.add_argument("--resume", action="store_true", help="keep the runs already in --out/jobs, run the rest")
     args = parser.parse_args(argv)
     name, cfg = common.load_config(args.config, CONFIGS)
     common.override(cfg, max_steps=args.max_steps, seeds=args.seeds)
@@ -407,15 +409,12 @@ def main(argv: list[str] | None = None) -> Path:
     print(_data(cfg).summary())
     jobs = [(cfg, m, s) for s in cfg["seeds"] for m in methods]
     t0 = time.perf_counter()
-    rows = []
-    for i, job in enumerate(jobs):  # isolated runs, one process each, results written as they come
-        rows += common.run_jobs(run_one, [job], cfg.get("isolate", True))
-        r = rows[-1]
-        print(f"[{i + 1}/{len(jobs)}] {r['method']} seed {r['seed']}: accuracy {r['accuracy']:.4f}, "
-              f"trainable {r['trainable params']:,}, {r['train time (s)']:.1f} s", flush=True)
-        common.write_csv(rows, out / "runs.csv")
+    # isolated runs, one process each, results written as they come
+    rows = common.run_all(run_one, jobs, cfg.get("isolate", True), out, resume=args.resume, describe=lambda r: (
+        f"{r['method']} seed {r['seed']}: accuracy {r['accuracy']:.4f}, trainable {r['trainable params']:,}, "
+        f"{r['train time (s)']:.1f} s"))
     wall = time.perf_counter() - t0
-    agg = common.aggregate(rows, ["accuracy", "train time (s)", "step (s)", "peak train MiB", "fisher time (s)",
+    agg = common.aggregate(rows, ["accuracy", "train time (s)", "train CPU (s)", "step (s)", "peak train MiB", "fisher time (s)",
                                   "artifact MiB", "optimizer state MiB", "grad MiB", "mean trainable share",
                                   "signal share", "run time (s)"],
                            ["trainable params", "budget", "path"])

@@ -176,7 +176,7 @@ def run_one(cfg: dict, method: str, seed: int, out: str) -> dict:
     shares, backward, step_times = [], [], []
     model.train()
     with common.PeakRSS() as mem:
-        t_start = time.perf_counter()
+        t_start, cpu_start = time.perf_counter(), time.process_time()
         for _, b in zip(range(steps), common.cycle(train)):
             guard.before_step()
             t0 = time.perf_counter()
@@ -191,7 +191,7 @@ def run_one(cfg: dict, method: str, seed: int, out: str) -> dict:
             step_times.append(time.perf_counter() - t0)
             guard.after_step()
             shares.append(common.trainable_count(model, selection.masks if selection is not None else None) / total)
-        train_time = time.perf_counter() - t_start
+        train_time, train_cpu = time.perf_counter() - t_start, time.process_time() - cpu_start
     history = handle.controller.history if handle is not None and handle.controller is not None else None
     if handle is not None:
         handle.remove()
@@ -199,7 +199,7 @@ def run_one(cfg: dict, method: str, seed: int, out: str) -> dict:
         rows.remove()
     row = {"method": method, "seed": seed, "trainable params": trainable, "trainable share": trainable / total,
            "final trainable share": shares[-1], "mean trainable share": float(np.mean(shares)),
-           "train time (s)": train_time, "step (s)": float(np.median(step_times)),
+           "train time (s)": train_time, "train CPU (s)": train_cpu, "step (s)": float(np.median(step_times)),
            "backward (s)": float(np.median(backward)),
            "backward first 10% (s)": float(np.median(backward[: max(1, steps // 10)])),
            "backward last 10% (s)": float(np.median(backward[-max(1, steps // 10):])),
@@ -239,13 +239,14 @@ COLUMNS = [
     ("zero-shot Dice", "", lambda r: common.pm(r.get("zero-shot Dice", float("nan")), r.get("zero-shot Dice std", float("nan")), 3)),
     ("final share", "", lambda r: round(r["final trainable share"], 4)),
     ("train time (s)", "", lambda r: round(r["train time (s)"], 1)),
+    ("train CPU (s)", "", lambda r: round(r.get("train CPU (s)", float("nan")), 1)),
     ("step (s)", "", lambda r: round(r["step (s)"], 3)),
     ("backward/step (s)", "", lambda r: round(r["backward (s)"], 3)),
     ("backward last 10% (s)", "", lambda r: round(r["backward last 10% (s)"], 3)),
     ("peak MiB", "", lambda r: round(r["peak train MiB"], 1)),
     ("fisher time (s)", "", lambda r: round(r["fisher time (s)"], 1)),
     ("optimizer state MiB", "", lambda r: round(r["optimizer state MiB"], 2)),
-    ("signal share", "", lambda r: round(r["signal share"], 4)),
+    ("signal share", "", lambda r: round(r.get("signal share", 0.0), 4)),  # 0 where no run has a signal
     ("masked unchanged", "", lambda r: r["masked unchanged"]),
 ]
 
@@ -297,6 +298,7 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--methods", nargs="*", default=None, help="run only these methods")
     parser.add_argument("--steps", type=int, default=None, help="train every run for this many steps (sizing)")
     parser.add_argument("--seeds", type=int, nargs="*", default=None, help="run only these seeds")
+    parser.add_argument("--resume", action="store_true", help="keep the runs already in --out/jobs, run the rest")
     args = parser.parse_args(argv)
     name, cfg = common.load_config(args.config, CONFIGS)
     common.override(cfg, max_steps=args.steps, seeds=args.seeds, steps_key="steps")
@@ -312,17 +314,14 @@ def main(argv: list[str] | None = None) -> Path:
     data = _data(cfg)  # renders and caches once, before the runs
     print({k: (v[0].shape, float(v[1].mean())) for k, v in data.items()})
     jobs = [(cfg, m, s, str(out)) for s in cfg["seeds"] for m in methods]
-    rows, t0 = [], time.perf_counter()
-    for i, job in enumerate(jobs):
-        rows += common.run_jobs(run_one, [job], cfg.get("isolate", True))
-        r = rows[-1]
-        print(f"[{i + 1}/{len(jobs)}] {r['method']} seed {r['seed']}: IoU {r['in-domain IoU']:.3f} "
-              f"zero-shot {r.get('zero-shot IoU', float('nan')):.3f}, share {r['trainable share']:.4f}, "
-              f"{r['train time (s)']:.1f} s", flush=True)
-        common.write_csv(rows, out / "runs.csv")
+    t0 = time.perf_counter()
+    rows = common.run_all(run_one, jobs, cfg.get("isolate", True), out, resume=args.resume, describe=lambda r: (
+        f"{r['method']} seed {r['seed']}: IoU {r['in-domain IoU']:.3f} "
+        f"zero-shot {r.get('zero-shot IoU', float('nan')):.3f}, share {r['trainable share']:.4f}, "
+        f"{r['train time (s)']:.1f} s"))
     wall = time.perf_counter() - t0
-    metrics = ["in-domain IoU", "in-domain Dice", "zero-shot IoU", "zero-shot Dice", "train time (s)", "step (s)",
-               "backward (s)", "backward first 10% (s)", "backward last 10% (s)", "peak train MiB",
+    metrics = ["in-domain IoU", "in-domain Dice", "zero-shot IoU", "zero-shot Dice", "train time (s)", "train CPU (s)",
+               "step (s)", "backward (s)", "backward first 10% (s)", "backward last 10% (s)", "peak train MiB",
                "fisher time (s)", "final trainable share", "mean trainable share", "run time (s)",
                "optimizer state MiB", "signal share"]
     agg = common.aggregate(rows, [m for m in metrics if any(m in r for r in rows)],
