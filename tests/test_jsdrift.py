@@ -456,21 +456,155 @@ def test_preset_fast_and_explicit_overrides():
 
 
 def test_preset_fast_freezes_a_prefix_when_the_drift_stops_falling():
-    _, _, handle, _, _ = _run(60, preset="fast", interval=5, warmup=0)
+    # TwoBranch's tensors are all below the preset's min_group (they would form one group): keep them apart
+    _, _, handle, _, _ = _run(90, preset="fast", interval=5, warmup=0, min_group=0)
     c = handle.controller
-    assert c.frozen and c.trainable_groups()  # froze something, and the floor kept the rest alive
+    assert len(c.frozen) >= 2 and c.trainable_groups()  # froze something, and the floor kept the rest alive
     order = c.network_order()
     assert order == FORWARD and set(order[: len(c.frozen)]) == set(c.frozen)
-    tol, patience = c.o["tol"], c.o["patience"]
+    tol, patience, interval = c.o["tol"], c.o["patience"], c.o["interval"]
     for name, step in c.frozen.items():  # each froze after `patience` measurements without a 5% fall
         series = [d for s, d in c.history["smoothed"][name] if s <= step]
         assert len(series) >= patience + 1
         assert all(b >= (1 - tol) * a for a, b in zip(series[-patience - 1:], series[-patience:]))
+    # recheck: one group a measurement at most, and the next only after `patience` fresh stable measurements
+    steps = [c.frozen[n] for n in order[: len(c.frozen)]]
+    assert all(b - a >= patience * interval for a, b in zip(steps, steps[1:]))
+    for prev, name in zip(order, order[1: len(c.frozen)]):  # stable at each measurement since prev froze
+        series = dict((s, d) for s, d in c.history["smoothed"][name])
+        seen = [s for s in series if c.frozen[prev] < s <= c.frozen[name]]
+        assert len(seen) >= patience
     handle.remove()
 
 
-@pytest.mark.parametrize("options", [dict(preset="fast", interval=5), dict(order="network", source="train",
-                                                                           window=2, threshold=0.3)])
+def test_without_recheck_a_stable_prefix_freezes_at_one_measurement():
+    _, _, once, _, _ = _run(90, preset="fast", interval=5, warmup=0, min_group=0, recheck=False)
+    _, _, paced, _, _ = _run(90, preset="fast", interval=5, warmup=0, min_group=0)
+    steps = sorted(once.controller.frozen.values())
+    assert len(steps) >= 2 and len(set(steps)) < len(steps)  # several groups at one measurement
+    assert len(set(paced.controller.frozen.values())) == len(paced.controller.frozen)
+    assert min(steps) == min(paced.controller.frozen.values())  # the first freeze is the same
+    once.remove()
+    paced.remove()
+
+
+def test_min_group_merges_small_groups_into_their_neighbour():
+    shapes = {"stem.conv.weight": (64, 3, 7, 7), "stem.bn.weight": (64,), "stem.bn.bias": (64,),
+              "layer.0.w": (64, 64), "layer.1.w": (64, 64), "head.w": (2, 64), "head.b": (2,)}
+    plain = build_groups(list(shapes), shapes, "tensor")
+    merged = build_groups(list(shapes), shapes, "tensor", min_size=1024)
+    assert [g.name for g in merged] == ["stem.conv.weight", "layer.0.w", "layer.1.w"]
+    assert [n for n, _ in merged[0].parts] == ["stem.conv.weight", "stem.bn.weight", "stem.bn.bias"]
+    assert [n for n, _ in merged[-1].parts] == ["layer.1.w", "head.w", "head.b"]  # the small head joins its predecessor
+    assert sum(g.numel(shapes) for g in merged) == sum(g.numel(shapes) for g in plain)
+    first_small = {"bn.weight": (8,), "conv.weight": (64, 64)}
+    assert [(g.name, [n for n, _ in g.parts]) for g in build_groups(list(first_small), first_small, "auto", min_size=100)] \
+        == [("conv", ["bn.weight", "conv.weight"])]  # nothing before it: it joins the next
+    user = {"x": ["stem.bn.*"]}
+    assert [g.name for g in build_groups(list(shapes), shapes, user, min_size=1024)][0] == "x"  # a dict's groups stay
+    with pytest.raises(GradselError, match="min_group"):
+        build_groups(list(shapes), shapes, "auto", min_size=-1)
+
+
+# -- sample= ------------------------------------------------------------------------------------------------
+
+def test_sample_positions_are_a_fixed_uniform_subset_of_each_group():
+    from gradsel.policies.jsdrift import sample_positions
+
+    shapes = {"w": (40, 30), "b": (40,), "v": (5, 3)}
+    groups = build_groups(["w", "b"], shapes, {"big": ["w", "b"]}) + \
+        build_groups(["v"], shapes, "tensor", blocks=2)
+    index, parts = sample_positions(groups, shapes, 64, seed=0)
+    again, _ = sample_positions(groups, shapes, 64, seed=0)
+    other, _ = sample_positions(groups, shapes, 64, seed=1)
+    assert all(torch.equal(index[n], again[n]) for n in index)  # fixed: the same in every process / on resume
+    assert not torch.equal(index["w"], other["w"])
+    # the big group: at most 64 distinct elements, spread over both tensors, each a valid flat index
+    picked = [(n, int(i)) for n, pos in parts["big"] for i in index[n][pos]]
+    assert len(picked) == 64 and len(set(picked)) == len(picked)
+    assert all(0 <= i < math.prod(shapes[n]) for n, i in picked)
+    # small groups (row blocks of v) keep every element, each block its own rows
+    rows = {g.name: sorted(int(i) for n, pos in parts[g.name] for i in index[n][pos]) for g in groups[1:]}
+    assert rows == {"v[0/2]": list(range(0, 6)), "v[1/2]": list(range(6, 15))}
+    # uniform over the group's elements: over many seeds, w (1200 of 1240 elements) gets about 1200/1240
+    counts = [sum(len(pos) for n, pos in sample_positions(groups, shapes, 64, seed=s)[1]["big"] if n == "w")
+              for s in range(40)]
+    totals = [sum(len(pos) for _, pos in sample_positions(groups, shapes, 64, seed=s)[1]["big"]) for s in range(40)]
+    assert sum(counts) / sum(totals) == pytest.approx(1200 / 1240, abs=0.02)
+
+
+def test_sampled_probe_signal_is_the_exact_distribution_restricted_to_the_sample():
+    from gradsel.policies.jsdrift import _normalise
+
+    torch.manual_seed(0)
+    model = TwoBranch().double()
+    probe = [tuple(t.double() if t.is_floating_point() else t for t in _data(64, torch.Generator().manual_seed(100)))]
+    sel = gradsel.select(model, probe, "jsdrift", progress=False, sample=20, probe_samples=64)
+    handle = sel.apply(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    c = handle.controller
+    exact = gradsel.fisher(model, probe, progress=False)
+    for g in c.groups:
+        want = torch.cat([exact[n].reshape(-1)[c._index[n][pos]] for n, pos in c._parts[g.name]])
+        assert c.prev[g.name].numel() == min(20, g.numel(c.shapes))
+        torch.testing.assert_close(c.prev[g.name].double(), _normalise(want), rtol=1e-6, atol=1e-9)
+    handle.remove()
+
+
+def test_sampled_training_buffers_hold_the_squares_of_the_sampled_gradients():
+    torch.manual_seed(0)
+    model = TwoBranch()
+    sel = gradsel.select(model, [_data(8, torch.Generator())], "jsdrift", progress=False, source="train",
+                         interval=5, sample=16)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    handle = sel.apply(model, opt)
+    c = handle.controller
+    want = {n: torch.zeros(c._index[n].numel(), dtype=torch.float64) for n in c._index}
+    g = torch.Generator().manual_seed(3)
+    for _ in range(4):
+        x, y = _data(32, g)
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        for n, p in model.named_parameters():
+            want[n] += p.grad.double().reshape(-1)[c._index[n]] ** 2
+        opt.step()
+        handle.step()
+    assert c._buffers["b1.weight"].numel() <= 16 < model.b1.weight.numel()  # only the sample is kept
+    for n, b in c._buffers.items():
+        torch.testing.assert_close(b.double(), want[n], rtol=1e-5, atol=1e-12)
+    handle.remove()
+
+
+@pytest.mark.parametrize("sample", ["all", 12])
+def test_sampled_signal_makes_the_exact_signals_freeze_decisions(sample):
+    # the constant-input branch cannot drift whatever elements are measured; the learning branch drifts in any
+    # sample of its elements: the same groups freeze, at the same step, as with every element
+    _, _, handle, _, _ = _run(80, blocks=2, sample=sample)
+    _, _, exact, _, _ = _run(80, blocks=2)
+    frozen = handle.controller.frozen
+    assert {"a.weight[0/2]", "a.weight[1/2]", "a.bias[0/2]", "mix.weight[0/2]"} <= set(frozen)
+    for active in ("b1.weight[0/2]", "b1.weight[1/2]", "b2.weight[0/2]", "mix.weight[1/2]"):
+        assert active not in frozen
+    stable = {"a.weight[0/2]", "a.weight[1/2]", "mix.weight[0/2]"}
+    assert {n: frozen[n] for n in stable} == {n: exact.controller.frozen[n] for n in stable}
+    if sample != "all":
+        assert handle.controller.prev and max(v.numel() for v in handle.controller.prev.values()) <= 12
+    handle.remove()
+    exact.remove()
+
+
+def test_a_checkpoint_with_other_sample_options_is_refused():
+    _, _, a, _, _ = _run(3, source="train", sample=8)
+    state = a.state_dict()
+    a.remove()
+    _, _, b, _, _ = _run(0, source="train", sample=12)
+    with pytest.raises(GradselError, match="sample="):
+        b.load_state_dict(state)
+    b.remove()
+
+
+@pytest.mark.parametrize("options", [dict(preset="fast", interval=5, min_group=0), dict(order="network", source="train",
+                                                                           window=2, threshold=0.3),
+                                     dict(preset="fast", interval=5, min_group=0, sample=10, patience=1)])
 def test_resume_reproduces_the_run_with_network_order_and_training_gradients(options):
     full_model, _, full, _, _ = _run(60, **options)
     model, opt, handle, g, _ = _run(23, **options)
@@ -487,7 +621,9 @@ def test_resume_reproduces_the_run_with_network_order_and_training_gradients(opt
 
 @pytest.mark.parametrize("options, match", [(dict(preset="slow"), "preset="), (dict(order="backward"), "order="),
                                             (dict(rule="median"), "rule="), (dict(tol=1.5), "tol must"),
-                                            (dict(window=0), "window must")])
+                                            (dict(window=0), "window must"), (dict(sample=1), "sample must"),
+                                            (dict(sample="some"), "sample must"), (dict(recheck=1), "recheck must"),
+                                            (dict(min_group=-3), "min_group")])
 def test_bad_new_options(options, match):
     with pytest.raises(GradselError, match=match):
         gradsel.select(TwoBranch(), [_data(8, torch.Generator())], "jsdrift", progress=False, **options)

@@ -39,6 +39,7 @@ import math
 import re
 import time
 import warnings
+import zlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -109,6 +110,50 @@ class Group:
     def tensors(self) -> list[str]:
         return sorted({n for n, _ in self.parts})
 
+    def flat_ranges(self, shapes: dict[str, tuple]) -> list[tuple[str, int, int]]:
+        """``(tensor, first flat index, end)`` per part, in the order :meth:`gather` concatenates them."""
+        out = []
+        for n, rows in self.parts:
+            shape = shapes[n]
+            per_row = math.prod(shape[1:]) if len(shape) > 1 else 1
+            out.append((n, 0, math.prod(shape)) if rows is None else (n, rows[0] * per_row, rows[1] * per_row))
+        return out
+
+
+def sample_positions(groups: list[Group], shapes: dict[str, tuple], sample: int, seed: int = 0
+                     ) -> tuple[dict[str, torch.Tensor], dict[str, list[tuple[str, torch.Tensor]]]]:
+    """A fixed random subset of at most ``sample`` elements per group (all of a smaller group's).
+
+    Returns ``(index, parts)``: ``index[tensor]`` the sorted flat indices kept of each tensor (the union over
+    its groups), and ``parts[group]`` a list of ``(tensor, positions into index[tensor])`` in the group's
+    element order. The subset is drawn uniformly (exactly ``sample`` distinct elements from a group of at most
+    ``16 * sample``; from a larger one, ``sample`` draws with replacement, repeats dropped) from a generator
+    seeded by ``seed`` and the group's name, so it is the same on every rank, in every process and on resume.
+    """
+    per_tensor: dict[str, list[torch.Tensor]] = {}
+    chosen: dict[str, list[tuple[str, torch.Tensor]]] = {}
+    for g in groups:
+        ranges = g.flat_ranges(shapes)
+        total = sum(e - b for _, b, e in ranges)
+        if total <= sample:
+            picks = torch.arange(total)
+        else:
+            gen = torch.Generator().manual_seed((zlib.crc32(g.name.encode()) + 1_000_003 * int(seed)) % 2 ** 63)
+            if total <= 16 * sample:  # exactly `sample` distinct elements
+                picks = torch.randperm(total, generator=gen)[:sample].sort().values
+            else:  # without a permutation of a huge group: draws with replacement, repeats (< 4%) dropped
+                picks = torch.randint(0, total, (sample,), generator=gen).unique()  # sorted
+        offset, kept = 0, []
+        for n, b, e in ranges:
+            local = picks[(picks >= offset) & (picks < offset + e - b)] - offset + b
+            offset += e - b
+            per_tensor.setdefault(n, []).append(local)
+            kept.append((n, local))
+        chosen[g.name] = kept
+    index = {n: torch.cat(v).sort().values for n, v in per_tensor.items()}
+    parts = {name: [(n, torch.searchsorted(index[n], local)) for n, local in kept] for name, kept in chosen.items()}
+    return index, parts
+
 
 _INDEX = re.compile(r"^\d+$")
 
@@ -123,8 +168,17 @@ def _auto_key(name: str) -> str:
 
 
 def build_groups(candidates: list[str], shapes: dict[str, tuple], groups: Any = "tensor",
-                 blocks: int = 1) -> list[Group]:
-    """The groups for ``groups=`` / ``blocks=`` over ``candidates`` (every candidate in exactly one group)."""
+                 blocks: int = 1, min_size: int = 0) -> list[Group]:
+    """The groups for ``groups=`` / ``blocks=`` over ``candidates`` (every candidate in exactly one group).
+
+    With ``min_size`` > 0 (``"tensor"`` and ``"auto"`` only; a dict's groups are the user's), a group of fewer
+    elements joins the group before it in model order (the first one joins the next), keeping that group's
+    name: a BatchNorm beside its conv, a small head with the block before it.
+    """
+    if not isinstance(min_size, int) or isinstance(min_size, bool) or min_size < 0:
+        raise GradselError(f"min_group must be a non-negative int (elements), got {min_size!r}")
+    if min_size and not isinstance(groups, dict):
+        return _merge_small(build_groups(candidates, shapes, groups, blocks), shapes, min_size)
     if blocks < 1:
         raise GradselError(f"blocks must be a positive integer, got {blocks}")
     if isinstance(groups, dict):
@@ -160,6 +214,24 @@ def build_groups(candidates: list[str], shapes: dict[str, tuple], groups: Any = 
     return out
 
 
+def _merge_small(groups: list[Group], shapes: dict[str, tuple], min_size: int) -> list[Group]:
+    out: list[Group] = []
+    carry: list = []
+    for g in groups:
+        parts = carry + g.parts
+        if Group(g.name, parts).numel(shapes) < min_size:
+            if out:
+                out[-1] = Group(out[-1].name, out[-1].parts + parts)
+            else:
+                carry = parts  # nothing before it: it joins the next group
+            continue
+        carry = []
+        out.append(Group(g.name, parts))
+    if carry:  # everything was small
+        out.append(Group(groups[0].name, carry))
+    return out
+
+
 def _take_probe(data: Any, num: int, reader: BatchReader) -> list:
     """The first ``num`` samples of ``data`` as a fixed list of batches."""
     out, have = [], 0
@@ -178,17 +250,25 @@ def _take_probe(data: Any, num: int, reader: BatchReader) -> list:
     return out
 
 
+#: elements per group that ``preset="fast"`` measures (``sample=``)
+SAMPLE = 4096
+
+#: groups smaller than this join a neighbour under ``preset="fast"`` (``min_group=``)
+MIN_GROUP = 1024
+
 #: the options' values when neither the call nor a preset sets them
 DEFAULTS: dict[str, Any] = dict(interval=10, source="probe", probe_samples=32, groups="tensor", blocks=1,
                                 smoothing=0.5, rule="threshold", threshold=0.05, lam=-1.0, tol=0.05, patience=2,
-                                warmup=0, floor=1, order="any", window=None)
+                                warmup=0, floor=1, order="any", window=None, sample="all",
+                                min_group=0, recheck=False)
 
 #: named option sets; options given explicitly override the preset's
 PRESETS: dict[str, dict[str, Any]] = {
     # cheap signal (squared training gradients of the last 3 steps before each measurement), freezing
     # from the input side, a group freezing once its smoothed drift stops falling by 5% a measurement
     "fast": dict(source="train", window=3, order="network", rule="plateau", tol=0.05, groups="auto",
-                 interval=10, patience=2, smoothing=0.5),
+                 interval=10, patience=2, smoothing=0.5, sample=SAMPLE, min_group=MIN_GROUP,
+                 recheck=True),
 }
 
 
@@ -205,10 +285,16 @@ class JSDrift(Policy):
         source: ``"probe"`` (per-sample Fisher on a fixed probe set) or ``"train"`` (training gradients).
         window: with ``source="train"``, how many of the ``interval`` steps before each measurement have
             their gradients squared (default: all of them); fewer costs proportionally less.
+        sample: ``"all"`` (every element, exact) or how many elements per group are measured: a fixed random
+            subset, the same at every measurement and on every rank; the drift is then the JS distance of
+            the group's Fisher distribution restricted to those elements (``docs/jsdrift.md``).
         probe: batches for the probe set (default: the data given to ``select``).
         probe_samples: how many probe samples to keep.
         groups: ``"tensor"``, ``"auto"`` or a dict group name → list of names / prefixes / globs.
         blocks: split each tensor into this many row blocks (with ``groups="tensor"``).
+        min_group: with ``groups="tensor"`` or ``"auto"``, a group of fewer elements joins the group before it
+            in model order (0, the default: no merging). A tiny group's drift is noise-dominated and, under
+            ``order="network"``, would hold up every group after it.
         smoothing: weight of the newest distance in the exponential smoothing (1 = no smoothing).
         rule: ``"threshold"``, ``"relative"`` or ``"plateau"``.
         threshold: drift below which a group counts as stable (``rule="threshold"``).
@@ -222,6 +308,9 @@ class JSDrift(Policy):
             group, ``1.0`` everything). ``0`` lets every group freeze (a warning then says so).
         order: ``"any"`` (a stable group freezes whatever its place) or ``"network"`` (only once every
             group before it in forward order froze: the frozen part is a prefix and backward stops early).
+        recheck: after a freeze, every group still trainable must again be stable for ``patience``
+            measurements before it may freeze (its gradients changed when the groups before it stopped
+            training), so a prefix grows by one step of groups per ``patience`` measurements.
     """
 
     progressive = True
@@ -232,12 +321,14 @@ class JSDrift(Policy):
                  smoothing: float | None = None, rule: str | None = None, threshold: float | None = None,
                  lam: float | None = None, patience: int | None = None, warmup: int | None = None,
                  floor: int | float | None = None, order: str | None = None, tol: float | None = None,
-                 window: int | None = None, preset: str | None = None):
+                 window: int | None = None, preset: str | None = None, sample: int | str | None = None,
+                 min_group: int | None = None, recheck: bool | None = None):
         if preset is not None and preset not in PRESETS:
             raise GradselError(f"preset={preset!r} is not known: use one of {sorted(PRESETS)} or leave it out")
         given = dict(interval=interval, source=source, probe_samples=probe_samples, groups=groups, blocks=blocks,
                      smoothing=smoothing, rule=rule, threshold=threshold, lam=lam, patience=patience,
-                     warmup=warmup, floor=floor, order=order, tol=tol, window=window)
+                     warmup=warmup, floor=floor, order=order, tol=tol, window=window, sample=sample,
+                     min_group=min_group, recheck=recheck)
         o = dict(DEFAULTS)
         o.update(PRESETS.get(preset, {}))
         o.update({k: v for k, v in given.items() if v is not None})
@@ -256,11 +347,17 @@ class JSDrift(Policy):
             raise GradselError(f"window must be a positive integer (steps squared before each measurement), got "
                                f"{o['window']!r}")
         o["window"] = min(o["window"], o["interval"])
+        if o["sample"] != "all" and (isinstance(o["sample"], bool) or not isinstance(o["sample"], int)
+                                     or o["sample"] < 2):
+            raise GradselError(f"sample must be 'all' (measure every element) or an int >= 2 (elements measured per "
+                               f"group), got {o['sample']!r}")
         if not 0.0 < o["smoothing"] <= 1.0:
             raise GradselError(f"smoothing must be in (0, 1], got {o['smoothing']}")
         if not 0.0 <= o["tol"] < 1.0:
             raise GradselError(f"tol must be in [0, 1) (the smoothed drift's relative fall that counts as still "
                                f"improving), got {o['tol']}")
+        if not isinstance(o["recheck"], bool):
+            raise GradselError(f"recheck must be True or False, got {o['recheck']!r}")
         _check_floor(o["floor"])
         super().__init__(**o, **({"preset": preset} if preset is not None else {}))
         self.probe = probe
@@ -270,7 +367,8 @@ class JSDrift(Policy):
         if ctx.k != ctx.total:
             raise GradselError("jsdrift starts with every candidate trainable and freezes groups during training: "
                                "leave keep= out (or 1.0) and set floor= for the least trainable share")
-        groups = build_groups(ctx.candidates, ctx.shapes, self.options["groups"], self.options["blocks"])
+        groups = build_groups(ctx.candidates, ctx.shapes, self.options["groups"], self.options["blocks"],
+                              self.options.get("min_group", 0))
         _check_floor(self.options["floor"], len(groups))
         opts = dict(ctx.fisher_options)
         self.fisher_options = {k: opts.get(k) for k in ("loss", "forward", "chunk_size", "kind", "seed")}
@@ -321,7 +419,8 @@ class DriftController:
         self.model = model
         self.handle = handle
         self.shapes = {n: tuple(selection.shapes[n]) for n in selection.candidates}
-        self.groups = build_groups(selection.candidates, self.shapes, self.o["groups"], self.o["blocks"])
+        self.groups = build_groups(selection.candidates, self.shapes, self.o["groups"], self.o["blocks"],
+                                   self.o.get("min_group", 0))
         self.sizes = {g.name: g.numel(self.shapes) for g in self.groups}
         self.total = sum(self.sizes.values())
         self.step_count = 0
@@ -343,6 +442,12 @@ class DriftController:
         if self.o.get("order", "any") == "network":
             self._record_order()
         self._adopt_frozen()
+        # sample=k: the flat indices measured per tensor and, per group, its positions among them (None: all)
+        self._index: dict[str, torch.Tensor] | None = None
+        self._parts: dict[str, list[tuple[str, torch.Tensor]]] = {}
+        if self.o.get("sample", "all") != "all":
+            self._index, self._parts = sample_positions(self.groups, self.shapes, self.o["sample"],
+                                                        policy.fisher_options.get("seed") or 0)
         self._buffers: dict[str, torch.Tensor] = {}
         self._hooks: dict[str, Any] = {}
         self._counted = 0  # training steps squared into the buffers since the last measurement
@@ -436,17 +541,22 @@ class DriftController:
         return (step - 1) % interval >= interval - window
 
     def _attach_train_hooks(self) -> None:
-        """Sum the squared (masked) training gradients of every active tensor between measurements."""
+        """Sum the squared (masked) training gradients of every active tensor between measurements (with
+        ``sample=``, of its sampled elements only, into a buffer of their size)."""
         params = dict(self.model.named_parameters())
         for name in sorted({n for g in self._active() for n in g.tensors()} - set(self._hooks)):
-            self._buffers[name] = torch.zeros_like(params[name], dtype=torch.float32)
+            index = None if self._index is None else self._index[name].to(params[name].device)
+            self._buffers[name] = (torch.zeros_like(params[name], dtype=torch.float32) if index is None else
+                                   torch.zeros(index.numel(), dtype=torch.float32, device=params[name].device))
 
-            def add(q, name=name):
+            def add(q, name=name, index=index, buf=self._buffers[name]):
                 if q.grad is not None and self._collect:
                     t0 = time.perf_counter()
                     g = q.grad.detach()
+                    if index is not None:
+                        g = torch.take(g, index)  # logical (row-major) flat order whatever the memory layout
                     g = g if g.dtype == torch.float32 else g.float()
-                    self._buffers[name].addcmul_(g, g)
+                    buf.addcmul_(g, g)
                     self._hook_time += time.perf_counter() - t0
                     self._counted_tensors.add(name)
 
@@ -467,7 +577,15 @@ class DriftController:
         t0 = time.perf_counter()
         out = dict(fisher(self.model, self.policy.probe, params=names, progress=False, **opts))
         self.history["probe_time"] = self.history.get("probe_time", 0.0) + time.perf_counter() - t0
+        if self._index is not None:
+            out = {n: torch.take(out[n], self._index[n].to(out[n].device)) for n in names}
         return out  # under a process group gradsel.fisher already reduced the ranks' sums and counts
+
+    def _gather(self, g: Group, scores: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The group's (sampled) scores as one vector, in a fixed element order."""
+        if self._index is None:
+            return g.gather(scores)
+        return torch.cat([scores[n][pos.to(scores[n].device)] for n, pos in self._parts[g.name]])
 
     def _measure(self) -> dict | None:
         active = self._active()
@@ -477,7 +595,7 @@ class DriftController:
         scores = self._scores()
         record = {}
         for g in active:
-            dist = _normalise(g.gather(scores)).float()
+            dist = _normalise(self._gather(g, scores)).float()
             if g.name in self.prev:
                 d = js_distance(self.prev[g.name], dist)
                 a = self.o["smoothing"]
@@ -538,6 +656,8 @@ class DriftController:
                     to_freeze.append(name)
                 if any(n not in to_freeze for n in tiers[t]):
                     break
+                if to_freeze and self.o.get("recheck", False):
+                    break  # the next tier is judged again once this one stopped training
         else:
             order = sorted((d, i, name) for i, (name, d) in enumerate(drifts.items()) if name in ready)
             for _, _, name in order:  # most stable first: the floor keeps the groups that drift most
@@ -547,6 +667,9 @@ class DriftController:
                 count -= 1
                 to_freeze.append(name)
         if to_freeze:
+            if self.o.get("recheck", False):
+                for g in active:  # the rest measured a regime that just ended: they must settle again
+                    self.stable[g.name] = 0
             return self._freeze(to_freeze)
         return None
 
@@ -677,6 +800,11 @@ class DriftController:
             self._attach_train_hooks()
             for n, b in state["buffers"].items():
                 if n in self._buffers:
+                    if tuple(b.shape) != tuple(self._buffers[n].shape):
+                        raise GradselError(f"jsdrift checkpoint: the saved gradient buffer of {n!r} has shape "
+                                           f"{tuple(b.shape)}, this controller's {tuple(self._buffers[n].shape)}: "
+                                           "the checkpoint was written with other sample= or groups= options; "
+                                           "resume with the options it was written with")
                     self._buffers[n].copy_(b)
 
 
