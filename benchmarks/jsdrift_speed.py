@@ -204,19 +204,27 @@ def _accuracy(model, batches, label):
     return right / total
 
 
-E2E_METHODS = {"full": None, "jsdrift fast": dict(preset="fast"), "jsdrift probe (defaults)": dict()}
+E2E_METHODS = {"full": None, "jsdrift fast": dict(preset="fast"),
+               # the fast preset as it was before sample= / min_group= / recheck=: every element measured
+               "jsdrift fast, exact signal": dict(preset="fast", sample="all", min_group=0, recheck=False),
+               "jsdrift probe (defaults)": dict()}
+E2E_MODELS = {"bert": bert, "unet": unet}
+#: command-line keys for --e2e-methods
+E2E_KEYS = {"full": "full", "fast": "jsdrift fast", "fast-exact": "jsdrift fast, exact signal",
+            "probe": "jsdrift probe (defaults)"}
 
 
-def run_e2e(device="cpu", steps=100):
+def run_e2e(device="cpu", steps=100, methods=None, models=None):
     """Time to quality: the same steps for full and jsdrift, wall time including every measurement."""
     rows = []
-    for make in (bert, unet):
+    methods = {E2E_KEYS[k]: E2E_METHODS[E2E_KEYS[k]] for k in (methods or E2E_KEYS)}
+    for make in (E2E_MODELS[k] for k in (models or E2E_MODELS)):
         label, model, batch, loss_fn = make(device)
         init = {k: v.clone() for k, v in model.state_dict().items()}
         held_out = [batch() for _ in range(4)]
         probe = [batch() for _ in range(4)]
         stream = [batch() for _ in range(steps)]  # the same batches for every method
-        for method, options in E2E_METHODS.items():
+        for method, options in methods.items():
             model.load_state_dict(init)
             model.train()
             opt = torch.optim.AdamW(model.parameters(), lr=5e-4 if "BERT" in label else 1e-3, weight_decay=0.01)
@@ -241,6 +249,7 @@ def run_e2e(device="cpu", steps=100):
             total = time.perf_counter() - t0
             h = handle.controller.history if handle is not None else {"signal_time": 0.0, "probe_time": 0.0}
             row = {"model": label, "method": method, "steps": steps, "total time (s)": total,
+                   "load average": os.getloadavg()[0],
                    "signal time (s)": h["signal_time"], "signal share": h["signal_time"] / total,
                    "first freeze at step": first,
                    "final trainable share": handle.controller.trainable_share() if handle is not None else 1.0,
@@ -249,10 +258,10 @@ def run_e2e(device="cpu", steps=100):
                 handle.remove()
             rows.append(row)
             print(row, flush=True)
-        base = next(r for r in rows if r["model"] == label and r["method"] == "full")["total time (s)"]
+        base = next((r for r in rows if r["model"] == label and r["method"] == "full"), None)
         for r in rows:
-            if r["model"] == label:
-                r["time vs full"] = r["total time (s)"] / base
+            if r["model"] == label and base is not None:
+                r["time vs full"] = r["total time (s)"] / base["total time (s)"]
     return rows
 
 
@@ -264,20 +273,29 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--e2e", action="store_true", help="time to quality (jsdrift_e2e.md) instead")
     parser.add_argument("--e2e-steps", type=int, default=100)
+    parser.add_argument("--e2e-methods", nargs="+", choices=list(E2E_KEYS), default=None,
+                        help="methods to run (default: all); 'full' is the time baseline")
+    parser.add_argument("--e2e-models", nargs="+", choices=list(E2E_MODELS), default=None)
+    parser.add_argument("--e2e-out", default="jsdrift_e2e", help="results name under benchmarks/results/")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     load = os.getloadavg()[0]
     if args.e2e:
-        rows = run_e2e(args.device, args.e2e_steps)
+        rows = run_e2e(args.device, args.e2e_steps, args.e2e_methods, args.e2e_models)
         cols = ["model", "method", "steps", "total time (s)", "time vs full", "signal time (s)", "signal share",
-                "first freeze at step", "final trainable share", "loss, last 10 steps", "held-out accuracy"]
+                "first freeze at step", "final trainable share", "loss, last 10 steps", "held-out accuracy",
+                "load average"]
+        extra = "".join(f" --{k.replace('_', '-')} {' '.join(v) if isinstance(v, list) else v}"
+                        for k, v in (("e2e_methods", args.e2e_methods), ("e2e_models", args.e2e_models),
+                                     ("e2e_out", args.e2e_out if args.e2e_out != "jsdrift_e2e" else None)) if v)
         md = (f"# jsdrift: time to quality\n\nMachine: {machine()}. Command: `python -m benchmarks.jsdrift_speed --e2e "
-              f"--e2e-steps {args.e2e_steps} --device {args.device}{f' --threads {args.threads}' if args.threads else ''}`; "
-              f"load average at the start {load:.1f}. The same {args.e2e_steps} batches for each method (AdamW); total "
+              f"--e2e-steps {args.e2e_steps} --device {args.device}{f' --threads {args.threads}' if args.threads else ''}"
+              f"{extra}`; load average at the start {load:.1f} (and after each run, last column). The same "
+              f"{args.e2e_steps} batches for each method (AdamW); total "
               "wall time includes selection, every probe or training-gradient measurement and the freezes; signal "
               "share is the controller's recorded `signal_time` over the total.\n\n" + md_table(rows, cols) + "\n")
-        write("jsdrift_e2e", rows, md, args.device)
+        write(args.e2e_out, rows, md, args.device)
         return
     rows = run(args.device, args.steps, args.rounds)
     fixed = ["model", "frozen share (first half of tensors)", "unfrozen step (s)", "unfrozen backward (s)",

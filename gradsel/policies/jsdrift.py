@@ -26,7 +26,9 @@ gradsel's version:
    kept for plots (:func:`plot_drift`), tables (:func:`drift_table`) and checkpoints (``handle.state_dict()``).
 7. ``order="network"``: a group may freeze only once every group before it in forward order froze, so the
    frozen part is a prefix of the network and backward stops early. ``preset="fast"`` bundles the cheap
-   signal, network order and the plateau rule (``docs/jsdrift.md``).
+   signal (training gradients on a fixed sample of 4096 elements per group), network order, the plateau
+   rule, small groups merged into their neighbours and a fresh judgement after each freeze
+   (``docs/jsdrift.md``).
 8. Under a process group the drift statistics are reduced across ranks (sums and counts), so every rank
    decides the same; the masks are checked to agree after each measurement, and a freeze that takes whole
    tensors out of training asks for a DDP re-wrap (:func:`gradsel.distributed.rewrap_if_needed`).
