@@ -390,7 +390,6 @@ def forget(model: nn.Module) -> None:
     _DECIDED.pop(model, None)
 
 
-
 class _NoPerSampleLoss(Exception):
     """The model's own loss could not be written per sample: the caller falls back."""
 
