@@ -398,10 +398,11 @@ class _Flagged(torch.nn.Module):
         super().__init__()
         self.lin = torch.nn.Linear(6, 3)
         self.mix = False
+        self.config = {"mix": False}  # a dict config, as huggingface_hub's mixin gives smp models
 
     def forward(self, x):
         h = self.lin(x)
-        return h + 0.5 * h.mean(0) if self.mix else h
+        return h + 0.5 * h.mean(0) if self.mix or self.config["mix"] else h
 
 
 def _count_checks(monkeypatch):
@@ -419,7 +420,7 @@ def _mixing_forward(self, x):
 
 
 @needs_hooks
-@pytest.mark.parametrize("change", ["flag", "forward", "module", "parameter", "loss"])
+@pytest.mark.parametrize("change", ["flag", "config", "forward", "module", "parameter", "loss"])
 def test_hooks_decisions_are_reused_until_the_model_or_loss_changes(change, monkeypatch):
     import types
 
@@ -437,6 +438,8 @@ def test_hooks_decisions_are_reused_until_the_model_or_loss_changes(change, monk
     mixes = True
     if change == "flag":
         model.mix = True
+    elif change == "config":
+        model.config["mix"] = True
     elif change == "forward":
         model.forward = types.MethodType(_mixing_forward, model)
     elif change == "module":

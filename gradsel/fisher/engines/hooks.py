@@ -359,8 +359,11 @@ class _Signature:
         config = getattr(model, "config", None)
         if config is not None:
             try:
-                plain.append(config.to_json_string(use_diff=False) if hasattr(config, "to_json_string")
-                             else json.dumps(vars(config), sort_keys=True, default=repr))
+                if hasattr(config, "to_json_string"):  # transformers
+                    plain.append(config.to_json_string(use_diff=False))
+                else:  # a dict (huggingface_hub's mixin: segmentation_models_pytorch) or a plain object
+                    plain.append(json.dumps(config if isinstance(config, Mapping) else vars(config),
+                                            sort_keys=True, default=repr))
             except Exception:  # noqa: BLE001 (a config that cannot be written out: decide afresh)
                 return None
         for fn in (reader.loss_fn, reader.forward_fn):
