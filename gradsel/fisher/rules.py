@@ -132,11 +132,17 @@ class ConvWeightGrads(LazyGrads):
         acc3 = None if acc is None else acc.view(groups, acc.shape[0] // groups, -1)
         m3 = None if mask is None else mask.reshape(groups, self.module.weight.shape[0] // groups, -1).to(dtype)
         for samples, (r, e), g in self._blocks(dtype):
+            if m3 is None:  # one pass over each sample's gradient (acc += g_i * g_i): no tensor of squares
+                for i, gi in enumerate(g):
+                    if acc3 is not None:
+                        acc3[:, r:e].addcmul_(gi, gi)
+                    if want:
+                        part[samples.start + i] += torch.dot(gi.reshape(-1), gi.reshape(-1))
+                continue
             sq = g.square_()
             if acc3 is not None:
                 acc3[:, r:e].add_(sq.sum(0))
-            if want:
-                part[samples] += (sq if m3 is None else sq * m3[:, r:e]).reshape(sq.shape[0], -1).sum(1)
+            part[samples] += (sq * m3[:, r:e]).reshape(sq.shape[0], -1).sum(1)
         return part
 
     def sample_totals(self, dtype):

@@ -92,14 +92,27 @@ class BlockGrads(LazyGrads):
             yield g.reshape(g.shape[0], -1).square_()  # a tensor made by make(): ours to write
 
     def accumulate(self, acc, want, mask, dtype):
+        if mask is not None:  # each sample's contribution over the mask: the squares are needed as a tensor
+            weights = mask.reshape(-1).to(dtype)
+            parts = []
+            for sq in self._squares(dtype):
+                if acc is not None:
+                    acc.view(-1).add_(sq.sum(0))
+                parts.append(sq @ weights)
+            return torch.cat(parts)
+        # one pass over each sample's gradient (``acc += g_i * g_i``), no tensor of squares: a third of the
+        # memory traffic of square, sum, add
+        flat_acc = None if acc is None else acc.view(-1)
         parts = []
-        weights = None if mask is None else mask.reshape(-1).to(dtype)
-        for sq in self._squares(dtype):
-            if acc is not None:
-                acc.view(-1).add_(sq.sum(0))
-            if want:
-                parts.append(sq.sum(1) if weights is None else sq @ weights)
-        return torch.cat(parts) if want else None
+        for start in range(0, self.n, self.block):
+            g = self.make(start, min(self.n, start + self.block))
+            g = (g.to(dtype) if g.dtype != dtype else g).reshape(g.shape[0], -1)
+            for row in g:
+                if flat_acc is not None:
+                    flat_acc.addcmul_(row, row)
+                if want:
+                    parts.append(torch.dot(row, row))
+        return torch.stack(parts) if want else None
 
     def sample_totals(self, dtype):
         return torch.cat([sq.sum(1) for sq in self._squares(dtype)])

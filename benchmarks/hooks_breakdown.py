@@ -1,0 +1,230 @@
+"""Where the hooks engine's time goes, against the floor (one ordinary batched forward+backward).
+
+Run: ``python -m benchmarks.hooks_breakdown [--models bert,unet,resnet50,vit] [--batches 4]``. Writes
+``benchmarks/results/hooks_breakdown.md``.
+
+Each model in its own spawned process, float32, eval mode, the configurations of ``fisher_peers``. One
+``gradsel.fisher(engine="hooks")`` call over ``--batches`` batches is timed against as many floors,
+interleaved, best of 3 rounds; the same call is then repeated with timers around the engine's parts:
+its forward (``_losses``), its backward (``torch.autograd.grad``), each per-layer rule that builds the
+per-sample terms (closed forms for norms and biases run here), each lazy square-and-sum (``accumulate`` of
+:class:`~gradsel.fisher.rules.LazyGrads` per kind) and the squares of plain per-sample tensors. The timers
+add a little; their sum is set beside the untimed call.
+
+A second table takes every convolution of the conv nets once (its real input and output gradient) and
+times its batched weight gradient (what the floor's backward computes for it) against gradsel's
+per-sample weight gradients squared and summed (:class:`~gradsel.fisher.rules.ConvWeightGrads`, by its
+route) and against the other route: the cost of per-sample conv gradients, layer by layer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import sys
+import time
+import warnings
+from collections import defaultdict
+from typing import Any, Callable
+
+import torch
+
+from .common import best_time, in_fresh_process_or_fail, machine, md_table, write
+
+MODELS = ("bert", "unet", "resnet50", "vit")
+
+
+def _timer(owner: Any, attr: str, key: str, spent: dict) -> Callable[[], None]:
+    """Wrap ``owner.attr`` so that its wall time adds to ``spent[key]``; returns the undo."""
+    orig = getattr(owner, attr)
+
+    def timed(*args, **kwargs):
+        t0 = time.perf_counter()
+        try:
+            return orig(*args, **kwargs)
+        finally:
+            spent[key] += time.perf_counter() - t0
+
+    setattr(owner, attr, timed)
+    return lambda: setattr(owner, attr, orig)
+
+
+def _parts(run: Callable[[], Any]) -> dict[str, float]:
+    """One call of ``run`` with timers on the hooks engine's parts."""
+    from gradsel.fisher import rules
+    from gradsel.fisher.engines import hooks
+
+    estimate = sys.modules["gradsel.fisher.estimate"]
+    spent: dict[str, float] = defaultdict(float)
+    undo = [_timer(hooks.HooksEngine, "_losses", "forward", spent),
+            _timer(torch.autograd, "grad", "backward", spent),
+            _timer(estimate, "_accumulate", "squares (all)", spent)]
+    lazy = {"OuterSquares": hooks.OuterSquares, "BlockGrads": hooks.BlockGrads,
+            "ConvWeightGrads": rules.ConvWeightGrads, "EmbeddingGrads": rules.EmbeddingGrads}
+    undo += [_timer(cls, "accumulate", f"squares: {name}", spent) for name, cls in lazy.items()]
+    rule_for = hooks._rule_for
+
+    def timed_rule_for(module):  # (rule, min_dim) or None
+        found = rule_for(module)
+        if found is None:
+            return None
+        rule, key = found[0], f"rule: {found[0].__name__.strip('_')}"
+
+        def timed_rule(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return rule(*args, **kwargs)
+            finally:
+                spent[key] += time.perf_counter() - t0
+
+        return (timed_rule, *found[1:])
+
+    hooks._rule_for = timed_rule_for
+    undo.append(lambda: setattr(hooks, "_rule_for", rule_for))
+    try:
+        t0 = time.perf_counter()
+        run()
+        spent["total (timed)"] = time.perf_counter() - t0
+    finally:
+        for u in reversed(undo):
+            u()
+    spent["squares: plain tensors"] = spent.pop("squares (all)") - sum(v for k, v in spent.items()
+                                                                       if k.startswith("squares: "))
+    return dict(spent)
+
+
+def _conv_layers(case) -> list[dict]:
+    """Each distinct convolution once: batched weight gradient against the per-sample routes."""
+    from gradsel.fisher import rules
+
+    model = case.model.eval()
+    x, y = case.tensors(seed=0)
+    caps = {}
+    handles = []
+    for name, m in model.named_modules():
+        if type(m) is torch.nn.Conv2d:
+            def hook(mod, inputs, out, name=name):
+                out.retain_grad()
+                caps[name] = (mod, inputs[0].detach(), out)
+            handles.append(m.register_forward_hook(hook))
+    case.losses(case.logits(model, x), y).mean().backward()
+    for h in handles:
+        h.remove()
+    groups: dict[tuple, dict] = {}
+    for name, (m, xi, out) in caps.items():
+        key = (tuple(m.weight.shape), tuple(xi.shape), m.stride, m.padding, m.groups)
+        if key in groups:
+            groups[key]["count"] += 1
+            continue
+        d = out.grad
+        acc = torch.zeros_like(m.weight, dtype=torch.float32)
+        route = rules._conv_route(m, [d])
+
+        def per_sample(forced=None, m=m, xi=xi, d=d, acc=acc):
+            if forced is None:
+                return rules.ConvWeightGrads(m, [xi], [d], xi.shape[0]).accumulate(acc, False, None, torch.float32)
+            orig = rules._conv_route
+            rules._conv_route = lambda *_: forced
+            try:
+                return rules.ConvWeightGrads(m, [xi], [d], xi.shape[0]).accumulate(acc, False, None, torch.float32)
+            finally:
+                rules._conv_route = orig
+
+        batched = best_time(lambda m=m, xi=xi, d=d: torch.ops.aten.convolution_backward(
+            d, xi, m.weight, None, m.stride, m.padding, m.dilation, False, [0, 0], m.groups, [False, True, False]))
+        other = "kernel" if route == "matmul" else "matmul"
+        groups[key] = {"layer": name, "count": 1, "weight": "×".join(map(str, m.weight.shape)),
+                       "output": "×".join(map(str, d.shape[2:])), "stride": m.stride[0], "route": route,
+                       "batched (ms)": 1e3 * batched, "gradsel (ms)": 1e3 * best_time(per_sample),
+                       "other route (ms)": 1e3 * best_time(lambda: per_sample(other))}
+    return list(groups.values())
+
+
+def _worker(model_name: str, batches: int, repeats: int, queue) -> None:
+    warnings.filterwarnings("ignore")
+    import gradsel
+
+    from .fisher_peers import _data
+    from .models import build
+
+    row: dict[str, Any] = {"model key": model_name}
+    try:
+        case = build(model_name)
+        row["model"], row["batch"] = case.label, case.n
+        ts = [case.tensors(seed=s) for s in range(batches)]
+        floor_case = dataclasses.replace(case, model=copy.deepcopy(case.model))
+        floor = lambda: [floor_case.floor(t) for t in ts]  # noqa: E731
+
+        def run():
+            return gradsel.fisher(case.model, _data(case, ts), engine="hooks", chunk_size=case.n, progress=False)
+
+        run(), floor()
+        floors, times = [], []
+        for _ in range(repeats):
+            floors.append(best_time(floor, repeats=1, warmup=0))
+            times.append(best_time(run, repeats=1, warmup=0))
+        row["floor (s)"], row["hooks (s)"] = min(floors), min(times)
+        row["parts"] = _parts(run)
+        if model_name in ("unet", "resnet50"):
+            row["convs"] = _conv_layers(case)
+    except Exception as exc:  # noqa: BLE001 (reported in the table)
+        row["error"] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+    queue.put(row)
+
+
+def markdown(rows: list[dict], command: str, batches: int, repeats: int) -> str:
+    keys = sorted({k for r in rows for k in r.get("parts", {})},
+                  key=lambda k: (k.startswith("total"), not k.startswith(("forward", "backward")), k))
+    lines = ["# Where the hooks engine's time goes", "",
+             f"Machine: {machine()}. Command: `{command}`. Each model in its own process; one fisher() call over "
+             f"{batches} batches against {batches} floors, best of {repeats} interleaved rounds; then one call "
+             "with timers on the engine's parts (÷ floor: the part's seconds over the floor's). See "
+             "`benchmarks/hooks_breakdown.py`.", "",
+             "## Parts of one call, ÷ floor", ""]
+    table_rows = []
+    for r in rows:
+        if "error" in r:
+            table_rows.append({"model": r.get("model", r["model key"]), "hooks ÷ floor": r["error"]})
+            continue
+        f = r["floor (s)"]
+        out = {"model": r["model"], "floor (s)": r["floor (s)"], "hooks ÷ floor": r["hooks (s)"] / f}
+        out.update({k: r["parts"].get(k, 0.0) / f for k in keys})
+        table_rows.append(out)
+    lines += [md_table(table_rows, ["model", "floor (s)", "hooks ÷ floor", *keys]), ""]
+    lines += ["`rule: …`: building a layer's per-sample terms (the closed forms of norms and biases are computed "
+              "here; the lazy ones only set up); `squares: …`: squaring and summing them into the Fisher; "
+              "`total (timed)`: the call with the timers on.", ""]
+    for r in rows:
+        if not r.get("convs"):
+            continue
+        convs = r["convs"]
+        tot = {k: sum(c["count"] * c[k] for c in convs) for k in ("batched (ms)", "gradsel (ms)", "other route (ms)")}
+        lines += [f"## {r['model']}: per-sample conv weight gradients, layer by layer (batch {r['batch']})", "",
+                  f"Over the whole network (each layer times its count): batched {tot['batched (ms)']:.1f} ms, "
+                  f"gradsel {tot['gradsel (ms)']:.1f} ms ({tot['gradsel (ms)'] / tot['batched (ms)']:.2f}× the batched "
+                  f"weight gradients), the other route everywhere {tot['other route (ms)']:.1f} ms.", "",
+                  md_table(sorted(convs, key=lambda c: -c["count"] * (c["gradsel (ms)"] - c["batched (ms)"])),
+                           ["layer", "count", "weight", "output", "stride", "route", "batched (ms)", "gradsel (ms)",
+                            "other route (ms)"]), ""]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, of {', '.join(MODELS)}")
+    parser.add_argument("--batches", type=int, default=4, help="batches per timed call (default 4)")
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved timed rounds (default 3)")
+    parser.add_argument("--timeout", type=float, default=900, help="seconds per model process")
+    args = parser.parse_args()
+    models = [m for m in args.models.split(",") if m]
+    if any(m not in MODELS for m in models) or args.batches < 1 or args.repeats < 1:
+        parser.error(f"models are of {', '.join(MODELS)}; --batches and --repeats take positive numbers")
+    rows = [in_fresh_process_or_fail(_worker, m, args.batches, args.repeats, timeout=args.timeout) for m in models]
+    rows = [r if "model key" in r else {"model key": m, **r} for m, r in zip(models, rows)]
+    command = f"python -m benchmarks.hooks_breakdown --models {','.join(models)} --batches {args.batches}"
+    write("hooks_breakdown", rows, markdown(rows, command, args.batches, args.repeats))
+
+
+if __name__ == "__main__":
+    main()
