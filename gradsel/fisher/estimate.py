@@ -450,6 +450,9 @@ def _raised_in(exc: BaseException, run: _Engine) -> str:
     return type(run.model).__name__
 
 
+ONE_PASS_NUMEL = 1 << 14  # from this many elements a tensor's per-sample squares are added one sample at a time
+
+
 def _accumulate(acc: dict[str, torch.Tensor] | None, grads: dict[str, Any], rows: torch.Tensor,
                 masks: dict[str, torch.Tensor | None] | None,
                 dtypes: dict[str, torch.dtype]) -> torch.Tensor | None:
@@ -468,18 +471,24 @@ def _accumulate(acc: dict[str, torch.Tensor] | None, grads: dict[str, Any], rows
             if not bool(torch.isfinite((target if target is not None else part).sum())):
                 _raise_nonfinite(name, rows, (~torch.isfinite(g.sample_totals(dtypes[name]))).nonzero().flatten())
         else:
-            # Square in place only a tensor made here (a dtype conversion): autograd's per-sample gradients
-            # can alias other gradients that a rule still reads (timm ViT: pos_embed's gradient is a view of
-            # the patch conv's output gradient), and vmap may return an expanded (stride-0) tensor.
-            sq = g.to(dtypes[name])
-            sq = sq.square_() if sq is not g and sq.is_contiguous() else sq.square()
-            flat = sq.reshape(c, -1)
-            part = (flat.sum(1) if mask is None else flat @ mask.to(flat.dtype)) if want else None
-            total = sq.sum(0) if target is not None else part
+            # Never written into: autograd's per-sample gradients can alias other gradients that a rule still
+            # reads (timm ViT: pos_embed's gradient is a view of the patch conv's output gradient), and vmap
+            # may return an expanded (stride-0) tensor.
+            flat = g.to(dtypes[name]).reshape(c, -1)
+            if (mask is not None and want) or flat.shape[1] < ONE_PASS_NUMEL:
+                sq = flat.square()
+                part = (sq.sum(1) if mask is None else sq @ mask.to(sq.dtype)) if want else None
+                total = sq.sum(0) if target is not None else part
+                if target is not None:
+                    target.view(-1).add_(total)
+            else:  # one pass over each sample's gradient, no tensor of squares
+                part = torch.stack([torch.dot(row, row) for row in flat]) if want else None
+                if target is not None:
+                    for row in flat:
+                        target.view(-1).addcmul_(row, row)
+                total = target if target is not None else part
             if not bool(torch.isfinite(total.sum())):
-                _raise_nonfinite(name, rows, (~torch.isfinite(flat).all(1)).nonzero().flatten())
-            if target is not None:
-                target.add_(total)
+                _raise_nonfinite(name, rows, (~torch.isfinite(flat.square()).all(1)).nonzero().flatten())
         if part is not None:
             contrib += part.double().cpu()
     return contrib
