@@ -175,8 +175,109 @@ def test_default_granularity_keeps_the_options_and_masks_of_before(tmp_path):
 
 @pytest.mark.parametrize("policy", ["fish", "reverse", "random"])
 def test_unknown_granularity_is_refused(policy):
-    with pytest.raises(GradselError, match="granularity='col' is not known: use one of \\('element', 'row'\\)"):
+    with pytest.raises(GradselError, match="granularity='col' is not known: use one of \\('element', 'row', 'head'\\)"):
         gradsel.select(M.mlp(), M.mlp_batch(), policy, keep=5, granularity="col", progress=False)
+
+
+# -- head budgets (granularity="head") -----------------------------------------------------------------------
+
+def _tiny_bert(heads: int = 4):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    return BertForSequenceClassification(BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2,
+                                                    num_attention_heads=heads, intermediate_size=64)).eval()
+
+
+class _GroupedQuery(nn.Module):
+    """Grouped-query attention's projections as Llama names them: 4 query heads, 2 key/value heads of size 4."""
+
+    def __init__(self):
+        super().__init__()
+        self.head_dim = 4
+        self.q_proj, self.k_proj, self.v_proj = nn.Linear(8, 16), nn.Linear(8, 8, bias=False), nn.Linear(8, 8)
+        self.o_proj = nn.Linear(16, 8)
+
+
+def test_attention_heads_are_found_where_the_models_say_they_are():
+    import timm
+
+    from gradsel.policies.base import attention_heads
+
+    bert = _tiny_bert()
+    names = [n for n, _ in bert.named_parameters()]
+    found = attention_heads(bert, names)
+    expected = {f"bert.encoder.layer.{i}.attention.self.{p}.{a}" for i in range(2) for p in ("query", "key", "value")
+                for a in ("weight", "bias")}
+    assert found == dict.fromkeys(expected, 4)  # num_attention_heads / attention_head_size; not the output dense
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, num_classes=3)
+    vit_found = attention_heads(vit, [n for n, _ in vit.named_parameters()])
+    assert vit_found["blocks.0.attn.qkv.weight"] == vit_found["blocks.0.attn.qkv.bias"] == 9  # 3 heads × q, k, v
+    assert "blocks.0.attn.proj.weight" not in vit_found
+    mha = nn.MultiheadAttention(16, 4)
+    assert attention_heads(mha, ["in_proj_weight", "in_proj_bias", "out_proj.weight"]) == {
+        "in_proj_weight": 12, "in_proj_bias": 12}
+    gqa = _GroupedQuery()
+    assert attention_heads(gqa, [n for n, _ in gqa.named_parameters()]) == {
+        "q_proj.weight": 4, "q_proj.bias": 4, "k_proj.weight": 2, "v_proj.weight": 2, "v_proj.bias": 2}
+    # candidates only: a projection left out of the candidates is not reported
+    assert attention_heads(bert, ["bert.encoder.layer.0.attention.self.query.weight"]) == {
+        "bert.encoder.layer.0.attention.self.query.weight": 4}
+
+
+def _head_blocks(mask: torch.Tensor, heads: int) -> torch.Tensor:
+    """Per head block of ``mask`` (consecutive dim-0 rows): 1 all selected, 0 none, 0.5 partly."""
+    counts = mask.reshape(heads, -1).sum(1)
+    return torch.where(counts == 0, 0.0, torch.where(counts == mask.numel() // heads, 1.0, 0.5))
+
+
+@pytest.mark.parametrize("policy", ["fish", "reverse", "random"])
+@pytest.mark.parametrize("keep", [0.05, 0.3, 1000])
+def test_head_policies_keep_exactly_k_in_whole_heads_and_rows_but_one(policy, keep):
+    from gradsel.policies.base import attention_heads
+
+    model = _tiny_bert()
+    torch.manual_seed(1)
+    scores = {n: torch.rand(p.shape, dtype=torch.float64) for n, p in model.named_parameters()}
+    sel = gradsel.select(model, None, policy, keep=keep, granularity="head", fisher=Fisher(scores, 4), progress=False)
+    k = keep if isinstance(keep, int) else round(keep * sel.total())
+    assert sel.selected() == k
+    heads = attention_heads(model, sel.candidates)
+    partial = 0
+    for name, mask in sel.masks.items():
+        if name in heads:  # a head's rows of a weight and its bias are taken together
+            blocks = _head_blocks(mask, heads[name])
+            partial += int((blocks == 0.5).sum()) if name.endswith("weight") else 0
+            bias = name[:-len("weight")] + "bias"
+            if name.endswith("weight") and bias in sel.masks:
+                assert torch.equal(blocks > 0, _head_blocks(sel.masks[bias], heads[bias]) > 0)
+        elif mask.dim() >= 2:
+            rows = mask.reshape(mask.shape[0], -1).sum(1)
+            partial += int(((rows > 0) & (rows < mask[0].numel())).sum())
+    assert partial <= 1
+    assert sel.options["granularity"] == "head"
+
+
+def test_head_rank_is_by_the_fisher_mass_of_the_whole_head():
+    model = _tiny_bert()
+    scores = {n: torch.full(p.shape, 1e-3, dtype=torch.float64) for n, p in model.named_parameters()}
+    query = "bert.encoder.layer.1.attention.self.query"
+    # head 2 of layer 1's query (rows 16-23) has the largest mass as a head; no single row of it beats the
+    # rows of the output dense, which a row ranking would take first
+    scores[f"{query}.weight"][16:24] = 1.0
+    scores["bert.encoder.layer.0.attention.output.dense.weight"][:8] = 2.0
+    fisher = Fisher(scores, 4)
+    head = gradsel.select(model, None, "fish", keep=8 * 33, granularity="head", fisher=fisher, progress=False)
+    assert head.masks[f"{query}.weight"][16:24].all() and head.masks[f"{query}.bias"][16:24].all()
+    assert head.selected() == int(head.masks[f"{query}.weight"].sum() + head.masks[f"{query}.bias"].sum())
+    row = gradsel.select(model, None, "fish", keep=8 * 33, granularity="row", fisher=fisher, progress=False)
+    assert row.masks["bert.encoder.layer.0.attention.output.dense.weight"][:8].all()
+    assert not row.masks[f"{query}.weight"].any()
+
+
+def test_head_granularity_on_a_model_without_heads_says_so():
+    with pytest.raises(GradselError, match="granularity='head' found no attention heads"):
+        gradsel.select(M.mlp(), M.mlp_batch(), "fish", keep=5, granularity="head", progress=False)
 
 
 def test_nan_scores_are_refused_by_the_row_ranking():
@@ -299,7 +400,7 @@ def _train(model, batches, sel, sparse, steps, use_sparse_adamw=False):
 
 
 @pytest.mark.parametrize("use_sparse_adamw", [False, True], ids=["adamw+apply", "sparse_adamw"])
-@pytest.mark.parametrize("case", ["mlp", "bert"])
+@pytest.mark.parametrize("case", ["mlp", "bert", "bert-heads"])
 def test_training_row_sparse_equals_dense_masked_training(case, use_sparse_adamw):
     if case == "mlp":
         make = lambda: M.mlp().double().eval()  # noqa: E731
@@ -309,7 +410,8 @@ def test_training_row_sparse_equals_dense_masked_training(case, use_sparse_adamw
         make = lambda: M.bert().double().eval()  # noqa: E731
         batches = [M.bert_batch(seed=s) for s in range(3)]
     start = make()
-    sel = gradsel.select(start, batches, "fish", keep=0.2, granularity="row", progress=False)
+    sel = gradsel.select(start, batches, "fish", keep=0.2, granularity="head" if case == "bert-heads" else "row",
+                         progress=False)
     dense = _train(copy.deepcopy(start), batches, sel, False, 5, use_sparse_adamw)
     sparse = _train(copy.deepcopy(start), batches, sel, True, 5, use_sparse_adamw)
     moved = 0

@@ -174,22 +174,87 @@ def split_budget(sizes: list[int], k: int) -> list[int]:
 
 # -- row budgets (granularity="row") ---------------------------------------------------------------------
 
-GRANULARITIES = ("element", "row")
+GRANULARITIES = ("element", "row", "head")
 
 
 def check_granularity(granularity: str) -> str:
     """``granularity`` if known, else a GradselError naming the known ones."""
     if granularity not in GRANULARITIES:
         raise GradselError(f"granularity={granularity!r} is not known: use one of {GRANULARITIES} ('row' keeps "
-                           "whole output rows of weights, so that gradsel.rowsparse can skip the others' gradients)")
+                           "whole output rows of weights, so that gradsel.rowsparse can skip the others' gradients; "
+                           "'head' keeps rows too, with the query/key/value projections' rows grouped by attention head)")
     return granularity
+
+
+_QKV = ("query", "key", "value", "q_proj", "k_proj", "v_proj", "q_lin", "k_lin", "v_lin")  # HF BERT, Llama, DistilBERT
+_FUSED_QKV = ("qkv", "query_key_value", "Wqkv")  # timm, GPT-NeoX, MPT: each head's query, key and value
+_HEAD_DIM = ("head_dim", "attention_head_size", "dim_per_head")
+_NUM_HEADS = ("num_heads", "num_attention_heads", "n_heads", "n_head")
+
+
+def _int_attr(module: nn.Module, names: tuple[str, ...]) -> int | None:
+    for a in names:
+        v = getattr(module, a, None)
+        if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+            return v
+    return None
+
+
+def attention_heads(model: nn.Module, candidates: list[str]) -> dict[str, int]:
+    """Where the model says its attention heads are: candidate tensor → the number of head blocks it holds.
+
+    An attention module says so by an integer attribute: its head size (``head_dim``: timm, Llama,
+    ``nn.MultiheadAttention``; ``attention_head_size``: HF BERT) or its number of heads (``num_heads``,
+    ``num_attention_heads``, ``n_heads``). Its query, key and value projections (children named ``query``/
+    ``key``/``value``, ``q_proj``/…, ``q_lin``/…, or fused ``qkv``/``query_key_value``/``Wqkv``; an
+    ``nn.MultiheadAttention``'s ``in_proj_weight``/``in_proj_bias``) hold one block of ``head_dim`` consecutive
+    output rows per head (the key and value projections of grouped-query attention hold fewer; a fused one
+    holds each head's query, key and value as blocks). A projection whose rows are not a whole number of
+    head blocks is left out.
+    """
+    wanted, params = set(candidates), dict(model.named_parameters())
+    out: dict[str, int] = {}
+    for mod_name, module in model.named_modules():
+        head_dim, heads = _int_attr(module, _HEAD_DIM), _int_attr(module, _NUM_HEADS)
+        if head_dim is None and heads is None:
+            continue
+        prefix = f"{mod_name}." if mod_name else ""
+        if isinstance(module, nn.MultiheadAttention) and module._qkv_same_embed_dim:
+            tensors = {f"{prefix}in_proj_weight": 3, f"{prefix}in_proj_bias": 3}  # q, k, v stacked
+        else:
+            tensors = {f"{prefix}{child}.{attr}": 3 if child in _FUSED_QKV else 1
+                       for child, _ in module.named_children() if child in _QKV + _FUSED_QKV
+                       for attr in ("weight", "bias")}
+        for name, parts in tensors.items():
+            p = params.get(name)
+            if name not in wanted or p is None or p.dim() < 1:
+                continue
+            size = head_dim or (p.shape[0] // (parts * heads) if p.shape[0] % (parts * heads) == 0 else 0)
+            if size and p.shape[0] % size == 0 and p.shape[0] // size > 1:
+                out[name] = p.shape[0] // size
+    return out
+
+
+def head_shapes(model: nn.Module, shapes: dict[str, torch.Size]) -> dict[str, torch.Size]:
+    """``shapes`` with every attention projection found by :func:`attention_heads` seen as ``(head blocks,
+    elements per block)``: as rows, each block is one unit of a ``granularity="head"`` ranking (the blocks are
+    consecutive output rows, so a mask of that shape reshapes back exactly). A GradselError when the model
+    says nothing about heads."""
+    heads = attention_heads(model, list(shapes))
+    if not heads:
+        raise GradselError("granularity='head' found no attention heads among the candidates: the model's attention "
+                           "modules must say their head size or count (an attribute head_dim, attention_head_size, "
+                           "num_heads or num_attention_heads) and hold query/key/value projections named query/key/"
+                           "value, q_proj/k_proj/v_proj or qkv; use granularity='row' otherwise")
+    return {n: torch.Size((heads[n], torch.Size(s).numel() // heads[n])) if n in heads else torch.Size(s)
+            for n, s in shapes.items()}
 
 
 def row_units(shapes: dict[str, torch.Size]) -> list[tuple[str, ...]]:
     """Candidate tensors grouped into units whose dim-0 rows are selected together.
 
     A tensor of two or more dimensions is a unit of its dim-0 slices (output rows of a Linear weight,
-    output channels of a Conv weight). A 1-D ``<module>.bias`` whose sibling ``<module>.weight`` is a
+    output channels of a Conv weight). A ``<module>.bias`` (1-D, or 2-D as :func:`head_shapes` sees it) whose sibling ``<module>.weight`` is a
     candidate of two or more dimensions with the same dim 0 joins that weight's unit: row ``i`` is
     ``weight[i]`` and ``bias[i]`` together. Every other tensor (norm weights and biases, lone 1-D tensors,
     scalars) is a unit whose rows are its single elements. Units come in the order of their first tensor.
@@ -201,7 +266,7 @@ def row_units(shapes: dict[str, torch.Size]) -> list[tuple[str, ...]]:
     shapes = {n: torch.Size(s) for n, s in shapes.items()}
     joined = {}
     for name, shape in shapes.items():
-        if len(shape) == 1 and name.endswith("bias"):
+        if len(shape) >= 1 and name.endswith("bias"):
             weight = name[: -len("bias")] + "weight"
             if weight in shapes and len(shapes[weight]) >= 2 and shapes[weight][0] == shape[0]:
                 joined[weight] = name

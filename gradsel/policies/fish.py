@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from ..errors import GradselError
-from .base import Context, Policy, check_granularity, row_units, split_budget, top_k, top_rows
+from .base import Context, Policy, check_granularity, head_shapes, row_units, split_budget, top_k, top_rows
 from .registry import register_policy
 
 BUDGETS = ("global", "per_tensor")
@@ -22,6 +24,11 @@ def ranked(ctx: Context, budget: str, largest: bool, granularity: str = "element
         raise GradselError(f"budget={budget!r} is not known: use one of {BUDGETS}")
     check_granularity(granularity)
     scores = ctx.scores()
+    if granularity == "head":  # rows, with each attention projection's rows in blocks of one head
+        shapes = head_shapes(ctx.model, ctx.shapes)
+        scores = {n: scores[n].reshape(shapes[n]) for n in ctx.candidates}
+        masks = ranked(dataclasses.replace(ctx, shapes=shapes, _scores=scores), budget, largest, "row")
+        return {n: m.reshape(ctx.shapes[n]) for n, m in masks.items()}
     if granularity == "row":
         if budget == "global":
             masks, info = top_rows({n: scores[n] for n in ctx.candidates}, ctx.k, largest=largest)
@@ -63,6 +70,8 @@ class Fish(Policy):
             of Linear, output channels of Conv, each with its bias entry) by Fisher mass, the next row in
             the ranking partly filled so that exactly ``k`` elements are kept. Train such a selection with
             :func:`gradsel.rowsparse.row_sparse` to compute the weight gradient of the kept rows only.
+            ``"head"``: the same, with the query, key and value projections' rows taken a whole attention
+            head at a time (where the model says where its heads are: :func:`gradsel.policies.base.attention_heads`).
     """
 
     def __init__(self, budget: str = "global", granularity: str = "element"):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Context, Policy, check_granularity, fill_rows, masks_from_flat, row_units, _unit_rows
+from .base import Context, Policy, _unit_rows, check_granularity, fill_rows, head_shapes, masks_from_flat, row_units
 from .registry import register_policy
 
 
@@ -14,7 +14,8 @@ class Random(Policy):
 
     Options:
         granularity: ``"element"`` (the default) or ``"row"``: whole rows (as for ``fish``) in a random
-            order until ``k`` elements are kept, the next row partly filled with random elements of it.
+            order until ``k`` elements are kept, the next row partly filled with random elements of it;
+            ``"head"``: rows, with attention projections a head at a time (as for ``fish``).
     """
 
     def __init__(self, granularity: str = "element"):
@@ -24,19 +25,20 @@ class Random(Policy):
 
     def select(self, ctx: Context) -> dict[str, torch.Tensor]:
         gen = ctx.generator()
-        if self.granularity == "row":
-            units = row_units(ctx.shapes)
-            rows = sum(_unit_rows(ctx.shapes, u)[0] for u in units)
+        if self.granularity in ("row", "head"):
+            shapes = head_shapes(ctx.model, ctx.shapes) if self.granularity == "head" else ctx.shapes
+            units = row_units(shapes)
+            rows = sum(_unit_rows(shapes, u)[0] for u in units)
 
             def partial(unit, row, r):
-                size = _unit_rows(ctx.shapes, unit)[1]
+                size = _unit_rows(shapes, unit)[1]
                 out = torch.zeros(size, dtype=torch.bool)
                 out[torch.randperm(size, generator=gen)[:r]] = True
                 return out
 
-            masks, info = fill_rows(ctx.shapes, units, torch.randperm(rows, generator=gen), ctx.k, partial)
+            masks, info = fill_rows(shapes, units, torch.randperm(rows, generator=gen), ctx.k, partial)
             ctx.info["rows"] = info
-            return masks
+            return {n: m.reshape(ctx.shapes[n]) for n, m in masks.items()}
         flat = torch.zeros(ctx.total, dtype=torch.bool)
         flat[torch.randperm(ctx.total, generator=gen)[: ctx.k]] = True
         return masks_from_flat(flat, ctx.shapes)

@@ -13,7 +13,8 @@ from .registry import register_policy
 class Reverse(Policy):
     """Keep the ``k`` candidate elements with the *smallest* Fisher information (a control for ``fish``).
 
-    Options ``budget`` and ``granularity`` as for ``fish`` (``granularity="row"``: rows of smallest Fisher mass).
+    Options ``budget`` and ``granularity`` as for ``fish`` (``granularity="row"`` / ``"head"``: rows / heads of
+    smallest Fisher mass).
     """
 
     def __init__(self, budget: str = "global", granularity: str = "element"):
