@@ -35,18 +35,22 @@ from .common import best_time, in_fresh_process_or_fail, machine, md_table, writ
 MODELS = ("bert", "unet", "resnet50", "vit")
 
 
-def _timer(owner: Any, attr: str, key: str, spent: dict) -> Callable[[], None]:
-    """Wrap ``owner.attr`` so that its wall time adds to ``spent[key]``; returns the undo."""
-    orig = getattr(owner, attr)
-
+def _timed(fn: Callable, key: str, spent: dict) -> Callable:
+    """``fn`` wrapped so that its wall time adds to ``spent[key]``."""
     def timed(*args, **kwargs):
         t0 = time.perf_counter()
         try:
-            return orig(*args, **kwargs)
+            return fn(*args, **kwargs)
         finally:
             spent[key] += time.perf_counter() - t0
 
-    setattr(owner, attr, timed)
+    return timed
+
+
+def _timer(owner: Any, attr: str, key: str, spent: dict) -> Callable[[], None]:
+    """Time ``owner.attr`` into ``spent[key]``; returns the undo."""
+    orig = getattr(owner, attr)
+    setattr(owner, attr, _timed(orig, key, spent))
     return lambda: setattr(owner, attr, orig)
 
 
@@ -69,16 +73,7 @@ def _parts(run: Callable[[], Any]) -> dict[str, float]:
         found = rule_for(module)
         if found is None:
             return None
-        rule, key = found[0], f"rule: {found[0].__name__.strip('_')}"
-
-        def timed_rule(*args, **kwargs):
-            t0 = time.perf_counter()
-            try:
-                return rule(*args, **kwargs)
-            finally:
-                spent[key] += time.perf_counter() - t0
-
-        return (timed_rule, *found[1:])
+        return (_timed(found[0], f"rule: {found[0].__name__.strip('_')}", spent), *found[1:])
 
     hooks._rule_for = timed_rule_for
     undo.append(lambda: setattr(hooks, "_rule_for", rule_for))
