@@ -23,7 +23,8 @@ def test_nlp_smoke_end_to_end(tmp_path):
     out = main(["--config", "smoke", "--out", str(tmp_path)])
     runs = _read(out / "runs.csv")
     methods = {r["method"] for r in runs}
-    expected = {"lora", "lora_fish", "lora_rand", "lora_rev", "lora_fish_25", "fish_mask", "fish_row", "jsdrift", "full"}
+    expected = {"lora", "lora_fish", "lora_rand", "lora_rev", "lora_fish_25", "fish_mask", "fish_row", "fish_head", "jsdrift",
+                "full"}
     if "ird" in gradsel.list_policies():
         expected.add("ird")
     assert methods == expected
@@ -44,6 +45,10 @@ def test_nlp_smoke_end_to_end(tmp_path):
     assert by["fish_row"]["trainable params"] == by["fish_mask"]["trainable params"]
     assert int(by["fish_row"]["row-sparse layers"]) > 0
     assert 0 < int(by["fish_row"]["rows trained"]) < int(by["fish_row"]["rows"])
+    # fish_head: the same budget with attention rows taken a head at a time, so other rows than fish_row's
+    assert by["fish_head"]["trainable params"] == by["fish_mask"]["trainable params"]
+    assert int(by["fish_head"]["row-sparse layers"]) > 0
+    assert by["fish_head"]["rows trained"] != by["fish_row"]["rows trained"]
     # jsdrift froze whole groups in four steps; what froze did not move afterwards (digest at the freeze)
     js = by["jsdrift"]
     assert int(js["groups frozen"]) >= 1 and float(js["final trainable share"]) < 1.0
@@ -109,6 +114,10 @@ def test_segmentation_smoke_end_to_end(tmp_path):
     assert by["fish"]["trainable params"] == by["random"]["trainable params"] == by["reverse"]["trainable params"]
     assert int(by["fish"]["trainable params"]) < int(by["fish_large"]["trainable params"])
     assert float(by["jsdrift"]["final trainable share"]) < 1.0  # the smoke config makes it freeze something
+    # jsdrift_encoder freezes encoder stages only: the decoder's share (everything outside the encoder) stays
+    enc = by["jsdrift_encoder"]
+    assert int(enc["groups frozen"]) >= 1 and all(g.startswith("encoder.") for g in enc["freeze steps"].split())
+    assert float(enc["final trainable share"]) >= float(by["decoder_only"]["trainable share"])
     # fish_row: fish's budget by whole output channels, sparse optimizer state, channel-sparse backward
     assert by["fish_row"]["trainable params"] == by["fish"]["trainable params"]
     assert int(by["fish_row"]["optimizer state elements"]) == int(by["fish_row"]["trainable params"])

@@ -15,6 +15,8 @@ Methods (``fish.methods`` in the config):
 - ``fish_row``: FISH on the full model at ``fish.mask_keep`` by whole rows (``granularity="row"``: output
   rows of the Linear weights with their bias entries), trained through :func:`gradsel.rowsparse.row_sparse`
   so that backward forms the weight gradient of the selected rows only;
+- ``fish_head``: ``fish_row`` with the attention projections' rows taken a head at a time
+  (``granularity="head"``), trained the same way;
 - ``ird``: IRD on the full model at ``fish.ird_keep`` (when the policy is registered);
 - ``jsdrift``: progressive freezing from full fine-tuning (its learning rate, ``training.lr.full``), with
   the options of ``jsdrift:`` in the config (by default ``preset: fast``: the training gradients as the
@@ -57,8 +59,9 @@ from .model import load_model, tiny_model
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
 ALL_METHODS = ["lora", "lora_fish", "lora_rand", "lora_rev", "lora_fish_25", "lora_fish_nowarm", "fish_mask",
-               "fish_row", "ird", "jsdrift", "full"]
-MASK_POLICY = {"fish_mask": "fish", "fish_row": "fish", "ird": "ird"}
+               "fish_row", "fish_head", "ird", "jsdrift", "full"]
+MASK_POLICY = {"fish_mask": "fish", "fish_row": "fish", "fish_head": "fish", "ird": "ird"}
+GRANULARITY = {"fish_row": "row", "fish_head": "head"}  # structured budgets, trained through row_sparse
 PATHS = ("dense", "sparse")
 LORA_POLICY = {"lora_fish": "fish", "lora_rand": "random", "lora_rev": "reverse", "lora_fish_25": "fish",
                "lora_fish_nowarm": "fish"}
@@ -186,8 +189,8 @@ def run_one(cfg: dict, method: str, seed: int) -> dict:
             policy = MASK_POLICY[method]
             keep = fi["ird_keep"] if method == "ird" else fi["mask_keep"]
             params = [n for n, _ in model.named_parameters() if n not in always]
-            if method == "fish_row":
-                options["granularity"] = "row"
+            if method in GRANULARITY:
+                options["granularity"] = GRANULARITY[method]
         if policy == "ird":
             options.update(fi.get("ird_options", {}))
         selection = gradsel.select(model, probe if policy != "random" else None, policy, keep=keep, params=params,
@@ -217,7 +220,7 @@ def run_one(cfg: dict, method: str, seed: int) -> dict:
                      if p.requires_grad}
     trainable = common.trainable_count(model, masks)
     lr = tr["lr"]["lora" if kind == "lora" else "full" if kind == "jsdrift" else kind]
-    result = _fit(model, train, cfg, seed, lr, selection, path, row=method == "fish_row")
+    result = _fit(model, train, cfg, seed, lr, selection, path, row=method in GRANULARITY)
     unchanged, changed = common.frozen_unchanged(model, before, trainable_now)
     unchanged = unchanged and result.pop("frozen unchanged", True)
     acc = _accuracy(model, test, tr.get("eval_batch_size", 128))

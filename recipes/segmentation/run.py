@@ -21,7 +21,11 @@ Methods (``methods`` in the config):
 - ``ird``: IRD over the encoder at ``fish.keep``;
 - ``jsdrift``: progressive freezing of encoder stages and decoder blocks (head never frozen), with the
   options of the config's ``jsdrift:`` (e.g. ``preset: fast``: the training gradients as the signal,
-  freezing from the input side; without a preset, jsdrift's defaults, as the published table ran).
+  freezing from the input side; without a preset, jsdrift's defaults, as the published table ran);
+- ``jsdrift_encoder``: the same over the encoder's stages only, with ``floor=0``: the pretrained encoder
+  freezes stage by stage while the decoder and head, which start from random weights, train throughout
+  (``always=``). Freezing a randomly initialised decoder halfway stops it learning; the systems that
+  report savings from freezing (FreezeOut, AutoFreeze, Egeria) freeze pretrained layers from the input side.
 
 Warm-up (``fish.warmup_steps``): the decoder and head are new, so gradients reaching the encoder at
 initialisation are shaped by a random decoder. The recipe trains the decoder and head alone for that many
@@ -51,7 +55,7 @@ from .model import build_unet, encoder_groups, input_norm
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
 ALL_METHODS = ["full", "decoder_only", "fish", "fish_large", "fish_nowarm", "fish_row", "random", "reverse", "ird",
-               "jsdrift"]
+               "jsdrift", "jsdrift_encoder"]
 STATIC = {"fish": "fish", "fish_large": "fish", "fish_nowarm": "fish", "fish_row": "fish", "random": "random",
           "reverse": "reverse", "ird": "ird"}
 SHOW = 3  # examples per split in the overlay figure
@@ -145,14 +149,19 @@ def run_one(cfg: dict, method: str, seed: int, out: str) -> dict:
                                    progress=cfg.get("progress", True), **options)
         model.load_state_dict(start)  # the warm-up informed the scores only
         fisher_time = time.perf_counter() - t0
-    elif method == "jsdrift":
+    elif method in ("jsdrift", "jsdrift_encoder"):
         js = dict(cfg.get("jsdrift", {}))
         groups = encoder_groups(model)
         groups.pop("head", None)
+        if method == "jsdrift_encoder":  # the new decoder trains throughout; every encoder stage may freeze
+            groups = {g: ns for g, ns in groups.items() if g.startswith("encoder.")}
+            js["floor"] = 0
+            params, always = encoder, new_parts
+        else:
+            params, always = [n for n in names if n not in head], head
         policy = JSDrift(groups=groups, probe=probe, **js)
         t0 = time.perf_counter()
-        selection = gradsel.select(model, None, policy, params=[n for n in names if n not in head], always=head,
-                                   seed=seed, progress=False)
+        selection = gradsel.select(model, None, policy, params=params, always=always, seed=seed, progress=False)
         fisher_time = time.perf_counter() - t0
     elif method != "full":
         raise GradselError(f"unknown method {method!r}: choose from {ALL_METHODS}")
@@ -226,7 +235,7 @@ def run_one(cfg: dict, method: str, seed: int, out: str) -> dict:
     if seed == cfg["seeds"][0]:
         np.savez_compressed(out_dir / f"pred_{method}.npz", **preds)
         if history is not None:
-            (out_dir / f"jsdrift_history_seed{seed}.json").write_text(json.dumps(history))
+            (out_dir / f"{method}_history_seed{seed}.json").write_text(json.dumps(history))
     return row
 
 
