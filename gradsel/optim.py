@@ -56,6 +56,23 @@ def _flat_index(mask: torch.Tensor, param: torch.Tensor) -> torch.Tensor | None:
     return mask.reshape(-1).nonzero().squeeze(1).to(dtype=dtype, device=param.device)
 
 
+#: elements per piece of the element-wise update: the square-root temporary of a large tensor (a 30k x 384
+#: embedding: 45 MiB, and torch's ``sqrt() / c`` makes two) stays at 4 MiB
+CHUNK = 1 << 20
+
+
+def _chunks(tensors: list[torch.Tensor]):
+    """The same-shaped ``tensors`` as aligned flat pieces of at most :data:`CHUNK` elements (whole when small or
+    when one of them is not contiguous)."""
+    n = tensors[0].numel()
+    if n <= CHUNK or not all(t.is_contiguous() for t in tensors):
+        yield tensors
+        return
+    flats = [t.view(-1) for t in tensors]
+    for start in range(0, n, CHUNK):
+        yield [f[start:start + CHUNK] for f in flats]
+
+
 def _flat(t: torch.Tensor) -> torch.Tensor:
     if not t.is_contiguous():
         raise GradselError(f"SparseAdamW needs contiguous parameters and gradients (got strides {t.stride()} for "
@@ -269,20 +286,18 @@ class SparseAdamW(torch.optim.Optimizer):
                 target = _local(p) if idx is None else _flat(_local(p)).index_select(0, idx)
                 state["step"] += 1
                 step = state["step"].item()
-                if wd != 0:
-                    target.mul_(1 - lr * wd)
-                exp_avg.lerp_(grad, 1 - beta1)
-                exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-                bias_correction1 = 1 - beta1**step
-                bias_correction2 = 1 - beta2**step
-                step_size = lr / bias_correction1
-                bias_correction2_sqrt = bias_correction2**0.5
-                if amsgrad:
-                    torch.maximum(state["max_exp_avg_sq"], exp_avg_sq, out=state["max_exp_avg_sq"])
-                    denom = (state["max_exp_avg_sq"].sqrt() / bias_correction2_sqrt).add_(eps)
-                else:
-                    denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
-                target.addcdiv_(exp_avg, denom, value=-step_size)
+                bias_correction2_sqrt = (1 - beta2**step) ** 0.5
+                step_size = lr / (1 - beta1**step)
+                tensors = [target, grad, exp_avg, exp_avg_sq] + ([state["max_exp_avg_sq"]] if amsgrad else [])
+                for t, g, m, v, *vmax in _chunks(tensors):  # element-wise: chunks change no bit of the result
+                    if wd != 0:
+                        t.mul_(1 - lr * wd)
+                    m.lerp_(g, 1 - beta1)
+                    v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+                    if vmax:
+                        torch.maximum(vmax[0], v, out=vmax[0])
+                    denom = (vmax[0] if vmax else v).sqrt().div_(bias_correction2_sqrt).add_(eps)
+                    t.addcdiv_(m, denom, value=-step_size)
                 if idx is not None:
                     _flat(_local(p)).scatter_(0, idx.long(), target)
         return loss
