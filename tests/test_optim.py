@@ -43,7 +43,9 @@ def _trajectory(case, steps, sparse, keep=0.05, **kw):
     if sparse:
         opt, handle = sparse_adamw(sel, model, lr=1e-2, weight_decay=0.1, **kw), None
     else:
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+        fused = kw.get("fused", True)  # the reference runs the arithmetic SparseAdamW runs
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1,
+                                **({"fused": True} if fused else {"foreach": False}))
         handle = sel.apply(model, opt)
     model.train()
     for batch in batches:
@@ -55,10 +57,14 @@ def _trajectory(case, steps, sparse, keep=0.05, **kw):
     return sel, start, model, opt
 
 
-@pytest.mark.parametrize("case,steps", [("bert", 100), ("unet", 100)])
-def test_trajectory_equals_dense_adamw_with_the_selection_applied(case, steps):
-    sel, start, dense, _ = _trajectory(case, steps, sparse=False)
-    _, _, sparse, opt = _trajectory(case, steps, sparse=True)
+# The single-tensor arithmetic gives every element the same bits wherever it sits, so the trajectories agree
+# over 100 steps. The fused kernel's vectorised body and scalar tail round differently (one ulp), and on
+# these small models one ulp grows to 1e-2 within ten steps, so its trajectory is compared over three.
+@pytest.mark.parametrize("case,steps,fused", [("bert", 100, False), ("unet", 100, False), ("bert", 3, True),
+                                              ("unet", 3, True)])
+def test_trajectory_equals_dense_adamw_with_the_selection_applied(case, steps, fused):
+    sel, start, dense, _ = _trajectory(case, steps, sparse=False, fused=fused)
+    _, _, sparse, opt = _trajectory(case, steps, sparse=True, fused=fused)
     worst = max((a.double() - b.double()).abs().max().item()
                 for a, b in zip(dense.state_dict().values(), sparse.state_dict().values()))
     assert worst <= 1e-6, f"{case}: max abs difference {worst} after {steps} steps"
@@ -158,11 +164,13 @@ def test_amsgrad_maximize_and_no_decay_group_match_torch():
     assert not torch.equal(a[0].weight, M.mlp()[0].weight)
 
 
-@pytest.mark.parametrize("amsgrad", [False, True])
-def test_tensors_larger_than_a_chunk_update_bit_for_bit_like_torch(monkeypatch, amsgrad):
-    """A large tensor is updated in pieces (so its square-root temporary stays small): the pieces must give
-    torch's single-tensor AdamW bit for bit, for a fully trained tensor and for a masked one, including a
-    last piece shorter than the rest."""
+@pytest.mark.parametrize("fused,amsgrad,maximize", [(True, False, False), (True, True, True), (False, False, False),
+                                                     (False, True, False)])
+def test_updates_are_torchs_adamw_bit_for_bit(monkeypatch, fused, amsgrad, maximize):
+    """The default path is torch's fused AdamW kernel, the other its single-tensor update in pieces (so that the
+    square-root temporary of a large tensor stays small; a last piece shorter than the rest here): each gives
+    the matching torch optimizer bit for bit on the trained elements, for a whole tensor and a masked one,
+    and leaves the masked elements untouched."""
     import gradsel.optim as optim
 
     monkeypatch.setattr(optim, "CHUNK", 64)
@@ -171,9 +179,9 @@ def test_tensors_larger_than_a_chunk_update_bit_for_bit_like_torch(monkeypatch, 
     mask = torch.rand(29, 13, generator=g) < 0.6  # 200+ selected elements: several pieces
     ours = [nn.Parameter(dense.clone()), nn.Parameter(masked.clone())]
     theirs = [nn.Parameter(dense.clone()), nn.Parameter(masked.clone())]
-    kw = dict(lr=0.05, weight_decay=0.1, amsgrad=amsgrad)
-    opt = SparseAdamW([ours[0], (ours[1], mask)], **kw)
-    ref = torch.optim.AdamW(theirs, foreach=False, **kw)
+    kw = dict(lr=0.05, weight_decay=0.1, amsgrad=amsgrad, maximize=maximize)
+    opt = SparseAdamW([ours[0], (ours[1], mask)], fused=fused, **kw)
+    ref = torch.optim.AdamW(theirs, **({"fused": True} if fused else {"foreach": False}), **kw)
     for _ in range(5):
         grads = [torch.randn(t.shape, generator=g) for t in ours]
         for a, b, gr in zip(ours, theirs, grads):
@@ -182,10 +190,11 @@ def test_tensors_larger_than_a_chunk_update_bit_for_bit_like_torch(monkeypatch, 
         before = theirs[1].detach().clone()
         opt.step()
         ref.step()
-        with torch.no_grad():  # the reference moves masked entries by weight decay and moments: put them back
+        with torch.no_grad():  # the reference moves masked entries by weight decay: put them back
             theirs[1][~mask] = before[~mask]
     assert torch.equal(ours[0], theirs[0])
     assert torch.equal(ours[1][mask], theirs[1][mask]) and torch.equal(ours[1][~mask], masked[~mask])
+    assert not torch.equal(ours[0], dense)
 
 
 def test_compact_grads_accumulate_and_clip_like_the_masked_dense_path():
