@@ -23,8 +23,8 @@ def test_nlp_smoke_end_to_end(tmp_path):
     out = main(["--config", "smoke", "--out", str(tmp_path)])
     runs = _read(out / "runs.csv")
     methods = {r["method"] for r in runs}
-    expected = {"lora", "lora_fish", "lora_rand", "lora_rev", "lora_fish_25", "fish_mask", "fish_row", "fish_head", "jsdrift",
-                "full"}
+    expected = {"lora", "lora_fish", "lora_rand", "lora_rev", "lora_fish_25", "fish_mask", "fish_row", "fish_head",
+                "jsdrift", "full"}
     if "ird" in gradsel.list_policies():
         expected.add("ird")
     assert methods == expected
