@@ -107,6 +107,24 @@ def test_max_train_and_max_test_are_stratified_subsets(name):
     assert sorted(big.train_texts) == sorted(full.train_texts)
 
 
+def test_validation_comes_from_the_unused_training_examples_and_leaves_train_alone():
+    plain = data.make_task("sentiment", seed=3, max_train=200, max_test=50)
+    task = data.make_task("sentiment", seed=3, max_train=200, max_test=50, validation=80)
+    assert (task.train_texts, task.test_texts) == (plain.train_texts, plain.test_texts)
+    assert plain.val_texts == [] and len(task.val_texts) == len(task.val_labels) == len(task.val_movies) == 80
+    pool = data.make_task("sentiment", seed=3)
+    assert set(task.val_texts) <= set(pool.train_texts)  # from the training split ...
+    assert set(task.val_texts).isdisjoint(task.train_texts)  # ... but none of its training examples
+    assert set(task.val_movies).isdisjoint(task.test_movies)
+    share = sum(pool.train_labels) / len(pool.train_labels)
+    assert abs(sum(task.val_labels) / 80 - share) <= 1 / 80 + 1e-9  # stratified
+    assert "val       80 examples" in task.summary()
+    with pytest.raises(GradselError, match="validation=.*more examples"):
+        data.make_task("sentiment", seed=3, max_train=200, validation=10**6)
+    with pytest.raises(GradselError, match="validation must be"):
+        data.make_task("sentiment", validation=-1)
+
+
 def test_balanced_gives_equal_label_counts():
     task = data.make_task("review_vs_plot", balanced=True, seed=1)
     for labels in (task.train_labels, task.test_labels):

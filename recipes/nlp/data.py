@@ -111,6 +111,8 @@ class Task:
         label_names: Name of each label, indexed by label.
         train_texts, train_labels, test_texts, test_labels: The examples, in a seeded random order.
         train_movies, test_movies: The movie of each example (no movie is in both).
+        val_texts, val_labels, val_movies: A validation split (empty unless asked for): training-split examples that are
+            not among the training examples, so it shares no movie with test and leaves train unchanged.
     """
 
     name: str
@@ -121,6 +123,9 @@ class Task:
     test_labels: list[int]
     train_movies: list[str] = field(repr=False)
     test_movies: list[str] = field(repr=False)
+    val_texts: list[str] = field(default_factory=list, repr=False)
+    val_labels: list[int] = field(default_factory=list, repr=False)
+    val_movies: list[str] = field(default_factory=list, repr=False)
 
     def summary(self) -> str:
         """One line per split: size, examples per label, number of movies."""
@@ -128,7 +133,7 @@ class Task:
         for split, labels, movies in (
             ("train", self.train_labels, self.train_movies),
             ("test", self.test_labels, self.test_movies),
-        ):
+        ) + ((("val", self.val_labels, self.val_movies),) if self.val_labels else ()):
             counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=len(self.label_names))
             balance = ", ".join(
                 f"{name} {c} ({c / max(len(labels), 1):.1%})" for name, c in zip(self.label_names, counts)
@@ -195,6 +200,7 @@ def make_task(
     max_train: int | None = None,
     max_test: int | None = None,
     balanced: bool = False,
+    validation: int = 0,
 ) -> Task:
     """Build a binary task from the corpus, split by movie.
 
@@ -209,6 +215,8 @@ def make_task(
         max_train: Keep at most this many training examples, stratified by label.
         max_test: Keep at most this many test examples, stratified by label.
         balanced: Downsample each split to equal label counts (before ``max_train`` / ``max_test``).
+        validation: Draw this many validation examples, stratified by label, from the training split's
+            examples that ``max_train`` left out (the training examples are the same with and without it).
 
     Returns:
         The :class:`Task`; the same arguments give the same task.
@@ -220,6 +228,8 @@ def make_task(
         raise GradselError(f"unknown task {task!r}; expected one of {sorted(TASKS)}")
     if not 0.0 < test_fraction < 1.0:
         raise GradselError(f"test_fraction must be strictly between 0 and 1, got {test_fraction}")
+    if not (isinstance(validation, int) and validation >= 0):
+        raise GradselError(f"validation must be a number of examples >= 0, got {validation!r}")
     for name, value in (("max_train", max_train), ("max_test", max_test)):
         if value is not None and value < 2:
             raise GradselError(f"{name} must be None or at least 2 (one example per label), got {value}")
@@ -239,6 +249,15 @@ def make_task(
             idx = _balance(idx, labels, rng)
         parts.append(_subsample(idx, labels, cap, rng))
     train, test = parts
+    val = np.zeros(0, dtype=np.int64)
+    if validation:
+        left = np.setdiff1d(np.flatnonzero(~test_mask), train)
+        if balanced:
+            left = _balance(left, labels, np.random.default_rng([seed, 3]))
+        if len(left) < validation:
+            raise GradselError(f"validation={validation} asks for more examples than the training split has left "
+                               f"after max_train={max_train} ({len(left)}): lower one of them")
+        val = _subsample(left, labels, validation, np.random.default_rng([seed, 3]))
     for split, idx in (("train", train), ("test", test)):
         missing = set(range(len(label_names))) - set(labels[idx].tolist())
         if missing:
@@ -255,6 +274,9 @@ def make_task(
         test_labels=labels[test].tolist(),
         train_movies=movies[train].tolist(),
         test_movies=movies[test].tolist(),
+        val_texts=texts[val].tolist(),
+        val_labels=labels[val].tolist(),
+        val_movies=movies[val].tolist(),
     )
 
 

@@ -76,7 +76,8 @@ def _collate(items):
 def _data(cfg: dict):
     d = cfg["dataset"]
     task = make_task(d.get("task", "sentiment"), seed=d.get("split_seed", 0), max_train=d.get("max_train"),
-                     max_test=d.get("max_test"), balanced=d.get("balanced", False))
+                     max_test=d.get("max_test"), balanced=d.get("balanced", False),
+                     validation=d.get("validation", 0))
     return task
 
 
@@ -126,11 +127,20 @@ def _path(cfg: dict) -> str:
     return path
 
 
-def _jsdrift_policy(cfg: dict):
+def _jsdrift_policy(cfg: dict, method: str = "jsdrift"):
     from gradsel.policies.jsdrift import JSDrift
 
-    options = dict(cfg.get("jsdrift") or {"preset": "fast"})
-    return JSDrift(**options)
+    base = dict(cfg.get("jsdrift") or {"preset": "fast"})
+    return JSDrift(**{**base, **(cfg.get("jsdrift_variants") or {}).get(method, {})})
+
+
+def _methods(cfg: dict) -> list[str]:
+    """Every method name this config may run: the built-in ones and its ``jsdrift_variants``."""
+    variants = list(cfg.get("jsdrift_variants") or {})
+    bad = [v for v in variants if not v.startswith("jsdrift_")]
+    if bad:
+        raise GradselError(f"jsdrift_variants {bad}: a variant's name must start with 'jsdrift_' (it is a method name)")
+    return ALL_METHODS + variants
 
 
 def run_one(cfg: dict, method: str, seed: int) -> dict:
@@ -144,7 +154,7 @@ def run_one(cfg: dict, method: str, seed: int) -> dict:
     train = encode(tokenizer, task.train_texts, task.train_labels, max_length=d.get("max_length", 64))
     test = encode(tokenizer, task.test_texts, task.test_labels, max_length=d.get("max_length", 64))
     kind = ("lora" if method.startswith("lora") else "full" if method == "full" else
-            "jsdrift" if method == "jsdrift" else "mask")
+            "jsdrift" if method.startswith("jsdrift") else "mask")
     base_count = lora_count(model, lo["baseline_rank"], lo["target_modules"])
     head = [n for n, _ in model.named_parameters() if n.startswith("classifier.")]
     head_count = sum(model.get_parameter(n).numel() for n in head)
@@ -200,7 +210,7 @@ def run_one(cfg: dict, method: str, seed: int) -> dict:
         fisher_time = time.perf_counter() - t0
         budget = selection.budget + sum(model.get_parameter(n).numel() for n in always)
     if kind == "jsdrift":
-        policy = _jsdrift_policy(cfg)
+        policy = _jsdrift_policy(cfg, method)
         probe = None
         if policy.options["source"] == "probe":
             pick = torch.randperm(len(train), generator=torch.Generator().manual_seed(10_000 + seed))
@@ -224,6 +234,9 @@ def run_one(cfg: dict, method: str, seed: int) -> dict:
     unchanged, changed = common.frozen_unchanged(model, before, trainable_now)
     unchanged = unchanged and result.pop("frozen unchanged", True)
     acc = _accuracy(model, test, tr.get("eval_batch_size", 128))
+    if task.val_labels:
+        val = encode(tokenizer, task.val_texts, task.val_labels, max_length=d.get("max_length", 64))
+        result["validation accuracy"] = _accuracy(model, val, tr.get("eval_batch_size", 128))
     artifact = _artifact_bytes(model, selection if kind != "jsdrift" else None, base_state)
     steps = max(result["steps"], 1)
     row = {"method": method, "seed": seed, "accuracy": acc, "trainable params": trainable, "budget": budget,
@@ -401,9 +414,10 @@ def main(argv: list[str] | None = None) -> Path:
     name, cfg = common.load_config(args.config, CONFIGS)
     common.override(cfg, max_steps=args.max_steps, seeds=args.seeds)
     methods = args.methods or cfg["fish"]["methods"]
-    unknown = [m for m in methods if m not in ALL_METHODS]
+    known = _methods(cfg)
+    unknown = [m for m in methods if m not in known]
     if unknown:
-        raise GradselError(f"unknown methods {unknown}: choose from {ALL_METHODS}")
+        raise GradselError(f"unknown methods {unknown}: choose from {known}")
     if "ird" in methods and "ird" not in gradsel.list_policies():
         print("policy 'ird' is not registered in this gradsel: skipping the ird row")
         methods = [m for m in methods if m != "ird"]
@@ -419,14 +433,18 @@ def main(argv: list[str] | None = None) -> Path:
     wall = time.perf_counter() - t0
     agg = common.aggregate(rows, ["accuracy", "train time (s)", "train CPU (s)", "step (s)", "peak train MiB", "fisher time (s)",
                                   "artifact MiB", "optimizer state MiB", "grad MiB", "mean trainable share",
-                                  "signal share", "run time (s)"],
+                                  "signal share", "run time (s)", "validation accuracy"],
                            ["trainable params", "budget", "path"])
     common.write_csv(agg, out / "summary.csv")
-    md = common.summary_table(agg, COLUMNS, markdown=True)
+    columns = COLUMNS
+    if any("validation accuracy" in r for r in rows):  # the config carved a validation split
+        columns = COLUMNS[:5] + [("validation accuracy", "", lambda r: common.pm(r["validation accuracy"],
+                                                                              r["validation accuracy std"]))] + COLUMNS[5:]
+    md = common.summary_table(agg, columns, markdown=True)
     (out / "summary.md").write_text(f"# NLP recipe: {name}\n\nTask: {rows[0]['task']}; wall time {wall:.0f} s.\n\n{md}\n")
     common.plot_xy(agg, "trainable params", "accuracy", out / "accuracy_vs_params.png",
                    xlabel="trainable parameters (counted from masks and requires_grad)", ylabel="test accuracy",
                    title=f"MiniLM on Rotten Tomatoes ({name})")
-    print(common.summary_table(agg, COLUMNS, markdown=False))
+    print(common.summary_table(agg, columns, markdown=False))
     print(f"\nwall time {wall:.0f} s; results in {out}/")
     return out
