@@ -54,11 +54,11 @@ def _args(out, **kw):
     return TrainingArguments(**base)
 
 
-def _train(selection, out, *, sparse: bool, stop_at=None, resume=None, extra=()):
+def _train(selection, out, *, sparse: bool, stop_at=None, resume=None, extra=(), **callback_options):
     """One Trainer run on a fresh BERT; returns (model, trainer, callback)."""
     model = M.bert()
     args = _args(out, save_strategy="steps" if stop_at else "no", save_steps=stop_at or 500)
-    callback = GradselCallback(selection)
+    callback = GradselCallback(selection, **callback_options)
     optimizers = (sparse_trainer_optimizer(selection, model, args), None) if sparse else (None, None)
     callbacks = [callback, *extra] + ([_StopAt(stop_at)] if stop_at else [])
     trainer = Trainer(model=model, args=args, train_dataset=_rows(), optimizers=optimizers, callbacks=callbacks)
@@ -131,6 +131,8 @@ def test_training_stops_when_the_handle_is_done(tmp_path, monkeypatch):
     monkeypatch.setattr(MaskHandle, "done", property(lambda self: self.steps >= 3), raising=False)
     _, trainer, _ = _train(_selection("fish"), tmp_path, sparse=True)
     assert trainer.state.global_step == 3
+    _, trainer, _ = _train(_selection("fish"), tmp_path / "all", sparse=True, stop_when_done=False)
+    assert trainer.state.global_step == STEPS > 3  # the steps the arguments asked for
 
 
 def test_set_mask_shrinks_the_state_like_a_guarded_dense_adamw():

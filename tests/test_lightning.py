@@ -63,10 +63,10 @@ class _StopAt(L.Callback):
             trainer.should_stop = True
 
 
-def _fit(selection, *, sparse, steps, ckpt=None, save=None, extra=()):
+def _fit(selection, *, sparse, steps, ckpt=None, save=None, extra=(), **callback_options):
     """Fit a fresh Net; ``save=(folder, step)`` writes a Lightning checkpoint at that step and stops there."""
     net = Net(selection, sparse)
-    callbacks = [GradselCallback(selection, module="model"), *extra]
+    callbacks = [GradselCallback(selection, module="model", **callback_options), *extra]
     if save is not None:
         from lightning.pytorch.callbacks import ModelCheckpoint
 
@@ -165,3 +165,16 @@ def test_training_stops_when_jsdrift_is_done():
     assert set(sel.info["jsdrift"]["frozen"].values()) == {4}
     assert len(sel.info["jsdrift"]["frozen"]) == 5  # the default floor keeps one of the six tensors
     assert trainer.global_step == 4  # handle.done stopped training
+
+
+def test_stop_when_done_false_trains_the_floor_for_every_step():
+    sel = _jsdrift(rule="threshold", threshold=1.0, patience=1, blocks=1, floor=None)
+    model, trainer = _fit(sel, sparse=True, steps=12, stop_when_done=False)
+    assert set(sel.info["jsdrift"]["frozen"].values()) == {4} and len(sel.info["jsdrift"]["frozen"]) == 5
+    assert trainer.global_step == 12
+    kept = [n for n, m in sel.masks.items() if bool(m.any())]
+    assert len(kept) == 1  # the floor's tensor ...
+    stopped, _ = _fit(_jsdrift(rule="threshold", threshold=1.0, patience=1, blocks=1, floor=None), sparse=True,
+                      steps=12)
+    for n in sel.masks:
+        assert torch.equal(model.get_parameter(n), stopped.get_parameter(n)) == (n != kept[0])  # ... moved after step 4

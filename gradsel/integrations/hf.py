@@ -70,17 +70,21 @@ class GradselCallback(TrainerCallback):
     :class:`gradsel.optim.SparseAdamW` (see :func:`sparse_trainer_optimizer`) only the gradient masking is
     applied (the optimizer never writes outside the selection) and the optimizer follows the masks that a
     progressive policy shrinks. When the handle reports ``done`` (a progressive policy froze everything it
-    may), training stops.
+    may), training stops, unless ``stop_when_done=False``.
 
     Args:
         selection: the selection to train.
         resume_from: the checkpoint folder to read the selection state from when resuming; by default
             ``args.resume_from_checkpoint`` or ``{output_dir}/checkpoint-{global_step}``.
+        stop_when_done: stop training once the handle reports ``done`` (default). ``False`` trains for the
+            steps the ``TrainingArguments`` ask for, what the policy left trainable (the floor) included.
     """
 
-    def __init__(self, selection: Selection, resume_from: str | os.PathLike | None = None):
+    def __init__(self, selection: Selection, resume_from: str | os.PathLike | None = None,
+                 stop_when_done: bool = True):
         self.selection = selection
         self.resume_from = resume_from
+        self.stop_when_done = stop_when_done
         self.handle = None
         self.sparse: SparseAdamW | None = None
         self._seen: dict[str, torch.Tensor] = {}
@@ -145,7 +149,7 @@ class GradselCallback(TrainerCallback):
             return
         self.handle.step()
         self._sync()
-        if getattr(self.handle, "done", False) and not control.should_training_stop:
+        if self.stop_when_done and getattr(self.handle, "done", False) and not control.should_training_stop:
             logger.warning("gradsel: the progressive policy has frozen every group it may freeze (handle.done); "
                            "stopping training at step %d", state.global_step)
             control.should_training_stop = True

@@ -53,17 +53,20 @@ class GradselCallback(Callback):
     With a torch optimizer from ``configure_optimizers`` the masked entries are guarded; with
     :func:`sparse_optimizer` only the gradients are masked (so ``gradient_clip_val`` sees the selected entries)
     and the optimizer follows the masks a progressive policy shrinks. When the handle reports ``done``,
-    ``trainer.should_stop`` is set.
+    ``trainer.should_stop`` is set, unless ``stop_when_done=False``.
 
     Args:
         selection: the selection to train.
         module: the attribute of the LightningModule that holds the model the selection was made for
             (e.g. ``"model"``); default: the LightningModule itself.
+        stop_when_done: stop training once the handle reports ``done`` (default); ``False`` trains for the
+            steps the Trainer was given, what the policy left trainable included.
     """
 
-    def __init__(self, selection: Selection, module: str | None = None):
+    def __init__(self, selection: Selection, module: str | None = None, stop_when_done: bool = True):
         self.selection = selection
         self.module = module
+        self.stop_when_done = stop_when_done
         self.handle = None
         self.sparse: SparseAdamW | None = None
         self._pending: dict | None = None
@@ -115,7 +118,7 @@ class GradselCallback(Callback):
         self._seen_step = trainer.global_step
         self.handle.step()
         self._sync()
-        if getattr(self.handle, "done", False) and not trainer.should_stop:
+        if self.stop_when_done and getattr(self.handle, "done", False) and not trainer.should_stop:
             logger.warning("gradsel: the progressive policy has frozen every group it may freeze (handle.done); "
                            "stopping training at step %d", trainer.global_step)
             trainer.should_stop = True

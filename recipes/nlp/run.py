@@ -21,8 +21,15 @@ Methods (``fish.methods`` in the config):
 - ``jsdrift``: progressive freezing from full fine-tuning (its learning rate, ``training.lr.full``), with
   the options of ``jsdrift:`` in the config (by default ``preset: fast``: the training gradients as the
   signal, freezing from the input side); the head is never frozen. A tensor that froze whole is checked
-  (by a digest taken when it froze) not to move afterwards;
+  (by a digest taken when it froze) not to move afterwards. Training stops once the policy reports
+  ``done`` (every group it may freeze froze), as ``GradselCallback`` does by default;
+- ``jsdrift_<name>``: a variant: ``jsdrift:`` updated by ``jsdrift_variants.<name>`` of the config (policy
+  options, and ``stop_when_done: false`` to train the floor for every step);
 - ``full``: full fine-tuning, the reference.
+
+``dataset.validation: N`` draws N validation snippets from the training split's snippets that
+``max_train`` leaves out (the training snippets stay the same) and reports each run's validation
+accuracy beside the test accuracy: a place to choose options that is not the test set.
 
 ``training.path`` says how a selection trains: ``dense`` (the Trainer's AdamW over every parameter, the
 masked entries guarded: what the published ``full`` / ``full_scaled`` tables ran, and the default when the
@@ -127,11 +134,17 @@ def _path(cfg: dict) -> str:
     return path
 
 
+def _jsdrift_options(cfg: dict, method: str = "jsdrift") -> dict:
+    """``jsdrift:`` of the config, updated by the method's entry in ``jsdrift_variants``."""
+    return {**(cfg.get("jsdrift") or {"preset": "fast"}), **(cfg.get("jsdrift_variants") or {}).get(method, {})}
+
+
 def _jsdrift_policy(cfg: dict, method: str = "jsdrift"):
     from gradsel.policies.jsdrift import JSDrift
 
-    base = dict(cfg.get("jsdrift") or {"preset": "fast"})
-    return JSDrift(**{**base, **(cfg.get("jsdrift_variants") or {}).get(method, {})})
+    options = _jsdrift_options(cfg, method)
+    options.pop("stop_when_done", None)  # the callback's option, not the policy's
+    return JSDrift(**options)
 
 
 def _methods(cfg: dict) -> list[str]:
@@ -230,7 +243,8 @@ def run_one(cfg: dict, method: str, seed: int) -> dict:
                      if p.requires_grad}
     trainable = common.trainable_count(model, masks)
     lr = tr["lr"]["lora" if kind == "lora" else "full" if kind == "jsdrift" else kind]
-    result = _fit(model, train, cfg, seed, lr, selection, path, row=method in GRANULARITY)
+    stop = _jsdrift_options(cfg, method).get("stop_when_done", True) if kind == "jsdrift" else True
+    result = _fit(model, train, cfg, seed, lr, selection, path, row=method in GRANULARITY, stop_when_done=stop)
     unchanged, changed = common.frozen_unchanged(model, before, trainable_now)
     unchanged = unchanged and result.pop("frozen unchanged", True)
     acc = _accuracy(model, test, tr.get("eval_batch_size", 128))
@@ -311,7 +325,7 @@ def _digest(t: torch.Tensor) -> str:
     return hashlib.blake2b(memoryview(t.detach().contiguous().numpy()).cast("B")).hexdigest()
 
 
-def _fit(model, train, cfg, seed, lr, selection, path: str, row: bool = False) -> dict:
+def _fit(model, train, cfg, seed, lr, selection, path: str, row: bool = False, stop_when_done: bool = True) -> dict:
     from transformers import Trainer, TrainingArguments
 
     from gradsel.integrations.hf import GradselCallback, sparse_trainer_optimizer
@@ -330,7 +344,7 @@ def _fit(model, train, cfg, seed, lr, selection, path: str, row: bool = False) -
             **({"activation_checkpointing": True} if tr.get("activation_checkpointing") else {}))
         callbacks, optimizers, gradsel_cb = [], (None, None), None
         if selection is not None:
-            gradsel_cb = GradselCallback(selection)
+            gradsel_cb = GradselCallback(selection, stop_when_done=stop_when_done)
             callbacks.append(gradsel_cb)
             if path == "sparse":
                 optimizers = (sparse_trainer_optimizer(selection, model, args), None)
