@@ -1,7 +1,8 @@
 """What the row-sparse backward saves: backward time against the selected row share, dense vs row-sparse.
 
 Run: ``python -m benchmarks.row_backward`` (``--quick`` for tiny sizes, a check that it runs; written to
-``row_backward_quick``). Writes ``benchmarks/results/row_backward.{md,json}`` (``_cuda`` on a GPU).
+``row_backward_quick``). Writes ``benchmarks/results/row_backward.{md,json}`` (``_1thread`` with
+``--threads 1``, the recipes' setting; ``_cuda`` on a GPU).
 
 For the BERT-from-config (4 layers, hidden 256, seq 64, batch 16) and the smp Unet-resnet18 (batch 8,
 128×128), every ``nn.Linear`` / ``nn.Conv2d`` weight gets a mask of whole rows (output rows / channels):
@@ -177,7 +178,8 @@ def main() -> None:
           "interleaved rounds. *no weight grad*: those weights frozen (the floor); *weight-grad ratio*: "
           "(row-sparse − floor) / (dense − floor), target ≤ 0.35 at a 25% share.\n\n"
           + md_table(rows, columns) + f"\n\nWeight-grad ratio at a 25% row share: {verdict}.\n")
-    write("row_backward_quick" if args.quick else "row_backward", rows, md, args.device)
+    name = "row_backward_quick" if args.quick else "row_backward"
+    write(name + ("_1thread" if args.threads == 1 and not args.quick else ""), rows, md, args.device)
 
 
 if __name__ == "__main__":
