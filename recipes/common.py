@@ -191,11 +191,30 @@ def dump_json(obj: Any, path: Path) -> None:
     path.write_text(json.dumps(obj, indent=2, default=str))
 
 
-def trainable_count(model: torch.nn.Module, masks: dict[str, torch.Tensor] | None) -> int:
-    """Elements that training can change: requires_grad parameters, counted through their masks."""
+def trainable_count(model: torch.nn.Module, masks: dict[str, torch.Tensor] | None,
+                    cache: dict | None = None) -> int:
+    """Elements that training can change: requires_grad parameters, counted through their masks.
+
+    ``cache`` (a dict the caller keeps between calls) remembers each mask's count until the mask changes (its
+    ``_version``, which in-place edits such as jsdrift's freezes bump), so counting every step costs no
+    pass over the masks: summing MiniLM's 22.7M mask elements took 0.12 s, a fifth of a jsdrift step.
+    """
     masks = masks or {}
-    return sum(int(masks[n].sum()) if n in masks else p.numel()
-               for n, p in model.named_parameters() if p.requires_grad)
+    total = 0
+    for n, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if n not in masks:
+            total += p.numel()
+            continue
+        m = masks[n]
+        seen = cache.get(n) if cache is not None else None
+        if seen is None or seen[0] is not m or seen[1] != m._version:  # holding m: its id is not reused
+            seen = (m, m._version, int(m.sum()))
+            if cache is not None:
+                cache[n] = seen
+        total += seen[2]
+    return total
 
 
 def frozen_unchanged(model: torch.nn.Module, before: dict[str, torch.Tensor], trainable: dict[str, Any]) -> tuple[bool, int]:

@@ -191,6 +191,42 @@ def test_configs_parse_and_name_known_methods(config):
         assert {"fish_row", "jsdrift", "fish", "random", "full", "decoder_only"} <= set(b["methods"])
 
 
+def test_long_val_config_names_its_variants_and_keeps_the_long_training():
+    from recipes import common
+    from recipes.nlp import run as nlp
+
+    _, val = common.load_config("long_val", nlp.CONFIGS)
+    _, long = common.load_config("long", nlp.CONFIGS)
+    assert set(val["fish"]["methods"]) <= set(nlp._methods(val)) and val["dataset"]["validation"] > 0
+    assert {k: v for k, v in val["dataset"].items() if k != "validation"} == long["dataset"]
+    assert (val["training"], val["seeds"], val["jsdrift"]) == (long["training"], long["seeds"], long["jsdrift"])
+    for name in val["jsdrift_variants"]:  # every variant builds a policy; the callback's option is not passed
+        nlp._jsdrift_policy(val, name)
+    assert nlp._jsdrift_options(val, "jsdrift_nostop")["stop_when_done"] is False
+    with pytest.raises(GradselError, match="must start with 'jsdrift_'"):
+        nlp._methods({"jsdrift_variants": {"slow": {}}})
+
+
+def test_trainable_count_cache_follows_mask_edits_and_replacements():
+    import torch
+    from torch import nn
+
+    from recipes import common
+
+    model = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2))
+    masks = {"0.weight": torch.zeros(3, 4, dtype=torch.bool)}
+    masks["0.weight"][0] = True
+    cache: dict = {}
+    expect = 4 + 3 + 6 + 2
+    assert common.trainable_count(model, masks, cache) == common.trainable_count(model, masks) == expect
+    masks["0.weight"][1, :2] = True  # in place, as jsdrift freezes: the version moves, the count follows
+    assert common.trainable_count(model, masks, cache) == expect + 2
+    masks["0.weight"] = torch.ones(3, 4, dtype=torch.bool)  # a new tensor
+    assert common.trainable_count(model, masks, cache) == expect + 8
+    model[1].weight.requires_grad_(False)
+    assert common.trainable_count(model, masks, cache) == expect + 8 - 6
+
+
 def test_quickstart_demo_end_to_end(tmp_path):
     """``make demo``'s job, shortened: three methods, counts from the selection, a delta far below a checkpoint,
     and (inside each run) no masked entry moved."""

@@ -293,6 +293,7 @@ def _probe(model, selection, gradsel_cb):
     class Probe(TrainerCallback):
         def __init__(self):
             self.grad_bytes, self.shares, self.frozen_hash, self.hooked = 0, [], {}, False
+            self.counts: dict = {}  # trainable_count's cache: each mask is summed once per change
 
         def on_step_begin(self, args, state, control, **kw):
             ctl = getattr(getattr(gradsel_cb, "handle", None), "controller", None)
@@ -305,7 +306,8 @@ def _probe(model, selection, gradsel_cb):
                                                        for p in model.parameters() if p.grad is not None))
 
         def on_step_end(self, args, state, control, **kw):
-            self.shares.append(common.trainable_count(model, selection.masks if selection else None) / total)
+            self.shares.append(common.trainable_count(model, selection.masks if selection else None,
+                                                      self.counts) / total)
 
         def record_freeze(self, event):
             params = dict(model.named_parameters())

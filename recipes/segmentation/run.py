@@ -182,7 +182,7 @@ def run_one(cfg: dict, method: str, seed: int, out: str) -> dict:
         handle = selection.apply(model, opt) if selection is not None else None
     trainable = common.trainable_count(model, selection.masks if selection is not None else None)
     guard = common.MovementCheck(model, lambda: selection.masks if selection is not None else {})
-    shares, backward, step_times = [], [], []
+    shares, backward, step_times, counts = [], [], [], {}
     model.train()
     with common.PeakRSS() as mem:
         t_start, cpu_start = time.perf_counter(), time.process_time()
@@ -199,7 +199,8 @@ def run_one(cfg: dict, method: str, seed: int, out: str) -> dict:
                 handle.step()
             step_times.append(time.perf_counter() - t0)
             guard.after_step()
-            shares.append(common.trainable_count(model, selection.masks if selection is not None else None) / total)
+            shares.append(common.trainable_count(model, selection.masks if selection is not None else None,
+                                                 counts) / total)
         train_time, train_cpu = time.perf_counter() - t_start, time.process_time() - cpu_start
     history = handle.controller.history if handle is not None and handle.controller is not None else None
     if handle is not None:
