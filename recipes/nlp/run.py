@@ -453,7 +453,7 @@ def main(argv: list[str] | None = None) -> Path:
                            ["trainable params", "budget", "path"])
     common.write_csv(agg, out / "summary.csv")
     columns = COLUMNS
-    if any("validation accuracy" in r for r in rows):  # the config carved a validation split
+    if cfg["dataset"].get("validation"):  # the config carves a validation split
         columns = COLUMNS[:5] + [("validation accuracy", "", lambda r: common.pm(r["validation accuracy"],
                                                                               r["validation accuracy std"]))] + COLUMNS[5:]
     md = common.summary_table(agg, columns, markdown=True)
