@@ -251,13 +251,14 @@ def make_task(
     train, test = parts
     val = np.zeros(0, dtype=np.int64)
     if validation:
+        val_rng = np.random.default_rng([seed, 3])
         left = np.setdiff1d(np.flatnonzero(~test_mask), train)
         if balanced:
-            left = _balance(left, labels, np.random.default_rng([seed, 3]))
+            left = _balance(left, labels, val_rng)
         if len(left) < validation:
             raise GradselError(f"validation={validation} asks for more examples than the training split has left "
                                f"after max_train={max_train} ({len(left)}): lower one of them")
-        val = _subsample(left, labels, validation, np.random.default_rng([seed, 3]))
+        val = _subsample(left, labels, validation, val_rng)
     for split, idx in (("train", train), ("test", test)):
         missing = set(range(len(label_names))) - set(labels[idx].tolist())
         if missing:

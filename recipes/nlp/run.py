@@ -140,11 +140,12 @@ def _jsdrift_options(cfg: dict, method: str = "jsdrift") -> dict:
 
 
 def _jsdrift_policy(cfg: dict, method: str = "jsdrift"):
+    """The method's JSDrift policy and whether the callback stops at ``handle.done`` (its ``stop_when_done``)."""
     from gradsel.policies.jsdrift import JSDrift
 
     options = _jsdrift_options(cfg, method)
-    options.pop("stop_when_done", None)  # the callback's option, not the policy's
-    return JSDrift(**options)
+    stop = options.pop("stop_when_done", True)  # the callback's option, not the policy's
+    return JSDrift(**options), stop
 
 
 def _methods(cfg: dict) -> list[str]:
@@ -223,7 +224,7 @@ def run_one(cfg: dict, method: str, seed: int) -> dict:
         fisher_time = time.perf_counter() - t0
         budget = selection.budget + sum(model.get_parameter(n).numel() for n in always)
     if kind == "jsdrift":
-        policy = _jsdrift_policy(cfg, method)
+        policy, stop = _jsdrift_policy(cfg, method)
         probe = None
         if policy.options["source"] == "probe":
             pick = torch.randperm(len(train), generator=torch.Generator().manual_seed(10_000 + seed))
@@ -243,8 +244,8 @@ def run_one(cfg: dict, method: str, seed: int) -> dict:
                      if p.requires_grad}
     trainable = common.trainable_count(model, masks)
     lr = tr["lr"]["lora" if kind == "lora" else "full" if kind == "jsdrift" else kind]
-    stop = _jsdrift_options(cfg, method).get("stop_when_done", True) if kind == "jsdrift" else True
-    result = _fit(model, train, cfg, seed, lr, selection, path, row=method in GRANULARITY, stop_when_done=stop)
+    result = _fit(model, train, cfg, seed, lr, selection, path, row=method in GRANULARITY,
+                  stop_when_done=stop if kind == "jsdrift" else True)
     unchanged, changed = common.frozen_unchanged(model, before, trainable_now)
     unchanged = unchanged and result.pop("frozen unchanged", True)
     acc = _accuracy(model, test, tr.get("eval_batch_size", 128))
