@@ -279,3 +279,19 @@ def override(cfg: dict, *, max_steps: int | None = None, seeds: list[int] | None
             raise GradselError("--seeds needs at least one seed")
         cfg["seeds"] = list(seeds)
     return cfg
+
+
+def jsdrift_options(cfg: dict, method: str = "jsdrift", default: dict | None = None) -> dict:
+    """``jsdrift:`` of the config (``default`` when it has none), updated by ``jsdrift_variants.<method>``."""
+    base = cfg.get("jsdrift") or dict(default or {})
+    return {**base, **(cfg.get("jsdrift_variants") or {}).get(method, {})}
+
+
+def method_names(cfg: dict, builtin: list[str]) -> list[str]:
+    """Every method name a config may run: ``builtin`` and its ``jsdrift_variants`` (each named ``jsdrift_*``)."""
+    variants = list(cfg.get("jsdrift_variants") or {})
+    bad = [v for v in variants if not v.startswith("jsdrift_") or v in builtin]
+    if bad:
+        raise GradselError(f"jsdrift_variants {bad}: a variant's name must start with 'jsdrift_' (it is a method "
+                           f"name) and must not be a built-in method ({', '.join(builtin)})")
+    return builtin + variants

@@ -64,6 +64,26 @@ def test_sample_does_not_depend_on_set_size():
         np.testing.assert_array_equal(small[split][0], large[split][0][:n])
 
 
+def test_validation_split_is_more_training_distribution_and_leaves_the_rest_unchanged(tmp_path):
+    plain = make_crack_sets(3, 2, 2, size=SIZE, seed=4, cache=False, norm=None)
+    with_val = make_crack_sets(3, 2, 2, size=SIZE, seed=4, cache=False, norm=None, n_validation=2)
+    longer = make_crack_sets(5, 2, 2, size=SIZE, seed=4, cache=False, norm=None)
+    assert set(plain) == {"train", "val", "target"} and set(with_val) == set(plain) | {"validation"}
+    for split in plain:  # the training images and both test sets are the same with and without it
+        for a, b in zip(plain[split], with_val[split]):
+            np.testing.assert_array_equal(a, b)
+    for a, b in zip(with_val["validation"], longer["train"]):  # the training samples after the training set
+        np.testing.assert_array_equal(a, b[3:])
+    images = np.concatenate([with_val[s][0] for s in ("train", "val", "target")])
+    for v in with_val["validation"][0]:  # none of them is a training or test image
+        assert not any(np.array_equal(v, x) for x in images)
+    cached = make_crack_sets(3, 2, 2, size=SIZE, seed=4, cache_dir=tmp_path, n_validation=2)
+    assert "validation" in cached and len(cached["validation"][0]) == 2
+    assert "validation" not in make_crack_sets(3, 2, 2, size=SIZE, seed=4, cache_dir=tmp_path)  # its own key
+    with pytest.raises(GradselError, match="n_validation=-1"):
+        make_crack_sets(3, 2, 2, size=SIZE, n_validation=-1, cache=False)
+
+
 def test_cache_round_trip(tmp_path, monkeypatch):
     first = make_crack_sets(3, 2, 3, size=SIZE, seed=7, cache_dir=tmp_path)
     files = list(tmp_path.glob("*.npz"))

@@ -197,14 +197,35 @@ def test_long_val_config_names_its_variants_and_keeps_the_long_training():
 
     _, val = common.load_config("long_val", nlp.CONFIGS)
     _, long = common.load_config("long", nlp.CONFIGS)
-    assert set(val["fish"]["methods"]) <= set(nlp._methods(val)) and val["dataset"]["validation"] > 0
+    assert set(val["fish"]["methods"]) <= set(common.method_names(val, nlp.ALL_METHODS)) and val["dataset"]["validation"] > 0
     assert {k: v for k, v in val["dataset"].items() if k != "validation"} == long["dataset"]
     assert (val["training"], val["seeds"], val["jsdrift"]) == (long["training"], long["seeds"], long["jsdrift"])
     for name in val["jsdrift_variants"]:  # every variant builds a policy; the callback's option is not passed
         nlp._jsdrift_policy(val, name)
-    assert nlp._jsdrift_options(val, "jsdrift_nostop")["stop_when_done"] is False
+    assert common.jsdrift_options(val, "jsdrift_nostop")["stop_when_done"] is False
     with pytest.raises(GradselError, match="must start with 'jsdrift_'"):
-        nlp._methods({"jsdrift_variants": {"slow": {}}})
+        common.method_names({"jsdrift_variants": {"slow": {}}}, nlp.ALL_METHODS)
+
+
+def test_segmentation_long_val_keeps_long_and_resolves_each_variant():
+    from recipes import common
+    from recipes.segmentation import run as seg
+
+    _, val = common.load_config("long_val", seg.CONFIGS)
+    _, long = common.load_config("long", seg.CONFIGS)
+    assert set(val["methods"]) <= set(common.method_names(val, seg.ALL_METHODS)) and "full" in val["methods"]
+    assert {k: v for k, v in val["dataset"].items() if k != "n_validation"} == long["dataset"]
+    assert val["dataset"]["n_validation"] > 0
+    assert (val["training"], val["seeds"], val["fish"]) == (long["training"], long["seeds"], long["fish"])
+    assert seg.jsdrift_setup(val, "jsdrift_encoder") == ("jsdrift_encoder", {"preset": "fast", "floor": 0})
+    assert seg.jsdrift_setup(val, "jsdrift") == ("jsdrift", {"preset": "fast"})  # jsdrift's own floor
+    for name, options in val["jsdrift_variants"].items():
+        base, js = seg.jsdrift_setup(val, name)
+        assert base == "jsdrift_encoder" and "base" not in js
+        assert js == {"preset": "fast", "floor": 0, **{k: v for k, v in options.items() if k != "base"}}
+    assert seg.jsdrift_setup(val, "jsdrift_enc_floor2")[1]["floor"] == 2  # the variant's floor wins over 0
+    with pytest.raises(GradselError, match="base='fish'"):
+        seg.jsdrift_setup({"jsdrift_variants": {"jsdrift_x": {"base": "fish"}}}, "jsdrift_x")
 
 
 def test_trainable_count_cache_follows_mask_edits_and_replacements():

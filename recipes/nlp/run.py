@@ -134,27 +134,13 @@ def _path(cfg: dict) -> str:
     return path
 
 
-def _jsdrift_options(cfg: dict, method: str = "jsdrift") -> dict:
-    """``jsdrift:`` of the config, updated by the method's entry in ``jsdrift_variants``."""
-    return {**(cfg.get("jsdrift") or {"preset": "fast"}), **(cfg.get("jsdrift_variants") or {}).get(method, {})}
-
-
 def _jsdrift_policy(cfg: dict, method: str = "jsdrift"):
     """The method's JSDrift policy and whether the callback stops at ``handle.done`` (its ``stop_when_done``)."""
     from gradsel.policies.jsdrift import JSDrift
 
-    options = _jsdrift_options(cfg, method)
+    options = common.jsdrift_options(cfg, method, {"preset": "fast"})
     stop = options.pop("stop_when_done", True)  # the callback's option, not the policy's
     return JSDrift(**options), stop
-
-
-def _methods(cfg: dict) -> list[str]:
-    """Every method name this config may run: the built-in ones and its ``jsdrift_variants``."""
-    variants = list(cfg.get("jsdrift_variants") or {})
-    bad = [v for v in variants if not v.startswith("jsdrift_")]
-    if bad:
-        raise GradselError(f"jsdrift_variants {bad}: a variant's name must start with 'jsdrift_' (it is a method name)")
-    return ALL_METHODS + variants
 
 
 def run_one(cfg: dict, method: str, seed: int) -> dict:
@@ -431,7 +417,7 @@ def main(argv: list[str] | None = None) -> Path:
     name, cfg = common.load_config(args.config, CONFIGS)
     common.override(cfg, max_steps=args.max_steps, seeds=args.seeds)
     methods = args.methods or cfg["fish"]["methods"]
-    known = _methods(cfg)
+    known = common.method_names(cfg, ALL_METHODS)
     unknown = [m for m in methods if m not in known]
     if unknown:
         raise GradselError(f"unknown methods {unknown}: choose from {known}")

@@ -316,18 +316,20 @@ def default_cache_dir() -> Path:
     return base / "gradsel-seg"
 
 
-def _render_split(n: int, domain: CrackDomain, size: int, seed: int, split: str) -> tuple[np.ndarray, np.ndarray]:
+def _render_split(n: int, domain: CrackDomain, size: int, seed: int, split: str,
+                  start: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Samples ``start .. start + n - 1`` of ``split``."""
     images = np.empty((n, size, size, 3), np.uint8)
     masks = np.empty((n, size, size), np.uint8)
     for i in range(n):  # one generator per sample: sample i does not depend on n or on the other splits
-        rng = np.random.default_rng([seed, _SPLIT_CODES[split], i])
+        rng = np.random.default_rng([seed, _SPLIT_CODES[split], start + i])
         images[i], masks[i] = render_crack_image(rng, domain, size, split)
     return images, masks
 
 
 def make_crack_sets(n_train: int, n_val: int, n_target: int, size: int = 128, seed: int = 0,
                     cache_dir: str | Path | None = None, *, norm: str | None = "imagenet", cache: bool = True,
-                    source: CrackDomain = SOURCE, target: CrackDomain = TARGET,
+                    source: CrackDomain = SOURCE, target: CrackDomain = TARGET, n_validation: int = 0,
                     ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Source-domain train/val sets and a target-domain set of crack images, deterministic from ``seed``.
 
@@ -342,16 +344,22 @@ def make_crack_sets(n_train: int, n_val: int, n_target: int, size: int = 128, se
         cache: Read and write the cache file.
         source: Appearance of the train/val domain.
         target: Appearance of the target domain.
+        n_validation: Number of images of a ``"validation"`` split for choosing options: the training
+            distribution's samples ``n_train .. n_train + n_validation - 1`` (the same photographs' training band,
+            other crops and cracks), so the training images are the same with and without it and the
+            in-domain test set (``"val"``) stays unseen.
 
     Returns:
-        ``{"train": (x, y), "val": (x, y), "target": (x, y)}`` with x float32 ``(N, 3, H, W)`` and y int64
-        ``(N, H, W)`` holding 0/1.
+        ``{"train": (x, y), "val": (x, y), "target": (x, y)}`` (and ``"validation"`` when ``n_validation``) with x
+        float32 ``(N, 3, H, W)`` and y int64 ``(N, H, W)`` holding 0/1.
     """
-    if min(n_train, n_val, n_target) < 0 or size < 16:
+    if min(n_train, n_val, n_target, n_validation) < 0 or size < 16:
         raise GradselError(f"need non-negative set sizes and size >= 16, got n_train={n_train}, n_val={n_val}, "
-                           f"n_target={n_target}, size={size}")
+                           f"n_target={n_target}, n_validation={n_validation}, size={size}")
     params = {"version": RENDER_VERSION, "n": [n_train, n_val, n_target], "size": size, "seed": seed,
               "source": dataclasses.asdict(source), "target": dataclasses.asdict(target)}
+    if n_validation:  # keyed only when asked for: the caches of the three-split sets stay valid
+        params["n_validation"] = n_validation
     key = hashlib.sha1(json.dumps(params, sort_keys=True).encode()).hexdigest()[:16]
     path = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     path = path / f"cracks-{key}.npz"
@@ -362,13 +370,16 @@ def make_crack_sets(n_train: int, n_val: int, n_target: int, size: int = 128, se
     else:
         for split, n, domain in (("train", n_train, source), ("val", n_val, source), ("target", n_target, target)):
             raw[f"{split}_images"], raw[f"{split}_masks"] = _render_split(n, domain, size, seed, split)
+        if n_validation:
+            raw["validation_images"], raw["validation_masks"] = _render_split(n_validation, source, size, seed,
+                                                                              "train", start=n_train)
         if cache:
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npz")
             np.savez_compressed(tmp, **raw)
             os.replace(tmp, path)  # atomic: a concurrent reader never sees half a file
     out = {}
-    for split in ("train", "val", "target"):
+    for split in ("train", "val", "target") + (("validation",) if n_validation else ()):
         images, masks = raw[f"{split}_images"], raw[f"{split}_masks"]
         out[split] = (images if norm is None else normalize(images, norm), masks.astype(np.int64))
     return out

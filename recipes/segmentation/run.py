@@ -26,6 +26,12 @@ Methods (``methods`` in the config):
   freezes stage by stage while the decoder and head, which start from random weights, train throughout
   (``always=``). Freezing a randomly initialised decoder halfway stops it learning; the systems that
   report savings from freezing (FreezeOut, AutoFreeze, Egeria) freeze pretrained layers from the input side.
+- ``jsdrift_<name>``: a variant: the config's ``jsdrift:`` updated by ``jsdrift_variants.<name>`` (policy
+  options, and ``base: jsdrift_encoder`` to build on that method instead of ``jsdrift``).
+
+``dataset.n_validation: N`` renders N more images of the training distribution (the samples after the
+training images; the training images stay the same) and reports each run's IoU on them beside the
+in-domain test IoU: a place to choose options that is not the test set.
 
 Warm-up (``fish.warmup_steps``): the decoder and head are new, so gradients reaching the encoder at
 initialisation are shaped by a random decoder. The recipe trains the decoder and head alone for that many
@@ -59,16 +65,34 @@ ALL_METHODS = ["full", "decoder_only", "fish", "fish_large", "fish_nowarm", "fis
 STATIC = {"fish": "fish", "fish_large": "fish", "fish_nowarm": "fish", "fish_row": "fish", "random": "random",
           "reverse": "reverse", "ird": "ird"}
 SHOW = 3  # examples per split in the overlay figure
+SPLITS = {"val": "in-domain", "target": "zero-shot", "validation": "validation"}  # split -> its columns' name
 
 
 def _data(cfg: dict) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     d = cfg["dataset"]
     norm = input_norm(cfg["encoder"])
     if d.get("name", "cracks") == "nuclei":
+        if d.get("n_validation"):
+            raise GradselError("dataset.n_validation is for the rendered cracks only: the nuclei tiles have no "
+                               "held-out training tiles (remove n_validation, or use name: cracks)")
         tiles = make_nuclei_tiles(size=d.get("size", 128), seed=d.get("seed", 0), norm=norm)
         return {"train": tiles["train"], "val": tiles["test"]}
     return make_crack_sets(d["n_train"], d["n_val"], d["n_target"], size=d.get("size", 128), seed=d.get("seed", 0),
-                           norm=norm)
+                           norm=norm, n_validation=d.get("n_validation", 0))
+
+
+def jsdrift_setup(cfg: dict, method: str) -> tuple[str, dict]:
+    """``(base, JSDrift options)`` of a jsdrift method: ``jsdrift``, ``jsdrift_encoder`` or a ``jsdrift_<name>``
+    variant (``base:`` in its options, default ``jsdrift``). ``jsdrift_encoder`` keeps no group unfrozen
+    (floor 0: the decoder trains throughout) unless the variant sets its own floor."""
+    js = common.jsdrift_options(cfg, method)
+    base = js.pop("base", method if method in ("jsdrift", "jsdrift_encoder") else "jsdrift")
+    if base not in ("jsdrift", "jsdrift_encoder"):
+        raise GradselError(f"jsdrift_variants.{method}.base={base!r}: use 'jsdrift' (encoder stages and decoder "
+                           "blocks freeze) or 'jsdrift_encoder' (encoder stages only)")
+    if base == "jsdrift_encoder":
+        js["floor"] = (cfg.get("jsdrift_variants") or {}).get(method, {}).get("floor", 0)
+    return base, js
 
 
 def _loss(model, batch):
@@ -149,13 +173,12 @@ def run_one(cfg: dict, method: str, seed: int, out: str) -> dict:
                                    progress=cfg.get("progress", True), **options)
         model.load_state_dict(start)  # the warm-up informed the scores only
         fisher_time = time.perf_counter() - t0
-    elif method in ("jsdrift", "jsdrift_encoder"):
-        js = dict(cfg.get("jsdrift", {}))
+    elif method.startswith("jsdrift"):
+        base, js = jsdrift_setup(cfg, method)
         groups = encoder_groups(model)
         groups.pop("head", None)
-        if method == "jsdrift_encoder":  # the new decoder trains throughout; every encoder stage may freeze
+        if base == "jsdrift_encoder":  # the new decoder trains throughout; every encoder stage may freeze
             groups = {g: ns for g, ns in groups.items() if g.startswith("encoder.")}
-            js["floor"] = 0
             params, always = encoder, new_parts
         else:
             params, always = [n for n in names if n not in head], head
@@ -226,12 +249,12 @@ def run_one(cfg: dict, method: str, seed: int, out: str) -> dict:
                     "groups frozen": len(history["frozen"]),
                     "freeze steps": " ".join(f"{g}@{s}" for g, s in history["frozen"].items())})
     preds = {}
-    for split in ("val", "target"):
+    for split, key in SPLITS.items():
         if split in data:
             iou, dice, p = evaluate(model, *data[split])
-            key = "in-domain" if split == "val" else "zero-shot"
             row[f"{key} IoU"], row[f"{key} Dice"] = iou, dice
-            preds[split] = p
+            if split != "validation":  # the overlay figure shows the test splits
+                preds[split] = p
     out_dir = Path(out)
     if seed == cfg["seeds"][0]:
         np.savez_compressed(out_dir / f"pred_{method}.npz", **preds)
@@ -313,9 +336,10 @@ def main(argv: list[str] | None = None) -> Path:
     name, cfg = common.load_config(args.config, CONFIGS)
     common.override(cfg, max_steps=args.steps, seeds=args.seeds, steps_key="steps")
     methods = args.methods or cfg["methods"]
-    unknown = [m for m in methods if m not in ALL_METHODS]
+    known = common.method_names(cfg, ALL_METHODS)
+    unknown = [m for m in methods if m not in known]
     if unknown:
-        raise GradselError(f"unknown methods {unknown}: choose from {ALL_METHODS}")
+        raise GradselError(f"unknown methods {unknown}: choose from {known}")
     if "ird" in methods and "ird" not in gradsel.list_policies():
         print("policy 'ird' is not registered in this gradsel: skipping the ird row")
         methods = [m for m in methods if m != "ird"]
@@ -330,7 +354,7 @@ def main(argv: list[str] | None = None) -> Path:
         f"zero-shot {r.get('zero-shot IoU', float('nan')):.3f}, share {r['trainable share']:.4f}, "
         f"{r['train time (s)']:.1f} s"))
     wall = time.perf_counter() - t0
-    metrics = ["in-domain IoU", "in-domain Dice", "zero-shot IoU", "zero-shot Dice", "train time (s)", "train CPU (s)",
+    metrics = ["in-domain IoU", "in-domain Dice", "validation IoU", "zero-shot IoU", "zero-shot Dice", "train time (s)", "train CPU (s)",
                "step (s)", "backward (s)", "backward first 10% (s)", "backward last 10% (s)", "peak train MiB",
                "fisher time (s)", "final trainable share", "mean trainable share", "run time (s)",
                "optimizer state MiB", "signal share"]
@@ -338,6 +362,8 @@ def main(argv: list[str] | None = None) -> Path:
                            ["trainable params", "trainable share"])
     common.write_csv(agg, out / "summary.csv")
     cols = [c for c in COLUMNS if "zero-shot" not in c[0] or "zero-shot IoU" in rows[0]]
+    if "validation IoU" in rows[0]:  # the config renders a validation split
+        cols.insert(2, ("validation IoU", "", lambda r: common.pm(r["validation IoU"], r["validation IoU std"], 3)))
     md = common.summary_table(agg, cols, markdown=True)
     (out / "summary.md").write_text(f"# Segmentation recipe: {name}\n\nEncoder {cfg['encoder']}, dataset "
                                     f"{cfg['dataset'].get('name', 'cracks')}; wall time {wall:.0f} s.\n\n{md}\n")
