@@ -156,6 +156,12 @@ def pm(mean: float, std: float, digits: int = 4) -> str:
     return f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
+def wall_note(wall: float, rows: list[dict]) -> str:
+    """This call's wall time and the runs' own, which differ when --resume rebuilt the summary from saved jobs."""
+    runs = sum(float(r.get("run time (s)", 0.0)) for r in rows)
+    return f"wall time {wall:.0f} s (the runs' own time summed: {runs:,.0f} s)"
+
+
 def summary_table(agg: list[dict], columns: list[tuple[str, str, Callable[[dict], Any]]], markdown: bool) -> str:
     rows = [{title: fn(r) for title, _, fn in columns} for r in agg]
     return table(rows, [title for title, _, _ in columns], markdown=markdown)

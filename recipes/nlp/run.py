@@ -444,10 +444,10 @@ def main(argv: list[str] | None = None) -> Path:
         columns = COLUMNS[:5] + [("validation accuracy", "", lambda r: common.pm(r["validation accuracy"],
                                                                               r["validation accuracy std"]))] + COLUMNS[5:]
     md = common.summary_table(agg, columns, markdown=True)
-    (out / "summary.md").write_text(f"# NLP recipe: {name}\n\nTask: {rows[0]['task']}; wall time {wall:.0f} s.\n\n{md}\n")
+    (out / "summary.md").write_text(f"# NLP recipe: {name}\n\nTask: {rows[0]['task']}; {common.wall_note(wall, rows)}.\n\n{md}\n")
     common.plot_xy(agg, "trainable params", "accuracy", out / "accuracy_vs_params.png",
                    xlabel="trainable parameters (counted from masks and requires_grad)", ylabel="test accuracy",
                    title=f"MiniLM on Rotten Tomatoes ({name})")
     print(common.summary_table(agg, columns, markdown=False))
-    print(f"\nwall time {wall:.0f} s; results in {out}/")
+    print(f"\n{common.wall_note(wall, rows)}; results in {out}/")
     return out

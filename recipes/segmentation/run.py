@@ -366,7 +366,7 @@ def main(argv: list[str] | None = None) -> Path:
         cols.insert(2, ("validation IoU", "", lambda r: common.pm(r["validation IoU"], r["validation IoU std"], 3)))
     md = common.summary_table(agg, cols, markdown=True)
     (out / "summary.md").write_text(f"# Segmentation recipe: {name}\n\nEncoder {cfg['encoder']}, dataset "
-                                    f"{cfg['dataset'].get('name', 'cracks')}; wall time {wall:.0f} s.\n\n{md}\n")
+                                    f"{cfg['dataset'].get('name', 'cracks')}; {common.wall_note(wall, rows)}.\n\n{md}\n")
     common.plot_xy(agg, "mean trainable share", "in-domain IoU", out / "iou_vs_share.png",
                    xlabel="time-averaged trainable share of parameters", ylabel="in-domain IoU",
                    title=f"Unet-{cfg['encoder']} ({name})")
@@ -380,5 +380,5 @@ def main(argv: list[str] | None = None) -> Path:
         plot_drift(json.loads(hist.read_text()), out / "jsdrift_drift.png",
                    title="jsdrift on the Unet: drift per encoder stage / decoder block")
     print(common.summary_table(agg, cols, markdown=False))
-    print(f"\nwall time {wall:.0f} s; results in {out}/")
+    print(f"\n{common.wall_note(wall, rows)}; results in {out}/")
     return out
