@@ -43,6 +43,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import time
 from pathlib import Path
 
@@ -93,6 +94,16 @@ def jsdrift_setup(cfg: dict, method: str) -> tuple[str, dict]:
     if base == "jsdrift_encoder":
         js["floor"] = (cfg.get("jsdrift_variants") or {}).get(method, {}).get("floor", 0)
     return base, js
+
+
+def lr_schedule(opt: torch.optim.Optimizer, kind: str, steps: int):
+    """``training.schedule``: ``constant`` (None: the optimizer's lr throughout) or ``cosine`` (from the lr down
+    to 0 at the last step, one scheduler step per optimizer step)."""
+    if kind == "constant":
+        return None
+    if kind == "cosine":
+        return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    raise GradselError(f"training.schedule={kind!r}: use 'constant' or 'cosine'")
 
 
 def _loss(model, batch):
@@ -203,6 +214,7 @@ def run_one(cfg: dict, method: str, seed: int, out: str) -> dict:
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=tr["lr"],
                                 weight_decay=tr.get("weight_decay", 0.01))
         handle = selection.apply(model, opt) if selection is not None else None
+    schedule = lr_schedule(opt, tr.get("schedule", "constant"), steps)
     trainable = common.trainable_count(model, selection.masks if selection is not None else None)
     guard = common.MovementCheck(model, lambda: selection.masks if selection is not None else {})
     shares, backward, step_times, counts = [], [], [], {}
@@ -218,6 +230,8 @@ def run_one(cfg: dict, method: str, seed: int, out: str) -> dict:
             loss.backward()
             backward.append(time.perf_counter() - t1)
             opt.step()
+            if schedule is not None:
+                schedule.step()
             if handle is not None:
                 handle.step()
             step_times.append(time.perf_counter() - t0)
