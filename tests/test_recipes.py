@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 
 import pytest
+import torch
 import yaml
 
 import gradsel
@@ -262,3 +263,25 @@ def test_quickstart_demo_end_to_end(tmp_path):
     assert by["head only"]["trainable params"] == sum(sel.masks[n].numel() for n in sel.always)
     assert by["FISH Mask 0.5%"]["artifact MiB"] < 0.05 * by["full fine-tuning"]["artifact MiB"]
     assert (tmp_path / "quickstart.png").stat().st_size > 0 and "| FISH Mask 0.5%" in (tmp_path / "summary.md").read_text()
+
+
+def test_segmentation_cosine_schedule_goes_from_the_lr_to_zero_and_long_val_cosine_changes_only_that():
+    from recipes import common
+    from recipes.segmentation import run as seg
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.2)
+    assert seg.lr_schedule(opt, "constant", 4) is None
+    sched = seg.lr_schedule(opt, "cosine", 4)
+    lrs = []
+    for _ in range(5):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs == pytest.approx([0.2, 0.2 * (1 + 2 ** -0.5) / 2, 0.1, 0.2 * (1 - 2 ** -0.5) / 2, 0.0])
+    with pytest.raises(GradselError, match="'linear'"):
+        seg.lr_schedule(opt, "linear", 4)
+    _, cos = common.load_config("long_val_cosine", seg.CONFIGS)
+    _, val = common.load_config("long_val", seg.CONFIGS)
+    assert cos["training"] == {**val["training"], "schedule": "cosine"}
+    assert {k: v for k, v in cos.items() if k not in ("training", "methods", "jsdrift_variants")} == \
+        {k: v for k, v in val.items() if k not in ("training", "methods", "jsdrift_variants")}

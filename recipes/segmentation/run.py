@@ -33,6 +33,8 @@ Methods (``methods`` in the config):
 training images; the training images stay the same) and reports each run's IoU on them beside the
 in-domain test IoU: a place to choose options that is not the test set.
 
+``training.schedule``: ``constant`` (the default) or ``cosine`` (the lr falls to 0 at the last step).
+
 Warm-up (``fish.warmup_steps``): the decoder and head are new, so gradients reaching the encoder at
 initialisation are shaped by a random decoder. The recipe trains the decoder and head alone for that many
 steps, takes the Fisher there, and puts the weights back: the warm-up informs the scores only.
