@@ -244,6 +244,18 @@ class MaskHandle:
                 for p, entries in partial.items():
                     saved = p.detach().clone()
                     self._undo.append(lambda p=p, e=entries, saved=saved: self._write_masked(p, e, saved))
+        self._scale_updates()
+
+    def _scale_updates(self) -> None:
+        """Progressive policies that anneal (jsdrift ``anneal=``): keep the entries' values before the step, so
+        that the post-step hook can scale the update the optimizer made, ``p = before + factor * (p - before)``:
+        for SGD and Adam(W) that is the step with the learning rate times ``factor``, decay included."""
+        scales = getattr(self.controller, "update_scales", None)
+        for name, rows, factor in scales() if scales is not None else ():
+            p = self.guards[name].param.detach()
+            view = p if rows is None else p[rows[0]:rows[1]]
+            before = view.clone()
+            self._undo.append(lambda view=view, before=before, w=1.0 - factor: view.lerp_(before, w))
 
     def _decay_selected(self, group: dict, partial: dict) -> None:
         """Take the group's weight decay over for this step, applying it to selected entries only."""

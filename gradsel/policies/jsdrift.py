@@ -18,7 +18,9 @@ gradsel's version:
    (``rule="relative"``, ``lam=-1``: one standard deviation steadier than the average), after ``warmup``
    steps, most stable first, while the ``floor`` holds: by default (``floor=1``) the group that drifts
    most stays trainable, so the training loop never runs out of parameters. Frozen stays frozen.
-   ``controller.done`` (``handle.done``) says when there is nothing left to decide.
+   ``controller.done`` (``handle.done``) says when there is nothing left to decide. With ``anneal=K`` a
+   group the rule picks is not frozen at once: its updates are scaled down along a cosine over ``K`` steps
+   (FreezeOut's per-layer annealing) and it freezes after them; the decisions treat it as gone meanwhile.
 5. Freezing is real: a tensor whose groups are all frozen stops requiring grad (autograd skips its weight
    gradient) and its optimizer state is released; a partly frozen tensor is masked like a static
    selection (its frozen rows never move, under AdamW with weight decay too).
@@ -262,7 +264,7 @@ MIN_GROUP = 1024
 DEFAULTS: dict[str, Any] = dict(interval=10, source="probe", probe_samples=32, groups="tensor", blocks=1,
                                 smoothing=0.5, rule="threshold", threshold=0.05, lam=-1.0, tol=0.05, patience=2,
                                 warmup=0, floor=1, order="any", window=None, sample="all",
-                                min_group=0, recheck=False)
+                                min_group=0, recheck=False, anneal=0)
 
 #: named option sets; options given explicitly override the preset's
 PRESETS: dict[str, dict[str, Any]] = {
@@ -313,6 +315,10 @@ class JSDrift(Policy):
         recheck: after a freeze, every group still trainable must again be stable for ``patience``
             measurements before it may freeze (its gradients changed when the groups before it stopped
             training), so a prefix grows by one step of groups per ``patience`` measurements.
+        anneal: steps over which a group the rule picked keeps training with its updates scaled by
+            ``(1 + cos(pi * j / (anneal + 1))) / 2`` at its ``j``-th step, before it freezes (0, the default:
+            it freezes at once). Meanwhile the decisions count it as frozen (the floor, network order and
+            ``recheck`` see it gone). Needs the optimizer: ``selection.apply(model, optimizer)``.
     """
 
     progressive = True
@@ -324,13 +330,13 @@ class JSDrift(Policy):
                  lam: float | None = None, patience: int | None = None, warmup: int | None = None,
                  floor: int | float | None = None, order: str | None = None, tol: float | None = None,
                  window: int | None = None, preset: str | None = None, sample: int | str | None = None,
-                 min_group: int | None = None, recheck: bool | None = None):
+                 min_group: int | None = None, recheck: bool | None = None, anneal: int | None = None):
         if preset is not None and preset not in PRESETS:
             raise GradselError(f"preset={preset!r} is not known: use one of {sorted(PRESETS)} or leave it out")
         given = dict(interval=interval, source=source, probe_samples=probe_samples, groups=groups, blocks=blocks,
                      smoothing=smoothing, rule=rule, threshold=threshold, lam=lam, patience=patience,
                      warmup=warmup, floor=floor, order=order, tol=tol, window=window, sample=sample,
-                     min_group=min_group, recheck=recheck)
+                     min_group=min_group, recheck=recheck, anneal=anneal)
         o = dict(DEFAULTS)
         o.update(PRESETS.get(preset, {}))
         o.update({k: v for k, v in given.items() if v is not None})
@@ -360,6 +366,9 @@ class JSDrift(Policy):
                                f"improving), got {o['tol']}")
         if not isinstance(o["recheck"], bool):
             raise GradselError(f"recheck must be True or False, got {o['recheck']!r}")
+        if isinstance(o["anneal"], bool) or not isinstance(o["anneal"], int) or o["anneal"] < 0:
+            raise GradselError(f"anneal must be a number of steps (int >= 0; 0 freezes a group as soon as the rule "
+                               f"picks it), got {o['anneal']!r}")
         _check_floor(o["floor"])
         super().__init__(**o, **({"preset": preset} if preset is not None else {}))
         self.probe = probe
@@ -431,8 +440,13 @@ class DriftController:
         self.prev_smoothed: dict[str, float] = {}
         self.stable: dict[str, int] = {}
         self.frozen: dict[str, int] = {}  # group -> step it froze
+        self.annealing: dict[str, int] = {}  # group -> step the rule picked it (anneal=): frozen anneal steps later
         self.history: dict[str, Any] = {"steps": [], "drift": {}, "smoothed": {}, "share": [], "frozen": self.frozen,
-                                        "signal_time": 0.0, "probe_time": 0.0}
+                                        "anneal_from": {}, "signal_time": 0.0, "probe_time": 0.0}
+        if self.o.get("anneal", 0) and getattr(handle, "optimizer", None) is None:
+            raise GradselError(f"jsdrift anneal={self.o['anneal']} scales a group's updates after the optimizer's "
+                               "step, so it needs the optimizer: selection.apply(model, optimizer) (under the HF "
+                               "Trainer or Lightning, a dense optimizer, not SparseAdamW), or leave anneal out")
         #: callables called with each freeze event (``{"step", "groups", "tensors"}``), e.g. to re-wrap DDP
         self.on_freeze: list = []
         #: True after a freeze took whole tensors out of training, until :func:`gradsel.distributed.rewrap_if_needed`
@@ -534,7 +548,8 @@ class DriftController:
 
     # -- measurement ---------------------------------------------------------------------------------
     def _active(self) -> list[Group]:
-        return [g for g in self.groups if g.name not in self.frozen]
+        """The groups still judged: neither frozen nor annealing towards a freeze."""
+        return [g for g in self.groups if g.name not in self.frozen and g.name not in self.annealing]
 
     def _collecting(self, step: int) -> bool:
         """Whether the gradients of training step ``step`` (1-based) are squared (``window`` before each
@@ -641,7 +656,7 @@ class DriftController:
         if self.step_count < self.o["warmup"]:
             return None
         ready = {name for name in drifts if self.stable[name] >= self.o["patience"]}
-        trainable, count = self.trainable_elements(), len(active)
+        trainable, count = sum(self.sizes[g.name] for g in active), len(active)
         to_freeze = []
         if self.o.get("order", "any") == "network":
             self._finish_order()
@@ -672,6 +687,12 @@ class DriftController:
             if self.o.get("recheck", False):
                 for g in active:  # the rest measured a regime that just ended: they must settle again
                     self.stable[g.name] = 0
+            if self.o.get("anneal", 0):
+                for name in to_freeze:  # trained on with shrinking updates; step() freezes them
+                    self.annealing[name] = self.step_count
+                    self.history.setdefault("anneal_from", {})[name] = self.step_count
+                    self.prev.pop(name, None)
+                return None
             return self._freeze(to_freeze)
         return None
 
@@ -703,7 +724,7 @@ class DriftController:
                 del self._buffers[n]
         if whole:
             self.needs_rewrap = True
-        if not self._active():
+        if not self.trainable_groups():
             self._warn_nothing_left()
         event = {"step": self.step_count, "groups": list(names), "tensors": whole}
         for fn in list(self.on_freeze):
@@ -720,8 +741,19 @@ class DriftController:
         return self.trainable_elements() / self.total
 
     def trainable_groups(self) -> list[str]:
-        """Names of the groups still trained, in group order."""
-        return [g.name for g in self._active()]
+        """Names of the groups still trained (annealing ones included), in group order."""
+        return [g.name for g in self.groups if g.name not in self.frozen]
+
+    def update_scales(self) -> list[tuple[str, tuple[int, int] | None, float]]:
+        """``(tensor, rows or None, factor)`` for each part of an annealing group: the factor the next optimizer
+        step's update of those entries is scaled by (the handle applies it after the step)."""
+        k = self.o.get("anneal", 0)
+        by_name = {g.name: g for g in self.groups}
+        out = []
+        for gname, start in self.annealing.items():
+            factor = 0.5 * (1.0 + math.cos(math.pi * (self.step_count + 1 - start) / (k + 1)))
+            out += [(n, rows, factor) for n, rows in by_name[gname].parts]
+        return out
 
     @property
     def done(self) -> bool:
@@ -732,6 +764,8 @@ class DriftController:
         the floor holds it. A group that still drifts keeps ``done`` False. Under ``rule="relative"`` some
         group is always less stable than the rest, so ``done`` turns True only once everything froze.
         """
+        if self.annealing:
+            return False
         active = self._active()
         if not active:
             return True
@@ -750,8 +784,13 @@ class DriftController:
             self._counted += 1
             self._counted_tensors = set()
         event = None
+        due = [g for g, start in self.annealing.items() if self.step_count - start >= self.o["anneal"]]
+        if due:
+            for g in due:
+                del self.annealing[g]
+            event = self._freeze(due)
         if self.step_count % self.o["interval"] == 0:
-            event = self._measure()
+            event = self._measure() or event  # under anneal= a measurement freezes nothing itself
         self._collect = self._collecting(self.step_count + 1)
         if self._hook_time:
             self.history["signal_time"] = self.history.get("signal_time", 0.0) + self._hook_time
@@ -769,7 +808,7 @@ class DriftController:
     def state_dict(self) -> dict:
         return {"step": self.step_count, "prev": {k: v.clone() for k, v in self.prev.items()},
                 "smoothed": dict(self.smoothed), "prev_smoothed": dict(self.prev_smoothed),
-                "stable": dict(self.stable), "frozen": dict(self.frozen),
+                "stable": dict(self.stable), "frozen": dict(self.frozen), "annealing": dict(self.annealing),
                 "history": _copy_history(self.history), "counted": self._counted,
                 "order": list(self._order) if self._order is not None else None,
                 "buffers": {k: v.clone() for k, v in self._buffers.items()}}
@@ -782,6 +821,8 @@ class DriftController:
         self.stable = dict(state["stable"])
         self.frozen.clear()
         self.frozen.update(state["frozen"])
+        self.annealing.clear()
+        self.annealing.update(state.get("annealing", {}))
         history = _copy_history(state["history"])
         history["frozen"] = self.frozen
         self.history.clear()
@@ -814,6 +855,7 @@ def _copy_history(h: dict) -> dict:
     return {"steps": list(h["steps"]), "drift": {k: [list(x) for x in v] for k, v in h["drift"].items()},
             "smoothed": {k: [list(x) for x in v] for k, v in h["smoothed"].items()},
             "share": [list(x) for x in h["share"]], "frozen": dict(h["frozen"]),
+            "anneal_from": dict(h.get("anneal_from", {})),
             "signal_time": float(h.get("signal_time", 0.0)), "probe_time": float(h.get("probe_time", 0.0))}
 
 
@@ -831,7 +873,8 @@ def _history(obj) -> dict:
 
 
 def drift_table(obj, *, markdown: bool = False) -> str:
-    """Per group: last smoothed drift, number of measurements, freeze step (or 'active')."""
+    """Per group: last smoothed drift, number of measurements, freeze step (or 'active'), and under ``anneal=``
+    the step its annealing began."""
     h = _history(obj)
     names = list(dict.fromkeys(list(h["smoothed"]) + list(h["frozen"])))
     rows = []
@@ -839,8 +882,11 @@ def drift_table(obj, *, markdown: bool = False) -> str:
         series = h["smoothed"].get(n, [])
         rows.append({"group": n, "measurements": len(series),
                      "last drift": series[-1][1] if series else float("nan"),
-                     "frozen at step": h["frozen"].get(n, "active")})
-    return table(rows, ["group", "measurements", "last drift", "frozen at step"], markdown=markdown)
+                     "frozen at step": h["frozen"].get(n, "active"),
+                     **({"annealed from step": h["anneal_from"].get(n, "")} if h.get("anneal_from") else {})})
+    cols = ["group", "measurements", "last drift", "frozen at step"] + (["annealed from step"] if h.get("anneal_from")
+                                                                       else [])
+    return table(rows, cols, markdown=markdown)
 
 
 def plot_drift(obj, path: str, *, title: str = "jsdrift: Fisher drift per group") -> str:
