@@ -11,7 +11,7 @@ from torch import nn
 
 import gradsel
 from gradsel import GradselError
-from gradsel.policies.jsdrift import drift_table
+from gradsel.policies.jsdrift import drift_table, plot_drift
 
 from .test_jsdrift import TwoBranch, _data, _run
 
@@ -20,7 +20,7 @@ def _factor(j: int, k: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * j / (k + 1)))
 
 
-def test_anneal_scales_each_update_of_the_picked_groups_along_the_cosine_then_freezes_them():
+def test_anneal_scales_each_update_of_the_picked_groups_along_the_cosine_then_freezes_them(tmp_path):
     """Every step, a plain AdamW from the same state and gradients gives the update the handle must scale
     (float64, so that the comparison of the two updates is exact to rounding)."""
     k = 4
@@ -75,6 +75,7 @@ def test_anneal_scales_each_update_of_the_picked_groups_along_the_cosine_then_fr
     assert {s for _, s in seen_scaled} == set(range(11, 11 + k))  # the k optimizer steps after the pick
     assert not model.a.weight.requires_grad  # a whole tensor left training at the freeze
     assert "annealed from step" in drift_table(handle)
+    assert plot_drift(handle, str(tmp_path / "drift.png")) and (tmp_path / "drift.png").stat().st_size > 0
     handle.remove()
 
 

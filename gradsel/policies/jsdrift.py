@@ -877,20 +877,20 @@ def drift_table(obj, *, markdown: bool = False) -> str:
     the step its annealing began."""
     h = _history(obj)
     names = list(dict.fromkeys(list(h["smoothed"]) + list(h["frozen"])))
+    annealed = h.get("anneal_from") or {}
+    cols = ["group", "measurements", "last drift", "frozen at step"] + (["annealed from step"] if annealed else [])
     rows = []
     for n in names:
         series = h["smoothed"].get(n, [])
         rows.append({"group": n, "measurements": len(series),
                      "last drift": series[-1][1] if series else float("nan"),
-                     "frozen at step": h["frozen"].get(n, "active"),
-                     **({"annealed from step": h["anneal_from"].get(n, "")} if h.get("anneal_from") else {})})
-    cols = ["group", "measurements", "last drift", "frozen at step"] + (["annealed from step"] if h.get("anneal_from")
-                                                                       else [])
+                     "frozen at step": h["frozen"].get(n, "active"), "annealed from step": annealed.get(n, "")})
     return table(rows, cols, markdown=markdown)
 
 
 def plot_drift(obj, path: str, *, title: str = "jsdrift: Fisher drift per group") -> str:
-    """Drift curves (smoothed JS distance) with freeze events, and the trainable share, as a PNG."""
+    """Drift curves (smoothed JS distance) with freeze events (and anneal spans), and the trainable share, as a
+    PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -905,6 +905,9 @@ def plot_drift(obj, path: str, *, title: str = "jsdrift: Fisher drift per group"
         xs, ys = zip(*series)
         color = cmap(i % 20)
         ax.plot(xs, ys, color=color, lw=1.2, label=name if len(h["smoothed"]) <= 20 else None)
+        start = h.get("anneal_from", {}).get(name)
+        if start is not None:  # anneal=: the span over which its updates shrank
+            ax.axvspan(start, h["frozen"].get(name, xs[-1]), color=color, alpha=0.12, lw=0)
         if name in h["frozen"]:
             ax.axvline(h["frozen"][name], color=color, ls=":", lw=0.8)
             ax.plot([h["frozen"][name]], [ys[-1]], "x", color=color)
