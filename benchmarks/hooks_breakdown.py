@@ -1,7 +1,7 @@
 """Where the hooks engine's time goes, against the floor (one ordinary batched forward+backward).
 
-Run: ``python -m benchmarks.hooks_breakdown [--models bert,unet,resnet50,vit] [--batches 4]``. Writes
-``benchmarks/results/hooks_breakdown.md``.
+Run: ``python -m benchmarks.hooks_breakdown [--models bert,unet,resnet50,vit] [--batches 4] [--name NAME]``.
+Writes ``benchmarks/results/hooks_breakdown.md`` (``NAME.md``).
 
 Each model in its own spawned process, float32, eval mode, the configurations of ``fisher_peers``. One
 ``gradsel.fisher(engine="hooks")`` call over ``--batches`` batches is timed against as many floors,
@@ -10,6 +10,10 @@ its forward (``_losses``), its backward (``torch.autograd.grad``), each per-laye
 per-sample terms (closed forms for norms and biases run here), each lazy square-and-sum (``accumulate`` of
 :class:`~gradsel.fisher.rules.LazyGrads` per kind) and the squares of plain per-sample tensors. The timers
 add a little; their sum is set beside the untimed call.
+
+The floor is split the same way, for comparison with the engine's forward and backward: its forward alone,
+and its backward without weight gradients (``torch.autograd.grad`` of the loss with respect to the output of
+the first module with parameters only, so autograd forms the activation gradients and nothing else).
 
 A second table takes every convolution of the conv nets once (its real input and output gradient) and
 times its batched weight gradient (what the floor's backward computes for it) against gradsel's
@@ -136,6 +140,36 @@ def _conv_layers(case) -> list[dict]:
     return list(groups.values())
 
 
+def _floor_parts(case, ts: list, repeats: int) -> dict[str, float]:
+    """The floor's forward, and its backward without weight gradients, over the batches ``ts`` (seconds)."""
+    model = case.model
+    first: dict[str, torch.Tensor] = {}
+
+    def hook(mod, inputs, out):
+        first.setdefault("out", out)
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if next(m.parameters(False), None) is not None]
+
+    def forward():
+        pairs = []
+        for *inputs, y in ts:
+            first.clear()
+            pairs.append((case.losses(case.logits(model, *inputs), y).sum(), first["out"]))
+        return pairs
+
+    def forward_backward():
+        for loss, out in forward():
+            torch.autograd.grad(loss, out)
+
+    try:
+        fwd = best_time(forward, repeats=repeats)
+        both = best_time(forward_backward, repeats=repeats)
+    finally:
+        for h in handles:
+            h.remove()
+    return {"floor: forward": fwd, "floor: backward, no weight gradients": both - fwd}
+
+
 def _worker(model_name: str, batches: int, repeats: int, queue) -> None:
     warnings.filterwarnings("ignore")
     import gradsel
@@ -161,6 +195,7 @@ def _worker(model_name: str, batches: int, repeats: int, queue) -> None:
             times.append(best_time(run, repeats=1, warmup=0))
         row["floor (s)"], row["hooks (s)"] = min(floors), min(times)
         row["parts"] = _parts(run)
+        row["floor parts"] = _floor_parts(floor_case, ts, repeats)
         if model_name in ("unet", "resnet50"):
             row["convs"] = _conv_layers(case)
     except Exception as exc:  # noqa: BLE001 (reported in the table)
@@ -185,11 +220,14 @@ def markdown(rows: list[dict], command: str, batches: int, repeats: int) -> str:
         f = r["floor (s)"]
         out = {"model": r["model"], "floor (s)": r["floor (s)"], "hooks ÷ floor": r["hooks (s)"] / f}
         out.update({k: r["parts"].get(k, 0.0) / f for k in keys})
+        out.update({k: v / f for k, v in r.get("floor parts", {}).items()})
         table_rows.append(out)
-    lines += [md_table(table_rows, ["model", "floor (s)", "hooks ÷ floor", *keys]), ""]
+    floor_keys = ["floor: forward", "floor: backward, no weight gradients"]
+    lines += [md_table(table_rows, ["model", "floor (s)", "hooks ÷ floor", *keys, *floor_keys]), ""]
     lines += ["`rule: …`: building a layer's per-sample terms (the closed forms of norms and biases are computed "
               "here; the lazy ones only set up); `squares: …`: squaring and summing them into the Fisher; "
-              "`total (timed)`: the call with the timers on.", ""]
+              "`total (timed)`: the call with the timers on. `floor: …`: the floor's own forward, and its backward "
+              "without weight gradients, to set beside the engine's `forward` and `backward`.", ""]
     for r in rows:
         if not r.get("convs"):
             continue
@@ -211,6 +249,7 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=4, help="batches per timed call (default 4)")
     parser.add_argument("--repeats", type=int, default=3, help="interleaved timed rounds (default 3)")
     parser.add_argument("--timeout", type=float, default=900, help="seconds per model process")
+    parser.add_argument("--name", default="hooks_breakdown", help="results file name (benchmarks/results/NAME.md)")
     args = parser.parse_args()
     models = [m for m in args.models.split(",") if m]
     if any(m not in MODELS for m in models) or args.batches < 1 or args.repeats < 1:
@@ -218,7 +257,9 @@ def main() -> None:
     rows = [in_fresh_process_or_fail(_worker, m, args.batches, args.repeats, timeout=args.timeout) for m in models]
     rows = [r if "model key" in r else {"model key": m, **r} for m, r in zip(models, rows)]
     command = f"python -m benchmarks.hooks_breakdown --models {','.join(models)} --batches {args.batches}"
-    write("hooks_breakdown", rows, markdown(rows, command, args.batches, args.repeats))
+    if args.name != "hooks_breakdown":
+        command += f" --name {args.name}"
+    write(args.name, rows, markdown(rows, command, args.batches, args.repeats))
 
 
 if __name__ == "__main__":
