@@ -433,6 +433,7 @@ class DriftController:
         self.groups = build_groups(selection.candidates, self.shapes, self.o["groups"], self.o["blocks"],
                                    self.o.get("min_group", 0))
         self.sizes = {g.name: g.numel(self.shapes) for g in self.groups}
+        self._by_name = {g.name: g for g in self.groups}
         self.total = sum(self.sizes.values())
         self.step_count = 0
         self.prev: dict[str, torch.Tensor] = {}
@@ -690,7 +691,7 @@ class DriftController:
             if self.o.get("anneal", 0):
                 for name in to_freeze:  # trained on with shrinking updates; step() freezes them
                     self.annealing[name] = self.step_count
-                    self.history.setdefault("anneal_from", {})[name] = self.step_count
+                    self.history["anneal_from"][name] = self.step_count
                     self.prev.pop(name, None)
                 return None
             return self._freeze(to_freeze)
@@ -704,12 +705,11 @@ class DriftController:
         return elements / self.total >= floor
 
     def _freeze(self, names: list[str]) -> dict:
-        by_name = {g.name: g for g in self.groups}
         masks: dict[str, torch.Tensor] = {}
         for gname in names:
             self.frozen[gname] = self.step_count
             self.prev.pop(gname, None)
-            for n, rows in by_name[gname].parts:
+            for n, rows in self._by_name[gname].parts:
                 m = masks.setdefault(n, self.selection.masks[n].clone())
                 if rows is None:
                     m[:] = False
@@ -748,11 +748,10 @@ class DriftController:
         """``(tensor, rows or None, factor)`` for each part of an annealing group: the factor the next optimizer
         step's update of those entries is scaled by (the handle applies it after the step)."""
         k = self.o.get("anneal", 0)
-        by_name = {g.name: g for g in self.groups}
         out = []
-        for gname, start in self.annealing.items():
+        for gname, start in self.annealing.items():  # empty unless anneal= picked a group: nothing per step
             factor = 0.5 * (1.0 + math.cos(math.pi * (self.step_count + 1 - start) / (k + 1)))
-            out += [(n, rows, factor) for n, rows in by_name[gname].parts]
+            out += [(n, rows, factor) for n, rows in self._by_name[gname].parts]
         return out
 
     @property
