@@ -5,7 +5,8 @@ Writes ``benchmarks/results/hooks_breakdown.md`` (``NAME.md``).
 
 Each model in its own spawned process, float32, eval mode, the configurations of ``fisher_peers``. One
 ``gradsel.fisher(engine="hooks")`` call over ``--batches`` batches is timed against as many floors,
-interleaved, best of 3 rounds; the same call is then repeated with timers around the engine's parts:
+interleaved, best of 3 rounds (and, in the same rounds, that call with a fresh tensor for every per-sample
+gradient block instead of the engine's scratch buffer); the same call is then repeated with timers around the engine's parts:
 its forward (``_losses``), its backward (``torch.autograd.grad``), each per-layer rule that builds the
 per-sample terms (closed forms for norms and biases run here), each lazy square-and-sum (``accumulate`` of
 :class:`~gradsel.fisher.rules.LazyGrads` per kind) and the squares of plain per-sample tensors. The timers
@@ -173,6 +174,7 @@ def _floor_parts(case, ts: list, repeats: int) -> dict[str, float]:
 def _worker(model_name: str, batches: int, repeats: int, queue) -> None:
     warnings.filterwarnings("ignore")
     import gradsel
+    from gradsel.fisher.rules import Scratch
 
     from .fisher_peers import _data
     from .models import build
@@ -188,12 +190,21 @@ def _worker(model_name: str, batches: int, repeats: int, queue) -> None:
         def run():
             return gradsel.fisher(case.model, _data(case, ts), engine="hooks", chunk_size=case.n, progress=False)
 
-        run(), floor()
-        floors, times = [], []
+        def run_fresh():  # the same call with a fresh tensor for every per-sample block (no scratch buffer)
+            take = Scratch.take
+            Scratch.take = lambda self, shape, dtype, device: torch.empty(shape, dtype=dtype, device=device)
+            try:
+                return run()
+            finally:
+                Scratch.take = take
+
+        run(), floor(), run_fresh()
+        floors, times, fresh = [], [], []
         for _ in range(repeats):
             floors.append(best_time(floor, repeats=1, warmup=0))
             times.append(best_time(run, repeats=1, warmup=0))
-        row["floor (s)"], row["hooks (s)"] = min(floors), min(times)
+            fresh.append(best_time(run_fresh, repeats=1, warmup=0))
+        row["floor (s)"], row["hooks (s)"], row["fresh blocks (s)"] = min(floors), min(times), min(fresh)
         row["parts"] = _parts(run)
         row["floor parts"] = _floor_parts(floor_case, ts, repeats)
         if model_name in ("unet", "resnet50"):
@@ -218,13 +229,17 @@ def markdown(rows: list[dict], command: str, batches: int, repeats: int) -> str:
             table_rows.append({"model": r.get("model", r["model key"]), "hooks ÷ floor": r["error"]})
             continue
         f = r["floor (s)"]
-        out = {"model": r["model"], "floor (s)": r["floor (s)"], "hooks ÷ floor": r["hooks (s)"] / f}
+        out = {"model": r["model"], "floor (s)": r["floor (s)"], "hooks ÷ floor": r["hooks (s)"] / f,
+               "fresh blocks ÷ floor": r["fresh blocks (s)"] / f}
         out.update({k: r["parts"].get(k, 0.0) / f for k in keys})
         out.update({k: v / f for k, v in r.get("floor parts", {}).items()})
         table_rows.append(out)
     floor_keys = ["floor: forward", "floor: backward, no weight gradients"]
-    lines += [md_table(table_rows, ["model", "floor (s)", "hooks ÷ floor", *keys, *floor_keys]), ""]
-    lines += ["`rule: …`: building a layer's per-sample terms (the closed forms of norms and biases are computed "
+    lines += [md_table(table_rows, ["model", "floor (s)", "hooks ÷ floor", "fresh blocks ÷ floor", *keys,
+                                    *floor_keys]), ""]
+    lines += ["`fresh blocks`: the same call, interleaved with the others, with a new tensor for every per-sample "
+              "gradient block instead of the engine's one scratch buffer (`gradsel.fisher.rules.Scratch`). "
+              "`rule: …`: building a layer's per-sample terms (the closed forms of norms and biases are computed "
               "here; the lazy ones only set up); `squares: …`: squaring and summing them into the Fisher; "
               "`total (timed)`: the call with the timers on. `floor: …`: the floor's own forward, and its backward "
               "without weight gradients, to set beside the engine's `forward` and `backward`.", ""]

@@ -42,7 +42,7 @@ from torch.utils import _pytree as pytree
 
 from ...errors import GradselError
 from ..batches import BatchReader, logits_of
-from ..rules import ConvWeightGrads, EmbeddingGrads, LazyGrads, _embedding_ok
+from ..rules import ConvWeightGrads, EmbeddingGrads, LazyGrads, Scratch, _embedding_ok
 
 __all__ = ["HooksEngine", "OuterSquares", "BlockGrads"]
 
@@ -78,16 +78,18 @@ class OuterSquares(LazyGrads):
 
 @dataclass
 class BlockGrads(LazyGrads):
-    """Per-sample gradients formed ``block`` samples at a time by ``make(start, stop)``, a fresh
-    ``(stop - start, *shape)`` tensor; each block is squared and summed before the next is formed."""
+    """Per-sample gradients formed ``block`` samples at a time by ``make(start, stop, scratch)``, a
+    ``(stop - start, *shape)`` tensor of its own (in ``scratch`` where one is given: valid until the next
+    call); each block is squared and summed before the next is formed."""
 
-    make: Callable[[int, int], torch.Tensor]
+    make: Callable[[int, int, Scratch | None], torch.Tensor]
     n: int
     block: int
+    scratch: Scratch | None = None
 
     def _squares(self, dtype):
         for start in range(0, self.n, self.block):
-            g = self.make(start, min(self.n, start + self.block))
+            g = self.make(start, min(self.n, start + self.block), self.scratch)
             g = g.to(dtype) if g.dtype != dtype else g
             yield g.reshape(g.shape[0], -1).square_()  # a tensor made by make(): ours to write
 
@@ -105,7 +107,7 @@ class BlockGrads(LazyGrads):
         flat_acc = None if acc is None else acc.view(-1)
         parts = []
         for start in range(0, self.n, self.block):
-            g = self.make(start, min(self.n, start + self.block))
+            g = self.make(start, min(self.n, start + self.block), self.scratch)
             g = (g.to(dtype) if g.dtype != dtype else g).reshape(g.shape[0], -1)
             for row in g:
                 if flat_acc is not None:
@@ -152,7 +154,13 @@ def _linear(module: nn.Module, xs, ds, want, n, transposed: bool = False):
     if "weight" in want:
         block = max(1, BLOCK_BYTES // max(1, module.weight.numel() * d.element_size()))
         left, right = (a, d) if transposed else (d, a)
-        out["weight"] = BlockGrads(lambda s, e: torch.bmm(left[s:e].transpose(1, 2), right[s:e]), n, block)
+        shape = (left.shape[2], right.shape[2])
+
+        def make(s, e, scratch=None):
+            out = None if scratch is None else scratch.take((e - s, *shape), d.dtype, d.device)
+            return torch.bmm(left[s:e].transpose(1, 2), right[s:e], out=out)
+
+        out["weight"] = BlockGrads(make, n, block)
     if "bias" in want:
         out["bias"] = d.sum(1)
     return out
@@ -459,6 +467,9 @@ class HooksEngine:
                            and self.params[n].shape[0] == 1]
         self._forward_module = _Forward(model, reader)
         self._swap: dict[str, torch.Tensor] | None = None
+        # one buffer for the per-sample gradient blocks of every layer and chunk (each block is squared before
+        # the next is formed): kept for the engine's life, so its pages are faulted in once
+        self._scratch = Scratch()
         self._make_fallback = fallback
         self._make_last_resort = last_resort
         self._fallbacks: dict[frozenset, Any] = {}
@@ -680,6 +691,8 @@ class HooksEngine:
         out.update(self._local_grads(lcalls, batch, n))
         for pname, got_parts in parts.items():
             out[pname] = got_parts[0] if len(got_parts) == 1 else _summed(got_parts, n, self.params[pname])
+            if isinstance(out[pname], (BlockGrads, ConvWeightGrads)):
+                out[pname].scratch = self._scratch
         if not opaque:  # a candidate absent from the graph (a layer that never runs) has zero gradients
             for pname in self.names:
                 p = self.params[pname]
@@ -831,7 +844,7 @@ def _dense(g: Any) -> Callable[[int, int], torch.Tensor]:
     if isinstance(g, OuterSquares):
         return lambda s, e: g.delta[s:e, :, None] * g.inputs[s:e, None, :]
     if isinstance(g, BlockGrads):
-        return g.make
+        return lambda s, e: g.make(s, e, None)  # fresh blocks: they are summed
     if isinstance(g, EmbeddingGrads):
         def rows(s, e):
             k, (num, dim) = e - s, g.module.weight.shape
@@ -850,7 +863,7 @@ def _summed(parts: list, n: int, param: torch.Tensor) -> BlockGrads:
     """A tied parameter: each sample's gradients from every layer that holds it, summed before squaring."""
     makers = [_dense(g) for g in parts]
     block = max(1, BLOCK_BYTES // max(1, param.numel() * 8))
-    return BlockGrads(lambda s, e: sum(m(s, e) for m in makers), n, block)
+    return BlockGrads(lambda s, e, scratch=None: sum(m(s, e) for m in makers), n, block)
 
 
 def _parameter_uses(losses: torch.Tensor) -> tuple[Counter, bool]:
