@@ -5,9 +5,9 @@ Writes ``benchmarks/results/hooks_breakdown.md`` (``NAME.md``).
 
 Each model in its own spawned process, float32, eval mode, the configurations of ``fisher_peers``. One
 ``gradsel.fisher(engine="hooks")`` call over ``--batches`` batches is timed against as many floors,
-interleaved, best of 3 rounds (and, in the same rounds, that call with a fresh tensor for every per-sample
-gradient block instead of the engine's scratch buffer); the same call is then repeated with timers around the engine's parts:
-its forward (``_losses``), its backward (``torch.autograd.grad``), each per-layer rule that builds the
+interleaved, best of ``--repeats`` rounds (and, in the same rounds, that call with a fresh tensor for every
+per-sample gradient block instead of the engine's scratch buffer); the same call is then repeated with timers
+around the engine's parts: its forward (``_losses``), its backward (``torch.autograd.grad``), each per-layer rule that builds the
 per-sample terms (closed forms for norms and biases run here), each lazy square-and-sum (``accumulate`` of
 :class:`~gradsel.fisher.rules.LazyGrads` per kind) and the squares of plain per-sample tensors. The timers
 add a little; their sum is set beside the untimed call.

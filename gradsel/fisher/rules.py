@@ -14,6 +14,7 @@ are the same; the work is less:
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from dataclasses import dataclass
 
@@ -35,9 +36,7 @@ class Scratch:
     def take(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """A ``shape`` view of the buffer (grown, or made anew for another dtype or device, as needed); its
         contents are left over from the last use."""
-        numel = 1
-        for size in shape:
-            numel *= size
+        numel = math.prod(shape)
         b = self._buffer
         if b is None or b.numel() < numel or b.dtype != dtype or b.device != device:
             b = self._buffer = torch.empty(numel, dtype=dtype, device=device)
