@@ -27,8 +27,9 @@ class Scratch:
     """One reusable buffer for per-sample gradient blocks that are squared and dropped before the next is
     formed. A fresh block per layer and per block made the allocator map and fault in new pages again and
     again (several MB each time, interleaved with autograd's own buffers): 0.2-0.5 of an ordinary
-    forward+backward on BERT, the ViT and the conv nets (benchmarks/results/hooks_breakdown_scratch.md). Only the consumer that drops each block before asking for the next one
-    may use it (a sum of two blocks, as tied weights need, must not)."""
+    forward+backward on BERT, the ViT and the conv nets (benchmarks/results/hooks_breakdown_scratch.md).
+    Only a consumer that drops each block before asking for the next one may use it (a sum of two blocks,
+    as tied weights need, must not)."""
 
     def __init__(self) -> None:
         self._buffer: torch.Tensor | None = None
