@@ -5,10 +5,11 @@ Writes ``benchmarks/results/hooks_breakdown.md`` (``NAME.md``).
 
 Each model in its own spawned process, float32, eval mode, the configurations of ``fisher_peers``. One
 ``gradsel.fisher(engine="hooks")`` call over ``--batches`` batches is timed against as many floors,
-interleaved, best of ``--repeats`` rounds (and, in the same rounds, that call with a fresh tensor for every
-per-sample gradient block instead of the engine's scratch buffer); the same call is then repeated with timers
-around the engine's parts: its forward (``_losses``), its backward (``torch.autograd.grad``), each per-layer rule that builds the
-per-sample terms (closed forms for norms and biases run here), each lazy square-and-sum (``accumulate`` of
+interleaved, best of ``--repeats`` rounds (and the median of the rounds' ratios), and in the same rounds the
+variants of :func:`_variants`: that call with one of the engine's choices undone (a fresh tensor for every
+per-sample gradient block instead of the scratch buffer; 32 MiB blocks instead of ``BLOCK_BYTES``). The call
+is then repeated with timers around the engine's parts: its forward (``_losses``), its backward
+(``torch.autograd.grad``), each per-layer rule that builds the per-sample terms (closed forms for norms and biases run here), each lazy square-and-sum (``accumulate`` of
 :class:`~gradsel.fisher.rules.LazyGrads` per kind) and the squares of plain per-sample tensors. The timers
 add a little; their sum is set beside the untimed call.
 
@@ -25,8 +26,11 @@ route) and against the other route: the cost of per-sample conv gradients, layer
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import dataclasses
+import importlib
+import statistics
 import sys
 import time
 import warnings
@@ -171,10 +175,28 @@ def _floor_parts(case, ts: list, repeats: int) -> dict[str, float]:
     return {"floor: forward": fwd, "floor: backward, no weight gradients": both - fwd}
 
 
+@contextlib.contextmanager
+def _patched(owner: Any, attr: str, value: Any):
+    old = getattr(owner, attr)
+    setattr(owner, attr, value)
+    try:
+        yield
+    finally:
+        setattr(owner, attr, old)
+
+
+def _variants() -> dict[str, Callable]:
+    """The engine with one of its choices undone, timed in the same rounds: name -> patch (a context manager)."""
+    from gradsel.fisher.rules import Scratch
+    hooks = importlib.import_module("gradsel.fisher.engines.hooks")
+    fresh = lambda self, shape, dtype, device: torch.empty(shape, dtype=dtype, device=device)  # noqa: E731
+    return {"fresh blocks": lambda: _patched(Scratch, "take", fresh),
+            "32 MiB blocks": lambda: _patched(hooks, "BLOCK_BYTES", 32 << 20)}
+
+
 def _worker(model_name: str, batches: int, repeats: int, queue) -> None:
     warnings.filterwarnings("ignore")
     import gradsel
-    from gradsel.fisher.rules import Scratch
 
     from .fisher_peers import _data
     from .models import build
@@ -190,21 +212,23 @@ def _worker(model_name: str, batches: int, repeats: int, queue) -> None:
         def run():
             return gradsel.fisher(case.model, _data(case, ts), engine="hooks", chunk_size=case.n, progress=False)
 
-        def run_fresh():  # the same call with a fresh tensor for every per-sample block (no scratch buffer)
-            take = Scratch.take
-            Scratch.take = lambda self, shape, dtype, device: torch.empty(shape, dtype=dtype, device=device)
-            try:
-                return run()
-            finally:
-                Scratch.take = take
+        def variant(patch):  # the same call with one of the engine's choices undone
+            def call():
+                with patch():
+                    return run()
+            return call
 
-        run(), floor(), run_fresh()
-        floors, times, fresh = [], [], []
+        calls = {"hooks": run, **{name: variant(patch) for name, patch in _variants().items()}}
+        floor(), *[c() for c in calls.values()]
+        floors, times = [], {name: [] for name in calls}
         for _ in range(repeats):
             floors.append(best_time(floor, repeats=1, warmup=0))
-            times.append(best_time(run, repeats=1, warmup=0))
-            fresh.append(best_time(run_fresh, repeats=1, warmup=0))
-        row["floor (s)"], row["hooks (s)"], row["fresh blocks (s)"] = min(floors), min(times), min(fresh)
+            for name, c in calls.items():
+                times[name].append(best_time(c, repeats=1, warmup=0))
+        row["floor (s)"] = min(floors)
+        for name, got in times.items():
+            row[f"{name} (s)"] = min(got)
+            row[f"{name} ÷ floor, median of rounds"] = statistics.median(t / f for t, f in zip(got, floors))
         row["parts"] = _parts(run)
         row["floor parts"] = _floor_parts(floor_case, ts, repeats)
         if model_name in ("unet", "resnet50"):
@@ -212,6 +236,11 @@ def _worker(model_name: str, batches: int, repeats: int, queue) -> None:
     except Exception as exc:  # noqa: BLE001 (reported in the table)
         row["error"] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
     queue.put(row)
+
+
+def _timed_calls(row: dict) -> list[str]:
+    """The engine and its variants that ``row`` has times for, in the order they ran."""
+    return [k[:-len(" (s)")] for k in row if k.endswith(" (s)") and k != "floor (s)"]
 
 
 def markdown(rows: list[dict], command: str, batches: int, repeats: int) -> str:
@@ -229,16 +258,23 @@ def markdown(rows: list[dict], command: str, batches: int, repeats: int) -> str:
             table_rows.append({"model": r.get("model", r["model key"]), "hooks ÷ floor": r["error"]})
             continue
         f = r["floor (s)"]
-        out = {"model": r["model"], "floor (s)": r["floor (s)"], "hooks ÷ floor": r["hooks (s)"] / f,
-               "fresh blocks ÷ floor": r["fresh blocks (s)"] / f}
+        out = {"model": r["model"], "floor (s)": r["floor (s)"]}
+        for name in _timed_calls(r):
+            out[f"{name} ÷ floor"] = r[f"{name} (s)"] / f
+            out[f"{name} ÷ floor, median of rounds"] = r[f"{name} ÷ floor, median of rounds"]
         out.update({k: r["parts"].get(k, 0.0) / f for k in keys})
         out.update({k: v / f for k, v in r.get("floor parts", {}).items()})
         table_rows.append(out)
     floor_keys = ["floor: forward", "floor: backward, no weight gradients"]
-    lines += [md_table(table_rows, ["model", "floor (s)", "hooks ÷ floor", "fresh blocks ÷ floor", *keys,
-                                    *floor_keys]), ""]
-    lines += ["`fresh blocks`: the same call, interleaved with the others, with a new tensor for every per-sample "
-              "gradient block instead of the engine's one scratch buffer (`gradsel.fisher.rules.Scratch`). "
+    names = list(dict.fromkeys(n for r in rows for n in _timed_calls(r)))
+    ratios = [f"{name} ÷ floor{m}" for name in names for m in ("", ", median of rounds")]
+    lines += [md_table(table_rows, ["model", "floor (s)", *ratios, *keys, *floor_keys]), ""]
+    lines += ["`÷ floor`: best call over best floor; `median of rounds`: the median over rounds of each round's "
+              "call over that round's floor. The variants are the same call, interleaved with the others, with "
+              "one of the engine's choices undone: `fresh blocks`, a new tensor for every per-sample gradient "
+              "block instead of the engine's one scratch buffer (`gradsel.fisher.rules.Scratch`); `32 MiB "
+              "blocks`, token-axis Linears' per-sample gradients formed 32 MiB at a time (all 16 samples of "
+              "most layers) instead of `BLOCK_BYTES` (2 MiB, about a core's L2 cache). "
               "`rule: …`: building a layer's per-sample terms (the closed forms of norms and biases are computed "
               "here; the lazy ones only set up); `squares: …`: squaring and summing them into the Fisher; "
               "`total (timed)`: the call with the timers on. `floor: …`: the floor's own forward, and its backward "

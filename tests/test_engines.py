@@ -193,7 +193,6 @@ def test_hooks_rules_cover_every_candidate(case):
 
 
 @needs_hooks
-@needs_hooks
 @pytest.mark.parametrize("case", ["mlp", "cnn_batchnorm", "bert", "module_called_twice", "depthwise_separable",
                                   "gpt2_tied_lm_head", "torch_checkpoint"])
 def test_hooks_contributions_over_masks_match_the_loop(case):
@@ -208,6 +207,26 @@ def test_hooks_contributions_over_masks_match_the_loop(case):
     alone = gradsel.fisher(model, batch, engine="hooks", per_sample=mask, scores=False, chunk_size=3,
                            loss=opts.get("loss"), progress=False)
     assert (alone.per_sample - ref.per_sample).abs().max() <= TOL * ref.per_sample.abs().max()
+
+
+@needs_hooks
+@pytest.mark.parametrize("case", ["bert", "timm_vit", "gpt2_tied_lm_head"])
+def test_hooks_token_linears_one_sample_per_block(case, monkeypatch):
+    # BLOCK_BYTES below one sample's gradient: every token-axis Linear (and the tied sum) forms one sample at a
+    # time in the scratch buffer, squared before the next overwrites it; Fisher and masked contributions exact
+    from gradsel.fisher.engines import hooks
+
+    monkeypatch.setattr(hooks, "BLOCK_BYTES", 1)
+    model, batch, _, opts = _case(case)
+    mask = {n: torch.rand(p.shape, generator=torch.Generator().manual_seed(5)) > 0.5
+            for n, p in model.named_parameters()}
+    est, fell = _hooks_fallback(model, batch, per_sample=mask, loss=opts.get("loss"))
+    ref = gradsel.fisher_loop(model, batch, per_sample=mask, loss=opts.get("loss"), progress=False)
+    assert fell == set()
+    _assert_matches(est, ref, opts.get("tol", TOL))
+    assert (est.per_sample - ref.per_sample).abs().max() <= TOL * ref.per_sample.abs().max()
+    plain, _ = _hooks_fallback(model, batch, loss=opts.get("loss"))  # the unmasked path (one pass per sample)
+    _assert_matches(plain, ref, opts.get("tol", TOL))
 
 
 class _WeightReadTwice(torch.nn.Module):

@@ -46,7 +46,10 @@ from ..rules import ConvWeightGrads, EmbeddingGrads, LazyGrads, Scratch, _embedd
 
 __all__ = ["HooksEngine", "OuterSquares", "BlockGrads"]
 
-BLOCK_BYTES = 32 << 20  # per-sample gradients formed at once by a rule
+# per-sample gradients formed at once by a rule: a block about the size of a core's L2 cache is still there
+# when it is squared into the Fisher (on the ViT and BERT 0.04-0.07 of a forward+backward less than 32 MiB
+# blocks that went out to L3 and memory: benchmarks/results/hooks_breakdown_blocks.md)
+BLOCK_BYTES = 2 << 20
 
 
 # -- lazy per-sample gradients -----------------------------------------------------------------------------
