@@ -410,7 +410,9 @@ def main() -> None:
         parser.error("--batches takes a positive number")
     rows = run(models, methods, args.quick, repeats, args.timeout, args.batches)
     command = ("python -m benchmarks.fisher_peers" + (" --quick" if args.quick else "")
-               + (f" --batches {args.batches}" if args.batches > 1 else ""))
+               + (f" --batches {args.batches}" if args.batches > 1 else "")
+               + (f' --models "{args.models}"' if models != list(CASES) else "")
+               + (f' --methods "{args.methods}"' if methods != list(METHODS) else ""))
     name = "fisher_peers_quick" if args.quick else "fisher_peers"
     write(name + (f"_batches{args.batches}" if args.batches > 1 else ""), rows, markdown(rows, command, repeats, args.batches))
 

@@ -308,6 +308,8 @@ def main() -> None:
     rows = [in_fresh_process_or_fail(_worker, m, args.batches, args.repeats, timeout=args.timeout) for m in models]
     rows = [r if "model key" in r else {"model key": m, **r} for m, r in zip(models, rows)]
     command = f"python -m benchmarks.hooks_breakdown --models {','.join(models)} --batches {args.batches}"
+    if args.repeats != 3:
+        command += f" --repeats {args.repeats}"
     if args.name != "hooks_breakdown":
         command += f" --name {args.name}"
     write(args.name, rows, markdown(rows, command, args.batches, args.repeats))

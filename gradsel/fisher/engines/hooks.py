@@ -46,9 +46,9 @@ from ..rules import ConvWeightGrads, EmbeddingGrads, LazyGrads, Scratch, _embedd
 
 __all__ = ["HooksEngine", "OuterSquares", "BlockGrads"]
 
-# per-sample gradients formed at once by a rule: a block about the size of a core's L2 cache is still there
-# when it is squared into the Fisher (on the ViT and BERT 0.04-0.07 of a forward+backward less than 32 MiB
-# blocks that went out to L3 and memory: benchmarks/results/hooks_breakdown_blocks.md)
+# per-sample gradients formed at once by a rule, about a core's L2 cache: the scratch buffer stays small and
+# a block is squared while still in cache (32 MiB blocks, all 16 samples of most layers, were level on the ViT
+# in one run and 0.1-0.17 of a floor slower in another: benchmarks/results/hooks_breakdown_blocks*.md)
 BLOCK_BYTES = 2 << 20
 
 
