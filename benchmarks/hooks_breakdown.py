@@ -9,9 +9,10 @@ interleaved, best of ``--repeats`` rounds (and the median of the rounds' ratios)
 variants of :func:`_variants`: that call with one of the engine's choices undone (a fresh tensor for every
 per-sample gradient block instead of the scratch buffer; 32 MiB blocks instead of ``BLOCK_BYTES``). The call
 is then repeated with timers around the engine's parts: its forward (``_losses``), its backward
-(``torch.autograd.grad``), each per-layer rule that builds the per-sample terms (closed forms for norms and biases run here), each lazy square-and-sum (``accumulate`` of
-:class:`~gradsel.fisher.rules.LazyGrads` per kind) and the squares of plain per-sample tensors. The timers
-add a little; their sum is set beside the untimed call.
+(``torch.autograd.grad``), each per-layer rule that builds the per-sample terms (closed forms for norms and
+biases run here), each lazy square-and-sum (``accumulate`` of :class:`~gradsel.fisher.rules.LazyGrads` per
+kind) and the squares of plain per-sample tensors. The timers add a little; their sum is set beside the
+untimed call.
 
 The floor is split the same way, for comparison with the engine's forward and backward: its forward alone,
 and its backward without weight gradients (``torch.autograd.grad`` of the loss with respect to the output of
@@ -219,7 +220,9 @@ def _worker(model_name: str, batches: int, repeats: int, queue) -> None:
             return call
 
         calls = {"hooks": run, **{name: variant(patch) for name, patch in _variants().items()}}
-        floor(), *[c() for c in calls.values()]
+        floor()
+        for c in calls.values():  # a warm-up of each
+            c()
         floors, times = [], {name: [] for name in calls}
         for _ in range(repeats):
             floors.append(best_time(floor, repeats=1, warmup=0))
