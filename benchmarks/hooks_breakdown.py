@@ -241,6 +241,11 @@ def _worker(model_name: str, batches: int, repeats: int, queue) -> None:
     queue.put(row)
 
 
+def _block_mib() -> float:
+    """The hooks engine's per-sample block size, in MiB."""
+    return importlib.import_module("gradsel.fisher.engines.hooks").BLOCK_BYTES / 2**20
+
+
 def _timed_calls(row: dict) -> list[str]:
     """The engine and its variants that ``row`` has times for, in the order they ran."""
     return [k[:-len(" (s)")] for k in row if k.endswith(" (s)") and k != "floor (s)"]
@@ -277,7 +282,7 @@ def markdown(rows: list[dict], command: str, batches: int, repeats: int) -> str:
               "one of the engine's choices undone: `fresh blocks`, a new tensor for every per-sample gradient "
               "block instead of the engine's one scratch buffer (`gradsel.fisher.rules.Scratch`); `32 MiB "
               "blocks`, token-axis Linears' per-sample gradients formed 32 MiB at a time (all 16 samples of "
-              "most layers) instead of `BLOCK_BYTES` (2 MiB, about a core's L2 cache). "
+              f"most layers) instead of `BLOCK_BYTES` ({_block_mib():g} MiB, about a core's L2 cache). "
               "`rule: …`: building a layer's per-sample terms (the closed forms of norms and biases are computed "
               "here; the lazy ones only set up); `squares: …`: squaring and summing them into the Fisher; "
               "`total (timed)`: the call with the timers on. `floor: …`: the floor's own forward, and its backward "

@@ -212,8 +212,9 @@ def test_hooks_contributions_over_masks_match_the_loop(case):
 @needs_hooks
 @pytest.mark.parametrize("case", ["bert", "timm_vit", "gpt2_tied_lm_head"])
 def test_hooks_token_linears_one_sample_per_block(case, monkeypatch):
-    # BLOCK_BYTES below one sample's gradient: every token-axis Linear (and the tied sum) forms one sample at a
-    # time in the scratch buffer, squared before the next overwrites it; Fisher and masked contributions exact
+    # BLOCK_BYTES below one sample's gradient: every token-axis Linear forms one sample at a time in the scratch
+    # buffer, squared before the next overwrites it (the tied sum one sample at a time in fresh blocks); the
+    # Fisher and the masked contributions stay exact
     from gradsel.fisher.engines import hooks
 
     monkeypatch.setattr(hooks, "BLOCK_BYTES", 1)
