@@ -97,6 +97,10 @@ class _Entries:
 
     def keep(self, t: torch.Tensor) -> None:
         """Zero ``t`` outside the selection, in place (a fill: NaN and Inf there are gone too)."""
+        if t.is_sparse:
+            raise GradselError("Selection.apply masks dense gradients and got a sparse one (row_sparse(..., "
+                               "compact=True), or an nn.Embedding(sparse=True)): train with selection.optimizer(model) "
+                               "(SparseAdamW), which reads the selected entries of sparse row gradients")
         if self.index is not None:
             values = self.take(t)
             t.zero_()

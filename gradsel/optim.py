@@ -129,6 +129,7 @@ class SparseAdamW(torch.optim.Optimizer):
             raise GradselError(f"weight_decay={weight_decay} must be >= 0")
         self._index: dict[torch.Tensor, torch.Tensor | None] = {}
         self._cgrad: dict[torch.Tensor, torch.Tensor] = {}
+        self._row_pos: dict[torch.Tensor, tuple[torch.Tensor, torch.Tensor]] = {}  # row-sparse grads: rows, positions
         self._hooks: list = []
         self.compact_grads = compact_grads
         self.progressive = progressive
@@ -177,7 +178,7 @@ class SparseAdamW(torch.optim.Optimizer):
 
     # -- gradients ---------------------------------------------------------------------------------------
     def _gather_grad(self, p: torch.Tensor) -> None:
-        sel = _flat(_local(p.grad)).index_select(0, self._idx(p))
+        sel = self._selected(p, _local(p.grad))
         buf = self._cgrad.get(p)
         self._cgrad[p] = sel if buf is None else buf.add_(sel)
         p.grad = None
@@ -198,7 +199,32 @@ class SparseAdamW(torch.optim.Optimizer):
             return self._cgrad[p]
         if p.grad is None:
             return None
-        return _flat(_local(p.grad)).index_select(0, idx)
+        return self._selected(p, _local(p.grad))
+
+    def _selected(self, p: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+        """The selected entries of ``grad``, a dense gradient of ``p`` or a row-sparse one (a sparse COO tensor
+        of whole rows, as ``gradsel.rowsparse.row_sparse(..., compact=True)`` makes)."""
+        idx = self._idx(p)
+        if not grad.is_sparse:
+            return _flat(grad).index_select(0, idx)
+        if grad.sparse_dim() != 1:
+            raise GradselError(f"SparseAdamW reads sparse gradients of whole rows (sparse_dim 1); this one of shape "
+                               f"{tuple(grad.shape)} has sparse_dim {grad.sparse_dim()}")
+        rows, values = grad._indices()[0], grad._values()
+        if not grad.is_coalesced() and rows.numel() > 1 and not bool((rows[1:] > rows[:-1]).all()):
+            grad = grad.coalesce()  # accumulated over backwards: rows repeat (sorted, distinct rows need no copy)
+            rows, values = grad.indices()[0], grad.values()
+        cached = self._row_pos.get(p)
+        if cached is None or cached[0].device != rows.device or not torch.equal(cached[0], rows):
+            width = values[0].numel() if rows.numel() else 1
+            table = torch.full((grad.shape[0],), -1, dtype=torch.long, device=rows.device)
+            table[rows] = torch.arange(rows.numel(), device=rows.device)
+            pos = table[idx.long() // width]
+            if bool((pos < 0).any()):
+                raise GradselError(f"a row-sparse gradient of shape {tuple(grad.shape)} lacks rows with selected "
+                                   "elements: row_sparse and the optimizer were given different selections")
+            cached = self._row_pos[p] = (rows.clone(), pos * width + idx.long() % width)
+        return values.reshape(-1).index_select(0, cached[1])
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         super().zero_grad(set_to_none)
@@ -277,7 +303,8 @@ class SparseAdamW(torch.optim.Optimizer):
                 if grad is None:
                     continue
                 if grad.is_sparse:
-                    raise GradselError("SparseAdamW does not take sparse gradients")
+                    raise GradselError("SparseAdamW takes sparse gradients (row_sparse(..., compact=True)) for "
+                                       "partly selected tensors only; this one is trained in full: leave it dense")
                 idx = self._idx(p)
                 state = self.state[p]
                 if not state:
@@ -408,6 +435,7 @@ class SparseAdamW(torch.optim.Optimizer):
         if old is not None and old.shape == new.shape:
             return
         self._cgrad.pop(param, None)
+        self._row_pos.pop(param, None)  # positions of the old selection in row-sparse gradients
         state = self.state.get(param)
         if state and new.numel() == 0:
             self.state.pop(param)

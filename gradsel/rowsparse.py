@@ -8,7 +8,9 @@ whose backward computes
 
 - the input gradient in full (``δ·W``: layers below still learn),
 - the weight gradient of the *touched* rows only (rows with at least one selected element,
-  ``δ[:, rows]ᵀ x``), written into a zero gradient of the weight's shape,
+  ``δ[:, rows]ᵀ x``), written into a zero gradient of the weight's shape, or, with ``compact=True``, kept as
+  those rows alone: a sparse COO gradient (``weight.grad.indices()`` the rows, ``.values()`` their gradient,
+  as ``nn.Embedding(sparse=True)`` gives) that :class:`gradsel.optim.SparseAdamW` reads,
 - the bias gradient in full (it costs a sum over ``δ``).
 
 The gradient of every touched row is the dense one, so training under ``Selection.apply`` or
@@ -39,9 +41,9 @@ class _RowLinear(torch.autograd.Function):
     """``F.linear`` whose backward forms the weight gradient of ``rows`` only."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, rows):
+    def forward(ctx, x, weight, bias, rows, compact):
         ctx.save_for_backward(x, weight)
-        ctx.rows = rows
+        ctx.rows, ctx.compact = rows, compact
         ctx.has_bias = bias is not None
         return F.linear(x, weight, bias)
 
@@ -55,10 +57,19 @@ class _RowLinear(torch.autograd.Function):
             gx = g2.mm(weight).view(*grad.shape[:-1], weight.shape[1])
         if ctx.needs_input_grad[1] and rows.numel():
             part = _columns(g2, rows).t().mm(x.reshape(-1, x.shape[-1]))
-            gw = torch.zeros_like(weight).index_copy_(0, rows, part)
+            gw = _weight_grad(weight, rows, part, ctx.compact)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             gb = g2.sum(0)
-        return gx, gw, gb, None
+        return gx, gw, gb, None, None
+
+
+def _weight_grad(weight: torch.Tensor, rows: torch.Tensor, part: torch.Tensor, compact: bool) -> torch.Tensor:
+    """The gradient of ``rows`` (``part``) as the weight's gradient: the rows alone in a sparse COO tensor
+    (``compact``; ``rows`` are sorted and distinct, so it is coalesced), else in a zero tensor of its shape."""
+    if compact:
+        return torch.sparse_coo_tensor(rows.unsqueeze(0), part, weight.shape, is_coalesced=True,
+                                       check_invariants=False)
+    return torch.zeros_like(weight).index_copy_(0, rows, part)
 
 
 def _columns(g: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
@@ -72,9 +83,9 @@ class _RowConv(torch.autograd.Function):
     """A convolution (``groups=1``, zero padding) whose backward forms the weight gradient of ``rows`` only."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, rows, stride, padding, dilation):
+    def forward(ctx, x, weight, bias, rows, compact, stride, padding, dilation):
         ctx.save_for_backward(x, weight)
-        ctx.rows, ctx.conf = rows, (stride, padding, dilation)
+        ctx.rows, ctx.compact, ctx.conf = rows, compact, (stride, padding, dilation)
         ctx.has_bias = bias is not None
         zeros = [0] * len(stride)
         return torch.convolution(x, weight, bias, stride, padding, dilation, False, zeros, 1)
@@ -94,10 +105,10 @@ class _RowConv(torch.autograd.Function):
             part = torch.ops.aten.convolution_backward(grad.index_select(1, rows), x, weight[: rows.numel()],
                                                        None, stride, padding, dilation, False, zeros, 1,
                                                        [False, True, False])[1]
-            gw = torch.zeros_like(weight).index_copy_(0, rows, part)
+            gw = _weight_grad(weight, rows, part, ctx.compact)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             gb = grad.sum([0] + list(range(2, grad.dim())))
-        return gx, gw, gb, None, None, None, None
+        return gx, gw, gb, None, None, None, None, None
 
 
 def _autocast(x: torch.Tensor, *tensors):
@@ -117,21 +128,21 @@ def _row_forward(self: nn.Module, x: torch.Tensor, *args, **kwargs) -> torch.Ten
     rows = layer.rows(self.weight)
     if rows is None:  # every row touched now: nothing to skip
         return type(self).forward(self, x)
-    weight, bias = self.weight, self.bias
+    weight, bias, compact = self.weight, self.bias, layer.compact
     cast = _autocast(x, weight, bias)
     if isinstance(self, nn.Linear):
         if cast is None:
-            return _RowLinear.apply(x, weight, bias, rows)
+            return _RowLinear.apply(x, weight, bias, rows, compact)
         with torch.autocast(x.device.type, enabled=False):
-            return _RowLinear.apply(*cast, rows)
+            return _RowLinear.apply(*cast, rows, compact)
     d = len(self.stride)
     unbatched = x.dim() == d + 1
     conf = (list(self.stride), list(self.padding), list(self.dilation))
     if cast is None:
-        out = _RowConv.apply(x.unsqueeze(0) if unbatched else x, weight, bias, rows, *conf)
+        out = _RowConv.apply(x.unsqueeze(0) if unbatched else x, weight, bias, rows, compact, *conf)
     else:
         with torch.autocast(x.device.type, enabled=False):
-            out = _RowConv.apply(cast[0].unsqueeze(0) if unbatched else cast[0], *cast[1:], rows, *conf)
+            out = _RowConv.apply(cast[0].unsqueeze(0) if unbatched else cast[0], *cast[1:], rows, compact, *conf)
     return out.squeeze(0) if unbatched else out
 
 
@@ -141,9 +152,10 @@ _OWNERS: "weakref.WeakKeyDictionary[nn.Module, _Layer]" = weakref.WeakKeyDiction
 class _Layer:
     """One row-sparse layer: where its weight's mask is read from, and the touched rows derived from it."""
 
-    def __init__(self, masks: Any, name: str):
+    def __init__(self, masks: Any, name: str, compact: bool):
         self._source = masks
         self.name = name
+        self.compact = compact
         self._seen: tuple | None = None
         self._rows: torch.Tensor | None = None
 
@@ -187,7 +199,8 @@ class RowSparse:
         skipped: layer name → why a layer whose weight leaves rows out keeps the dense backward.
     """
 
-    def __init__(self, model: nn.Module, masks: Any):
+    def __init__(self, model: nn.Module, masks: Any, compact: bool = False):
+        self.compact = compact
         self._modules: list[nn.Module] = []
         self.layers: dict[str, tuple[int, int]] = {}
         self.skipped: dict[str, str] = {}
@@ -209,7 +222,7 @@ class RowSparse:
             if reason:
                 self.skipped[prefix] = reason
                 continue
-            _OWNERS[module] = _Layer(masks, wname)
+            _OWNERS[module] = _Layer(masks, wname, compact)
             module.forward = types.MethodType(_row_forward, module)
             self._modules.append(module)
             self.layers[prefix] = (touched, mask.shape[0])
@@ -231,10 +244,11 @@ class RowSparse:
         self.remove()
 
     def __repr__(self) -> str:
-        return f"RowSparse(layers={len(self.layers)}, skipped={len(self.skipped)}, removed={self.removed})"
+        return (f"RowSparse(layers={len(self.layers)}, skipped={len(self.skipped)}, compact={self.compact}, "
+                f"removed={self.removed})")
 
 
-def row_sparse(model: nn.Module, selection: Any) -> RowSparse:
+def row_sparse(model: nn.Module, selection: Any, *, compact: bool = False) -> RowSparse:
     """Compute the weight gradient of the selected rows only, in every Linear and Conv layer that can.
 
     A layer is made row-sparse when its weight is in the selection and some of its rows (dim-0 slices)
@@ -247,6 +261,12 @@ def row_sparse(model: nn.Module, selection: Any) -> RowSparse:
         model: the model (``torch.compile`` / DDP wrappers are looked through).
         selection: a :class:`gradsel.Selection` made for ``model`` (best with ``granularity="row"``), or a
             dict parameter name → bool mask.
+        compact: give each row-sparse weight a gradient of its touched rows only, a sparse COO tensor
+            (``weight.grad.indices()[0]`` the rows, ``.values()`` their gradient), instead of a dense gradient
+            that is zero elsewhere: no zero-filling or copy of the weight's shape in backward, and no gradient
+            memory outside the rows. Train with ``selection.optimizer(model)`` (:class:`~gradsel.optim.SparseAdamW`
+            reads the selected entries from it; clip with its ``clip_grad_norm_``); ``Selection.apply`` and
+            torch's dense optimizers refuse sparse gradients.
 
     Returns:
         A :class:`RowSparse` handle (context manager, ``.remove()``; ``.layers``, ``.skipped``).
@@ -282,4 +302,4 @@ def row_sparse(model: nn.Module, selection: Any) -> RowSparse:
         if bad:
             raise GradselError(f"the mask for {bad[0]!r} is {selection[bad[0]].dtype}, not bool: pass bool masks "
                                "(True = trained)")
-    return RowSparse(model, selection)
+    return RowSparse(model, selection, bool(compact))

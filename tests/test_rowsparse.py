@@ -581,3 +581,108 @@ def test_gradients_accumulate_over_backwards_as_dense_and_restart_after_set_to_n
     name = "bert.encoder.layer.0.attention.self.query.weight"  # the accumulation is not the last batch alone
     assert not torch.equal(sparse_acc[name], sparse_one[name])
 
+
+
+# -- compact=True: the touched rows as a sparse gradient ---------------------------------------------------------
+
+def _batches(case):
+    if case == "bert":
+        return M.bert().double().eval(), [M.bert_batch(seed=s) for s in range(3)]
+    x, y = M.unet_batch(n=2, size=32)
+    model = M.unet().double().eval()  # eval: BatchNorm's running statistics do not move between the runs
+    return model, [(x.double() + s, y) for s in range(3)]
+
+
+def _loss(model, batch):
+    return model(**batch).loss if isinstance(batch, dict) else nn.functional.cross_entropy(model(batch[0]), batch[1])
+
+
+@pytest.mark.parametrize("case", ["bert", "unet"])
+def test_compact_gradients_hold_the_touched_rows_of_the_dense_backward(case):
+    model, batches = _batches(case)
+    sel = gradsel.select(model, None, "random", keep=0.25, granularity="row", progress=False)
+
+    def run(**kwargs):  # two backwards accumulate (the compact gradient's rows then repeat until coalesced)
+        model.zero_grad(set_to_none=True)
+        with row_sparse(model, sel, **kwargs) as handle:
+            for b in batches[:2]:
+                _loss(model, b).backward()
+        return _grads(model), handle
+
+    dense, _ = run()
+    compact, handle = run(compact=True)
+    assert handle.layers and not handle.skipped
+    for name in dense:
+        module = name.rsplit(".", 1)[0]
+        if dense[name] is None:  # not used by the forward (smp keeps encoder stages beyond encoder_depth)
+            assert compact[name] is None, name
+        elif module in handle.layers and name.endswith("weight"):
+            g, mask = compact[name], sel.masks[name]
+            rows = mask.reshape(mask.shape[0], -1).any(1).nonzero().flatten()
+            assert g.is_sparse and g.sparse_dim() == 1, name
+            assert torch.equal(g.coalesce().indices()[0], rows), name
+            torch.testing.assert_close(g.to_dense(), dense[name], rtol=1e-12, atol=1e-14)
+        else:
+            assert not compact[name].is_sparse, name
+            torch.testing.assert_close(compact[name], dense[name], rtol=1e-12, atol=1e-14)
+
+
+def _train_sparse_adamw(model, batches, sel, rows, compact_grads, backwards, steps=4, shrink=None):
+    """SparseAdamW with ``backwards`` per step and clipping; ``rows``: None (dense backward), "dense" or
+    "compact" (row_sparse); ``shrink``: (step, name, rows to drop) narrows the selection mid-run (set_mask)."""
+    masks = {n: m.clone() for n, m in sel.masks.items()}
+    opt = sparse_adamw(sel, model, lr=1e-2, weight_decay=0.1, compact_grads=compact_grads, progressive=True)
+    handle = row_sparse(model, masks, compact=rows == "compact") if rows else None
+    for step in range(steps):
+        if shrink and step == shrink[0]:
+            masks[shrink[1]][shrink[2]] = False
+            opt.set_mask(model.get_parameter(shrink[1]), masks[shrink[1]])
+        opt.zero_grad()
+        for j in range(backwards):  # two: the compact gradient's rows repeat until coalesced
+            _loss(model, batches[(step + j) % len(batches)]).backward()
+        opt.clip_grad_norm_(0.5)
+        opt.step()
+    if handle is not None:
+        handle.remove()
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("backwards", [1, 2])
+@pytest.mark.parametrize("compact_grads", [False, True], ids=["grads", "compact_grads"])
+@pytest.mark.parametrize("case", ["bert", "unet"])
+def test_training_on_compact_row_gradients_equals_dense_training(case, compact_grads, backwards):
+    start, batches = _batches(case)
+    sel = gradsel.select(start, batches, "fish", keep=0.2, granularity="row", progress=False)
+    name = next(n for n, m in sel.masks.items() if m.dim() > 1 and m.reshape(m.shape[0], -1).any(1).sum() > 1
+                and not m.all())
+    shrink = (2, name, sel.masks[name].reshape(sel.masks[name].shape[0], -1).any(1).nonzero().flatten()[:1])
+    dense = _train_sparse_adamw(copy.deepcopy(start), batches, sel, None, compact_grads, backwards, shrink=shrink)
+    compact = _train_sparse_adamw(copy.deepcopy(start), batches, sel, "compact", compact_grads, backwards,
+                                  shrink=shrink)
+    moved = 0
+    for n in dense:
+        assert float((dense[n] - compact[n]).abs().max()) <= 1e-10, n
+        changed = dense[n] != start.get_parameter(n)
+        assert not bool(changed[~sel.masks[n]].any()), n  # nothing outside the selection moved
+        moved += int(changed.sum())
+    assert moved > sel.selected() // 4  # and the selection trained
+
+
+def test_compact_gradients_are_refused_where_they_cannot_be_read():
+    model = M.mlp().double()
+    x, y = M.mlp_batch(n=8)
+    sel = gradsel.select(model, None, "random", keep=0.3, granularity="row", progress=False)
+    guard = sel.apply(model, torch.optim.AdamW(model.parameters()))
+    with row_sparse(model, sel, compact=True):
+        with pytest.raises(GradselError, match="Selection.apply masks dense gradients and got a sparse one"):
+            nn.functional.cross_entropy(model(x.double()), y).backward()
+    guard.remove()
+    model.zero_grad(set_to_none=True)
+    opt = sparse_adamw(sel, model, lr=1e-2)
+    fewer = {n: m.clone() for n, m in sel.masks.items()}
+    w = fewer["0.weight"]
+    w[w.reshape(w.shape[0], -1).any(1).nonzero().flatten()[0]] = False  # a row the optimizer trains, left out
+    with row_sparse(model, fewer, compact=True):
+        nn.functional.cross_entropy(model(x.double()), y).backward()
+    with pytest.raises(GradselError, match="lacks rows with selected elements: row_sparse and the optimizer"):
+        opt.step()
