@@ -74,19 +74,52 @@ def in_fresh_process(target: Callable, *args: Any) -> Any:
     return value
 
 
-def best_time(fn: Callable[[], Any], repeats: int = 3, warmup: int = 1, device: str = "cpu") -> float:
-    """Smallest wall time of ``repeats`` calls after ``warmup`` calls."""
+#: ``wall``: the wall clock; ``thread``: CPU time of the calling thread (with one torch thread a CPU call runs
+#: on it, autograd's backward included), which time slices lost to other jobs on a shared VM do not inflate
+CLOCKS = {"wall": time.perf_counter, "thread": time.thread_time}
+
+
+def distinct_convs(model: torch.nn.Module, backward: Callable[[], Any]) -> list[dict]:
+    """Every distinct ``nn.Conv2d`` of ``model`` once, as ``backward()`` (a forward and backward of the model)
+    sees it: ``{"layer", "count", "module", "x": its input, "d": its output gradient}``; ``count``: the
+    convolutions of that weight shape, input shape, stride, padding and groups."""
+    caps = {}
+
+    def hook(mod, inputs, out):
+        out.retain_grad()
+        caps[mod] = (inputs[0].detach(), out)
+
+    names = {m: n for n, m in model.named_modules() if type(m) is torch.nn.Conv2d}
+    handles = [m.register_forward_hook(hook) for m in names]
+    try:
+        backward()
+    finally:
+        for h in handles:
+            h.remove()
+    groups: dict[tuple, dict] = {}
+    for m, (x, out) in caps.items():
+        key = (tuple(m.weight.shape), tuple(x.shape), m.stride, m.padding, m.groups)
+        if key in groups:
+            groups[key]["count"] += 1
+        else:
+            groups[key] = {"layer": names[m], "count": 1, "module": m, "x": x, "d": out.grad}
+    return list(groups.values())
+
+
+def best_time(fn: Callable[[], Any], repeats: int = 3, warmup: int = 1, device: str = "cpu",
+              clock: Callable[[], float] = time.perf_counter) -> float:
+    """Smallest time of ``repeats`` calls after ``warmup`` calls, by ``clock`` (the wall clock by default)."""
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(repeats):
         if device.startswith("cuda"):
             torch.cuda.synchronize()
-        t0 = time.perf_counter()
+        t0 = clock()
         fn()
         if device.startswith("cuda"):
             torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
+        times.append(clock() - t0)
     return min(times)
 
 

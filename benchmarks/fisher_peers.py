@@ -48,7 +48,7 @@ from tqdm.auto import tqdm
 
 import gradsel
 
-from .common import PeakMemory, best_time, in_fresh_process_or_fail, machine, md_table, write
+from .common import CLOCKS, PeakMemory, best_time, in_fresh_process_or_fail, machine, md_table, write
 from .models import CASES, Case, build
 
 TOLERANCE = 1e-8  # relative to each tensor's largest entry, float64
@@ -262,8 +262,9 @@ def check(model_name: str, method: str) -> dict:
 
 # ---------------------------------------------------------------------------------------------- one process
 
-def _worker(model_name: str, method: str, quick: bool, repeats: int, batches: int, queue) -> None:
+def _worker(model_name: str, method: str, quick: bool, repeats: int, batches: int, clock_name: str, queue) -> None:
     warnings.filterwarnings("ignore")  # the peers' own warnings (a missing rule shows as missed tensors)
+    clock = CLOCKS[clock_name]
     row: dict[str, Any] = {"model key": model_name, "method": method}
     try:
         case = build(model_name, small=quick)
@@ -284,8 +285,8 @@ def _worker(model_name: str, method: str, quick: bool, repeats: int, batches: in
         row["first call (s)"] = time.perf_counter() - t0
         floors, times = [], []
         for _ in range(repeats):  # interleaved rounds: load on the machine hits both alike
-            floors.append(best_time(lambda: floor(ts), repeats=1, warmup=0))
-            times.append(best_time(lambda: run(ts), repeats=1, warmup=0))
+            floors.append(best_time(lambda: floor(ts), repeats=1, warmup=0, clock=clock))
+            times.append(best_time(lambda: run(ts), repeats=1, warmup=0, clock=clock))
         row["floor (s)"], row["time (s)"] = min(floors), min(times)
         row["× floor"] = min(times) / min(floors)
         row["peak MB"] = _peak(lambda: run(ts))
@@ -307,7 +308,7 @@ def _peak(fn: Callable[[], Any]) -> float:
 # ---------------------------------------------------------------------------------------------- driver
 
 def run(models: list[str], methods: list[str], quick: bool, repeats: int, timeout: float,
-        batches: int = 1) -> list[dict]:
+        batches: int = 1, clock: str = "wall") -> list[dict]:
     rows, start = [], time.perf_counter()
     tasks = [(m, k) for m in models for k in methods]
     bar = tqdm(tasks, unit="run", desc="peers")
@@ -318,7 +319,8 @@ def run(models: list[str], methods: list[str], quick: bool, repeats: int, timeou
                    "check": {"text": "not installed", "ok": False}}
         else:
             t0 = time.perf_counter()
-            row = in_fresh_process_or_fail(_worker, model_name, method, quick, repeats, batches, timeout=timeout)
+            row = in_fresh_process_or_fail(_worker, model_name, method, quick, repeats, batches, clock,
+                                           timeout=timeout)
             row["process (s)"] = round(time.perf_counter() - t0, 1)
             row.setdefault("model key", model_name)
             row.setdefault("method", method)
@@ -343,7 +345,7 @@ def _check_cell(r: dict) -> str:
     return ", ".join(parts)
 
 
-def markdown(rows: list[dict], command: str, repeats: int, batches: int = 1) -> str:
+def markdown(rows: list[dict], command: str, repeats: int, batches: int = 1, clock: str = "wall") -> str:
     labels = {r["model key"]: r["model"] for r in rows if "model" in r}
     for r in rows:
         r["model"] = labels.get(r["model key"], r["model key"])
@@ -373,7 +375,8 @@ def markdown(rows: list[dict], command: str, repeats: int, batches: int = 1) -> 
     return (
         "# The diagonal Fisher: gradsel and the peers, side by side\n\n"
         f"Machine: {machine()}. Command: `{command}`. Each (model, method) in its own spawned process, float32, "
-        f"eval mode; time = best of {repeats} rounds that interleave the method and the floor (one ordinary "
+        f"eval mode; time{' (CPU time of the one thread)' if clock == 'thread' else ''} = best of {repeats} rounds that "
+        "interleave the method and the floor (one ordinary "
         "batched forward+backward over the same samples), after a warm-up of each; peak MB = resident-set "
         "growth during one call (the floor's beside it)"
         + (f"; each timed call covers {batches} batches (gradsel: one fisher() call over them; peers: one call "
@@ -399,6 +402,8 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=600, help="seconds per (model, method) process")
     parser.add_argument("--batches", type=int, default=1,
                         help="batches per timed call (default 1): gradsel's engines take them in one fisher() call")
+    parser.add_argument("--clock", choices=list(CLOCKS), default="wall",
+                        help="thread: time the calling thread's CPU time (needs OMP_NUM_THREADS=1); writes *_thread")
     args = parser.parse_args()
     repeats = args.repeats or (1 if args.quick else 3)
     models = [m for m in args.models.split(",") if m]
@@ -408,13 +413,18 @@ def main() -> None:
         parser.error(f"unknown model or method: {unknown}")
     if args.batches < 1:
         parser.error("--batches takes a positive number")
-    rows = run(models, methods, args.quick, repeats, args.timeout, args.batches)
-    command = ("python -m benchmarks.fisher_peers" + (" --quick" if args.quick else "")
+    if args.clock == "thread" and torch.get_num_threads() != 1:
+        parser.error("--clock thread times one thread's CPU time: run with OMP_NUM_THREADS=1")
+    rows = run(models, methods, args.quick, repeats, args.timeout, args.batches, args.clock)
+    command = (("OMP_NUM_THREADS=1 " if args.clock == "thread" else "")
+               + "python -m benchmarks.fisher_peers" + (" --quick" if args.quick else "")
                + (f" --batches {args.batches}" if args.batches > 1 else "")
                + (f' --models "{args.models}"' if models != list(CASES) else "")
-               + (f' --methods "{args.methods}"' if methods != list(METHODS) else ""))
+               + (f' --methods "{args.methods}"' if methods != list(METHODS) else "")
+               + (f" --clock {args.clock}" if args.clock != "wall" else ""))
     name = "fisher_peers_quick" if args.quick else "fisher_peers"
-    write(name + (f"_batches{args.batches}" if args.batches > 1 else ""), rows, markdown(rows, command, repeats, args.batches))
+    name += (f"_batches{args.batches}" if args.batches > 1 else "") + ("_thread" if args.clock == "thread" else "")
+    write(name, rows, markdown(rows, command, repeats, args.batches, args.clock))
 
 
 if __name__ == "__main__":

@@ -40,7 +40,7 @@ from typing import Any, Callable
 
 import torch
 
-from .common import best_time, in_fresh_process_or_fail, machine, md_table, write
+from .common import CLOCKS, best_time, distinct_convs, in_fresh_process_or_fail, machine, md_table, write
 
 MODELS = ("bert", "unet", "resnet50", "vit")
 
@@ -105,24 +105,9 @@ def _conv_layers(case) -> list[dict]:
 
     model = case.model.eval()
     x, y = case.tensors(seed=0)
-    caps = {}
-    handles = []
-    for name, m in model.named_modules():
-        if type(m) is torch.nn.Conv2d:
-            def hook(mod, inputs, out, name=name):
-                out.retain_grad()
-                caps[name] = (mod, inputs[0].detach(), out)
-            handles.append(m.register_forward_hook(hook))
-    case.losses(case.logits(model, x), y).mean().backward()
-    for h in handles:
-        h.remove()
-    groups: dict[tuple, dict] = {}
-    for name, (m, xi, out) in caps.items():
-        key = (tuple(m.weight.shape), tuple(xi.shape), m.stride, m.padding, m.groups)
-        if key in groups:
-            groups[key]["count"] += 1
-            continue
-        d = out.grad
+    rows = []
+    for layer in distinct_convs(model, lambda: case.losses(case.logits(model, x), y).mean().backward()):
+        name, m, xi, d = layer["layer"], layer["module"], layer["x"], layer["d"]
         acc = torch.zeros_like(m.weight, dtype=torch.float32)
         route = rules._conv_route(m, [d])
 
@@ -139,11 +124,11 @@ def _conv_layers(case) -> list[dict]:
         batched = best_time(lambda m=m, xi=xi, d=d: torch.ops.aten.convolution_backward(
             d, xi, m.weight, None, m.stride, m.padding, m.dilation, False, [0, 0], m.groups, [False, True, False]))
         other = "kernel" if route == "matmul" else "matmul"
-        groups[key] = {"layer": name, "count": 1, "weight": "×".join(map(str, m.weight.shape)),
-                       "output": "×".join(map(str, d.shape[2:])), "stride": m.stride[0], "route": route,
-                       "batched (ms)": 1e3 * batched, "gradsel (ms)": 1e3 * best_time(per_sample),
-                       "other route (ms)": 1e3 * best_time(lambda: per_sample(other))}
-    return list(groups.values())
+        rows.append({"layer": name, "count": layer["count"], "weight": "×".join(map(str, m.weight.shape)),
+                     "output": "×".join(map(str, d.shape[2:])), "stride": m.stride[0], "route": route,
+                     "batched (ms)": 1e3 * batched, "gradsel (ms)": 1e3 * best_time(per_sample),
+                     "other route (ms)": 1e3 * best_time(lambda: per_sample(other))})
+    return rows
 
 
 def _floor_parts(case, ts: list, repeats: int) -> dict[str, float]:
@@ -195,8 +180,9 @@ def _variants() -> dict[str, Callable]:
             "32 MiB blocks": lambda: _patched(hooks, "BLOCK_BYTES", 32 << 20)}
 
 
-def _worker(model_name: str, batches: int, repeats: int, queue) -> None:
+def _worker(model_name: str, batches: int, repeats: int, clock_name: str, queue) -> None:
     warnings.filterwarnings("ignore")
+    clock = CLOCKS[clock_name]
     import gradsel
 
     from .fisher_peers import _data
@@ -225,9 +211,9 @@ def _worker(model_name: str, batches: int, repeats: int, queue) -> None:
             c()
         floors, times = [], {name: [] for name in calls}
         for _ in range(repeats):
-            floors.append(best_time(floor, repeats=1, warmup=0))
+            floors.append(best_time(floor, repeats=1, warmup=0, clock=clock))
             for name, c in calls.items():
-                times[name].append(best_time(c, repeats=1, warmup=0))
+                times[name].append(best_time(c, repeats=1, warmup=0, clock=clock))
         row["floor (s)"] = min(floors)
         for name, got in times.items():
             row[f"{name} (s)"] = min(got)
@@ -251,12 +237,13 @@ def _timed_calls(row: dict) -> list[str]:
     return [k[:-len(" (s)")] for k in row if k.endswith(" (s)") and k != "floor (s)"]
 
 
-def markdown(rows: list[dict], command: str, batches: int, repeats: int) -> str:
+def markdown(rows: list[dict], command: str, batches: int, repeats: int, clock: str = "wall") -> str:
     keys = sorted({k for r in rows for k in r.get("parts", {})},
                   key=lambda k: (k.startswith("total"), not k.startswith(("forward", "backward")), k))
     lines = ["# Where the hooks engine's time goes", "",
              f"Machine: {machine()}. Command: `{command}`. Each model in its own process; one fisher() call over "
-             f"{batches} batches against {batches} floors, best of {repeats} interleaved rounds; then one call "
+             f"{batches} batches against {batches} floors, best of {repeats} interleaved rounds "
+             f"({'CPU time of the one thread' if clock == 'thread' else 'wall clock'}); then one call "
              "with timers on the engine's parts (÷ floor: the part's seconds over the floor's). See "
              "`benchmarks/hooks_breakdown.py`.", "",
              "## Parts of one call, ÷ floor", ""]
@@ -309,18 +296,25 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="interleaved timed rounds (default 3)")
     parser.add_argument("--timeout", type=float, default=900, help="seconds per model process")
     parser.add_argument("--name", default="hooks_breakdown", help="results file name (benchmarks/results/NAME.md)")
+    parser.add_argument("--clock", choices=list(CLOCKS), default="wall",
+                        help="thread: the timed rounds read the calling thread's CPU time (needs OMP_NUM_THREADS=1)")
     args = parser.parse_args()
     models = [m for m in args.models.split(",") if m]
     if any(m not in MODELS for m in models) or args.batches < 1 or args.repeats < 1:
         parser.error(f"models are of {', '.join(MODELS)}; --batches and --repeats take positive numbers")
-    rows = [in_fresh_process_or_fail(_worker, m, args.batches, args.repeats, timeout=args.timeout) for m in models]
+    if args.clock == "thread" and torch.get_num_threads() != 1:
+        parser.error("--clock thread times one thread's CPU time: run with OMP_NUM_THREADS=1")
+    rows = [in_fresh_process_or_fail(_worker, m, args.batches, args.repeats, args.clock, timeout=args.timeout)
+            for m in models]
     rows = [r if "model key" in r else {"model key": m, **r} for m, r in zip(models, rows)]
     command = f"python -m benchmarks.hooks_breakdown --models {','.join(models)} --batches {args.batches}"
     if args.repeats != 3:
         command += f" --repeats {args.repeats}"
     if args.name != "hooks_breakdown":
         command += f" --name {args.name}"
-    write(args.name, rows, markdown(rows, command, args.batches, args.repeats))
+    if args.clock != "wall":
+        command = f"OMP_NUM_THREADS=1 {command} --clock {args.clock}"
+    write(args.name, rows, markdown(rows, command, args.batches, args.repeats, args.clock))
 
 
 if __name__ == "__main__":

@@ -2,15 +2,20 @@
 
 Run: ``python -m benchmarks.row_backward`` (``--quick`` for tiny sizes, a check that it runs; written to
 ``row_backward_quick``). Writes ``benchmarks/results/row_backward.{md,json}`` (``_1thread`` with
-``--threads 1``, the recipes' setting; ``_cuda`` on a GPU).
+``--threads 1``, the recipes' setting; ``_fish`` with ``--selection fish``; ``_cuda`` on a GPU).
 
 For the BERT-from-config (4 layers, hidden 256, seq 64, batch 16) and the smp Unet-resnet18 (batch 8,
 128×128), every ``nn.Linear`` / ``nn.Conv2d`` weight gets a mask of whole rows (output rows / channels):
-the same ``share`` of each layer's rows, drawn at random (seeded). Three backwards of the same forward,
-in one process, interleaved ``--rounds`` times (best of each):
+by default the same ``share`` of each layer's rows, drawn at random (seeded), so that every layer is
+partly selected (the hardest case); with ``--selection fish``, FISH's row budget of ``share`` of those
+weights' elements, ranked across layers by the Fisher of the benchmark's batch (what a user's
+``granularity="row"`` selection gives: some layers whole, some partly, some not at all). Four backwards of
+the same forward, in one process, interleaved ``--rounds`` times (best of each):
 
 - ``dense``: autograd's backward, every weight gradient in full (what a mask costs without row_sparse);
 - ``row-sparse``: under :func:`gradsel.rowsparse.row_sparse`, the weight gradient of the selected rows only;
+- ``compact``: the same with ``compact=True``: the rows' gradient kept as a sparse tensor of those rows, not
+  written into a zero gradient of the weight's shape;
 - ``no weight grad``: those weights with ``requires_grad=False`` (input gradients still flow): the floor,
   the backward without any of their weight gradients.
 
@@ -33,7 +38,7 @@ from torch import nn
 
 from gradsel.rowsparse import row_sparse
 
-from .common import machine, md_table, write
+from .common import CLOCKS, machine, md_table, write
 
 SHARES = (1.0, 0.5, 0.25, 0.1)
 
@@ -51,7 +56,7 @@ def bert(device, quick=False):
     batch = {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device),
              "labels": (ids[:, 0] % 2).to(device)}
     label = f"BERT {layers}×{hidden}, batch {n}, seq {seq}"
-    return label, model, lambda: model(**batch).loss
+    return label, model, lambda: model(**batch).loss, [batch]
 
 
 def unet(device, quick=False):
@@ -64,7 +69,7 @@ def unet(device, quick=False):
     x = torch.randn(n, 3, size, size, generator=g).to(device)
     y = (x[:, 0] > 0).long()
     return (f"smp Unet-resnet18, batch {n}, {size}×{size}", model,
-            lambda: nn.functional.cross_entropy(model(x), y))
+            lambda: nn.functional.cross_entropy(model(x), y), [(x, y)])
 
 
 def row_masks(model: nn.Module, share: float, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -78,6 +83,46 @@ def row_masks(model: nn.Module, share: float, seed: int = 0) -> dict[str, torch.
             mask[torch.randperm(rows, generator=g)[: max(1, round(share * rows))]] = True
             masks[f"{prefix}.weight"] = mask
     return masks
+
+
+def fish_masks(model: nn.Module, weights: list[str], fisher, share: float) -> dict[str, torch.Tensor]:
+    """What a user's row budget gives: FISH at ``granularity="row"`` over the Linear / Conv2d weights, ``share``
+    of their elements (rows ranked by Fisher mass across all layers, so layers get unequal shares)."""
+    import gradsel
+
+    sel = gradsel.select(model, None, "fish", keep=share, params=weights, fisher=fisher, granularity="row",
+                         progress=False)
+    return {n: sel.masks[n] for n in weights}
+
+
+def layer_spread(masks: dict[str, torch.Tensor]) -> str:
+    """How many weights have every row touched / some / none."""
+    counts = {"all": 0, "some": 0, "none": 0}
+    for m in masks.values():
+        touched = m.reshape(m.shape[0], -1).any(1)
+        counts["all" if bool(touched.all()) else "some" if bool(touched.any()) else "none"] += 1
+    return f"{counts['all']}/{counts['some']}/{counts['none']}"
+
+
+def weight_grad_flops(model: nn.Module, loss_fn, weights: list[str]) -> dict[str, int]:
+    """Multiply-adds of each weight's gradient in one backward: output positions (all samples) × its elements."""
+    positions: dict[str, int] = {}
+    handles = [model.get_submodule(n[: -len(".weight")]).register_forward_hook(
+        lambda m, i, out, n=n: positions.__setitem__(n, out.numel() // out.shape[1 if isinstance(m, nn.Conv2d) else -1]))
+        for n in weights]
+    try:
+        with torch.no_grad():
+            loss_fn()
+    finally:
+        for h in handles:
+            h.remove()
+    return {n: positions.get(n, 0) * model.get_parameter(n).numel() for n in weights}
+
+
+def flop_share(masks: dict[str, torch.Tensor], flops: dict[str, int]) -> float:
+    """The share of the weight-gradient multiply-adds that the touched rows need."""
+    touched = {n: float(m.reshape(m.shape[0], -1).any(1).float().mean()) for n, m in masks.items()}
+    return sum(touched[n] * f for n, f in flops.items()) / max(1, sum(flops.values()))
 
 
 def _sync(device):
@@ -100,20 +145,29 @@ def backward_time(model, loss_fn, device, repeats, clock=time.perf_counter) -> f
     return best
 
 
-def run(device="cpu", rounds=3, repeats=3, quick=False, shares=SHARES, clock=time.perf_counter):
+def run(device="cpu", rounds=3, repeats=3, quick=False, shares=SHARES, clock=time.perf_counter, selection="uniform"):
+    import gradsel
+
     rows = []
     for make in (bert, unet):
-        label, model, loss_fn = make(device, quick)
+        label, model, loss_fn, data = make(device, quick)
         model.train()
         weights = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+        weights = [f"{n}.weight" for n in weights]
+        if selection == "fish":  # one Fisher of the benchmark's batch, every share ranked by it
+            fisher = gradsel.fisher(model, data, params=weights, progress=False)
+            masks = {s: fish_masks(model, weights, fisher, s) for s in shares}
+        else:
+            masks = {s: row_masks(model, s) for s in shares}
         total = sum(p.numel() for p in model.parameters())
-        covered = sum(model.get_submodule(n).weight.numel() for n in weights)
+        covered = sum(model.get_parameter(n).numel() for n in weights)
+        flops = weight_grad_flops(model, loss_fn, weights)
 
         def dense():
             return backward_time(model, loss_fn, device, repeats, clock)
 
         def floor():
-            frozen = [model.get_submodule(n).weight for n in weights]
+            frozen = [model.get_parameter(n) for n in weights]
             for p in frozen:
                 p.requires_grad_(False)
             try:
@@ -122,25 +176,32 @@ def run(device="cpu", rounds=3, repeats=3, quick=False, shares=SHARES, clock=tim
                 for p in frozen:
                     p.requires_grad_(True)
 
-        def sparse(share):
+        def sparse(share, compact=False):
             def fn():
-                with row_sparse(model, row_masks(model, share)) as handle:
-                    assert share == 1.0 or len(handle.layers) == len(weights), handle.skipped
+                with row_sparse(model, masks[share], compact=compact) as handle:
+                    assert not handle.skipped, handle.skipped
                     return backward_time(model, loss_fn, device, repeats, clock)
             return fn
 
         best: dict[str, float] = {}
         for _ in range(rounds):  # interleaved, so that load from other jobs hits every configuration alike
-            for key, fn in [("dense", dense), ("floor", floor)] + [(s, sparse(s)) for s in shares]:
+            configs = [("dense", dense), ("floor", floor)] + [(s, sparse(s)) for s in shares]
+            configs += [(("compact", s), sparse(s, compact=True)) for s in shares]
+            for key, fn in configs:
                 best[key] = min(best.get(key, float("inf")), fn())
         for share in shares:
-            t_dense, t_floor, t_sparse = best["dense"], best["floor"], best[share]
+            t_dense, t_floor, t_sparse, t_compact = best["dense"], best["floor"], best[share], best[("compact", share)]
             rows.append({
                 "model": label, "row share": share, "Linear/Conv weights share of params": covered / total,
+                "weights with all / some / no rows": layer_spread(masks[share]),
+                "touched rows' share of weight-grad flops": flop_share(masks[share], flops),
                 "dense backward (s)": t_dense, "row-sparse backward (s)": t_sparse,
                 "no weight grad backward (s)": t_floor, "backward ratio": t_sparse / t_dense,
                 "weight-grad part, dense (s)": t_dense - t_floor,
                 "weight-grad ratio": (t_sparse - t_floor) / (t_dense - t_floor) if t_dense > t_floor else float("nan"),
+                "compact backward (s)": t_compact,
+                "weight-grad ratio, compact": ((t_compact - t_floor) / (t_dense - t_floor) if t_dense > t_floor
+                                               else float("nan")),
             })
             print(rows[-1], flush=True)
     return rows
@@ -152,10 +213,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="interleaved repetitions of every configuration")
     parser.add_argument("--repeats", type=int, default=3, help="timed backwards per configuration and round")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    parser.add_argument("--clock", choices=["wall", "thread"], default="wall",
+    parser.add_argument("--clock", choices=list(CLOCKS), default="wall",
                         help="thread: CPU time of the calling thread (needs --threads 1 on the CPU; the autograd "
                              "engine runs a CPU backward there), which time slices lost to other jobs do not inflate")
     parser.add_argument("--quick", action="store_true", help="tiny models: check that it runs (timings mean nothing)")
+    parser.add_argument("--selection", choices=["uniform", "fish"], default="uniform",
+                        help="uniform: every weight keeps the share of its rows (random); fish: a FISH row budget "
+                             "over all of them (layers get unequal shares, as a user's selection does)")
     args = parser.parse_args()
     if args.clock == "thread" and (args.threads != 1 or args.device != "cpu"):
         raise SystemExit("--clock thread measures one thread's CPU time: use it with --device cpu --threads 1")
@@ -163,22 +227,29 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     load = os.getloadavg()[0]
     rows = run(args.device, args.rounds, args.repeats, args.quick,
-               clock=time.thread_time if args.clock == "thread" else time.perf_counter)
-    columns = ["model", "row share", "dense backward (s)", "row-sparse backward (s)", "no weight grad backward (s)",
-               "backward ratio", "weight-grad ratio"]
+               clock=CLOCKS[args.clock], selection=args.selection)
+    columns = ["model", "row share", "weights with all / some / no rows", "touched rows' share of weight-grad flops",
+               "dense backward (s)",
+               "row-sparse backward (s)", "compact backward (s)", "no weight grad backward (s)", "backward ratio",
+               "weight-grad ratio", "weight-grad ratio, compact"]
     met = [r for r in rows if r["row share"] == 0.25]
-    verdict = ", ".join(f"{r['model']}: {r['weight-grad ratio']:.2f}" for r in met)
+    verdict = ", ".join(f"{r['model']}: {r['weight-grad ratio']:.2f} ({r['weight-grad ratio, compact']:.2f} compact)"
+                        for r in met)
     command = (f"python -m benchmarks.row_backward --device {args.device} --rounds {args.rounds} --repeats "
                f"{args.repeats}{f' --threads {args.threads}' if args.threads else ''}"
-               f"{' --clock thread' if args.clock == 'thread' else ''}{' --quick' if args.quick else ''}")
+               f"{' --clock thread' if args.clock == 'thread' else ''}{' --quick' if args.quick else ''}"
+               f"{' --selection fish' if args.selection == 'fish' else ''}")
+    masks = ("every Linear/Conv2d weight keeps the same share of its rows (random, seeded)" if args.selection == "uniform"
+             else "FISH at granularity=\"row\" over the Linear/Conv2d weights, the share of their elements (the "
+                  "Fisher of the benchmark's batch; rows ranked across layers, so layers get unequal shares)")
     md = (f"# Row-sparse backward: time against the selected row share\n\nMachine: {machine()}. Command: "
-          f"`{command}`; load average at the start {load:.1f}. Train mode; every Linear/Conv2d weight keeps the "
-          f"same share of its rows (random, seeded); best backward{' CPU time of the one thread' if args.clock == 'thread' else ''} "
+          f"`{command}`; load average at the start {load:.1f}. Train mode; {masks}; best backward{' CPU time of the one thread' if args.clock == 'thread' else ''} "
           f"of {args.repeats} runs × {args.rounds} "
-          "interleaved rounds. *no weight grad*: those weights frozen (the floor); *weight-grad ratio*: "
-          "(row-sparse − floor) / (dense − floor), target ≤ 0.35 at a 25% share.\n\n"
+          "interleaved rounds. *no weight grad*: those weights frozen (the floor); *compact*: row_sparse(compact=True), "
+          "the rows' gradient as a sparse tensor of those rows; *weight-grad ratio*: (row-sparse − floor) / "
+          "(dense − floor), target ≤ 0.35 at a 25% share.\n\n"
           + md_table(rows, columns) + f"\n\nWeight-grad ratio at a 25% row share: {verdict}.\n")
-    name = "row_backward_quick" if args.quick else "row_backward"
+    name = ("row_backward_quick" if args.quick else "row_backward") + ("_fish" if args.selection == "fish" else "")
     write(name + ("_1thread" if args.threads == 1 and not args.quick else ""), rows, md, args.device)
 
 

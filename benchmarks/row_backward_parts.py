@@ -50,7 +50,7 @@ def _timed_backward(acc):
         steps["dense weight-gradient matmul"] = time.thread_time() - t
         for k, v in steps.items():
             acc[k] += v
-        return gx, gw, g2.sum(0) if ctx.has_bias else None, None
+        return gx, gw, g2.sum(0) if ctx.has_bias else None, None, None  # no gradient for rows, compact
     return staticmethod(backward)
 
 
@@ -60,13 +60,13 @@ def _stand_in(dense: bool):
         g2 = grad.reshape(-1, grad.shape[-1])
         gx = g2.mm(weight).view(*grad.shape[:-1], weight.shape[1])
         gw = g2.t().mm(x.reshape(-1, x.shape[-1])) if dense else None
-        return gx, gw, g2.sum(0) if ctx.has_bias else None, None
+        return gx, gw, g2.sum(0) if ctx.has_bias else None, None, None  # no gradient for rows, compact
     return staticmethod(backward)
 
 
 def run(rounds: int, repeats: int, share: float = 0.25):
     torch.set_num_threads(1)
-    label, model, loss_fn = bert("cpu")
+    label, model, loss_fn, _ = bert("cpu")
     model.train()
     masks = row_masks(model, share)
     weights = [model.get_submodule(n).weight for n, m in model.named_modules() if isinstance(m, nn.Linear)]
