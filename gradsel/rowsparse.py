@@ -248,6 +248,15 @@ class RowSparse:
                 f"removed={self.removed})")
 
 
+def _wrappers(model: nn.Module, inner: nn.Module) -> list[nn.Module]:
+    """The wrappers around ``inner`` (DDP, torch.compile), outermost first."""
+    found = []
+    while model is not inner:
+        found.append(model)
+        model = getattr(model, "_orig_mod", None) or model.module
+    return found
+
+
 def row_sparse(model: nn.Module, selection: Any, *, compact: bool = False) -> RowSparse:
     """Compute the weight gradient of the selected rows only, in every Linear and Conv layer that can.
 
@@ -266,7 +275,8 @@ def row_sparse(model: nn.Module, selection: Any, *, compact: bool = False) -> Ro
             that is zero elsewhere: no zero-filling or copy of the weight's shape in backward, and no gradient
             memory outside the rows. Train with ``selection.optimizer(model)`` (:class:`~gradsel.optim.SparseAdamW`
             reads the selected entries from it; clip with its ``clip_grad_norm_``); ``Selection.apply`` and
-            torch's dense optimizers refuse sparse gradients.
+            torch's dense optimizers refuse sparse gradients, and so does DDP's and FSDP2's gradient reduction
+            (a DDP-wrapped or ``fully_shard`` model is refused with compact=True).
 
     Returns:
         A :class:`RowSparse` handle (context manager, ``.remove()``; ``.layers``, ``.skipped``).
@@ -282,7 +292,16 @@ def row_sparse(model: nn.Module, selection: Any, *, compact: bool = False) -> Ro
     >>> bool((model[0].weight.grad[~sel.masks["0.weight"].any(1)] == 0).all())
     True
     """
-    model = unwrap_model(model)
+    inner = unwrap_model(model)
+    if compact:
+        from .distributed import is_fsdp
+
+        ddp = any(type(m).__name__ == "DistributedDataParallel" for m in _wrappers(model, inner))
+        if ddp or is_fsdp(inner):
+            raise GradselError(f"compact=True gives sparse row gradients, which {'DDP' if ddp else 'FSDP2'}'s "
+                               "gradient reduction does not take: use row_sparse(model, selection) (compact=False) "
+                               "under torch.distributed")
+    model = inner
     if hasattr(selection, "check") and hasattr(selection, "masks"):
         selection.check(model)
     elif not isinstance(selection, dict) or not all(isinstance(m, torch.Tensor) for m in selection.values()):

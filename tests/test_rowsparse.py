@@ -686,3 +686,12 @@ def test_compact_gradients_are_refused_where_they_cannot_be_read():
         nn.functional.cross_entropy(model(x.double()), y).backward()
     with pytest.raises(GradselError, match="lacks rows with selected elements: row_sparse and the optimizer"):
         opt.step()
+
+    class DistributedDataParallel(nn.Module):  # what gradsel looks through by its class name
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+    with pytest.raises(GradselError, match="sparse row gradients, which DDP's gradient reduction does not take"):
+        row_sparse(DistributedDataParallel(model), sel, compact=True)
+    row_sparse(DistributedDataParallel(model), sel).remove()  # compact=False is accepted there
