@@ -248,15 +248,6 @@ class RowSparse:
                 f"removed={self.removed})")
 
 
-def _wrappers(model: nn.Module, inner: nn.Module) -> list[nn.Module]:
-    """The wrappers around ``inner`` (DDP, torch.compile), outermost first."""
-    found = []
-    while model is not inner:
-        found.append(model)
-        model = getattr(model, "_orig_mod", None) or model.module
-    return found
-
-
 def row_sparse(model: nn.Module, selection: Any, *, compact: bool = False) -> RowSparse:
     """Compute the weight gradient of the selected rows only, in every Linear and Conv layer that can.
 
@@ -296,7 +287,8 @@ def row_sparse(model: nn.Module, selection: Any, *, compact: bool = False) -> Ro
     if compact:
         from .distributed import is_fsdp
 
-        ddp = any(type(m).__name__ == "DistributedDataParallel" for m in _wrappers(model, inner))
+        outer = (model, getattr(model, "_orig_mod", model))  # DDP, or torch.compile of DDP
+        ddp = any(c.__name__ == "DistributedDataParallel" for m in outer for c in type(m).__mro__)
         if ddp or is_fsdp(inner):
             raise GradselError(f"compact=True gives sparse row gradients, which {'DDP' if ddp else 'FSDP2'}'s "
                                "gradient reduction does not take: use row_sparse(model, selection) (compact=False) "
