@@ -375,8 +375,8 @@ def markdown(rows: list[dict], command: str, repeats: int, batches: int = 1, clo
     return (
         "# The diagonal Fisher: gradsel and the peers, side by side\n\n"
         f"Machine: {machine()}. Command: `{command}`. Each (model, method) in its own spawned process, float32, "
-        f"eval mode; time{' (CPU time of the one thread)' if clock == 'thread' else ''} = best of {repeats} rounds that "
-        "interleave the method and the floor (one ordinary "
+        "eval mode; time" + (" (CPU time of the one thread)" if clock == "thread" else "")
+        + f" = best of {repeats} rounds that interleave the method and the floor (one ordinary "
         "batched forward+backward over the same samples), after a warm-up of each; peak MB = resident-set "
         "growth during one call (the floor's beside it)"
         + (f"; each timed call covers {batches} batches (gradsel: one fisher() call over them; peers: one call "

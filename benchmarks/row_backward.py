@@ -36,6 +36,7 @@ import time
 import torch
 from torch import nn
 
+import gradsel
 from gradsel.rowsparse import row_sparse
 
 from .common import CLOCKS, machine, md_table, write
@@ -88,8 +89,6 @@ def row_masks(model: nn.Module, share: float, seed: int = 0) -> dict[str, torch.
 def fish_masks(model: nn.Module, weights: list[str], fisher, share: float) -> dict[str, torch.Tensor]:
     """What a user's row budget gives: FISH at ``granularity="row"`` over the Linear / Conv2d weights, ``share``
     of their elements (rows ranked by Fisher mass across all layers, so layers get unequal shares)."""
-    import gradsel
-
     sel = gradsel.select(model, None, "fish", keep=share, params=weights, fisher=fisher, granularity="row",
                          progress=False)
     return {n: sel.masks[n] for n in weights}
@@ -107,9 +106,13 @@ def layer_spread(masks: dict[str, torch.Tensor]) -> str:
 def weight_grad_flops(model: nn.Module, loss_fn, weights: list[str]) -> dict[str, int]:
     """Multiply-adds of each weight's gradient in one backward: output positions (all samples) × its elements."""
     positions: dict[str, int] = {}
-    handles = [model.get_submodule(n[: -len(".weight")]).register_forward_hook(
-        lambda m, i, out, n=n: positions.__setitem__(n, out.numel() // out.shape[1 if isinstance(m, nn.Conv2d) else -1]))
-        for n in weights]
+
+    def hook(name):
+        def record(m, inputs, out):  # output positions: elements over the output channels / features
+            positions[name] = out.numel() // out.shape[1 if isinstance(m, nn.Conv2d) else -1]
+        return record
+
+    handles = [model.get_submodule(n[: -len(".weight")]).register_forward_hook(hook(n)) for n in weights]
     try:
         with torch.no_grad():
             loss_fn()
@@ -146,8 +149,6 @@ def backward_time(model, loss_fn, device, repeats, clock=time.perf_counter) -> f
 
 
 def run(device="cpu", rounds=3, repeats=3, quick=False, shares=SHARES, clock=time.perf_counter, selection="uniform"):
-    import gradsel
-
     rows = []
     for make in (bert, unet):
         label, model, loss_fn, data = make(device, quick)
@@ -239,15 +240,16 @@ def main() -> None:
                f"{args.repeats}{f' --threads {args.threads}' if args.threads else ''}"
                f"{' --clock thread' if args.clock == 'thread' else ''}{' --quick' if args.quick else ''}"
                f"{' --selection fish' if args.selection == 'fish' else ''}")
-    masks = ("every Linear/Conv2d weight keeps the same share of its rows (random, seeded)" if args.selection == "uniform"
-             else "FISH at granularity=\"row\" over the Linear/Conv2d weights, the share of their elements (the "
-                  "Fisher of the benchmark's batch; rows ranked across layers, so layers get unequal shares)")
+    masks = ("every Linear/Conv2d weight keeps the same share of its rows (random, seeded)"
+             if args.selection == "uniform" else
+             "FISH at granularity=\"row\" over the Linear/Conv2d weights, the share of their elements (the Fisher "
+             "of the benchmark's batch; rows ranked across layers, so layers get unequal shares)")
+    timed = "backward CPU time of the one thread" if args.clock == "thread" else "backward"
     md = (f"# Row-sparse backward: time against the selected row share\n\nMachine: {machine()}. Command: "
-          f"`{command}`; load average at the start {load:.1f}. Train mode; {masks}; best backward{' CPU time of the one thread' if args.clock == 'thread' else ''} "
-          f"of {args.repeats} runs × {args.rounds} "
-          "interleaved rounds. *no weight grad*: those weights frozen (the floor); *compact*: row_sparse(compact=True), "
-          "the rows' gradient as a sparse tensor of those rows; *weight-grad ratio*: (row-sparse − floor) / "
-          "(dense − floor), target ≤ 0.35 at a 25% share.\n\n"
+          f"`{command}`; load average at the start {load:.1f}. Train mode; {masks}; best {timed} of "
+          f"{args.repeats} runs × {args.rounds} interleaved rounds. *no weight grad*: those weights frozen (the "
+          "floor); *compact*: row_sparse(compact=True), the rows' gradient as a sparse tensor of those rows; "
+          "*weight-grad ratio*: (row-sparse − floor) / (dense − floor), target ≤ 0.35 at a 25% share.\n\n"
           + md_table(rows, columns) + f"\n\nWeight-grad ratio at a 25% row share: {verdict}.\n")
     name = ("row_backward_quick" if args.quick else "row_backward") + ("_fish" if args.selection == "fish" else "")
     write(name + ("_1thread" if args.threads == 1 and not args.quick else ""), rows, md, args.device)
