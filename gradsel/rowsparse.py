@@ -42,6 +42,7 @@ class _RowLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, rows, compact):
+        weight = _cast(ctx, weight, x)
         ctx.save_for_backward(x, weight)
         ctx.rows, ctx.compact = rows, compact
         ctx.has_bias = bias is not None
@@ -57,19 +58,29 @@ class _RowLinear(torch.autograd.Function):
             gx = g2.mm(weight).view(*grad.shape[:-1], weight.shape[1])
         if ctx.needs_input_grad[1] and rows.numel():
             part = _columns(g2, rows).t().mm(x.reshape(-1, x.shape[-1]))
-            gw = _weight_grad(weight, rows, part, ctx.compact)
+            gw = _weight_grad(ctx, weight, rows, part)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             gb = g2.sum(0)
         return gx, gw, gb, None, None
 
 
-def _weight_grad(weight: torch.Tensor, rows: torch.Tensor, part: torch.Tensor, compact: bool) -> torch.Tensor:
-    """The gradient of ``rows`` (``part``) as the weight's gradient: the rows alone in a sparse COO tensor
-    (``compact``; ``rows`` are sorted and distinct, so it is coalesced), else in a zero tensor of its shape."""
-    if compact:
+def _cast(ctx, weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The weight in the dtype of the (autocast) input; the parameter itself when they agree. The cast happens
+    here, not in autograd, so that the weight gradient comes back in the parameter's dtype from this function
+    (autograd cannot cast a sparse gradient back through ``.to``)."""
+    ctx.weight_dtype = weight.dtype
+    return weight if weight.dtype == x.dtype else weight.to(x.dtype)
+
+
+def _weight_grad(ctx, weight: torch.Tensor, rows: torch.Tensor, part: torch.Tensor) -> torch.Tensor:
+    """The gradient of ``rows`` (``part``) as the weight's gradient, in the parameter's dtype: the rows alone in
+    a sparse COO tensor (``compact``; ``rows`` are sorted and distinct, so it is coalesced), else in a zero
+    tensor of the weight's shape."""
+    part = part.to(ctx.weight_dtype)
+    if ctx.compact:
         return torch.sparse_coo_tensor(rows.unsqueeze(0), part, weight.shape, is_coalesced=True,
                                        check_invariants=False)
-    return torch.zeros_like(weight).index_copy_(0, rows, part)
+    return torch.zeros_like(weight, dtype=part.dtype).index_copy_(0, rows, part)  # the weight's strides
 
 
 def _columns(g: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
@@ -84,6 +95,7 @@ class _RowConv(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, rows, compact, stride, padding, dilation):
+        weight = _cast(ctx, weight, x)
         ctx.save_for_backward(x, weight)
         ctx.rows, ctx.compact, ctx.conf = rows, compact, (stride, padding, dilation)
         ctx.has_bias = bias is not None
@@ -105,7 +117,7 @@ class _RowConv(torch.autograd.Function):
             part = torch.ops.aten.convolution_backward(grad.index_select(1, rows), x, weight[: rows.numel()],
                                                        None, stride, padding, dilation, False, zeros, 1,
                                                        [False, True, False])[1]
-            gw = _weight_grad(weight, rows, part, ctx.compact)
+            gw = _weight_grad(ctx, weight, rows, part)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             gb = grad.sum([0] + list(range(2, grad.dim())))
         return gx, gw, gb, None, None, None, None, None
@@ -129,12 +141,12 @@ def _row_forward(self: nn.Module, x: torch.Tensor, *args, **kwargs) -> torch.Ten
     if rows is None:  # every row touched now: nothing to skip
         return type(self).forward(self, x)
     weight, bias, compact = self.weight, self.bias, layer.compact
-    cast = _autocast(x, weight, bias)
+    cast = _autocast(x, bias)  # the weight is cast inside the Function
     if isinstance(self, nn.Linear):
         if cast is None:
             return _RowLinear.apply(x, weight, bias, rows, compact)
         with torch.autocast(x.device.type, enabled=False):
-            return _RowLinear.apply(*cast, rows, compact)
+            return _RowLinear.apply(cast[0], weight, cast[1], rows, compact)
     d = len(self.stride)
     unbatched = x.dim() == d + 1
     conf = (list(self.stride), list(self.padding), list(self.dilation))
@@ -142,7 +154,7 @@ def _row_forward(self: nn.Module, x: torch.Tensor, *args, **kwargs) -> torch.Ten
         out = _RowConv.apply(x.unsqueeze(0) if unbatched else x, weight, bias, rows, compact, *conf)
     else:
         with torch.autocast(x.device.type, enabled=False):
-            out = _RowConv.apply(cast[0].unsqueeze(0) if unbatched else cast[0], *cast[1:], rows, compact, *conf)
+            out = _RowConv.apply(cast[0].unsqueeze(0) if unbatched else cast[0], weight, cast[1], rows, compact, *conf)
     return out.squeeze(0) if unbatched else out
 
 

@@ -492,24 +492,30 @@ def test_grouped_convolutions_are_skipped_and_stay_exact():
     _check_grads(model, dense, _grads(model), handle, sel.masks)
 
 
-def test_autocast_bfloat16_matches_the_dense_autocast_backward():
+@pytest.mark.parametrize("compact", [False, True])
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_autocast_bfloat16_matches_the_dense_autocast_backward(kind, compact):
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 4))
+    if kind == "linear":
+        model, x = nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 4)), torch.randn(8, 16)
+    else:
+        model = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.Tanh(), nn.Flatten(), nn.Linear(32 * 16, 4))
+        x = torch.randn(2, 3, 4, 4)
     masks = {n: torch.zeros(p.shape, dtype=torch.bool) for n, p in model.named_parameters()}
     masks["0.weight"][::3] = True
-    x = torch.randn(8, 16)
 
     def run():
-        model.zero_grad()
+        model.zero_grad(set_to_none=True)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             out = model(x)
         out.float().square().sum().backward()
         return model[0].weight.grad.clone()
 
     dense = run()
-    with row_sparse(model, masks):
+    with row_sparse(model, masks, compact=compact):
         sparse = run()
-    assert sparse.dtype == torch.float32
+    assert sparse.dtype == torch.float32 and sparse.is_sparse == compact
+    sparse = sparse.to_dense() if compact else sparse
     torch.testing.assert_close(sparse[::3], dense[::3], rtol=2e-2, atol=2e-2)
     assert bool((sparse[1::3] == 0).all())
 
