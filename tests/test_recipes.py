@@ -229,20 +229,22 @@ def test_segmentation_long_val_keeps_long_and_resolves_each_variant():
         seg.jsdrift_setup({"jsdrift_variants": {"jsdrift_x": {"base": "fish"}}}, "jsdrift_x")
 
 
-def test_segmentation_long_val_anneal_changes_only_the_variants_and_each_builds_an_annealing_jsdrift():
+@pytest.mark.parametrize("config", ["long_val_anneal", "long_val_warmup"])
+def test_segmentation_long_val_siblings_change_only_the_variants_and_each_reaches_jsdrift(config):
     from gradsel.policies.jsdrift import JSDrift
     from recipes import common
     from recipes.segmentation import run as seg
 
-    _, ann = common.load_config("long_val_anneal", seg.CONFIGS)
+    _, sib = common.load_config(config, seg.CONFIGS)
     _, val = common.load_config("long_val", seg.CONFIGS)
-    assert {k: v for k, v in ann.items() if k not in ("methods", "jsdrift_variants")} == \
+    assert {k: v for k, v in sib.items() if k not in ("methods", "jsdrift_variants")} == \
         {k: v for k, v in val.items() if k not in ("methods", "jsdrift_variants")}
-    assert ann["methods"][0] == "full" and set(ann["methods"][1:]) == set(ann["jsdrift_variants"])
-    for name in ann["jsdrift_variants"]:
-        base, js = seg.jsdrift_setup(ann, name)
-        assert base == "jsdrift_encoder" and js["floor"] == 0 and js["anneal"] > 0
-        assert JSDrift(**js).options["anneal"] == js["anneal"]
+    assert sib["methods"][0] == "full" and set(sib["methods"][1:]) == set(sib["jsdrift_variants"])
+    for name, options in sib["jsdrift_variants"].items():
+        base, js = seg.jsdrift_setup(sib, name)
+        assert base == "jsdrift_encoder" and js["floor"] == 0
+        built = JSDrift(**js).options
+        assert all(built[k] == v for k, v in options.items() if k != "base"), name  # every option reaches it
 
 
 def test_trainable_count_cache_follows_mask_edits_and_replacements():
