@@ -79,6 +79,18 @@ def in_fresh_process(target: Callable, *args: Any) -> Any:
 CLOCKS = {"wall": time.perf_counter, "thread": time.thread_time}
 
 
+def add_clock_argument(parser) -> None:
+    """``--clock wall|thread`` on a benchmark's command line; check it with :func:`check_clock`."""
+    parser.add_argument("--clock", choices=list(CLOCKS), default="wall",
+                        help="thread: the timed rounds read the calling thread's CPU time (needs OMP_NUM_THREADS=1)")
+
+
+def check_clock(parser, args) -> None:
+    """Refuse ``--clock thread`` unless torch runs one thread (other threads' work would go uncounted)."""
+    if args.clock == "thread" and torch.get_num_threads() != 1:
+        parser.error("--clock thread times one thread's CPU time: run with OMP_NUM_THREADS=1")
+
+
 def distinct_convs(model: torch.nn.Module, backward: Callable[[], Any]) -> list[dict]:
     """Every distinct ``nn.Conv2d`` of ``model`` once, as ``backward()`` (a forward and backward of the model)
     sees it: ``{"layer", "count", "module", "x": its input, "d": its output gradient}``; ``count``: the

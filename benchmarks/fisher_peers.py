@@ -48,7 +48,8 @@ from tqdm.auto import tqdm
 
 import gradsel
 
-from .common import CLOCKS, PeakMemory, best_time, in_fresh_process_or_fail, machine, md_table, write
+from .common import (CLOCKS, PeakMemory, add_clock_argument, best_time, check_clock, in_fresh_process_or_fail,
+                     machine, md_table, write)
 from .models import CASES, Case, build
 
 TOLERANCE = 1e-8  # relative to each tensor's largest entry, float64
@@ -402,8 +403,7 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=600, help="seconds per (model, method) process")
     parser.add_argument("--batches", type=int, default=1,
                         help="batches per timed call (default 1): gradsel's engines take them in one fisher() call")
-    parser.add_argument("--clock", choices=list(CLOCKS), default="wall",
-                        help="thread: time the calling thread's CPU time (needs OMP_NUM_THREADS=1); writes *_thread")
+    add_clock_argument(parser)
     args = parser.parse_args()
     repeats = args.repeats or (1 if args.quick else 3)
     models = [m for m in args.models.split(",") if m]
@@ -413,8 +413,7 @@ def main() -> None:
         parser.error(f"unknown model or method: {unknown}")
     if args.batches < 1:
         parser.error("--batches takes a positive number")
-    if args.clock == "thread" and torch.get_num_threads() != 1:
-        parser.error("--clock thread times one thread's CPU time: run with OMP_NUM_THREADS=1")
+    check_clock(parser, args)
     rows = run(models, methods, args.quick, repeats, args.timeout, args.batches, args.clock)
     command = (("OMP_NUM_THREADS=1 " if args.clock == "thread" else "")
                + "python -m benchmarks.fisher_peers" + (" --quick" if args.quick else "")

@@ -40,7 +40,8 @@ from typing import Any, Callable
 
 import torch
 
-from .common import CLOCKS, best_time, distinct_convs, in_fresh_process_or_fail, machine, md_table, write
+from .common import (CLOCKS, add_clock_argument, best_time, check_clock, distinct_convs, in_fresh_process_or_fail,
+                     machine, md_table, write)
 
 MODELS = ("bert", "unet", "resnet50", "vit")
 
@@ -296,14 +297,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="interleaved timed rounds (default 3)")
     parser.add_argument("--timeout", type=float, default=900, help="seconds per model process")
     parser.add_argument("--name", default="hooks_breakdown", help="results file name (benchmarks/results/NAME.md)")
-    parser.add_argument("--clock", choices=list(CLOCKS), default="wall",
-                        help="thread: the timed rounds read the calling thread's CPU time (needs OMP_NUM_THREADS=1)")
+    add_clock_argument(parser)
     args = parser.parse_args()
     models = [m for m in args.models.split(",") if m]
     if any(m not in MODELS for m in models) or args.batches < 1 or args.repeats < 1:
         parser.error(f"models are of {', '.join(MODELS)}; --batches and --repeats take positive numbers")
-    if args.clock == "thread" and torch.get_num_threads() != 1:
-        parser.error("--clock thread times one thread's CPU time: run with OMP_NUM_THREADS=1")
+    check_clock(parser, args)
     rows = [in_fresh_process_or_fail(_worker, m, args.batches, args.repeats, args.clock, timeout=args.timeout)
             for m in models]
     rows = [r if "model key" in r else {"model key": m, **r} for m, r in zip(models, rows)]
