@@ -7,8 +7,11 @@ gradient:
 
 - *weight-grad part, dense*: ``convolution_backward`` for the input and weight gradients together, less the
   same call for the input gradient alone (what a dense weight gradient adds to backward);
-- *rows (k)*: what :mod:`gradsel.rowsparse` runs for ``k`` selected output channels: gathering their
-  output-gradient channels and the weight-gradient kernel on them, for k = 25% of the channels, 16 and 2.
+- *rows (k)*: what :mod:`gradsel.rowsparse` runs for ``k`` selected output channels
+  (``conv_rows_weight_grad``): gathering their output-gradient channels, then oneDNN's weight-gradient kernel
+  on them or, for a few rows against many input channels at stride 1, one matmul over the kernel taps
+  (``gradsel.rowsparse._by_taps``); k = 25% of the channels,
+  16 and 2, and each of the two paths alone (*oneDNN*, *taps*; taps only for stride 1).
 
 Writes ``benchmarks/results/row_conv_parts.{md,json}``.
 """
@@ -21,6 +24,8 @@ import time
 import torch
 from torch import nn
 
+from gradsel.rowsparse import conv_rows_weight_grad
+
 from .common import CLOCKS, best_time, distinct_convs, machine, md_table, write
 from .row_backward import unet
 
@@ -32,9 +37,10 @@ def _times(layer: dict, repeats: int, clock) -> dict:
     def backward(grad, weight, mask):
         return torch.ops.aten.convolution_backward(grad, x, weight, None, *conf, mask)
 
-    def rows(k):
+    def rows(k, taps=None):
         idx = torch.randperm(d.shape[1], generator=torch.Generator().manual_seed(0))[:k].sort().values
-        return lambda: backward(d.index_select(1, idx), m.weight[:k], [False, True, False])
+        return lambda: conv_rows_weight_grad(d, x, m.weight, idx, list(m.stride), list(m.padding), list(m.dilation),
+                                             taps)
 
     timed = lambda fn: 1e3 * best_time(fn, repeats=repeats, clock=clock)  # noqa: E731
     both = timed(lambda: backward(d, m.weight, [True, True, False]))
@@ -46,6 +52,10 @@ def _times(layer: dict, repeats: int, clock) -> dict:
            "rows (25%) (ms)": timed(rows(quarter)), "25% rows": quarter}
     row["rows (16) (ms)"] = timed(rows(16)) if cout > 16 else float("nan")
     row["rows (2) (ms)"] = timed(rows(2))
+    row["rows (2), oneDNN (ms)"] = timed(rows(2, taps=False))
+    stride1 = all(s == 1 for s in m.stride)
+    row["rows (2), taps (ms)"] = timed(rows(2, taps=True)) if stride1 else float("nan")
+    row["rows (25%), oneDNN (ms)"] = timed(rows(quarter, taps=False))
     row["25% ÷ dense part"] = row["rows (25%) (ms)"] / row["weight-grad part, dense (ms)"]
     return row
 
@@ -62,19 +72,24 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5, help="timed calls per measurement (best is kept)")
     args = parser.parse_args()
     rows = run(args.repeats)
-    total = {k: sum(r["count"] * r[k] for r in rows) for k in ("weight-grad part, dense (ms)", "rows (25%) (ms)")}
+    total = {k: sum(r["count"] * r[k] for r in rows)
+             for k in ("weight-grad part, dense (ms)", "rows (25%) (ms)", "rows (25%), oneDNN (ms)")}
     rows.sort(key=lambda r: -r["count"] * r["rows (25%) (ms)"])
     command = "python -m benchmarks.row_conv_parts" + (f" --repeats {args.repeats}" if args.repeats != 5 else "")
     md = (f"# Row-sparse conv weight gradients in the Unet, layer by layer\n\nMachine: {machine()}. Command: "
           f"`{command}`. smp Unet-resnet18, batch 8, 128×128, train mode; one thread, CPU time of the thread, best "
           f"of {args.repeats}. *weight-grad part, dense*: input and weight gradients in one call less the input "
-          "gradient alone; *rows (k)*: gather k output-gradient channels and the weight-gradient kernel on them "
-          "(what `gradsel.rowsparse` runs), k = 25% of the channels, 16, 2.\n\n"
+          "gradient alone; *rows (k)*: what `gradsel.rowsparse` runs for k rows (gather their output-gradient "
+          "channels, then oneDNN's weight-gradient kernel or, for a few rows against many input channels at stride "
+          "1, one matmul over the kernel taps: `gradsel.rowsparse._by_taps`), k = 25% of the channels, 16, 2; *oneDNN* / *taps*: that path alone.\n\n"
           f"Over the network (each layer times its count): dense part {total['weight-grad part, dense (ms)']:.1f} ms, "
           f"25% of the rows {total['rows (25%) (ms)']:.1f} ms "
-          f"({total['rows (25%) (ms)'] / total['weight-grad part, dense (ms)']:.2f}×).\n\n"
+          f"({total['rows (25%) (ms)'] / total['weight-grad part, dense (ms)']:.2f}×; oneDNN alone "
+          f"{total['rows (25%), oneDNN (ms)']:.1f} ms, "
+          f"{total['rows (25%), oneDNN (ms)'] / total['weight-grad part, dense (ms)']:.2f}×).\n\n"
           + md_table(rows, ["layer", "count", "weight", "output", "weight-grad part, dense (ms)", "25% rows",
-                            "rows (25%) (ms)", "rows (16) (ms)", "rows (2) (ms)", "25% ÷ dense part"]) + "\n")
+                            "rows (25%) (ms)", "rows (25%), oneDNN (ms)", "rows (16) (ms)", "rows (2) (ms)",
+                            "rows (2), oneDNN (ms)", "rows (2), taps (ms)", "25% ÷ dense part"]) + "\n")
     write("row_conv_parts", [{k: v for k, v in r.items()} for r in rows], md)
 
 

@@ -8,9 +8,10 @@ whose backward computes
 
 - the input gradient in full (``δ·W``: layers below still learn),
 - the weight gradient of the *touched* rows only (rows with at least one selected element,
-  ``δ[:, rows]ᵀ x``), written into a zero gradient of the weight's shape, or, with ``compact=True``, kept as
-  those rows alone: a sparse COO gradient (``weight.grad.indices()`` the rows, ``.values()`` their gradient,
-  as ``nn.Embedding(sparse=True)`` gives) that :class:`gradsel.optim.SparseAdamW` reads,
+  ``δ[:, rows]ᵀ x``; for a convolution oneDNN's kernel on those rows or, for a few rows of a stride-1 2-D
+  convolution, one matmul over its kernel taps), written into a zero gradient of the weight's shape, or, with
+  ``compact=True``, kept as those rows alone: a sparse COO gradient (``weight.grad.indices()`` the rows,
+  ``.values()`` their gradient, as ``nn.Embedding(sparse=True)`` gives) that :class:`gradsel.optim.SparseAdamW` reads,
 - the bias gradient in full (it costs a sum over ``δ``).
 
 The gradient of every touched row is the dense one, so training under ``Selection.apply`` or
@@ -23,7 +24,7 @@ from __future__ import annotations
 
 import types
 import weakref
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -112,15 +113,64 @@ class _RowConv(torch.autograd.Function):
             gx = torch.ops.aten.convolution_backward(grad, x, weight, None, stride, padding, dilation, False, zeros,
                                                      1, [True, False, False])[0]
         if ctx.needs_input_grad[1] and ctx.rows.numel():
-            rows = ctx.rows
-            # the weight argument only gives the shape of the weight gradient: a view of the first rows, no copy
-            part = torch.ops.aten.convolution_backward(grad.index_select(1, rows), x, weight[: rows.numel()],
-                                                       None, stride, padding, dilation, False, zeros, 1,
-                                                       [False, True, False])[1]
-            gw = _weight_grad(ctx, weight, rows, part)
+            gw = _weight_grad(ctx, weight, ctx.rows, conv_rows_weight_grad(grad, x, weight, ctx.rows, *ctx.conf))
         if ctx.has_bias and ctx.needs_input_grad[2]:
             gb = grad.sum([0] + list(range(2, grad.dim())))
         return gx, gw, gb, None, None, None, None, None
+
+
+def conv_rows_weight_grad(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rows: torch.Tensor,
+                          stride: list[int], padding: list[int], dilation: list[int], taps: bool | None = None
+                          ) -> torch.Tensor:
+    """The weight gradient of a (``groups=1``, zero-padded) convolution for output channels ``rows`` alone, shaped
+    ``(len(rows), *weight.shape[1:])``: by kernel taps where :func:`_by_taps` says so (or ``taps``), else by
+    oneDNN's weight-gradient kernel on the rows' output-gradient channels."""
+    g_rows = grad.index_select(1, rows)
+    if _by_taps(x, weight, g_rows, stride) if taps is None else taps:
+        return _taps_weight_grad(x, g_rows, weight.shape[2:], padding, dilation)
+    # the weight argument only gives the shape of the weight gradient: a view of the first rows, no copy
+    return torch.ops.aten.convolution_backward(g_rows, x, weight[: rows.numel()], None, stride, padding, dilation,
+                                               False, [0] * len(stride), 1, [False, True, False])[1]
+
+
+# oneDNN's weight-gradient kernel works in blocks of 16 output channels and streams the whole input once per
+# block, so below 16 rows its time stops falling with the rows. For a few rows of a 2-D stride-1 convolution, one
+# matmul over the kernel taps (:func:`_taps_weight_grad`) is faster, as long as its shifted copies of the rows'
+# gradient (taps x rows planes) stay within 1.25x the input (channels planes) and there are enough output
+# positions. The rule below is where it won on this project's 2-core CPU at 8^2-128^2 and 16-768 channels on one
+# thread, and on the Unet's high-resolution shapes on two (taps ÷ oneDNN: 0.2-0.5 at 2 rows, 0.5-0.8 at 8 rows
+# with >= 128 input channels, 1.0-3.3 beyond the rule; benchmarks/row_conv_parts.py times both on every
+# convolution of the Unet).
+def _by_taps(x: torch.Tensor, weight: torch.Tensor, g_rows: torch.Tensor, stride: list[int]) -> bool:
+    """Whether :func:`_taps_weight_grad` computes this weight gradient (a shape rule, measured on the CPU)."""
+    if not (x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and x.dim() == 4
+            and all(s == 1 for s in stride)):
+        return False
+    k, taps, positions = g_rows.shape[1], weight[0, 0].numel(), g_rows.shape[2] * g_rows.shape[3]
+    return positions >= 64 and k <= (8 if positions >= 256 else 4) and 4 * taps * k <= 5 * x.shape[1]
+
+
+def _taps_weight_grad(x: torch.Tensor, g_rows: torch.Tensor, kernel: Sequence[int], padding: Sequence[int],
+                      dilation: Sequence[int]) -> torch.Tensor:
+    """The weight gradient of a stride-1 2-D convolution for the output channels in ``g_rows`` (B, k, Ho, Wo), as
+    one batched matmul: with the zero-padded input flattened to (B, C, L), tap (dy, dx) pairs output position
+    ``p`` with input position ``p + dy·dil·W' + dx·dil`` (W' the padded width, the output laid on the padded
+    grid), so the gradient shifted back by that offset, one copy per tap, stacked as (B, taps·k, L), times the
+    input's transpose gives every tap of every row in one matmul whose rows are taps·k, not k."""
+    b, c, h, w = x.shape
+    k, ho, wo = g_rows.shape[1:]
+    (kh, kw), (ph, pw), (dh, dw) = kernel, padding, dilation
+    hp, wp = h + 2 * ph, w + 2 * pw
+    length = hp * wp
+    xp = F.pad(x, (pw, pw, ph, ph)).reshape(b, c, length)
+    g = F.pad(g_rows, (0, wp - wo, 0, hp - ho)).reshape(b, k, length)  # the output on the padded grid, zeros after
+    shifted = g.new_zeros(b, kh * kw, k, length)
+    for dy in range(kh):
+        for dx in range(kw):
+            off = dy * dh * wp + dx * dw
+            shifted[:, dy * kw + dx, :, off:] = g[..., : length - off]
+    part = torch.bmm(shifted.view(b, kh * kw * k, length), xp.transpose(1, 2)).sum(0)
+    return part.view(kh, kw, k, c).permute(2, 3, 0, 1).contiguous()
 
 
 def _autocast(x: torch.Tensor, *tensors):

@@ -6,6 +6,8 @@ import copy
 
 import pytest
 import torch
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 import gradsel
@@ -13,7 +15,7 @@ from gradsel import GradselError
 from gradsel.fisher import Fisher
 from gradsel.optim import sparse_adamw
 from gradsel.policies.base import row_units, top_rows
-from gradsel.rowsparse import row_sparse
+from gradsel.rowsparse import _taps_weight_grad, row_sparse
 
 from . import models as M
 
@@ -701,3 +703,57 @@ def test_compact_gradients_are_refused_where_they_cannot_be_read():
     with pytest.raises(GradselError, match="sparse row gradients, which DDP's gradient reduction does not take"):
         row_sparse(DistributedDataParallel(model), sel, compact=True)
     row_sparse(DistributedDataParallel(model), sel).remove()  # compact=False is accepted there
+
+
+# -- the conv weight gradient by kernel taps (few rows at many output positions) -----------------------------
+
+@settings(max_examples=40, deadline=None)
+@given(batch=st.integers(1, 3), channels=st.integers(1, 5), rows=st.integers(1, 4), height=st.integers(1, 9),
+       width=st.integers(1, 9), kh=st.integers(1, 4), kw=st.integers(1, 4), ph=st.integers(0, 3),
+       pw=st.integers(0, 3), dh=st.integers(1, 3), dw=st.integers(1, 3), seed=st.integers(0, 2**16))
+def test_taps_weight_gradient_equals_the_convolution_backward(batch, channels, rows, height, width, kh, kw, ph, pw,
+                                                              dh, dw, seed):
+    ho, wo = height + 2 * ph - dh * (kh - 1), width + 2 * pw - dw * (kw - 1)
+    assume(ho >= 1 and wo >= 1)
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, channels, height, width, generator=g, dtype=torch.float64)
+    weight = torch.randn(rows, channels, kh, kw, generator=g, dtype=torch.float64)
+    grad = torch.randn(batch, rows, ho, wo, generator=g, dtype=torch.float64)
+    dense = torch.ops.aten.convolution_backward(grad, x, weight, None, [1, 1], [ph, pw], [dh, dw], False, [0, 0], 1,
+                                                [False, True, False])[1]
+    taps = _taps_weight_grad(x, grad, (kh, kw), (ph, pw), (dh, dw))
+    assert taps.shape == dense.shape and taps.is_contiguous()
+    torch.testing.assert_close(taps, dense, rtol=1e-12, atol=1e-12)
+
+
+def test_few_rows_at_many_positions_take_the_taps_path_and_equal_the_dense_backward(monkeypatch):
+    """A Unet-like high-resolution tail at 32x32 with 1-4 rows per layer: the shape rule sends the weight gradients
+    of few rows against many input channels through the taps matmul; 4 rows of a 16-channel input (the shifted
+    copies would outgrow the input), a stride-2 conv and 20 rows stay on oneDNN; every gradient equals the dense
+    backward."""
+    import gradsel.rowsparse as rs
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 16, 3, padding=2, dilation=2),
+                          nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1), nn.Conv2d(16, 2, 3, padding=1),
+                          nn.Conv2d(2, 64, 3, stride=2, padding=1), nn.Conv2d(64, 64, 1)).double()
+    masks = {n: torch.zeros(p.shape, dtype=torch.bool) for n, p in model.named_parameters() if n.endswith("weight")}
+    for n, rows in {"0.weight": [3, 7], "2.weight": [0, 5, 9, 15], "4.weight": [1, 2, 8, 9], "5.weight": [1],
+                    "6.weight": [2], "7.weight": list(range(20))}.items():
+        masks[n][rows] = True
+    x = torch.randn(2, 16, 32, 32, dtype=torch.float64)
+    chosen = []
+    real = rs._taps_weight_grad
+    monkeypatch.setattr(rs, "_taps_weight_grad", lambda x, g, *a: chosen.append(tuple(g.shape)) or real(x, g, *a))
+
+    def run():
+        model.zero_grad()
+        model(x).square().sum().backward()
+        return _grads(model)
+
+    dense = run()
+    with row_sparse(model, masks) as handle:
+        sparse = run()
+    assert len(handle.layers) == 6
+    assert sorted(chosen) == [(2, 1, 32, 32), (2, 2, 32, 32), (2, 4, 32, 32)]
+    _check_grads(model, dense, sparse, handle, masks)
