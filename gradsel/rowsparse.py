@@ -137,7 +137,7 @@ def conv_rows_weight_grad(grad: torch.Tensor, x: torch.Tensor, weight: torch.Ten
 # block, so below 16 rows its time stops falling with the rows. For a few rows of a 2-D stride-1 convolution, one
 # matmul over the kernel taps (:func:`_taps_weight_grad`) is faster, as long as its shifted copies of the rows'
 # gradient (taps x rows planes) stay within 1.25x the input (channels planes) and there are enough output
-# positions. The rule below is where it won on this project's 2-core CPU at 8^2-128^2 and 16-768 channels on one
+# positions; a 1x1 convolution is a plain matmul to oneDNN already (taps there: 1.2-2.3x slower). The rule below is where it won on this project's 2-core CPU at 8^2-128^2 and 16-768 channels on one
 # thread, and on the Unet's high-resolution shapes on two (taps ÷ oneDNN: 0.2-0.5 at 2 rows, 0.5-0.8 at 8 rows
 # with >= 128 input channels, 1.0-3.3 beyond the rule; benchmarks/row_conv_parts.py times both on every
 # convolution of the Unet).
@@ -147,7 +147,8 @@ def _by_taps(x: torch.Tensor, weight: torch.Tensor, g_rows: torch.Tensor, stride
             and all(s == 1 for s in stride)):
         return False
     k, taps, positions = g_rows.shape[1], weight[0, 0].numel(), g_rows.shape[2] * g_rows.shape[3]
-    return positions >= 64 and k <= (8 if positions >= 256 else 4) and 4 * taps * k <= 5 * x.shape[1]
+    return (taps >= 9 and positions >= 64 and k <= (8 if positions >= 256 else 4)
+            and 4 * taps * k <= 5 * x.shape[1])
 
 
 def _taps_weight_grad(x: torch.Tensor, g_rows: torch.Tensor, kernel: Sequence[int], padding: Sequence[int],

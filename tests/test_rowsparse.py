@@ -729,8 +729,8 @@ def test_taps_weight_gradient_equals_the_convolution_backward(batch, channels, r
 def test_few_rows_at_many_positions_take_the_taps_path_and_equal_the_dense_backward(monkeypatch):
     """A Unet-like high-resolution tail at 32x32 with 1-4 rows per layer: the shape rule sends the weight gradients
     of few rows against many input channels through the taps matmul; 4 rows of a 16-channel input (the shifted
-    copies would outgrow the input), a stride-2 conv and 20 rows stay on oneDNN; every gradient equals the dense
-    backward."""
+    copies would outgrow the input), a stride-2 conv and a 1x1 conv (a plain matmul to oneDNN) stay on oneDNN;
+    every gradient equals the dense backward."""
     import gradsel.rowsparse as rs
 
     torch.manual_seed(0)
@@ -739,7 +739,7 @@ def test_few_rows_at_many_positions_take_the_taps_path_and_equal_the_dense_backw
                           nn.Conv2d(2, 64, 3, stride=2, padding=1), nn.Conv2d(64, 64, 1)).double()
     masks = {n: torch.zeros(p.shape, dtype=torch.bool) for n, p in model.named_parameters() if n.endswith("weight")}
     for n, rows in {"0.weight": [3, 7], "2.weight": [0, 5, 9, 15], "4.weight": [1, 2, 8, 9], "5.weight": [1],
-                    "6.weight": [2], "7.weight": list(range(20))}.items():
+                    "6.weight": [2], "7.weight": [0, 1]}.items():
         masks[n][rows] = True
     x = torch.randn(2, 16, 32, 32, dtype=torch.float64)
     chosen = []
