@@ -9,9 +9,9 @@ gradient:
   same call for the input gradient alone (what a dense weight gradient adds to backward);
 - *rows (k)*: what :mod:`gradsel.rowsparse` runs for ``k`` selected output channels
   (``conv_rows_weight_grad``): gathering their output-gradient channels, then oneDNN's weight-gradient kernel
-  on them or, for a few rows against many input channels at stride 1, one matmul over the kernel taps
-  (``gradsel.rowsparse._by_taps``); k = 25% of the channels,
-  16 and 2, and each of the two paths alone (*oneDNN*, *taps*; taps only for stride 1).
+  on them or, for a few rows of a stride-1 3×3-or-larger kernel against many input channels, one matmul over
+  the kernel taps (``gradsel.rowsparse._by_taps``); k = 25% of the channels, 16 and 2, and each of the two
+  paths alone (*oneDNN*, *taps*; taps only for stride 1).
 
 Writes ``benchmarks/results/row_conv_parts.{md,json}``.
 """
@@ -80,8 +80,9 @@ def main() -> None:
           f"`{command}`. smp Unet-resnet18, batch 8, 128×128, train mode; one thread, CPU time of the thread, best "
           f"of {args.repeats}. *weight-grad part, dense*: input and weight gradients in one call less the input "
           "gradient alone; *rows (k)*: what `gradsel.rowsparse` runs for k rows (gather their output-gradient "
-          "channels, then oneDNN's weight-gradient kernel or, for a few rows against many input channels at stride "
-          "1, one matmul over the kernel taps: `gradsel.rowsparse._by_taps`), k = 25% of the channels, 16, 2; *oneDNN* / *taps*: that path alone.\n\n"
+          "channels, then oneDNN's weight-gradient kernel or, for a few rows of a stride-1 3×3-or-larger kernel "
+          "against many input channels, one matmul over the kernel taps: `gradsel.rowsparse._by_taps`), k = 25% of "
+          "the channels, 16, 2; *oneDNN* / *taps*: that path alone.\n\n"
           f"Over the network (each layer times its count): dense part {total['weight-grad part, dense (ms)']:.1f} ms, "
           f"25% of the rows {total['rows (25%) (ms)']:.1f} ms "
           f"({total['rows (25%) (ms)'] / total['weight-grad part, dense (ms)']:.2f}×; oneDNN alone "

@@ -134,10 +134,11 @@ def conv_rows_weight_grad(grad: torch.Tensor, x: torch.Tensor, weight: torch.Ten
 
 
 # oneDNN's weight-gradient kernel works in blocks of 16 output channels and streams the whole input once per
-# block, so below 16 rows its time stops falling with the rows. For a few rows of a 2-D stride-1 convolution, one
-# matmul over the kernel taps (:func:`_taps_weight_grad`) is faster, as long as its shifted copies of the rows'
-# gradient (taps x rows planes) stay within 1.25x the input (channels planes) and there are enough output
-# positions; a 1x1 convolution is a plain matmul to oneDNN already (taps there: 1.2-2.3x slower). The rule below is where it won on this project's 2-core CPU at 8^2-128^2 and 16-768 channels on one
+# block, so below 16 rows its time stops falling with the rows. For a few rows of a 2-D stride-1 convolution with
+# 3x3 or more kernel taps, one matmul over the taps (:func:`_taps_weight_grad`) is faster, as long as its shifted
+# copies of the rows' gradient (taps x rows planes) stay within 1.25x the input (channels planes) and there are
+# enough output positions; a 1x1 convolution is a plain matmul to oneDNN already (taps there: 1.2-2.3x slower).
+# The rule below is where the taps won on this project's 2-core CPU at 8^2-128^2 and 16-768 channels on one
 # thread, and on the Unet's high-resolution shapes on two (taps ÷ oneDNN: 0.2-0.5 at 2 rows, 0.5-0.8 at 8 rows
 # with >= 128 input channels, 1.0-3.3 beyond the rule; benchmarks/row_conv_parts.py times both on every
 # convolution of the Unet).
