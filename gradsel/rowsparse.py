@@ -9,9 +9,10 @@ whose backward computes
 - the input gradient in full (``δ·W``: layers below still learn),
 - the weight gradient of the *touched* rows only (rows with at least one selected element,
   ``δ[:, rows]ᵀ x``; for a convolution oneDNN's kernel on those rows or, for a few rows of a stride-1 2-D
-  convolution with a 3×3 or larger kernel, one matmul over its kernel taps), written into a zero gradient of the weight's shape, or, with
-  ``compact=True``, kept as those rows alone: a sparse COO gradient (``weight.grad.indices()`` the rows,
-  ``.values()`` their gradient, as ``nn.Embedding(sparse=True)`` gives) that :class:`gradsel.optim.SparseAdamW` reads,
+  convolution with a 3×3 or larger kernel, one matmul over its kernel taps), written into a zero gradient of
+  the weight's shape, or, with ``compact=True``, kept as those rows alone: a sparse COO gradient
+  (``weight.grad.indices()`` the rows, ``.values()`` their gradient, as ``nn.Embedding(sparse=True)`` gives)
+  that :class:`gradsel.optim.SparseAdamW` reads,
 - the bias gradient in full (it costs a sum over ``δ``).
 
 The gradient of every touched row is the dense one, so training under ``Selection.apply`` or
