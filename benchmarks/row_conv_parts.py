@@ -24,7 +24,7 @@ import time
 import torch
 from torch import nn
 
-from gradsel.rowsparse import conv_rows_weight_grad
+from gradsel.rowsparse import _by_taps, conv_rows_weight_grad
 
 from .common import CLOCKS, best_time, distinct_convs, machine, md_table, write
 from .row_backward import unet
@@ -49,7 +49,8 @@ def _times(layer: dict, repeats: int, clock) -> dict:
     quarter = max(1, round(cout / 4))
     row = {"layer": layer["layer"], "count": layer["count"], "weight": "×".join(map(str, m.weight.shape)),
            "output": "×".join(map(str, d.shape[2:])), "weight-grad part, dense (ms)": both - inp,
-           "rows (25%) (ms)": timed(rows(quarter)), "25% rows": quarter}
+           "rows (25%) (ms)": timed(rows(quarter)), "25% rows": quarter,
+           "path (25%)": "taps" if _by_taps(x, m.weight, d[:, :quarter], list(m.stride)) else "oneDNN"}
     row["rows (16) (ms)"] = timed(rows(16)) if cout > 16 else float("nan")
     row["rows (2) (ms)"] = timed(rows(2))
     row["rows (2), oneDNN (ms)"] = timed(rows(2, taps=False))
@@ -82,14 +83,14 @@ def main() -> None:
           "gradient alone; *rows (k)*: what `gradsel.rowsparse` runs for k rows (gather their output-gradient "
           "channels, then oneDNN's weight-gradient kernel or, for a few rows of a stride-1 3×3-or-larger kernel "
           "against many input channels, one matmul over the kernel taps: `gradsel.rowsparse._by_taps`), k = 25% of "
-          "the channels, 16, 2; *oneDNN* / *taps*: that path alone.\n\n"
+          "the channels, 16, 2; *path*: the one it takes at 25%; *oneDNN* / *taps*: that path alone.\n\n"
           f"Over the network (each layer times its count): dense part {total['weight-grad part, dense (ms)']:.1f} ms, "
           f"25% of the rows {total['rows (25%) (ms)']:.1f} ms "
           f"({total['rows (25%) (ms)'] / total['weight-grad part, dense (ms)']:.2f}×; oneDNN alone "
           f"{total['rows (25%), oneDNN (ms)']:.1f} ms, "
           f"{total['rows (25%), oneDNN (ms)'] / total['weight-grad part, dense (ms)']:.2f}×).\n\n"
           + md_table(rows, ["layer", "count", "weight", "output", "weight-grad part, dense (ms)", "25% rows",
-                            "rows (25%) (ms)", "rows (25%), oneDNN (ms)", "rows (16) (ms)", "rows (2) (ms)",
+                            "path (25%)", "rows (25%) (ms)", "rows (25%), oneDNN (ms)", "rows (16) (ms)", "rows (2) (ms)",
                             "rows (2), oneDNN (ms)", "rows (2), taps (ms)", "25% ÷ dense part"]) + "\n")
     write("row_conv_parts", [{k: v for k, v in r.items()} for r in rows], md)
 
