@@ -90,8 +90,9 @@ def main() -> None:
           f"{total['rows (25%), oneDNN (ms)']:.1f} ms, "
           f"{total['rows (25%), oneDNN (ms)'] / total['weight-grad part, dense (ms)']:.2f}×).\n\n"
           + md_table(rows, ["layer", "count", "weight", "output", "weight-grad part, dense (ms)", "25% rows",
-                            "path (25%)", "rows (25%) (ms)", "rows (25%), oneDNN (ms)", "rows (16) (ms)", "rows (2) (ms)",
-                            "rows (2), oneDNN (ms)", "rows (2), taps (ms)", "25% ÷ dense part"]) + "\n")
+                            "path (25%)", "rows (25%) (ms)", "rows (25%), oneDNN (ms)", "rows (16) (ms)",
+                            "rows (2) (ms)", "rows (2), oneDNN (ms)", "rows (2), taps (ms)", "25% ÷ dense part"])
+          + "\n")
     write("row_conv_parts", [{k: v for k, v in r.items()} for r in rows], md)
 
 

@@ -114,7 +114,8 @@ class _RowConv(torch.autograd.Function):
             gx = torch.ops.aten.convolution_backward(grad, x, weight, None, stride, padding, dilation, False, zeros,
                                                      1, [True, False, False])[0]
         if ctx.needs_input_grad[1] and ctx.rows.numel():
-            gw = _weight_grad(ctx, weight, ctx.rows, conv_rows_weight_grad(grad, x, weight, ctx.rows, *ctx.conf))
+            part = conv_rows_weight_grad(grad, x, weight, ctx.rows, stride, padding, dilation)
+            gw = _weight_grad(ctx, weight, ctx.rows, part)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             gb = grad.sum([0] + list(range(2, grad.dim())))
         return gx, gw, gb, None, None, None, None, None
