@@ -263,12 +263,25 @@ def _engine(model: nn.Module, names: list[str], reader: Any, fps: dict[str, Any]
     class _ShardedHooks(HooksEngine):
         name = "hooks-fsdp"
 
+        def _check_samples(self, *args):
+            # a forward without backward leaves the root unit's parameters unsharded (FSDP2 keeps the root's for
+            # the backward it expects): shard them again, as the next call finds the model
+            from torch.distributed.fsdp import FSDPModule
+
+            try:
+                super()._check_samples(*args)
+            finally:
+                for m in self.model.modules():
+                    if isinstance(m, FSDPModule):
+                        m.reshard()
+
     with _plain_classes(model):
         run = _ShardedHooks(model, names, reader, _Refuse, _Refuse)
     # modules without rule (local torch.func gradients) and per-sample parameter copies swap parameters
-    # through torch.func: not through FSDP2. The one-off checks that run extra forwards are skipped, as their
-    # count would differ between ranks (FSDP2 needs every rank in every forward): batch-shared outputs are
-    # expanded per sample without the check, captured tensors are copied (no in-place check).
+    # through torch.func: not through FSDP2. FSDP2 needs every rank in every forward, so the one-off checks
+    # whose count could differ between ranks are skipped (batch-shared outputs are expanded per sample without
+    # the check, captured tensors are copied: no in-place check), and the check that each rule layer's dim 0
+    # holds the samples (one batch-of-one forward) runs on every rank when any rank asks for it (_agree).
     run.local = {}
     run.expandable = []
     run._separable = True
@@ -372,6 +385,7 @@ def estimate(model: nn.Module, data: Any, names: list[str], reader: Any, shard: 
     for n in names:
         units.setdefault(lays[n].unit, []).append(n)
     run = _engine(model, names, reader, fps)
+    run._agree = lambda need: bool(_flags([int(need)], group, stats)[0])
     size = chunk_size or MAX_CHUNK
 
     def chunks() -> Iterator[tuple[torch.Tensor, Any]]:

@@ -264,3 +264,75 @@ class Checkpointed(nn.Module):
 def checkpointed(seed: int = 0):
     torch.manual_seed(seed)
     return Checkpointed()
+
+
+class SeqFirst(nn.Module):
+    """A ``batch_first=False`` transformer layer: inside, the samples sit on dim 1, the tokens on dim 0."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(6, 16)
+        self.enc = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=False)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x):  # x: (batch, tokens, 6)
+        return self.head(self.enc(self.inp(x).transpose(0, 1)).mean(0))
+
+
+class Recurrent(nn.Module):
+    """A GRU (batch first) under an LSTM (sequence first): modules that torch.func cannot run per sample."""
+
+    def __init__(self):
+        super().__init__()
+        self.gru = nn.GRU(6, 8, batch_first=True)
+        self.lstm = nn.LSTM(8, 8)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        h, _ = self.gru(x)
+        h, _ = self.lstm(h.transpose(0, 1))
+        return self.head(h[-1])
+
+
+def seq_first(seed: int = 0):
+    torch.manual_seed(seed)
+    return SeqFirst()
+
+
+def recurrent(seed: int = 0):
+    torch.manual_seed(seed)
+    return Recurrent()
+
+
+def seq_batch(n: int = 5, t: int = 7, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, t, 6, generator=g), torch.randint(0, 3, (n,), generator=g)
+
+
+class ConvZoo(nn.Module):
+    """Convolutions off the common path: circular and reflect padding, groups between 1 and the channels, a
+    transposed convolution, a 3-D and a strided dilated 1-D one; InstanceNorm, PReLU, Bilinear, EmbeddingBag."""
+
+    def __init__(self):
+        super().__init__()
+        self.circ = nn.Conv2d(3, 8, 3, padding=1, padding_mode="circular")
+        self.grouped = nn.Conv2d(8, 8, 3, padding=1, groups=2, padding_mode="reflect")
+        self.up = nn.ConvTranspose2d(8, 4, 2, stride=2)
+        self.inorm = nn.InstanceNorm2d(4, affine=True)
+        self.act = nn.PReLU(4)
+        self.vol = nn.Conv3d(1, 2, 3, padding=1)
+        self.line = nn.Conv1d(3, 4, 3, stride=2, padding=2, dilation=2)
+        self.bag = nn.EmbeddingBag(10, 4, mode="mean")
+        self.head = nn.Bilinear(10, 4, 3)
+
+    def forward(self, x):
+        h = self.act(self.inorm(self.up(self.grouped(torch.relu(self.circ(x)))))).mean((2, 3))
+        v = self.vol(x[:, :1].unsqueeze(1)).mean((2, 3, 4))
+        line = self.line(x.flatten(2)).mean(2)
+        ids = (x[:, 0, 0, :4].abs() * 5).long().clamp(max=9)
+        return self.head(torch.cat([h, v, line], 1), self.bag(ids))
+
+
+def conv_zoo(seed: int = 0):
+    torch.manual_seed(seed)
+    return ConvZoo()

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import gradsel
+from gradsel import GradselError
 from gradsel.fisher import estimate, rules
 
 from . import models as M
@@ -56,6 +57,9 @@ CASES = {
     "depthwise_separable": (M.depthwise, lambda: M.image_batch(size=8)),
     "module_called_twice": (M.twice, M.mlp_batch),
     "torch_checkpoint": (M.checkpointed, lambda: M.image_batch(size=8)),
+    "seq_first_transformer": (M.seq_first, M.seq_batch),
+    "gru_and_lstm": (M.recurrent, M.seq_batch),
+    "conv_zoo": (M.conv_zoo, lambda: M.image_batch(size=8)),
     "bert_hf_gradient_checkpointing": (_bert_checkpointed, M.bert_batch),
 }
 
@@ -64,7 +68,11 @@ ENGINES = [e for e in ("vmap", "hooks", "auto") if e in estimate.ENGINES]
 # What vmap cannot run ("auto" falls back with a warning): torch.func's grad does not support the saved-tensor
 # hooks that torch.utils.checkpoint installs; HF's gradient_checkpointing_enable() adds a forward hook on the
 # input embeddings that calls requires_grad_(), which torch.func transforms refuse.
-VMAP_CANNOT = {"torch_checkpoint": "saved tensor hooks", "bert_hf_gradient_checkpointing": "functorch transform"}
+# torch's GRU and LSTM kernels write into an output of the unbatched shape (the hooks engine gives them the loop).
+VMAP_CANNOT = {"torch_checkpoint": "saved tensor hooks", "bert_hf_gradient_checkpointing": "functorch transform",
+               "gru_and_lstm": "broadcast shape"}
+# Where the hooks engine's local torch.func gradient cannot run a module without rule, the loop computes it.
+HOOKS_LOOP = {"gru_and_lstm": "the batch-of-one loop computes them instead"}
 
 _cache: dict[str, tuple] = {}
 
@@ -115,14 +123,20 @@ def test_engine_matches_loop_float64(engine, case, per_sample):
     model, batch, ref, opts = _case(case)
     tol = opts.get("tol", TOL)
     if engine == "vmap" and case in VMAP_CANNOT:
-        with pytest.raises(RuntimeError, match=VMAP_CANNOT[case]):
+        with pytest.raises(GradselError, match=rf"vmap cannot run .*{VMAP_CANNOT[case]}.*engine='auto'") as info:
             gradsel.fisher(model, batch, engine="vmap", chunk_size=2, progress=False)
+        assert isinstance(info.value.__cause__, RuntimeError)  # torch's own error, kept as the cause
         return
     snap = _snapshot(model, batch)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error" if engine != "auto" or case not in VMAP_CANNOT else "ignore", RuntimeWarning)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         est = gradsel.fisher(model, batch, engine=engine, chunk_size=2, per_sample=per_sample or None,
                              loss=opts.get("loss"), progress=False)
+    said = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    if engine == "hooks" and case in HOOKS_LOOP:  # the modules without a rule go to the loop, and it says so
+        assert any(HOOKS_LOOP[case] in m for m in said), said
+    elif engine != "auto" or case not in VMAP_CANNOT:
+        assert not said, said
     assert est.num_samples == ref.num_samples and est.num_samples > 2  # chunks smaller than the batch
     _assert_matches(est, ref, tol)
     if per_sample:
@@ -397,6 +411,18 @@ def test_hooks_local_module_gradient_is_checked_against_the_loop():
 
 
 @needs_hooks
+@pytest.mark.parametrize("lengths", [(5,), (7, 5)], ids=["first_chunk", "after_another_length"])
+def test_hooks_never_reads_tokens_as_samples(lengths):
+    # batch_first=False: inside the encoder layer dim 0 holds the tokens; with as many tokens as samples its
+    # shapes look batch-first, and the rules would read tokens as samples (10% off, silently, before the check)
+    model = M.seq_first(seed=2).double()
+    batches = [_double(M.seq_batch(n=5, t=t, seed=t)) for t in lengths]
+    est, fell = _hooks_fallback(model, batches, chunk_size=5)
+    _assert_matches(est, gradsel.fisher_loop(model, batches, progress=False))
+    encoder = {n for n, _ in model.named_parameters() if n.startswith("enc.")}
+    assert fell == encoder  # the batch-first layers around it keep their rules
+
+@needs_hooks
 def test_hooks_finds_a_model_that_mixes_samples_and_falls_back():
     # BatchNorm without running statistics normalises by the batch even in eval mode: the batch-of-one
     # gradient differs from the batched one, so the hooks engine must not use its backward
@@ -429,8 +455,8 @@ def _count_checks(monkeypatch):
     from gradsel.fisher.engines.hooks import HooksEngine
 
     runs = []
-    check = HooksEngine._check_separable
-    monkeypatch.setattr(HooksEngine, "_check_separable", lambda self, *a: (runs.append(1), check(self, *a))[1])
+    check = HooksEngine._check_samples
+    monkeypatch.setattr(HooksEngine, "_check_samples", lambda self, *a: (runs.append(1), check(self, *a))[1])
     return runs
 
 

@@ -171,6 +171,18 @@ class _Scale(nn.Module):
         return x * self.s
 
 
+class _TokensFirst(nn.Module):
+    """A Linear on (batch, tokens, features), then one on the transposed (tokens, batch, features)."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(6, 4)
+        self.late = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.late(torch.tanh(self.inp(x)).transpose(0, 1)).mean(0)
+
+
 def _error(fn) -> str | None:
     try:
         fn()
@@ -193,6 +205,10 @@ def _work_bad(rank: int, world: int) -> dict:
     out["nan_error"] = _error(lambda: gradsel.fisher(model, [mine], progress=False))
     out["empty_error"] = _error(lambda: gradsel.fisher(model, [(x[:4], y[:4])] if rank == 0 else [],
                                                        progress=False))
+    # rank 0's 4 tokens look like its 4 samples to 'late'; rank 1's 5 do not: both find it out, in step
+    tokens_first = _shard(_TokensFirst().double(), [])
+    seq = torch.randn(4, 4 if rank == 0 else 5, 6, dtype=torch.float64)
+    out["tokens_first_error"] = _error(lambda: gradsel.fisher(tokens_first, [(seq, y[:4])], progress=False))
     return out
 
 
@@ -397,10 +413,11 @@ def test_fisher_shards_equal_one_process(core_runs, one_thread):
         assert [lay.start for lay in lays] == [0, lays[0].rows] and sum(lay.rows for lay in lays) == full.shape[0]
     assert runs[0]["fisher"]["layouts"]["0.weight"].rows == 4 and runs[1]["fisher"]["layouts"]["0.weight"].rows == 3
     assert runs[1]["fisher"]["layouts"]["5.weight"].rows == 0  # an empty shard
-    # per round 2 flag all-reduces + one reduce-scatter per unit (3 units); 3 rounds (rank 1, with 2 chunks of its
-    # own, ran its last one again) and a last flag exchange: the ranks stayed in step
+    # per round 3 flag all-reduces (the data's, the label check's, the engine's: does any rank check a layer's
+    # batch dimension?) + one reduce-scatter per unit (3 units); 3 rounds (rank 1, with 2 chunks of its own, ran
+    # its last one again) and a last flag exchange: the ranks stayed in step
     stats = runs[0]["fisher"]["stats"]
-    assert stats == runs[1]["fisher"]["stats"] and stats["collectives"] == 3 * (2 + 3) + 1
+    assert stats == runs[1]["fisher"]["stats"] and stats["collectives"] == 3 * (3 + 3) + 1
     assert stats["bytes"] > 0
     # the most of the Fisher held in full shape at once is one unit's sums (float64 here), never the model's
     per_unit: dict = {}
@@ -540,6 +557,7 @@ def test_sharded_bad_inputs(core_runs):
         assert "engine='vmap'" in run["vmap_error"]
         assert "not sharded by fully_shard" in run["apply_error"]
         assert "'1.s'" in run["no_rule_error"] and "exclude=" in run["no_rule_error"]
+        assert "'late.weight'" in run["tokens_first_error"]  # never computed as if its tokens were samples
         assert "1 rank(s) hold no samples" in run["empty_error"]
         for key in ("shira_error", "shira_mask_error", "shira_model_error"):  # peft layers go in before fully_shard
             assert "before fully_shard" in run[key] and "get_peft_model" in run[key] and "save_shira" in run[key], key

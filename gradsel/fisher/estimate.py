@@ -376,6 +376,16 @@ def _per_sample_grads(run: _Engine, chunk: Any, engine: str, rows: torch.Tensor)
     cannot run this model (warn, naming the innermost module that raised, and keep the loop); if the loop
     fails too, the model, ``forward=`` or ``loss=`` is at fault and that error is raised.
     """
+    if engine == "vmap":
+        try:
+            return run(chunk), run
+        except GradselError:
+            raise
+        except Exception as exc:
+            raise GradselError(f"gradsel.fisher(engine='vmap'): torch.func.vmap cannot run {_raised_in(exc, run)} "
+                               f"({type(exc).__name__}: {_first_line(exc)}). Pass engine='auto' (vmap where it "
+                               "runs, else the batch-of-one loop) or engine='hooks' (per layer; modules without a "
+                               "rule get the loop)") from exc
     if engine != "auto":
         return run(chunk), run
     if isinstance(run, _LoopEngine):  # after a fallback

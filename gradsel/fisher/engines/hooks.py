@@ -337,7 +337,7 @@ class _Forward(nn.Module):
 
 # the engine's attributes that its one-time checks set (each check runs once, on the first chunk it needs)
 _DECISIONS = ("_separable", "_expand", "_loss_form", "_clone", "_whole_model_fallback", "_fallback_reason",
-              "_local_checked", "_no_local")
+              "_local_checked", "_no_local", "_batch_first", "_not_batch_first")
 _DECIDED: "weakref.WeakKeyDictionary[nn.Module, tuple[_Signature, dict]]" = weakref.WeakKeyDictionary()
 _PLAIN = (bool, int, float, str, type(None), torch.dtype, torch.device)
 
@@ -463,6 +463,9 @@ class HooksEngine:
         local_names = {pname for _, own in self.local.values() for pname in own.values()}
         self._local_checked: set[str] = set()
         self._no_local: set[str] = set()
+        # rule layers whose dim 0 was checked to be (or not to be) the samples' dimension
+        self._batch_first: set[str] = set()
+        self._not_batch_first: set[str] = set()
         # parameters of the top module shaped like a batch of one (pos_embed (1, T, D), cls_token, an offset
         # (1, C, 1, 1)) that the model broadcasts against the batch: given a copy per sample, autograd returns
         # each sample's gradient in the same backward (checked once against the losses and the loop)
@@ -657,8 +660,6 @@ class HooksEngine:
                 h.remove()
         leaf_grads = {pname: (torch.zeros_like(leaves[pname]) if g is None else g).reshape(n, *self.params[pname].shape)
                       for pname, g in zip(leaves, got[len(roots):])}
-        if not self._separable:
-            self._check_separable(batch, n, losses.detach())
         if (expanded[0] or leaves) and self._expand is None:
             self._expand = self._expansion_holds(batch, n, losses.detach(), leaf_grads)
             if not self._expand:
@@ -666,6 +667,10 @@ class HooksEngine:
         if not clone and _modified(caps):
             self._clone = True  # a captured input or gradient was written in place later: capture copies
             return self._per_layer(batch, n)
+        unchecked = [name for name, cap in caps.items() if n > 1 and cap.inputs and not cap.bad
+                     and name not in self._batch_first and name not in self._not_batch_first]
+        if self._agree(not self._separable or bool(unchecked)):
+            self._check_samples(batch, n, losses.detach(), caps, unchecked)
         out: dict[str, Any] = dict(leaf_grads)
         calls: Counter = Counter()
         broken: set[str] = set()
@@ -673,9 +678,9 @@ class HooksEngine:
             cap = caps[name]
             for pname in layer.attrs.values():
                 calls[pname] += len(cap.inputs)
-                if cap.bad or any(g is None for g in cap.grads):
-                    # ran without a batch dimension, or the backward did not reach its output (unused, or
-                    # reached only through a parameter without rule): the fallback computes it
+                if cap.bad or name in self._not_batch_first or any(g is None for g in cap.grads):
+                    # ran without a batch dimension (or with the samples on another one), or the backward did not
+                    # reach its output (unused, or reached only through a parameter without rule): the fallback
                     broken.add(pname)
         parts: dict[str, list] = {}
         with torch.no_grad():
@@ -715,9 +720,13 @@ class HooksEngine:
             cands = {attr: self.params[pname].detach() for attr, pname in own.items()}
             consts = {k: v.detach() for k, v in module.named_parameters() if k not in cands}
             total = None
-            for call in calls:
-                g = _module_grads(module, cands, consts, call)
-                total = g if total is None else {k: total[k] + g[k] for k in g}
+            try:
+                for call in calls:
+                    g = _module_grads(module, cands, consts, call)
+                    total = g if total is None else {k: total[k] + g[k] for k in g}
+            except Exception:  # noqa: BLE001 (torch.func cannot run this module, e.g. a GRU: the fallback does)
+                self._no_local.update(own.values())
+                continue
             for attr, pname in own.items():
                 out[pname] = total[attr]
         unchecked = [pname for pname in out if pname not in self._local_checked]
@@ -733,18 +742,50 @@ class HooksEngine:
                     del out[pname]
         return out
 
-    def _check_separable(self, batch: Any, n: int, losses: torch.Tensor) -> None:
-        """Once: the first two samples' losses in the batched forward must be those of a batch of one each (a
-        BatchNorm without running statistics, or any layer mixing samples, breaks that)."""
+    def _agree(self, need: bool) -> bool:
+        """Whether to run the checks' extra forwards: ``need`` here; every rank's answer under FSDP2, where all
+        ranks run every forward."""
+        return need
+
+    def _check_samples(self, batch: Any, n: int, losses: torch.Tensor, caps: dict[str, _Capture],
+                       unchecked: list[str]) -> None:
+        """The first two samples, each as a batch of one: their losses in the batched forward must be their
+        losses alone (checked once: a BatchNorm without running statistics, or any layer mixing samples,
+        breaks that), and each ``unchecked`` rule layer's inputs alone must be the slices ``[i]`` of its
+        batched inputs. A layer that sees the samples on another dimension (a ``batch_first=False``
+        transformer: tokens first) has a dim 0 of the batch's size when the sequence happens to be that long;
+        its rule would read tokens as samples, so it goes to the fallback. Each layer is checked once, on the
+        first chunk of two or more samples where its dim 0 has the batch's size (a batch of one is right
+        either way); the answers are kept with the other decisions."""
+        seen: dict[str, list] = {name: [] for name in unchecked}
+
+        def keep(name):
+            def hook(module, inputs, output):
+                x = inputs[0] if inputs else None
+                seen[name].append(x.detach().clone() if isinstance(x, torch.Tensor) else None)
+            return hook
+
         with torch.no_grad():
-            for i in range(min(2, n)):
-                one = self._losses(self.reader.take(batch, slice(i, i + 1)), 1)[0]
-                if not torch.allclose(losses[i], one, rtol=1e-4, atol=1e-6 * (1 + float(one.abs()))):
+            for i in range(min(2, n) if not self._separable else 1):  # one forward when only layers are checked
+                for calls in seen.values():
+                    calls.clear()
+                handles = [self.layers[name].module.register_forward_hook(keep(name)) for name in unchecked]
+                try:
+                    one = self._losses(self.reader.take(batch, slice(i, i + 1)), 1)[0]
+                finally:
+                    for h in handles:
+                        h.remove()
+                for name in unchecked:
+                    if not _same_sample(seen[name], caps[name].inputs, i):
+                        self._not_batch_first.add(name)
+                if not self._separable and not torch.allclose(losses[i], one, rtol=1e-4,
+                                                              atol=1e-6 * (1 + float(one.abs()))):
                     raise _NoPerSampleLoss(
                         f"sample {i}'s loss in the batch ({float(losses[i]):.6g}) is not its loss alone "
                         f"({float(one):.6g}): the model mixes samples in eval mode (a BatchNorm without running "
                         "statistics?), so one batched backward cannot give per-sample gradients")
         self._separable = True
+        self._batch_first.update(name for name in unchecked if name not in self._not_batch_first)
 
     def _expansion_holds(self, batch: Any, n: int, losses: torch.Tensor, leaf_grads: dict[str, torch.Tensor]) -> bool:
         """Once: with shared outputs and parameters expanded per sample, the losses must be the model's own
@@ -910,6 +951,22 @@ def _take_outputs(outputs: Any, i: int, n: int) -> Any:
     leaves, spec = pytree.tree_flatten(outputs)
     return pytree.tree_unflatten([x[i:i + 1] if isinstance(x, torch.Tensor) and x.dim() > 0 and x.shape[0] == n
                                   else x for x in leaves], spec)
+
+
+def _same_sample(alone: list, batched: list[torch.Tensor], i: int) -> bool:
+    """Whether a layer's inputs in sample ``i``'s batch of one are the slices ``i`` of its batched inputs."""
+    if len(alone) != len(batched):
+        return False
+    for x, xb in zip(alone, batched):
+        if x is None or x.shape != xb[i:i + 1].shape:
+            return False
+        if x.is_floating_point():
+            scale = float(x.abs().max()) if x.numel() else 0.0
+            if not torch.allclose(x, xb[i:i + 1].to(x.dtype), rtol=1e-4, atol=1e-6 * (1 + scale)):
+                return False
+        elif not torch.equal(x, xb[i:i + 1]):
+            return False
+    return True
 
 
 def _modified(caps: dict[str, _Capture]) -> bool:
