@@ -281,7 +281,8 @@ def _engine(model: nn.Module, names: list[str], reader: Any, fps: dict[str, Any]
     # through torch.func: not through FSDP2. FSDP2 needs every rank in every forward, so the one-off checks
     # whose count could differ between ranks are skipped (batch-shared outputs are expanded per sample without
     # the check, captured tensors are copied: no in-place check), and the check that each rule layer's dim 0
-    # holds the samples (one batch-of-one forward) runs on every rank when any rank asks for it (_agree).
+    # holds the samples (one batch-of-one forward) and the pass again with roots for layers the backward did
+    # not reach run on every rank when any rank asks for them (_agree).
     run.local = {}
     run.expandable = []
     run._separable = True
@@ -385,7 +386,7 @@ def estimate(model: nn.Module, data: Any, names: list[str], reader: Any, shard: 
     for n in names:
         units.setdefault(lays[n].unit, []).append(n)
     run = _engine(model, names, reader, fps)
-    run._agree = lambda need: bool(_flags([int(need)], group, stats)[0])
+    run._agree = lambda needs: [bool(v) for v in _flags([int(b) for b in needs], group, stats)]
     size = chunk_size or MAX_CHUNK
 
     def chunks() -> Iterator[tuple[torch.Tensor, Any]]:

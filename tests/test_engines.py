@@ -275,6 +275,36 @@ def test_hooks_is_exact_when_a_weight_is_used_outside_its_layer_or_a_layer_never
     _assert_untouched(model, batch, snap)
 
 
+class _GainFirst(torch.nn.Module):
+    """A parameter without rule before every rule layer (as BART's scaled token embedding): the layers' inputs
+    require grad through it alone, so no root starts at them."""
+
+    def __init__(self):
+        super().__init__()
+        self.gain = torch.nn.Parameter(torch.linspace(0.5, 1.5, 5))
+        self.a = torch.nn.Linear(5, 8)
+        self.norm = torch.nn.LayerNorm(8)
+        self.b = torch.nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.norm(self.a(x * self.gain))))
+
+
+@needs_hooks
+def test_hooks_reaches_layers_downstream_of_a_parameter_without_rule():
+    torch.manual_seed(0)
+    model = _GainFirst().double()
+    batch = _double(M.mlp_batch(n=6))
+    batch = (batch[0][:, :5].contiguous(), batch[1])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        est, fell = _hooks_fallback(model, batch, per_sample=True)
+    ref = gradsel.fisher_loop(model, batch, per_sample=True, progress=False)
+    assert fell == {"gain"}  # the layers after it keep their rules (they all went to the fallback before)
+    _assert_matches(est, ref)
+    assert (est.per_sample - ref.per_sample).abs().max() <= TOL * ref.per_sample.abs().max()
+
+
 class _SharedParamsMisused(torch.nn.Module):
     """Parameters of shape (1, ...) used in ways that a copy per sample would change: indexed ([0]) and summed
     over dim 0; and one broadcast as usual."""

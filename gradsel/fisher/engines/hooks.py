@@ -337,7 +337,7 @@ class _Forward(nn.Module):
 
 # the engine's attributes that its one-time checks set (each check runs once, on the first chunk it needs)
 _DECISIONS = ("_separable", "_expand", "_loss_form", "_clone", "_whole_model_fallback", "_fallback_reason",
-              "_local_checked", "_no_local", "_batch_first", "_not_batch_first")
+              "_local_checked", "_no_local", "_batch_first", "_not_batch_first", "_rooted")
 _DECIDED: "weakref.WeakKeyDictionary[nn.Module, tuple[_Signature, dict]]" = weakref.WeakKeyDictionary()
 _PLAIN = (bool, int, float, str, type(None), torch.dtype, torch.device)
 
@@ -466,6 +466,7 @@ class HooksEngine:
         # rule layers whose dim 0 was checked to be (or not to be) the samples' dimension
         self._batch_first: set[str] = set()
         self._not_batch_first: set[str] = set()
+        self._rooted: set[str] = set()  # rule layers given a root of their own (found unreached once)
         # parameters of the top module shaped like a batch of one (pos_embed (1, T, D), cls_token, an offset
         # (1, C, 1, 1)) that the model broadcasts against the batch: given a copy per sample, autograd returns
         # each sample's gradient in the same backward (checked once against the losses and the loop)
@@ -578,7 +579,7 @@ class HooksEngine:
                 if x.shape[0] != n or output.shape[0] != n:
                     cap.bad = True
                     return None
-                if not x.requires_grad or not output.requires_grad:
+                if not x.requires_grad or not output.requires_grad or name in self._rooted:
                     # nothing upstream of this layer reaches a root: start one here (an output not reached
                     # by the backward is found below and left to the fallback)
                     root = torch.zeros((), dtype=output.dtype, device=output.device, requires_grad=True)
@@ -667,9 +668,17 @@ class HooksEngine:
         if not clone and _modified(caps):
             self._clone = True  # a captured input or gradient was written in place later: capture copies
             return self._per_layer(batch, n)
+        # a layer whose input requires grad only through parameters without rule (BART's scaled token
+        # embedding) lies on no path to a root: its output gradient never arrived; give it a root of its own
+        unreached = {name for name, cap in caps.items() if cap.inputs and not cap.bad and name not in self._rooted
+                     and any(g is None for g in cap.grads)}
         unchecked = [name for name, cap in caps.items() if n > 1 and cap.inputs and not cap.bad
                      and name not in self._batch_first and name not in self._not_batch_first]
-        if self._agree(not self._separable or bool(unchecked)):
+        rerun, check = self._agree([bool(unreached), not self._separable or bool(unchecked)])
+        if rerun:
+            self._rooted |= unreached
+            return self._per_layer(batch, n)
+        if check:
             self._check_samples(batch, n, losses.detach(), caps, unchecked)
         out: dict[str, Any] = dict(leaf_grads)
         calls: Counter = Counter()
@@ -742,10 +751,10 @@ class HooksEngine:
                     del out[pname]
         return out
 
-    def _agree(self, need: bool) -> bool:
-        """Whether to run the checks' extra forwards: ``need`` here; every rank's answer under FSDP2, where all
-        ranks run every forward."""
-        return need
+    def _agree(self, needs: list[bool]) -> list[bool]:
+        """Whether to run each of the one-off extra passes: ``needs`` here; whether any rank needs it under
+        FSDP2, where all ranks run every forward."""
+        return needs
 
     def _check_samples(self, batch: Any, n: int, losses: torch.Tensor, caps: dict[str, _Capture],
                        unchecked: list[str]) -> None:
