@@ -336,3 +336,29 @@ class ConvZoo(nn.Module):
 def conv_zoo(seed: int = 0):
     torch.manual_seed(seed)
     return ConvZoo()
+
+
+class ConvTokens(nn.Module):
+    """Conv + BatchNorm, then the feature map read as tokens (flatten, transpose) under LayerNorm and a Linear:
+    on a batch of one, the gradient reaching the BatchNorm is laid out channels-last with a free batch stride,
+    which torch 2.14.1's CPU batch-norm backward misreads (``gradsel/fisher/layout.py``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.norm = nn.LayerNorm(8)
+        self.fc = nn.Linear(8, 8)
+        self.head = nn.Linear(8, 3)
+        with torch.no_grad():
+            self.bn.running_mean.normal_()
+            self.bn.running_var.uniform_(0.5, 2.0)
+
+    def forward(self, x):
+        h = self.bn(self.conv(x)).flatten(2).transpose(1, 2)
+        return self.head(self.fc(self.norm(h)).mean(1))
+
+
+def conv_tokens(seed: int = 0):
+    torch.manual_seed(seed)
+    return ConvTokens()

@@ -60,6 +60,7 @@ CASES = {
     "seq_first_transformer": (M.seq_first, M.seq_batch),
     "gru_and_lstm": (M.recurrent, M.seq_batch),
     "conv_zoo": (M.conv_zoo, lambda: M.image_batch(size=8)),
+    "conv_bn_tokens": (M.conv_tokens, lambda: M.image_batch(size=6)),
     "bert_hf_gradient_checkpointing": (_bert_checkpointed, M.bert_batch),
 }
 

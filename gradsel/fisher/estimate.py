@@ -18,6 +18,7 @@ from .. import distributed
 from ..errors import GradselError
 from ..params import ParamSpec, resolve
 from .batches import BatchReader, ForwardFn, LossFn, gather, is_single_batch, numbered
+from .layout import norm_gradients_as_inputs
 from .rules import LazyGrads, output_rules
 from .result import Fisher
 
@@ -155,8 +156,9 @@ class _LoopEngine(_Engine):
         for i in range(n):
             one = self.reader.take(batch, slice(i, i + 1))
             leaves = {name: t.clone().requires_grad_(True) for name, t in self.cands.items()}
-            loss = self._call(leaves, one)
-            grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
+            with norm_gradients_as_inputs(self.model):  # torch's batch-norm backward on one sample (layout.py)
+                loss = self._call(leaves, one)
+                grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
             for name, g in zip(self.names, grads):
                 out[name].append(torch.zeros_like(leaves[name]) if g is None else g)
         return {name: torch.stack(gs) for name, gs in out.items()}

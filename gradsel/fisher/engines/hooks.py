@@ -42,6 +42,7 @@ from torch.utils import _pytree as pytree
 
 from ...errors import GradselError
 from ..batches import BatchReader, logits_of
+from ..layout import norm_gradients_as_inputs
 from ..rules import ConvWeightGrads, EmbeddingGrads, LazyGrads, Scratch, _embedding_ok
 
 __all__ = ["HooksEngine", "OuterSquares", "BlockGrads"]
@@ -643,12 +644,13 @@ class HooksEngine:
                     for name, (module, _) in self.local.items()]
         try:
             self._swap = {"model." + k: v for k, v in leaves.items()} or None
-            losses = self._losses(batch, n)
-            recording[0] = False
-            uses, opaque = _parameter_uses(losses)
-            targets = roots + list(leaves.values())
-            got = (torch.autograd.grad(losses.sum(), targets, allow_unused=True)
-                   if targets and losses.requires_grad else [None] * len(targets))
+            with norm_gradients_as_inputs(self.model, active=n == 1):  # torch's batch norm on one sample
+                losses = self._losses(batch, n)
+                recording[0] = False
+                uses, opaque = _parameter_uses(losses)
+                targets = roots + list(leaves.values())
+                got = (torch.autograd.grad(losses.sum(), targets, allow_unused=True)
+                       if targets and losses.requires_grad else [None] * len(targets))
         except Exception:
             if not (expanded[0] or leaves):
                 raise
