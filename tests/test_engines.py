@@ -657,3 +657,31 @@ def test_hooks_forget_drops_the_decisions(monkeypatch):
     forget(model)
     gradsel.fisher(model, batch, engine="hooks", chunk_size=3, progress=False)
     assert len(runs) == 2
+
+
+class _CachedBias(torch.nn.Module):
+    """A parameter read through a cache made without grad (timm's LeViT caches its attention biases so in eval
+    mode): it never reaches the loss, so its gradient is zero."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(6, 3)
+        self.bias = torch.nn.Parameter(torch.randn(3))
+        self.cache = None
+
+    def forward(self, x):
+        if self.cache is None:
+            with torch.no_grad():
+                self.cache = 2 * self.bias
+        return self.lin(x) + self.cache
+
+
+@pytest.mark.parametrize("engine", ["loop", "hooks", "auto"])
+def test_a_candidate_that_never_reaches_the_loss_has_zero_fisher(engine):
+    torch.manual_seed(0)
+    model = _CachedBias().double()
+    batch = _double(M.mlp_batch(n=4))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        est = gradsel.fisher(model, batch, params=["bias"], engine=engine, progress=False, per_sample=True)
+    assert est["bias"].abs().max() == 0 and est.per_sample.abs().max() == 0 and est.num_samples == 4

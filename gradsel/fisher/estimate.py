@@ -158,7 +158,10 @@ class _LoopEngine(_Engine):
             leaves = {name: t.clone().requires_grad_(True) for name, t in self.cands.items()}
             with norm_gradients_as_inputs(self.model):  # torch's batch-norm backward on one sample (layout.py)
                 loss = self._call(leaves, one)
-                grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
+                # no candidate reaches the loss (timm's LeViT reads its attention biases from a cache made
+                # without grad in eval mode): their gradients are zero
+                grads = (torch.autograd.grad(loss, list(leaves.values()), allow_unused=True) if loss.requires_grad
+                         else [None] * len(leaves))
             for name, g in zip(self.names, grads):
                 out[name].append(torch.zeros_like(leaves[name]) if g is None else g)
         return {name: torch.stack(gs) for name, gs in out.items()}
