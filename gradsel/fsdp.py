@@ -361,7 +361,7 @@ def estimate(model: nn.Module, data: Any, names: list[str], reader: Any, shard: 
     from tqdm.auto import tqdm
 
     from .fisher.batches import gather, numbered
-    from .fisher.estimate import _accumulate, eval_mode
+    from .fisher.estimate import _accumulate, _warn_unreached, eval_mode
 
     if engine not in ("auto", "hooks"):
         raise GradselError(f"engine={engine!r} cannot run an FSDP2 model (torch.func and the batch-of-one loop do not "
@@ -464,6 +464,9 @@ def estimate(model: nn.Module, data: Any, names: list[str], reader: Any, shard: 
         raise GradselError("no samples were read from data: check that the loader is not empty "
                            "(and that samples= selects some)")
     means = {n: a.div_(used) for n, a in acc.items()} if acc is not None else {}
+    if means:  # a tensor is zero everywhere when every rank's shard of it is
+        live = _flags([int(bool(a.any())) for a in means.values()], group, stats)
+        _warn_unreached([n for n, f in zip(means, live) if not f], len(means))
     return ShardedFisher(means, used, layouts=lays, group=group, stats=stats, kind=kind,
                          per_sample=torch.cat(contributions) if masks is not None else None,
                          sample_index=torch.cat(used_index), engine=run.name)

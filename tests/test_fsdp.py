@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from pathlib import Path
 
 import pytest
@@ -117,7 +118,10 @@ def work_core(rank: int, world: int, out: Path) -> dict:
     ds = TensorDataset(x, y)
     model = _sharded_mlp()
     res = {"local_shapes": {n: tuple(p.to_local().shape) for n, p in model.named_parameters()}}
-    f = gradsel.fisher(model, _loader(ds), progress=False, per_sample=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        f = gradsel.fisher(model, _loader(ds), progress=False, per_sample=True)
+    res["said"] = [str(w.message) for w in caught if "zero Fisher" in str(w.message)]
     res["fisher"] = _pack(f)
     res["fisher_mc"] = _pack(gradsel.fisher(model, _loader(ds), progress=False, kind="mc", seed=5))
     fish = gradsel.select(model, _loader(ds), "fish", keep=20, progress=False)
@@ -415,9 +419,10 @@ def test_fisher_shards_equal_one_process(core_runs, one_thread):
     assert runs[1]["fisher"]["layouts"]["5.weight"].rows == 0  # an empty shard
     # per round 3 flag all-reduces (the data's, the label check's, the engine's: does any rank check a layer's
     # batch dimension?) + one reduce-scatter per unit (3 units); 3 rounds (rank 1, with 2 chunks of its own, ran
-    # its last one again) and a last flag exchange: the ranks stayed in step
+    # its last one again), a last flag exchange and one for the tensors zero on every rank: the ranks stayed in step
     stats = runs[0]["fisher"]["stats"]
-    assert stats == runs[1]["fisher"]["stats"] and stats["collectives"] == 3 * (3 + 3) + 1
+    assert stats == runs[1]["fisher"]["stats"] and stats["collectives"] == 3 * (3 + 3) + 2
+    assert runs[0]["said"] == runs[1]["said"] == []  # rank 1's empty shard of 5.weight is not a zero Fisher
     assert stats["bytes"] > 0
     # the most of the Fisher held in full shape at once is one unit's sums (float64 here), never the model's
     per_unit: dict = {}

@@ -369,9 +369,23 @@ def fisher(model: nn.Module, data: Any, *, params: ParamSpec | None = None, loss
         warnings.warn(f"num_samples={num_samples} asked for, but data held only {used}; the Fisher uses {used}",
                       stacklevel=2)
     means = {n: a.div_(used) for n, a in acc.items()} if acc is not None else {}
+    _warn_unreached([n for n, a in means.items() if not a.any()], len(means))
     return Fisher(means, used, kind=kind,
                   per_sample=torch.cat(contributions) if masks is not None else None,
                   sample_index=torch.cat(used_index), engine=run.name)
+
+
+def _warn_unreached(dead: list[str], total: int) -> None:
+    """Say which candidates have a zero Fisher on every sample: no policy can rank them. Either the forward
+    never takes them to the loss (a module it skips, as the deeper stages of an smp encoder cut by
+    ``encoder_depth``, or a parameter read through a cache made without grad) or a factor beside them is zero
+    (LoRA's A while B is zero)."""
+    if dead:
+        shown = ", ".join(dead[:5]) + (f" and {len(dead) - 5} more" if len(dead) > 5 else "")
+        warnings.warn(f"gradsel.fisher: {len(dead)} of {total} candidate tensors have a zero Fisher on every "
+                      f"sample ({shown}), so no policy can tell their entries apart: the forward does not take them to "
+                      "the loss, or a factor beside them is zero (LoRA's A while B is zero: train B a few steps "
+                      "first); leave them out with params=, or check the forward", RuntimeWarning, stacklevel=3)
 
 
 def _per_sample_grads(run: _Engine, chunk: Any, engine: str, rows: torch.Tensor) -> tuple[dict[str, Any], _Engine]:
