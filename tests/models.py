@@ -294,6 +294,61 @@ class Recurrent(nn.Module):
         return self.head(h[-1])
 
 
+class WindowAttention(nn.Module):
+    """Attention inside windows with a learned relative bias (Swin's shape): dim 0 holds windows, not samples;
+    ``mask`` (one per window of a sample) as the shifted windows use it."""
+
+    def __init__(self, dim: int = 8, tokens: int = 4):
+        super().__init__()
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.bias = nn.Parameter(torch.randn(tokens, tokens) * 0.1)
+
+    def forward(self, x, mask=None):  # x: (windows, tokens, dim), mask: (windows of one sample, tokens, tokens)
+        q, k, v = self.qkv(x).chunk(3, -1)
+        att = q @ k.transpose(1, 2) / q.shape[-1] ** 0.5 + self.bias
+        if mask is not None:
+            att = (att.view(-1, mask.shape[0], *att.shape[1:]) + mask).view(att.shape)
+        return self.proj(att.softmax(-1) @ v)
+
+
+class Windowed(nn.Module):
+    """Tokens on a 4×4 grid cut into four 2×2 windows; ``sample_major``: each sample's windows one after another
+    on dim 0 (Swin's window partition), else window-major (the samples interleaved)."""
+
+    def __init__(self, sample_major: bool = True):
+        super().__init__()
+        self.sample_major = sample_major
+        self.embed = nn.Linear(3, 8)
+        self.norm = nn.LayerNorm(8)
+        self.attn = WindowAttention()
+        self.shifted = WindowAttention()
+        self.register_buffer("mask", torch.randn(4, 4, 4))
+        self.head = nn.Linear(8, 3)
+
+    def _windows(self, x):  # (B, 4, 4, C) -> (B * 4, 4, C)
+        b, c = x.shape[0], x.shape[-1]
+        w = x.view(b, 2, 2, 2, 2, c).permute(0, 1, 3, 2, 4, 5).reshape(b, 4, 4, c)
+        return (w if self.sample_major else w.transpose(0, 1)).reshape(-1, 4, c)
+
+    def _merge(self, w, b):
+        c = w.shape[-1]
+        w = w.view(b, 4, 4, c) if self.sample_major else w.view(4, b, 4, c).transpose(0, 1)
+        return w.reshape(b, 2, 2, 2, 2, c).permute(0, 1, 3, 2, 4, 5).reshape(b, 4, 4, c)
+
+    def forward(self, x):  # x: (B, 3, 4, 4)
+        b = x.shape[0]
+        h = self.norm(self.embed(x.permute(0, 2, 3, 1)))
+        h = h + self._merge(self.attn(self._windows(h)), b)
+        h = h + self._merge(self.shifted(self._windows(h), self.mask if self.sample_major else None), b)
+        return self.head(h.mean((1, 2)))
+
+
+def windowed(seed: int = 0, *, sample_major: bool = True):
+    torch.manual_seed(seed)
+    return Windowed(sample_major)
+
+
 def seq_first(seed: int = 0):
     torch.manual_seed(seed)
     return SeqFirst()

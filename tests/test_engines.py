@@ -61,6 +61,8 @@ CASES = {
     "gru_and_lstm": (M.recurrent, M.seq_batch),
     "conv_zoo": (M.conv_zoo, lambda: M.image_batch(size=8)),
     "conv_bn_tokens": (M.conv_tokens, lambda: M.image_batch(size=6)),
+    "window_attention": (M.windowed, lambda: M.image_batch(size=4)),
+    "window_attention_window_major": (lambda: M.windowed(sample_major=False), lambda: M.image_batch(size=4)),
     "bert_hf_gradient_checkpointing": (_bert_checkpointed, M.bert_batch),
 }
 
@@ -456,6 +458,20 @@ def test_hooks_never_reads_tokens_as_samples(lengths):
     _assert_matches(est, gradsel.fisher_loop(model, batches, progress=False))
     encoder = {n for n, _ in model.named_parameters() if n.startswith("enc.")}
     assert fell == encoder  # the batch-first layers around it keep their rules
+
+@needs_hooks
+@pytest.mark.parametrize("sample_major", [True, False], ids=["sample_major", "window_major"])
+def test_hooks_reads_windows_as_tokens_of_their_sample(sample_major):
+    # Swin's window partition puts each sample's windows one after another on dim 0: the token-wise rules
+    # and the module-local gradient (the relative bias) read them as that sample's; laid out window-major,
+    # the samples interleave, the checks see it and everything in the windows goes to the fallback
+    model = M.windowed(seed=3, sample_major=sample_major).double()
+    batch = _double(M.image_batch(n=5, size=4, seed=4))
+    est, fell = _hooks_fallback(model, batch, chunk_size=5)
+    _assert_matches(est, gradsel.fisher_loop(model, batch, progress=False))
+    in_windows = {n for n, _ in model.named_parameters() if n.startswith(("attn.", "shifted."))}
+    assert fell == (set() if sample_major else in_windows)
+
 
 @needs_hooks
 def test_hooks_finds_a_model_that_mixes_samples_and_falls_back():

@@ -249,6 +249,10 @@ def _rule_for(module: nn.Module):
     return None
 
 
+#: rules that treat every dim but the first (samples) and the features as positions
+_TOKENWISE = (_linear, _transposed_linear, _layernorm, _embedding)
+
+
 @dataclass
 class _Layer:
     module: nn.Module
@@ -266,6 +270,7 @@ class _Capture:
     grads: list = field(default_factory=list)
     versions: list = field(default_factory=list)
     bad: bool = False
+    group: int = 1  # rows of dim 0 per sample (windows), read as more tokens
 
 
 def find_layers(model: nn.Module, names: list[str]) -> dict[str, _Layer]:
@@ -577,9 +582,15 @@ class HooksEngine:
                     x, output = x.expand(n, *x.shape[1:]), output.expand(n, *output.shape[1:])
                     new = output
                     expanded[0] = True
+                group = x.shape[0] // n
                 if x.shape[0] != n or output.shape[0] != n:
-                    cap.bad = True
-                    return None
+                    # windows (Swin, MaxViT): dim 0 holds each sample's rows one after another; a token-wise
+                    # rule reads them as more tokens of that sample (checked below, as batch-first layers are)
+                    if not (layer.rule in _TOKENWISE and group > 1 and x.shape[0] == output.shape[0] == n * group):
+                        cap.bad = True
+                        return None
+                    x = x.reshape(n, group, *x.shape[1:])
+                    cap.group = group
                 if not x.requires_grad or not output.requires_grad or name in self._rooted:
                     # nothing upstream of this layer reaches a root: start one here (an output not reached
                     # by the backward is found below and left to the fallback)
@@ -593,7 +604,8 @@ class HooksEngine:
                 cap.shapes.append(output.shape)
                 cap.grads.append(None)
 
-                def keep(g, k=k):
+                def keep(g, k=k, group=group):
+                    g = g.reshape(n, group, *g.shape[1:]) if group > 1 else g
                     cap.grads[k] = (g.clone() if clone else g, g._version)
 
                 output.register_hook(keep)
@@ -608,10 +620,14 @@ class HooksEngine:
                 if not recording[0] or not torch.is_grad_enabled():
                     return None
                 flat, spec = pytree.tree_flatten((args, kwargs))
-                batched = [isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == n for t in flat]
                 outs, out_spec = pytree.tree_flatten(output)
+                rows = {t.shape[0] for t in outs if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dim()}
+                # windows: every output holds the same multiple of n rows, each sample's one after another;
+                # the module then runs on each sample's group of rows (checked against the loop below)
+                group = rows.pop() // n if len(rows) == 1 and n not in rows and min(rows) % n == 0 else 1
+                batched = [isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == n * group for t in flat]
                 out_batched = [isinstance(t, torch.Tensor) and t.is_floating_point() and t.dim() > 0
-                               and t.shape[0] == n for t in outs]
+                               and t.shape[0] == n * group for t in outs]
                 if not any(out_batched):
                     lcalls[name].append(None)  # no batch dimension to split: the fallback computes it
                     return None
@@ -623,7 +639,7 @@ class HooksEngine:
                     outs = [t + root if b else t for t, b in zip(outs, out_batched)]
                     new = pytree.tree_unflatten(outs, out_spec)
                 call = {"flat": [t.detach() if isinstance(t, torch.Tensor) else t for t in flat], "spec": spec,
-                        "batched": batched, "out_batched": out_batched,
+                        "batched": batched, "out_batched": out_batched, "group": group,
                         "shapes": [t.shape if b else None for t, b in zip(outs, out_batched)],
                         "grads": [None] * len(outs)}
                 lcalls[name].append(call)
@@ -742,8 +758,9 @@ class HooksEngine:
                 out[pname] = total[attr]
         unchecked = [pname for pname in out if pname not in self._local_checked]
         if unchecked:
-            self._local_checked.update(unchecked)
             k = min(2, n)
+            if k == 2:  # a batch of one cannot show a module that mixes samples or groups their rows wrongly
+                self._local_checked.update(unchecked)
             ref = self._make_last_resort(self.model, unchecked, self.reader)(self.reader.take(batch, slice(0, k)))
             for pname in unchecked:
                 g, r = out[pname][:k], ref[pname].to(out[pname].dtype)
@@ -773,6 +790,8 @@ class HooksEngine:
         def keep(name):
             def hook(module, inputs, output):
                 x = inputs[0] if inputs else None
+                if isinstance(x, torch.Tensor) and caps[name].group > 1:
+                    x = x.unsqueeze(0)  # one sample's windows, as the batched capture holds them
                 seen[name].append(x.detach().clone() if isinstance(x, torch.Tensor) else None)
             return hook
 
@@ -874,17 +893,20 @@ def _widened(xs: list[torch.Tensor], ds: list[torch.Tensor]) -> tuple[list, list
 def _module_grads(module: nn.Module, cands: dict[str, torch.Tensor], consts: dict[str, torch.Tensor],
                   call: dict) -> dict[str, torch.Tensor]:
     """``{attr: (n, *shape)}``: per-sample gradients of ``module``'s own parameters for one captured call."""
-    flat, spec, batched = call["flat"], call["spec"], call["batched"]
+    flat, spec, batched, group = call["flat"], call["spec"], call["batched"], call["group"]
     rows = [t for t, b in zip(flat, batched) if b]
     deltas = [torch.zeros(shape, dtype=cands[next(iter(cands))].dtype, device=rows[0].device if rows else None)
               if g is None else g for g, shape, b in zip(call["grads"], call["shapes"], call["out_batched"]) if b]
+    if group > 1:  # each sample's rows (its windows) as one call of the module
+        rows, deltas = ([t.reshape(-1, group, *t.shape[1:]) for t in ts] for ts in (rows, deltas))
+    one = (lambda t: t.unsqueeze(0)) if group == 1 else (lambda t: t)
 
     def one_sample(params, rows_i, deltas_i):
         it = iter(rows_i)
-        args, kwargs = pytree.tree_unflatten([next(it).unsqueeze(0) if b else t for t, b in zip(flat, batched)], spec)
+        args, kwargs = pytree.tree_unflatten([one(next(it)) if b else t for t, b in zip(flat, batched)], spec)
         outs = pytree.tree_leaves(functional_call(module, {**consts, **params}, tuple(args), kwargs))
         picked = [t for t, b in zip(outs, call["out_batched"]) if b]
-        return sum((o.squeeze(0) * d.to(o.dtype)).sum() for o, d in zip(picked, deltas_i))
+        return sum((o.reshape(d.shape) * d.to(o.dtype)).sum() for o, d in zip(picked, deltas_i))
 
     with torch.enable_grad(), warnings.catch_warnings():
         # SDPA has no vmap batching rule yet; torch warns once per op and runs a correct slow path
