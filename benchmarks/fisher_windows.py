@@ -1,0 +1,113 @@
+"""Windowed attention: the hooks engine on Swin and MaxViT against vmap, the loop and the batched floor.
+
+Run: ``python -m benchmarks.fisher_windows [--rounds 3] [--models swin maxvit]``. Writes
+``benchmarks/results/fisher_windows.md``.
+
+Swin and MaxViT cut each sample into windows that dim 0 holds one after another; the hooks engine reads
+them as more tokens of that sample (``gradsel/fisher/engines/hooks.py``). *fallback tensors*: the
+candidates that still go to the whole-model fallback. Times are the best of ``rounds`` interleaved rounds,
+after one warm-up call of each (the hooks engine's one-off checks run there).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import time
+
+import torch
+import torch.nn.functional as F
+
+import gradsel
+
+from .common import machine, md_table, write
+
+COLUMNS = ["model", "batch", "candidates", "fallback tensors", "floor (s)", "hooks (s)", "vmap (s)", "loop (s)",
+           "hooks / floor", "hooks / vmap", "hooks / loop"]
+
+
+def _swin():
+    import timm
+
+    model = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, num_classes=3, img_size=112)
+    return "timm swin_tiny, 112²", model, 112
+
+
+def _maxvit():
+    import torchvision
+
+    return "torchvision maxvit_t, 224²", torchvision.models.maxvit_t(weights=None, num_classes=3), 224
+
+
+MODELS = {"swin": _swin, "maxvit": _maxvit}
+
+
+def _fallback_count(model, batch) -> int:
+    hooks = importlib.import_module("gradsel.fisher.engines.hooks")
+    seen: set[str] = set()
+    call = hooks.HooksEngine.__call__
+
+    def spy(self, chunk):
+        out = call(self, chunk)
+        seen.update(self.fallen_back)
+        return out
+
+    hooks.HooksEngine.__call__ = spy
+    try:
+        gradsel.fisher(model, batch, engine="hooks", progress=False)
+    finally:
+        hooks.HooksEngine.__call__ = call
+    return len(seen)
+
+
+def run(models: list[str], n: int, rounds: int) -> list[dict]:
+    rows = []
+    for name in models:
+        torch.manual_seed(0)
+        label, model, size = MODELS[name]()
+        model.eval()
+        g = torch.Generator().manual_seed(1)
+        batch = (torch.randn(n, 3, size, size, generator=g), torch.randint(0, 3, (n,), generator=g))
+
+        def floor():
+            model.zero_grad(set_to_none=True)
+            F.cross_entropy(model(batch[0]), batch[1]).backward()
+
+        ways = {"floor": floor}
+        for engine in ("hooks", "vmap", "loop"):
+            ways[engine] = lambda e=engine: gradsel.fisher(model, batch, engine=e, chunk_size=n, progress=False)
+        for fn in ways.values():
+            fn()
+        best = {k: float("inf") for k in ways}
+        for _ in range(rounds):
+            for k, fn in ways.items():
+                t0 = time.perf_counter()
+                fn()
+                best[k] = min(best[k], time.perf_counter() - t0)
+        model.zero_grad(set_to_none=True)
+        rows.append({"model": label, "batch": n, "candidates": sum(1 for _ in model.parameters()),
+                     "fallback tensors": _fallback_count(model, batch),
+                     **{f"{k} (s)": v for k, v in best.items()},
+                     "hooks / floor": best["hooks"] / best["floor"], "hooks / vmap": best["hooks"] / best["vmap"],
+                     "hooks / loop": best["hooks"] / best["loop"]})
+        print(rows[-1], flush=True)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    rows = run(args.models, args.batch, args.rounds)
+    command = "python -m benchmarks.fisher_windows " + " ".join(
+        f"--{k} {' '.join(v) if isinstance(v, list) else v}" for k, v in vars(args).items())
+    md = (f"# Fisher on windowed attention: hooks engine vs vmap, loop and floor\n\nMachine: {machine()}. Command: "
+          f"`{command}`. float32, eval mode; best of {args.rounds} interleaved rounds after a warm-up call each; "
+          "*floor*: one batched forward+backward.\n\n" + md_table(rows, COLUMNS) + "\n")
+    write("fisher_windows", rows, md)
+
+
+if __name__ == "__main__":
+    main()
