@@ -131,6 +131,50 @@ def test_fish_rows_are_the_reference_rows_of_the_loop_fisher(policy):
     assert all(torch.equal(sel.masks[n], expected[n]) for n in sel.candidates)
 
 
+class _Transposed(nn.Module):
+    """Weights whose output rows are their dim 1: GPT-2's Conv1D (square and not) and a ConvTranspose2d whose
+    in and out channels agree (so a dim-0 row would pair with a bias entry by shape alone)."""
+
+    def __init__(self):
+        from transformers.pytorch_utils import Conv1D
+
+        super().__init__()
+        self.proj, self.up = Conv1D(6, 6), Conv1D(5, 6)  # Conv1D(out, in): weight (in, out)
+        self.deconv = nn.ConvTranspose2d(5, 5, 3)
+        self.grouped = nn.ConvTranspose2d(5, 5, 1, groups=5)  # groups: its output channels stay dim-0 rows
+        self.head = nn.Linear(5 * 9, 3)
+
+    def forward(self, x):
+        h = self.up(torch.tanh(self.proj(x)))[:, :, None, None]
+        return self.head(self.grouped(torch.tanh(self.deconv(h))).flatten(1))
+
+
+_TRANSPOSED = ("proj.weight", "up.weight", "deconv.weight")
+
+
+def _output_rows_first(tensors: dict) -> dict:
+    return {n: t.movedim(1, 0) if n in _TRANSPOSED else t for n, t in tensors.items()}
+
+
+@pytest.mark.parametrize("policy", ["fish", "reverse", "random"])
+@pytest.mark.parametrize("keep", [0.3, 0.77])
+def test_row_policies_take_the_output_rows_of_transposed_weights(policy, keep):
+    torch.manual_seed(0)
+    model = _Transposed().double()
+    batch = (torch.randn(12, 6, dtype=torch.float64), torch.randint(0, 3, (12,)))
+    sel = gradsel.select(model, batch, policy, keep=keep, granularity="row", progress=False)
+    assert all(sel.masks[n].shape == p.shape for n, p in model.named_parameters())
+    moved = _output_rows_first(sel.masks)
+    whole, partial = _row_structure(moved, row_units({n: m.shape for n, m in moved.items()}))
+    assert partial <= 1 and whole == sel.info["rows"]["whole_rows"]
+    if policy != "random":
+        ref = gradsel.fisher_loop(model, batch, progress=False)
+        rows = reference_rows(_output_rows_first({n: ref[n] for n in sel.candidates}), sel.selected(),
+                              largest=policy == "fish")
+        expected = {n: m.movedim(0, 1) if n in _TRANSPOSED else m for n, m in rows.items()}
+        assert all(torch.equal(sel.masks[n], expected[n]) for n in sel.candidates)
+
+
 def test_per_tensor_rows_split_the_budget_over_weight_and_bias_units():
     model = M.mlp()
     sel = gradsel.select(model, M.mlp_batch(n=16), "fish", keep=40, budget="per_tensor", granularity="row",

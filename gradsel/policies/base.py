@@ -12,7 +12,7 @@ from ..errors import GradselError
 from ..fisher import Fisher, fisher
 
 __all__ = ["Policy", "Context", "top_k", "split_budget", "masks_from_flat", "row_units", "top_rows", "fill_rows",
-           "rank_rows"]
+           "rank_rows", "RowView", "output_dims"]
 
 
 @dataclass
@@ -248,6 +248,48 @@ def head_shapes(model: nn.Module, shapes: dict[str, torch.Size]) -> dict[str, to
                            "value, q_proj/k_proj/v_proj or qkv; use granularity='row' otherwise")
     return {n: torch.Size((heads[n], torch.Size(s).numel() // heads[n])) if n in heads else torch.Size(s)
             for n, s in shapes.items()}
+
+
+def output_dims(model: nn.Module, candidates: list[str]) -> dict[str, int]:
+    """Candidate weights whose output rows lie on dim 1, not dim 0: transformers' ``Conv1D`` (GPT-2's
+    projections, weight ``(in, out)``) and ``nn.ConvTranspose1d/2d/3d`` with ``groups=1`` (weight
+    ``(in, out, *kernel)``). A transposed convolution with groups keeps dim-0 rows (its output channels are
+    not one slice of the weight)."""
+    wanted, out = set(candidates), {}
+    for mod_name, module in model.named_modules():
+        name = f"{mod_name}.weight" if mod_name else "weight"
+        if name not in wanted or not isinstance(module._parameters.get("weight"), torch.Tensor):
+            continue
+        conv1d = type(module).__name__ == "Conv1D" and type(module).__module__.startswith("transformers")
+        if conv1d or (isinstance(module, nn.modules.conv._ConvTransposeNd) and module.groups == 1):
+            out[name] = 1
+    return out
+
+
+def _moved(shape: torch.Size, dim: int) -> torch.Size:
+    return torch.Size([shape[dim], *shape[:dim], *shape[dim + 1:]])
+
+
+class RowView:
+    """The candidates as the row policies see them: each tensor with its output rows on dim 0 (a transposed
+    weight's dim 1 moved there: :func:`output_dims`) and, for ``granularity="head"``, an attention projection's
+    rows in blocks of one head (:func:`head_shapes`). :meth:`rows` maps tensors into that view,
+    :meth:`back` maps masks out of it."""
+
+    def __init__(self, model: nn.Module, shapes: dict[str, torch.Size], granularity: str):
+        self.original = {n: torch.Size(s) for n, s in shapes.items()}
+        self.dims = output_dims(model, list(shapes))
+        moved = {n: _moved(s, self.dims[n]) if n in self.dims else s for n, s in self.original.items()}
+        self.moved = moved
+        self.shapes = head_shapes(model, moved) if granularity == "head" else moved
+
+    def rows(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {n: (t.movedim(self.dims[n], 0) if n in self.dims else t).reshape(self.shapes[n])
+                for n, t in tensors.items()}
+
+    def back(self, masks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {n: m.reshape(self.moved[n]).movedim(0, self.dims[n]).contiguous() if n in self.dims
+                else m.reshape(self.original[n]) for n, m in masks.items()}
 
 
 def row_units(shapes: dict[str, torch.Size]) -> list[tuple[str, ...]]:

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 
 from ..errors import GradselError
-from .base import Context, Policy, check_granularity, head_shapes, row_units, split_budget, top_k, top_rows
+from .base import Context, Policy, RowView, check_granularity, row_units, split_budget, top_k, top_rows
 from .registry import register_policy
 
 BUDGETS = ("global", "per_tensor")
@@ -17,24 +15,22 @@ def ranked(ctx: Context, budget: str, largest: bool, granularity: str = "element
     """Top-k (or bottom-k) of the Fisher, over all candidates or within each tensor, by element or by row.
 
     With ``granularity="row"`` the ranked groups are the rows of :func:`gradsel.policies.base.row_units`
-    (a weight's dim-0 rows, with their bias entries) by Fisher mass; ``per_tensor`` then splits the budget
-    over those units (a weight and its bias together). ``ctx.info["rows"]`` records the row counts.
+    (a weight's output rows, with their bias entries: :class:`gradsel.policies.base.RowView`) by Fisher
+    mass; ``per_tensor`` then splits the budget over those units (a weight and its bias together).
+    ``ctx.info["rows"]`` records the row counts.
     """
     if budget not in BUDGETS:
         raise GradselError(f"budget={budget!r} is not known: use one of {BUDGETS}")
     check_granularity(granularity)
     scores = ctx.scores()
-    if granularity == "head":  # rows, with each attention projection's rows in blocks of one head
-        shapes = head_shapes(ctx.model, ctx.shapes)
-        scores = {n: scores[n].reshape(shapes[n]) for n in ctx.candidates}
-        masks = ranked(dataclasses.replace(ctx, shapes=shapes, _scores=scores), budget, largest, "row")
-        return {n: m.reshape(ctx.shapes[n]) for n, m in masks.items()}
-    if granularity == "row":
+    if granularity != "element":  # whole rows (output rows first, heads as blocks of rows where asked)
+        view = RowView(ctx.model, ctx.shapes, granularity)
+        scores = view.rows({n: scores[n] for n in ctx.candidates})
         if budget == "global":
-            masks, info = top_rows({n: scores[n] for n in ctx.candidates}, ctx.k, largest=largest)
+            masks, info = top_rows(scores, ctx.k, largest=largest)
             ctx.info["rows"] = info
-            return masks
-        units = row_units({n: scores[n].shape for n in ctx.candidates})
+            return view.back(masks)
+        units = row_units(view.shapes)
         parts = split_budget([sum(scores[n].numel() for n in u) for u in units], ctx.k)
         masks, whole, partial = {}, 0, []
         for unit, k in zip(units, parts):
@@ -43,7 +39,7 @@ def ranked(ctx: Context, budget: str, largest: bool, granularity: str = "element
             whole += info["whole_rows"]
             partial += [info["partial_row"]] if info["partial_row"] else []
         ctx.info["rows"] = {"whole_rows": whole, "partial_rows": partial}
-        return masks
+        return view.back(masks)
     if budget == "global":
         return top_k({n: scores[n] for n in ctx.candidates}, ctx.k, largest=largest)
     parts = split_budget([scores[n].numel() for n in ctx.candidates], ctx.k)
@@ -66,10 +62,11 @@ class Fish(Policy):
     Options:
         budget: ``"global"`` (one ranking over all candidates, the default, as FISH Mask) or
             ``"per_tensor"`` (each tensor keeps its share of ``k``).
-        granularity: ``"element"`` (the default) or ``"row"``: whole dim-0 rows of the weights (output rows
-            of Linear, output channels of Conv, each with its bias entry) by Fisher mass, the next row in
-            the ranking partly filled so that exactly ``k`` elements are kept. Train such a selection with
-            :func:`gradsel.rowsparse.row_sparse` to compute the weight gradient of the kept rows only.
+        granularity: ``"element"`` (the default) or ``"row"``: whole output rows of the weights (of Linear
+            and GPT-2's ``Conv1D``, output channels of Conv and ConvTranspose, each with its bias entry) by
+            Fisher mass, the next row in the ranking partly filled so that exactly ``k`` elements are kept.
+            Train such a selection with :func:`gradsel.rowsparse.row_sparse` to compute the weight gradient
+            of the kept rows only.
             ``"head"``: the same, with the query, key and value projections' rows taken a whole attention
             head at a time (where the model says where its heads are: :func:`gradsel.policies.base.attention_heads`).
     """

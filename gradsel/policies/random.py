@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Context, Policy, _unit_rows, check_granularity, fill_rows, head_shapes, masks_from_flat, row_units
+from .base import Context, Policy, RowView, _unit_rows, check_granularity, fill_rows, masks_from_flat, row_units
 from .registry import register_policy
 
 
@@ -26,7 +26,8 @@ class Random(Policy):
     def select(self, ctx: Context) -> dict[str, torch.Tensor]:
         gen = ctx.generator()
         if self.granularity in ("row", "head"):
-            shapes = head_shapes(ctx.model, ctx.shapes) if self.granularity == "head" else ctx.shapes
+            view = RowView(ctx.model, ctx.shapes, self.granularity)
+            shapes = view.shapes
             units = row_units(shapes)
             rows = sum(_unit_rows(shapes, u)[0] for u in units)
 
@@ -38,7 +39,7 @@ class Random(Policy):
 
             masks, info = fill_rows(shapes, units, torch.randperm(rows, generator=gen), ctx.k, partial)
             ctx.info["rows"] = info
-            return {n: m.reshape(ctx.shapes[n]) for n, m in masks.items()}
+            return view.back(masks)
         flat = torch.zeros(ctx.total, dtype=torch.bool)
         flat[torch.randperm(ctx.total, generator=gen)[: ctx.k]] = True
         return masks_from_flat(flat, ctx.shapes)
