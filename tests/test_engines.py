@@ -473,6 +473,38 @@ def test_hooks_reads_windows_as_tokens_of_their_sample(sample_major):
     assert fell == (set() if sample_major else in_windows)
 
 
+class _OwnNorm(torch.nn.GroupNorm):
+    """A GroupNorm subclass: no rule (a subclass may compute something else), so the module-local gradient."""
+
+
+class _PoolMixer(torch.nn.Module):
+    """PoolFormer's token mixer ``pool(h) - h`` after a norm: the pool of a constant is that constant, so the
+    norm's bias has a gradient of zero by structure (rounding noise on both sides of the local check)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+        self.norm = _OwnNorm(1, 4)
+        self.head = torch.nn.Linear(4 * 36, 3)
+
+    def forward(self, x):
+        h = self.norm(self.conv(x))
+        h = torch.nn.functional.avg_pool2d(h, 3, 1, 1, count_include_pad=False) - h
+        return self.head(torch.tanh(h).flatten(1))
+
+
+@needs_hooks
+def test_hooks_keeps_a_local_gradient_that_is_zero_by_structure():
+    torch.manual_seed(0)
+    model = _PoolMixer().double()
+    batch = _double(M.image_batch(n=4, size=6))
+    est, fell = _hooks_fallback(model, batch, chunk_size=4)
+    ref = gradsel.fisher_loop(model, batch, progress=False)
+    _assert_matches(est, ref)
+    assert float(ref["norm.bias"].max()) < 1e-25 * float(ref["norm.weight"].max())  # zero but for rounding
+    assert fell == set()  # noise against noise is not a mismatch: the bias stays off the whole-model fallback
+
+
 @needs_hooks
 def test_hooks_finds_a_model_that_mixes_samples_and_falls_back():
     # BatchNorm without running statistics normalises by the batch even in eval mode: the batch-of-one
