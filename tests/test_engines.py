@@ -61,6 +61,7 @@ CASES = {
     "gru_and_lstm": (M.recurrent, M.seq_batch),
     "conv_zoo": (M.conv_zoo, lambda: M.image_batch(size=8)),
     "conv_bn_tokens": (M.conv_tokens, lambda: M.image_batch(size=6)),
+    "timm_norms": (M.timm_norms, lambda: M.image_batch(size=6)),
     "window_attention": (M.windowed, lambda: M.image_batch(size=4)),
     "window_attention_window_major": (lambda: M.windowed(sample_major=False), lambda: M.image_batch(size=4)),
     "bert_hf_gradient_checkpointing": (_bert_checkpointed, M.bert_batch),
@@ -491,6 +492,17 @@ class _PoolMixer(torch.nn.Module):
         h = self.norm(self.conv(x))
         h = torch.nn.functional.avg_pool2d(h, 3, 1, 1, count_include_pad=False) - h
         return self.head(torch.tanh(h).flatten(1))
+
+
+def test_timm_norms_have_rules():
+    # timm's norm subclasses compute what torch's do (LayerNorm2d over the channels): rules, not a per-sample
+    # torch.func of the module (which made ConvNeXt-atto's hooks estimate twice as slow)
+    from gradsel.fisher.engines.hooks import find_layers
+
+    model = M.timm_norms()
+    names = [n for n, _ in model.named_parameters()]
+    ruled = {p for layer in find_layers(model, names).values() for p in layer.attrs.values()}
+    assert ruled == set(names)
 
 
 @needs_hooks

@@ -199,6 +199,11 @@ def _layernorm(module: nn.LayerNorm, xs, ds, want, n):
     return out
 
 
+def _layernorm2d(module: nn.LayerNorm, xs, ds, want, n):
+    """timm's ``LayerNorm2d``: a LayerNorm over the channels (dim 1) of ``(N, C, *spatial)``."""
+    return _layernorm(module, [x.movedim(1, -1) for x in xs], [d.movedim(1, -1) for d in ds], want, n)
+
+
 def _channel_affine(xhats, ds, want, n):
     out = {}
     if "weight" in want:
@@ -224,7 +229,8 @@ def _known(module: nn.Module, module_prefix: str, name: str) -> bool:
 
 def _rule_for(module: nn.Module):
     """The rule for this module, or None; exact types only (a subclass may compute something else), and a few
-    subclasses known to compute the same (timm's LayerNorm) or a transposed Linear (transformers' Conv1D)."""
+    subclasses known to compute the same (timm's LayerNorm, GroupNorm and GroupNorm1; its LayerNorm2d over the
+    channels) or a transposed Linear (transformers' Conv1D)."""
     t = type(module)
     if t is nn.Linear:
         return _linear, 2
@@ -232,6 +238,10 @@ def _rule_for(module: nn.Module):
         return _transposed_linear, 2
     if _known(module, "timm.layers.norm", "LayerNorm"):
         return _layernorm, 1 + len(module.normalized_shape)
+    if _known(module, "timm.layers.norm", "LayerNorm2d") and len(module.normalized_shape) == 1:
+        return _layernorm2d, 3
+    if _known(module, "timm.layers.norm", "GroupNorm") or _known(module, "timm.layers.norm", "GroupNorm1"):
+        return _groupnorm, 2
     if t in (nn.Conv1d, nn.Conv2d):
         if module.padding_mode != "zeros" or isinstance(module.padding, str):
             return None
