@@ -1,12 +1,15 @@
-"""Windowed attention: the hooks engine on Swin and MaxViT against vmap, the loop and the batched floor.
+"""The hooks engine beyond the four main models: windowed attention (Swin, MaxViT) and timm's MetaFormers
+(ConvNeXt, PoolFormer), against vmap, the loop and the batched floor.
 
-Run: ``python -m benchmarks.fisher_windows [--rounds 3] [--models swin maxvit]``. Writes
-``benchmarks/results/fisher_windows.md``.
+Run: ``python -m benchmarks.fisher_zoo [--rounds 3] [--models swin maxvit convnext poolformer]``. Writes
+``benchmarks/results/fisher_zoo.md``.
 
-Swin and MaxViT cut each sample into windows that dim 0 holds one after another; the hooks engine reads
-them as more tokens of that sample (``gradsel/fisher/engines/hooks.py``). *fallback tensors*: the
-candidates that still go to the whole-model fallback. Times are the best of ``rounds`` interleaved rounds,
-after one warm-up call of each (the hooks engine's one-off checks run there).
+Swin cuts each sample into windows that dim 0 holds one after another; the hooks engine reads them as more
+tokens of that sample. ConvNeXt and PoolFormer normalise with timm's LayerNorm2d / GroupNorm1, which have
+rules; their layer scales (ConvNeXt's block ``gamma``, PoolFormer's ``Scale``) take the module-local
+gradient (``gradsel/fisher/engines/hooks.py``). *fallback tensors*: the candidates that still go to the
+whole-model fallback. Times are the best of ``rounds`` interleaved rounds, after one warm-up call of each
+(the hooks engine's one-off checks run there).
 """
 
 from __future__ import annotations
@@ -39,7 +42,17 @@ def _maxvit():
     return "torchvision maxvit_t, 224²", torchvision.models.maxvit_t(weights=None, num_classes=3), 224
 
 
-MODELS = {"swin": _swin, "maxvit": _maxvit}
+def _timm(name: str, label: str):
+    def make():
+        import timm
+
+        return label, timm.create_model(name, pretrained=False, num_classes=3), 112
+
+    return make
+
+
+MODELS = {"swin": _swin, "maxvit": _maxvit, "convnext": _timm("convnext_atto", "timm convnext_atto, 112²"),
+          "poolformer": _timm("poolformer_s12", "timm poolformer_s12, 112²")}
 
 
 def _fallback_count(model, batch) -> int:
@@ -101,12 +114,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     rows = run(args.models, args.batch, args.rounds)
-    command = "python -m benchmarks.fisher_windows " + " ".join(
+    command = "python -m benchmarks.fisher_zoo " + " ".join(
         f"--{k} {' '.join(v) if isinstance(v, list) else v}" for k, v in vars(args).items())
-    md = (f"# Fisher on windowed attention: hooks engine vs vmap, loop and floor\n\nMachine: {machine()}. Command: "
+    md = (f"# Fisher beyond the main four: hooks engine vs vmap, loop and floor\n\nMachine: {machine()}. Command: "
           f"`{command}`. float32, eval mode; best of {args.rounds} interleaved rounds after a warm-up call each; "
           "*floor*: one batched forward+backward.\n\n" + md_table(rows, COLUMNS) + "\n")
-    write("fisher_windows", rows, md)
+    write("fisher_zoo", rows, md)
 
 
 if __name__ == "__main__":
