@@ -517,6 +517,63 @@ def test_hooks_keeps_a_local_gradient_that_is_zero_by_structure():
     assert fell == set()  # noise against noise is not a mismatch: the bias stays off the whole-model fallback
 
 
+class _ScaleBlock(torch.nn.Module):
+    """Parameters a block multiplies or adds into its activations itself, with no module of their own."""
+
+    def __init__(self, tokens_first: bool = False):
+        super().__init__()
+        self.tokens_first = tokens_first
+        self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+        self.gamma = torch.nn.Parameter(torch.randn(4))  # x.mul(gamma.reshape(1, -1, 1, 1)): timm ConvNeXt
+        self.scale = torch.nn.Parameter(torch.randn(4))  # scale * x channels-last: HF ConvNext
+        self.shift = torch.nn.Parameter(torch.randn(4))  # x + shift[:, None, None], twice
+        self.mix = torch.nn.Parameter(torch.randn(4, 4))  # in a matmul: not elementwise
+        self.inplace = torch.nn.Parameter(torch.randn(4))  # x.mul_(...): not elementwise
+
+    def forward(self, x):
+        h = self.conv(x)
+        if self.tokens_first:  # (pixels, batch, channels): dim 0 is the batch's size only by chance
+            t = h.flatten(2).permute(2, 0, 1)
+            return (t * self.gamma).permute(1, 2, 0).reshape(h.shape)
+        h = torch.tanh(h.mul(self.gamma.reshape(1, -1, 1, 1)))
+        h = (self.scale * h.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        h = torch.tanh(h + self.shift[:, None, None]) + self.shift[:, None, None]
+        h = torch.einsum("nchw,cd->ndhw", h, self.mix)
+        return torch.tanh(h).clone().mul_(self.inplace[:, None, None])
+
+
+class _Scaled(torch.nn.Module):
+    def __init__(self, size: int, tokens_first: bool = False):
+        super().__init__()
+        self.block = _ScaleBlock(tokens_first)
+        self.head = torch.nn.Linear(4 * size * size, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.block(x)).flatten(1))
+
+
+@needs_hooks
+@pytest.mark.parametrize("tokens_first", [False, True], ids=["batch_first", "tokens_first"])
+def test_hooks_reads_layer_scales_from_the_batched_forward(tokens_first):
+    # a layer scale held by its block (ConvNeXt's gamma) would take the block's module-local gradient, a
+    # per-sample re-run of the block; multiplied or added into a batched tensor, its per-sample gradient is
+    # read from the batched forward instead. Anything else (a matmul, an in-place mul, a tensor whose dim 0
+    # only happens to have the batch's size) keeps the module-local path or the fallback, exactly.
+    from gradsel.fisher.engines import hooks
+
+    torch.manual_seed(0)
+    size = 2 if tokens_first else 6  # tokens first: 2×2 pixels for 4 samples
+    model = _Scaled(size, tokens_first).double()
+    batch = _double(M.image_batch(n=4, size=size))
+    est, fell = _hooks_fallback(model, batch, chunk_size=4)
+    _assert_matches(est, gradsel.fisher_loop(model, batch, progress=False))
+    decided = hooks._DECIDED[model][1]
+    if tokens_first:  # the check against the loop sees the pixels read as samples
+        assert "block.gamma" in decided["_not_elementwise"] and "block.gamma" in fell
+    else:
+        assert decided["_not_elementwise"] == {"block.mix", "block.inplace"} and fell == set()
+
+
 @needs_hooks
 def test_hooks_finds_a_model_that_mixes_samples_and_falls_back():
     # BatchNorm without running statistics normalises by the batch even in eval mode: the batch-of-one

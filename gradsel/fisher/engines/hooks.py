@@ -44,6 +44,7 @@ from ...errors import GradselError
 from ..batches import BatchReader, logits_of
 from ..layout import norm_gradients_as_inputs
 from ..rules import ConvWeightGrads, EmbeddingGrads, LazyGrads, Scratch, _embedding_ok
+from .elementwise import ElementwiseUses
 
 __all__ = ["HooksEngine", "OuterSquares", "BlockGrads"]
 
@@ -353,7 +354,7 @@ class _Forward(nn.Module):
 
 # the engine's attributes that its one-time checks set (each check runs once, on the first chunk it needs)
 _DECISIONS = ("_separable", "_expand", "_loss_form", "_clone", "_whole_model_fallback", "_fallback_reason",
-              "_local_checked", "_no_local", "_batch_first", "_not_batch_first", "_rooted")
+              "_local_checked", "_no_local", "_batch_first", "_not_batch_first", "_rooted", "_not_elementwise")
 _DECIDED: "weakref.WeakKeyDictionary[nn.Module, tuple[_Signature, dict]]" = weakref.WeakKeyDictionary()
 _PLAIN = (bool, int, float, str, type(None), torch.dtype, torch.device)
 
@@ -479,6 +480,8 @@ class HooksEngine:
         local_names = {pname for _, own in self.local.values() for pname in own.values()}
         self._local_checked: set[str] = set()
         self._no_local: set[str] = set()
+        # local candidates used otherwise than multiplied or added into a batched tensor (elementwise.py)
+        self._not_elementwise: set[str] = set()
         # rule layers whose dim 0 was checked to be (or not to be) the samples' dimension
         self._batch_first: set[str] = set()
         self._not_batch_first: set[str] = set()
@@ -671,7 +674,14 @@ class HooksEngine:
         try:
             self._swap = {"model." + k: v for k, v in leaves.items()} or None
             with norm_gradients_as_inputs(self.model, active=n == 1):  # torch's batch norm on one sample
-                losses = self._losses(batch, n)
+                watched = {pname: self.params[pname] for _, own in self.local.values() for pname in own.values()
+                           if pname not in self._not_elementwise and pname not in self._no_local}
+                elementwise = ElementwiseUses(watched, n) if watched else None
+                if elementwise is None:
+                    losses = self._losses(batch, n)
+                else:
+                    with elementwise:
+                        losses = self._losses(batch, n)
                 recording[0] = False
                 uses, opaque = _parameter_uses(losses)
                 targets = roots + list(leaves.values())
@@ -733,7 +743,11 @@ class HooksEngine:
                 made = layer.rule(layer.module, xs, ds, want, n)
                 for attr, g in made.items():
                     parts.setdefault(layer.attrs[attr], []).append(g)
-        out.update(self._local_grads(lcalls, batch, n))
+        scales = {}
+        if elementwise is not None:  # layer scales: from the batched forward, not a re-run of their module
+            scales = elementwise.grads(self.params)
+            self._not_elementwise |= elementwise.bad
+        out.update(self._local_grads(lcalls, batch, n, scales))
         for pname, got_parts in parts.items():
             out[pname] = got_parts[0] if len(got_parts) == 1 else _summed(got_parts, n, self.params[pname])
             if isinstance(out[pname], (BlockGrads, ConvWeightGrads)):
@@ -745,13 +759,15 @@ class HooksEngine:
                     out[pname] = ZeroGrads(n)
         return out
 
-    def _local_grads(self, lcalls: dict[str, list], batch: Any, n: int) -> dict[str, torch.Tensor]:
-        """Each sample's gradient of the local modules' own candidates: torch.func on that module alone, fed
-        with the captured inputs and output gradients (calls summed); checked once against the loop."""
-        out: dict[str, torch.Tensor] = {}
+    def _local_grads(self, lcalls: dict[str, list], batch: Any, n: int,
+                     scales: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Each sample's gradient of the local modules' own candidates: ``scales`` (layer scales found in the
+        batched forward: elementwise.py), else torch.func on that module alone, fed with the captured inputs
+        and output gradients (calls summed); checked once against the loop."""
+        out: dict[str, torch.Tensor] = dict(scales)
         for name, (module, own) in self.local.items():
             calls = lcalls[name]
-            own = {attr: pname for attr, pname in own.items() if pname not in self._no_local}
+            own = {attr: pname for attr, pname in own.items() if pname not in self._no_local and pname not in out}
             if not calls or not own or any(c is None or all(g is None for g in c["grads"]) for c in calls):
                 continue  # never ran, no batch dimension, or not reached by the backward: the fallback
             cands = {attr: self.params[pname].detach() for attr, pname in own.items()}
@@ -780,7 +796,7 @@ class HooksEngine:
                 rtol = 1e-7 if g.dtype == torch.float64 else 1e-3
                 atol = rtol * float(r.abs().max()) + noise * torch.finfo(g.dtype).eps + 1e-30
                 if not torch.allclose(g, r, rtol=rtol, atol=atol):
-                    self._no_local.add(pname)
+                    (self._not_elementwise if pname in scales else self._no_local).add(pname)
                     del out[pname]
         return out
 
