@@ -7,6 +7,7 @@ batch and the model's parameters and buffers are left exactly as they were.
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 import pytest
@@ -820,3 +821,47 @@ def test_candidates_with_a_zero_fisher_everywhere_are_named():
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
         gradsel.fisher(trained, M.bert_batch(), progress=False)
+
+
+class _SharedModule(torch.nn.Module):
+    """A submodule registered at two paths (timm CoaT's ConvPosEnc: ``cpe1`` and ``serial_blocks1.0.cpe``) and
+    a weight tied across two modules (GPT-2's LM head)."""
+
+    def __init__(self):
+        super().__init__()
+        self.pos = torch.nn.Linear(6, 6)
+        self.blocks = torch.nn.ModuleList([torch.nn.Module()])
+        self.blocks[0].pos = self.pos
+        self.blocks[0].lin = torch.nn.Linear(6, 6)
+        self.head = torch.nn.Linear(6, 3)
+        self.tied = torch.nn.Linear(6, 3)
+        self.tied.weight = self.head.weight
+
+    def forward(self, x):
+        h = self.blocks[0].lin(self.blocks[0].pos(x)) + self.pos(x)
+        return self.head(h) + self.tied(torch.tanh(h))
+
+
+@pytest.mark.parametrize("engine", ["loop", "vmap", "hooks", "auto"])
+def test_estimation_leaves_shared_modules_and_tied_weights_as_they_were(engine):
+    # torch.func.functional_call (tie_weights=True) restores a module registered at two paths with the tensor
+    # it swapped in: after one estimate the model's nn.Parameter was a detached tensor, and training then
+    # skipped it silently
+    torch.manual_seed(0)
+    model = _SharedModule().double()
+    before = dict(model.named_parameters())
+    x, y = _double(M.mlp_batch(n=5))
+    plain = copy.deepcopy(model)
+    ref = {n: torch.zeros_like(p) for n, p in plain.named_parameters()}
+    for i in range(5):  # the reference without torch.func: one backward per sample
+        plain.zero_grad()
+        torch.nn.functional.cross_entropy(plain(x[i:i + 1]), y[i:i + 1]).backward()
+        for n, p in plain.named_parameters():
+            ref[n] += p.grad ** 2 / 5
+    for _ in range(2):
+        est = gradsel.fisher(model, (x, y), engine=engine, chunk_size=5, progress=False)
+        after = dict(model.named_parameters())
+        assert list(after) == list(before)
+        assert all(after[n] is before[n] and isinstance(after[n], torch.nn.Parameter) for n in before)
+        assert model.blocks[0].pos.weight is model.pos.weight and model.tied.weight is model.head.weight
+        _assert_matches(est, ref)

@@ -10,7 +10,7 @@ from typing import Any, Iterator
 
 import torch
 from torch import nn
-from torch.func import functional_call, grad, vmap
+from torch.func import grad, vmap
 from torch.utils import _pytree as pytree
 from tqdm.auto import tqdm
 
@@ -21,6 +21,7 @@ from .batches import BatchReader, ForwardFn, LossFn, gather, is_single_batch, nu
 from .layout import norm_gradients_as_inputs
 from .rules import LazyGrads, output_rules
 from .result import Fisher
+from .swap import swapped_call, tensor_slots
 
 __all__ = ["fisher", "fisher_loop", "eval_mode"]
 
@@ -43,7 +44,8 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
 
 
 class _Runner(nn.Module):
-    """Wraps model + batch reader so that ``functional_call`` can run a user's ``forward`` too."""
+    """Wraps model + batch reader so that ``functional_call`` (:func:`swapped_call`) can run a user's ``forward``
+    too."""
 
     def __init__(self, model: nn.Module, reader: BatchReader):
         super().__init__()
@@ -69,13 +71,14 @@ class _Engine:
         chosen = set(names)
         self.consts = {"model." + n: p.detach() for n, p in params.items() if n not in chosen}
         self.consts.update({"model." + n: b for n, b in model.named_buffers()})
+        self.slots = tensor_slots(self.runner)
 
     def _call(self, cands: dict[str, torch.Tensor], batch: Any, extra: dict | None = None) -> torch.Tensor:
         tensors = {"model." + n: t for n, t in cands.items()}
         tensors.update(self.consts)
         if extra:
             tensors.update(extra)
-        return functional_call(self.runner, tensors, (batch,))
+        return swapped_call(self.runner, tensors, (batch,), slots=self.slots)
 
 
 class _VmapEngine(_Engine):

@@ -37,13 +37,14 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call, grad, vmap
+from torch.func import grad, vmap
 from torch.utils import _pytree as pytree
 
 from ...errors import GradselError
 from ..batches import BatchReader, logits_of
 from ..layout import norm_gradients_as_inputs
 from ..rules import ConvWeightGrads, EmbeddingGrads, LazyGrads, Scratch, _embedding_ok
+from ..swap import swapped_call, tensor_slots
 from .elementwise import ElementwiseUses
 
 __all__ = ["HooksEngine", "OuterSquares", "BlockGrads"]
@@ -492,6 +493,7 @@ class HooksEngine:
         self.expandable = [n for n in names if n not in ruled and n not in local_names and self.params[n].dim() >= 2
                            and self.params[n].shape[0] == 1]
         self._forward_module = _Forward(model, reader)
+        self._slots = tensor_slots(self._forward_module)
         self._swap: dict[str, torch.Tensor] | None = None
         # one buffer for the per-sample gradient blocks of every layer and chunk (each block is squared before
         # the next is formed): kept for the engine's life, so its pages are faulted in once
@@ -869,7 +871,7 @@ class HooksEngine:
     # -- per-sample losses --------------------------------------------------------------------------------
     def _run(self, batch: Any) -> Any:
         if self._swap:
-            return functional_call(self._forward_module, self._swap, (batch,))
+            return swapped_call(self._forward_module, self._swap, (batch,), slots=self._slots)
         return self.reader.run(self.model, batch)
 
     def _losses(self, batch: Any, n: int) -> torch.Tensor:
@@ -927,6 +929,7 @@ def _module_grads(module: nn.Module, cands: dict[str, torch.Tensor], consts: dic
     rows = [t for t, b in zip(flat, batched) if b]
     deltas = [torch.zeros(shape, dtype=cands[next(iter(cands))].dtype, device=rows[0].device if rows else None)
               if g is None else g for g, shape, b in zip(call["grads"], call["shapes"], call["out_batched"]) if b]
+    slots = tensor_slots(module)
     if group > 1:  # each sample's rows (its windows) as one call of the module
         rows, deltas = ([t.reshape(-1, group, *t.shape[1:]) for t in ts] for ts in (rows, deltas))
     one = (lambda t: t.unsqueeze(0)) if group == 1 else (lambda t: t)
@@ -934,7 +937,7 @@ def _module_grads(module: nn.Module, cands: dict[str, torch.Tensor], consts: dic
     def one_sample(params, rows_i, deltas_i):
         it = iter(rows_i)
         args, kwargs = pytree.tree_unflatten([one(next(it)) if b else t for t, b in zip(flat, batched)], spec)
-        outs = pytree.tree_leaves(functional_call(module, {**consts, **params}, tuple(args), kwargs))
+        outs = pytree.tree_leaves(swapped_call(module, {**consts, **params}, tuple(args), kwargs, slots=slots))
         picked = [t for t, b in zip(outs, call["out_batched"]) if b]
         return sum((o.reshape(d.shape) * d.to(o.dtype)).sum() for o, d in zip(picked, deltas_i))
 
