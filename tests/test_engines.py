@@ -565,7 +565,9 @@ def test_hooks_reads_layer_scales_from_the_batched_forward(tokens_first):
     torch.manual_seed(0)
     size = 2 if tokens_first else 6  # tokens first: 2×2 pixels for 4 samples
     model = _Scaled(size, tokens_first).double()
-    batch = _double(M.image_batch(n=4, size=size))
+    batch = _double(M.image_batch(n=8, size=size))
+    # two chunks: a layer scale that fails its check on the first takes the module-local path on the second,
+    # which is checked in its turn (window_attention_window_major in the matrix shows one that would fail it)
     est, fell = _hooks_fallback(model, batch, chunk_size=4)
     _assert_matches(est, gradsel.fisher_loop(model, batch, progress=False))
     decided = hooks._DECIDED[model][1]
@@ -573,6 +575,27 @@ def test_hooks_reads_layer_scales_from_the_batched_forward(tokens_first):
         assert "block.gamma" in decided["_not_elementwise"] and "block.gamma" in fell
     else:
         assert decided["_not_elementwise"] == {"block.mix", "block.inplace"} and fell == set()
+
+
+@needs_hooks
+def test_hooks_reads_hf_layer_scales_under_a_dict_batch():
+    # a dict batch with labels checks the model's loss form in a no-grad forward of one sample, inside the
+    # watch: that forward's uses must not count (HF ConvNext's layer_scale_parameter went to the local path)
+    from transformers import ConvNextConfig, ConvNextForImageClassification
+
+    from gradsel.fisher.engines import hooks
+
+    torch.manual_seed(0)
+    config = ConvNextConfig(num_channels=3, hidden_sizes=[8, 16], depths=[1, 1], num_stages=2, num_labels=3,
+                            layer_scale_init_value=0.5)
+    model = ConvNextForImageClassification(config).double()
+    x, y = _double(M.image_batch(n=4, size=32))
+    batch = {"pixel_values": x, "labels": y}
+    est, fell = _hooks_fallback(model, batch, chunk_size=2)
+    _assert_matches(est, gradsel.fisher_loop(model, batch, progress=False))
+    scales = {n for n, _ in model.named_parameters() if n.endswith("layer_scale_parameter")}
+    assert len(scales) == 2 and fell == set()
+    assert not scales & hooks._DECIDED[model][1]["_not_elementwise"]
 
 
 @needs_hooks

@@ -5,7 +5,8 @@ A layer scale held by the block itself (timm ConvNeXt's ``x.mul(self.gamma.resha
 gradient of the whole block, a per-sample re-run of everything in it. While the batched forward runs,
 :class:`ElementwiseUses` (a ``TorchFunctionMode``) watches such parameters: a use that reshapes one (``reshape``,
 ``view``, ``unsqueeze``, ``flatten``, indexing with ``None`` and full slices) and then multiplies or adds it into
-a tensor that carries the batch (dim 0 of ``n``) and the result's shape is recorded with that tensor and the
+a tensor that carries the batch (dim 0 of ``n``, or of each sample's windows one after another) and the
+result's shape is recorded with that tensor and the
 result's gradient; any other use marks the parameter as not elementwise. Each sample's gradient is then
 ``Σ δ_i·x_i`` (``δ_i`` for an add) over the dims the parameter was broadcast along. The hooks engine checks
 the result against the loop once, as it checks module-local gradients.
@@ -29,19 +30,22 @@ _ADD = {torch.add, _Tensor.add, _Tensor.__add__, _Tensor.__radd__}
 
 @dataclass
 class _Use:
-    mul: bool  # x * p (else x + p)
+    mul: bool  # x * b (else x + b)
     x: torch.Tensor | None  # the batched operand (for a mul)
     version: int
-    view: torch.Size  # the shape of the parameter's view in the op
+    b: torch.Size  # the shape of the parameter's view in the op
     shape: torch.Size  # the result's shape
     grad: torch.Tensor | None = None
 
-    def per_sample(self, dtype: torch.dtype) -> torch.Tensor:
-        """``(n, *view without its leading ones)``: each sample's gradient of the view."""
+    def per_sample(self, n: int, dtype: torch.dtype) -> torch.Tensor:
+        """``(n, *b)``: each sample's gradient of the view. Dim 0 of the result holds ``n`` samples, or each
+        sample's rows one after another (windows): summed per sample."""
         g = self.grad.to(dtype) * self.x.to(dtype) if self.mul else self.grad.to(dtype)
-        full = (1,) * (len(self.shape) - len(self.view)) + tuple(self.view)  # the view as it broadcast
+        if self.shape[0] != n:
+            g = g.reshape(n, self.shape[0] // n, *self.shape[1:]).sum(1)
+        full = (1,) * (len(self.shape) - len(self.b)) + tuple(self.b)  # the view as it broadcast
         summed = [d for d in range(1, len(self.shape)) if full[d] == 1 and self.shape[d] != 1]
-        return g.sum(summed, keepdim=True) if summed else g
+        return (g.sum(summed, keepdim=True) if summed else g).reshape(n, *self.b)
 
 
 def _plain_index(index: Any) -> bool:
@@ -71,18 +75,20 @@ class ElementwiseUses(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        hits = [name for name in map(self._origin, pytree.tree_leaves((args, kwargs))) if name]
-        if not hits:
+        if not torch.is_grad_enabled():  # a check's forward (the loss form on one sample): no graph to read
             return out
+        hits = [name for name in map(self._origin, pytree.tree_leaves((args, kwargs))) if name]
+        if not hits or not any(isinstance(t, torch.Tensor) for t in pytree.tree_leaves(out)):
+            return out  # nothing watched, or a query (dim(), shape, is_floating_point()) that makes no tensor
         name = hits[0]
         first = self._origin(args[0]) if args else None
         if (func in _VIEWS and len(hits) == 1 and first and isinstance(out, torch.Tensor)
                 and (func is not _Tensor.__getitem__ or _plain_index(args[1]))):
             self.views[id(out)] = (name, out)
         elif (func in _MUL or func in _ADD) and len(args) == 2 and not kwargs and len(hits) == 1:
-            p, x = (args[0], args[1]) if first else (args[1], args[0])
-            if self._batched(x, p, out):
-                use = _Use(func in _MUL, x.detach() if func in _MUL else None, x._version, p.shape, out.shape)
+            b, x = (args[0], args[1]) if first else (args[1], args[0])
+            if self._batched(x, b, out):
+                use = _Use(func in _MUL, x.detach() if func in _MUL else None, x._version, b.shape, out.shape)
                 self.uses[name].append(use)
                 out.register_hook(lambda g, use=use: setattr(use, "grad", g))
             else:
@@ -91,11 +97,12 @@ class ElementwiseUses(TorchFunctionMode):
             self.bad.update(hits)
         return out
 
-    def _batched(self, x: Any, p: torch.Tensor, out: Any) -> bool:
-        """``x`` holds the batch and the result's shape; ``p`` broadcasts into it without a batch dimension."""
+    def _batched(self, x: Any, b: torch.Tensor, out: Any) -> bool:
+        """``x`` holds the batch (or each sample's windows) and the result's shape; ``b`` broadcasts into it
+        without a batch dimension."""
         return (isinstance(x, torch.Tensor) and isinstance(out, torch.Tensor) and out.requires_grad
-                and out.dim() >= 1 and x.shape == out.shape and out.shape[0] == self.n
-                and (p.dim() < out.dim() or p.shape[0] == 1))
+                and out.dim() >= 1 and x.shape == out.shape and out.shape[0] % self.n == 0
+                and (b.dim() < out.dim() or b.shape[0] == 1))
 
     def grads(self, params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """``{name: (n, *shape)}`` for every watched parameter whose uses were all elementwise and reached by the
@@ -109,12 +116,8 @@ class ElementwiseUses(TorchFunctionMode):
                 if use.grad is None or (use.x is not None and use.x._version != use.version):
                     self.bad.add(name)
                     break
-                g = use.per_sample(torch.promote_types(p.dtype, torch.float32))
-                if g[0].numel() != p.numel():
-                    self.bad.add(name)
-                    break
-                g = g.reshape(self.n, *p.shape)
-                total = g if total is None else total + g
+                g = use.per_sample(self.n, torch.promote_types(p.dtype, torch.float32))
+                total = g.reshape(self.n, *p.shape) if total is None else total + g.reshape(self.n, *p.shape)
             if name not in self.bad:
                 out[name] = total
         return out

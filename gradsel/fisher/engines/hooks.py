@@ -787,8 +787,6 @@ class HooksEngine:
         unchecked = [pname for pname in out if pname not in self._local_checked]
         if unchecked:
             k = min(2, n)
-            if k == 2:  # a batch of one cannot show a module that mixes samples or groups their rows wrongly
-                self._local_checked.update(unchecked)
             ref = self._make_last_resort(self.model, unchecked, self.reader)(self.reader.take(batch, slice(0, k)))
             # rounding noise is judged against the largest gradient checked: a parameter whose gradient is zero
             # by structure (PoolFormer's norm bias before `pool(x) - x`) holds noise on both sides
@@ -798,8 +796,11 @@ class HooksEngine:
                 rtol = 1e-7 if g.dtype == torch.float64 else 1e-3
                 atol = rtol * float(r.abs().max()) + noise * torch.finfo(g.dtype).eps + 1e-30
                 if not torch.allclose(g, r, rtol=rtol, atol=atol):
+                    # a layer scale read wrongly tries the module-local path next (checked in its turn)
                     (self._not_elementwise if pname in scales else self._no_local).add(pname)
                     del out[pname]
+                elif k == 2:  # a batch of one cannot show a module that mixes samples or groups rows wrongly
+                    self._local_checked.add(pname)
         return out
 
     def _agree(self, needs: list[bool]) -> list[bool]:
