@@ -596,6 +596,12 @@ def test_hooks_reads_hf_layer_scales_under_a_dict_batch():
     scales = {n for n, _ in model.named_parameters() if n.endswith("layer_scale_parameter")}
     assert len(scales) == 2 and fell == set()
     assert not scales & hooks._DECIDED[model][1]["_not_elementwise"]
+    # its LayerNorm (channels last, and channels first in the stem and downsampling) has a rule
+    norms = {f"{m}.{a}" for m, mod in model.named_modules() if type(mod).__name__ == "ConvNextLayerNorm"
+             for a in ("weight", "bias")}
+    names = [n for n, _ in model.named_parameters()]
+    ruled = {p for layer in hooks.find_layers(model, names).values() for p in layer.attrs.values()}
+    assert len(norms) == 8 and norms <= ruled
 
 
 @needs_hooks

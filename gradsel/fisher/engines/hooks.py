@@ -231,8 +231,8 @@ def _known(module: nn.Module, module_prefix: str, name: str) -> bool:
 
 def _rule_for(module: nn.Module):
     """The rule for this module, or None; exact types only (a subclass may compute something else), and a few
-    subclasses known to compute the same (timm's LayerNorm, GroupNorm and GroupNorm1; its LayerNorm2d over the
-    channels) or a transposed Linear (transformers' Conv1D)."""
+    subclasses known to compute the same (timm's LayerNorm, GroupNorm and GroupNorm1; its LayerNorm2d and HF
+    ConvNext's LayerNorm over the channels) or a transposed Linear (transformers' Conv1D)."""
     t = type(module)
     if t is nn.Linear:
         return _linear, 2
@@ -244,6 +244,10 @@ def _rule_for(module: nn.Module):
         return _layernorm2d, 3
     if _known(module, "timm.layers.norm", "GroupNorm") or _known(module, "timm.layers.norm", "GroupNorm1"):
         return _groupnorm, 2
+    if any(_known(module, "transformers.models.convnext", c) for c in ("ConvNextLayerNorm", "ConvNextV2LayerNorm")):
+        if getattr(module, "data_format", None) == "channels_first" and len(module.normalized_shape) == 1:
+            return _layernorm2d, 3  # HF ConvNext: its LayerNorm over the channels of NCHW
+        return (_layernorm, 1 + len(module.normalized_shape)) if module.data_format == "channels_last" else None
     if t in (nn.Conv1d, nn.Conv2d):
         if module.padding_mode != "zeros" or isinstance(module.padding, str):
             return None
