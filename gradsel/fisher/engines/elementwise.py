@@ -105,11 +105,13 @@ class ElementwiseUses(TorchFunctionMode):
                 and (b.dim() < out.dim() or b.shape[0] == 1))
 
     def grads(self, params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """``{name: (n, *shape)}`` for every watched parameter whose uses were all elementwise and reached by the
+        """``{name: (n, *shape)}`` for every watched parameter used, and only used, elementwise, reached by the
         backward, with inputs not written in place since; the others are added to :attr:`bad`."""
         out = {}
         for name, uses in self.uses.items():
-            if name in self.bad or not uses:
+            if not uses:  # not used so in this forward: not watched again (the watch costs every op a call)
+                self.bad.add(name)
+            if name in self.bad:
                 continue
             p, total = params[name], None
             for use in uses:
