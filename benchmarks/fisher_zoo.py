@@ -1,15 +1,16 @@
 """The hooks engine beyond the four main models: windowed attention (Swin, MaxViT) and timm's MetaFormers
 (ConvNeXt, PoolFormer), against vmap, the loop and the batched floor.
 
-Run: ``python -m benchmarks.fisher_zoo [--rounds 3] [--models swin maxvit convnext poolformer]``. Writes
+Run: ``python -m benchmarks.fisher_zoo [--rounds 3] [--models swin tv_swin maxvit convnext poolformer]``. Writes
 ``benchmarks/results/fisher_zoo.md``.
 
 Swin cuts each sample into windows that dim 0 holds one after another; the hooks engine reads them as more
-tokens of that sample. ConvNeXt and PoolFormer normalise with timm's LayerNorm2d / GroupNorm1, which have
-rules; their layer scales (ConvNeXt's block ``gamma``, PoolFormer's ``Scale``) take the module-local
-gradient (``gradsel/fisher/engines/hooks.py``). *fallback tensors*: the candidates that still go to the
-whole-model fallback. Times are the best of ``rounds`` interleaved rounds, after one warm-up call of each
-(the hooks engine's one-off checks run there).
+tokens of that sample (torchvision's Swin passes its attention's qkv/proj weights to ``F.linear`` itself:
+they join the attention's module-local gradient). ConvNeXt and PoolFormer normalise with timm's LayerNorm2d
+/ GroupNorm1, which have rules; their layer scales (ConvNeXt's block ``gamma``, PoolFormer's ``Scale``) are
+read from the batched forward (``gradsel/fisher/engines/elementwise.py``). *fallback tensors*: the candidates that
+still go to the whole-model fallback. Times are the best of ``rounds`` interleaved rounds, after one warm-up
+call of each (the hooks engine's one-off checks run there).
 """
 
 from __future__ import annotations
@@ -36,6 +37,12 @@ def _swin():
     return "timm swin_tiny, 112²", model, 112
 
 
+def _tv_swin():
+    import torchvision
+
+    return "torchvision swin_t, 112²", torchvision.models.swin_t(weights=None, num_classes=3), 112
+
+
 def _maxvit():
     import torchvision
 
@@ -51,7 +58,8 @@ def _timm(name: str, label: str):
     return make
 
 
-MODELS = {"swin": _swin, "maxvit": _maxvit, "convnext": _timm("convnext_atto", "timm convnext_atto, 112²"),
+MODELS = {"swin": _swin, "tv_swin": _tv_swin, "maxvit": _maxvit,
+          "convnext": _timm("convnext_atto", "timm convnext_atto, 112²"),
           "poolformer": _timm("poolformer_s12", "timm poolformer_s12, 112²")}
 
 

@@ -894,3 +894,26 @@ def test_estimation_leaves_shared_modules_and_tied_weights_as_they_were(engine):
         assert all(after[n] is before[n] and isinstance(after[n], torch.nn.Parameter) for n in before)
         assert model.blocks[0].pos.weight is model.pos.weight and model.tied.weight is model.head.weight
         _assert_matches(est, ref)
+
+
+class _ReadsItsChild(torch.nn.Module):
+    """torchvision's Swin attention: it owns a table and passes its child Linear's weight to F.linear itself,
+    so the Linear module never runs."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv = torch.nn.Linear(6, 6)
+        self.table = torch.nn.Parameter(torch.randn(6, 6) * 0.3)
+
+    def forward(self, x):
+        return torch.tanh(torch.nn.functional.linear(x, self.qkv.weight, self.qkv.bias)) @ self.table
+
+
+@needs_hooks
+def test_hooks_gives_weights_read_by_a_parent_to_its_local_gradient():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 6), _ReadsItsChild(), torch.nn.Linear(6, 3)).double()
+    batch = _double(M.mlp_batch(n=6))
+    est, fell = _hooks_fallback(model, batch, chunk_size=3)
+    _assert_matches(est, gradsel.fisher_loop(model, batch, progress=False))
+    assert fell == set()  # 1.qkv's weight and bias: the module-local gradient of 1, not the whole-model fallback

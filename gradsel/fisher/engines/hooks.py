@@ -735,6 +735,7 @@ class HooksEngine:
                     # ran without a batch dimension (or with the samples on another one), or the backward did not
                     # reach its output (unused, or reached only through a parameter without rule): the fallback
                     broken.add(pname)
+        self._adopt_read_weights(calls, uses)
         parts: dict[str, list] = {}
         with torch.no_grad():
             for name, layer in self.layers.items():
@@ -764,6 +765,22 @@ class HooksEngine:
                 if pname not in out and p.requires_grad and uses[id(p)] == 0:
                     out[pname] = ZeroGrads(n)
         return out
+
+    def _adopt_read_weights(self, calls: Counter, uses: Counter) -> None:
+        """A rule layer whose module never ran while its weights were used: its parent reads them directly
+        (torchvision's Swin passes ``self.qkv.weight`` to ``F.linear``). A module-local ancestor takes them
+        into its own local gradient (checked against the loop with the rest); without one, the fallback."""
+        for name, layer in list(self.layers.items()):
+            read = {attr: pname for attr, pname in layer.attrs.items()
+                    if calls[pname] == 0 and uses[id(self.params[pname])] > 0}
+            owner = max((m for m in self.local if name.startswith(m + ".")), key=len, default=None)
+            if not read or owner is None:
+                continue
+            for attr, pname in read.items():
+                self.local[owner][1][f"{name[len(owner) + 1:]}.{attr}"] = pname
+                del layer.attrs[attr]
+            if not layer.attrs:
+                del self.layers[name]
 
     def _local_grads(self, lcalls: dict[str, list], batch: Any, n: int,
                      scales: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
