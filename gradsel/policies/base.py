@@ -279,9 +279,8 @@ class RowView:
     def __init__(self, model: nn.Module, shapes: dict[str, torch.Size], granularity: str):
         self.original = {n: torch.Size(s) for n, s in shapes.items()}
         self.dims = output_dims(model, list(shapes))
-        moved = {n: _moved(s, self.dims[n]) if n in self.dims else s for n, s in self.original.items()}
-        self.moved = moved
-        self.shapes = head_shapes(model, moved) if granularity == "head" else moved
+        self.moved = {n: _moved(s, self.dims[n]) if n in self.dims else s for n, s in self.original.items()}
+        self.shapes = head_shapes(model, self.moved) if granularity == "head" else self.moved
 
     def rows(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {n: (t.movedim(self.dims[n], 0) if n in self.dims else t).reshape(self.shapes[n])

@@ -25,6 +25,7 @@ whose output has no batch dimension) goes to a fallback engine that differentiat
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import warnings
@@ -643,7 +644,8 @@ class HooksEngine:
                 rows = {t.shape[0] for t in outs if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dim()}
                 # windows: every output holds the same multiple of n rows, each sample's one after another;
                 # the module then runs on each sample's group of rows (checked against the loop below)
-                group = rows.pop() // n if len(rows) == 1 and n not in rows and min(rows) % n == 0 else 1
+                only = rows.pop() if len(rows) == 1 else n
+                group = only // n if only != n and only % n == 0 else 1
                 batched = [isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == n * group for t in flat]
                 out_batched = [isinstance(t, torch.Tensor) and t.is_floating_point() and t.dim() > 0
                                and t.shape[0] == n * group for t in outs]
@@ -683,11 +685,8 @@ class HooksEngine:
                 watched = {pname: self.params[pname] for _, own in self.local.values() for pname in own.values()
                            if pname not in self._not_elementwise and pname not in self._no_local}
                 elementwise = ElementwiseUses(watched, n) if watched else None
-                if elementwise is None:
+                with elementwise or contextlib.nullcontext():
                     losses = self._losses(batch, n)
-                else:
-                    with elementwise:
-                        losses = self._losses(batch, n)
                 recording[0] = False
                 uses, opaque = _parameter_uses(losses)
                 targets = roots + list(leaves.values())
@@ -795,10 +794,10 @@ class HooksEngine:
                 continue  # never ran, no batch dimension, or not reached by the backward: the fallback
             cands = {attr: self.params[pname].detach() for attr, pname in own.items()}
             consts = {k: v.detach() for k, v in module.named_parameters() if k not in cands}
-            total = None
+            total, slots = None, tensor_slots(module)
             try:
                 for call in calls:
-                    g = _module_grads(module, cands, consts, call)
+                    g = _module_grads(module, cands, consts, call, slots)
                     total = g if total is None else {k: total[k] + g[k] for k in g}
             except Exception:  # noqa: BLE001 (torch.func cannot run this module, e.g. a GRU: the fallback does)
                 self._no_local.update(own.values())
@@ -945,13 +944,12 @@ def _widened(xs: list[torch.Tensor], ds: list[torch.Tensor]) -> tuple[list, list
 
 
 def _module_grads(module: nn.Module, cands: dict[str, torch.Tensor], consts: dict[str, torch.Tensor],
-                  call: dict) -> dict[str, torch.Tensor]:
+                  call: dict, slots: dict[str, list[str]]) -> dict[str, torch.Tensor]:
     """``{attr: (n, *shape)}``: per-sample gradients of ``module``'s own parameters for one captured call."""
     flat, spec, batched, group = call["flat"], call["spec"], call["batched"], call["group"]
     rows = [t for t, b in zip(flat, batched) if b]
     deltas = [torch.zeros(shape, dtype=cands[next(iter(cands))].dtype, device=rows[0].device if rows else None)
               if g is None else g for g, shape, b in zip(call["grads"], call["shapes"], call["out_batched"]) if b]
-    slots = tensor_slots(module)
     if group > 1:  # each sample's rows (its windows) as one call of the module
         rows, deltas = ([t.reshape(-1, group, *t.shape[1:]) for t in ts] for ts in (rows, deltas))
     one = (lambda t: t.unsqueeze(0)) if group == 1 else (lambda t: t)
