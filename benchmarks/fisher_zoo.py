@@ -1,5 +1,6 @@
 """The hooks engine beyond the four main models: windowed attention (Swin, MaxViT) and timm's MetaFormers
-(ConvNeXt, PoolFormer), against vmap, the loop and the batched floor.
+(ConvNeXt, PoolFormer) and the depthwise-separable MobileNetV2 / EfficientNet, against vmap, the loop and the
+batched floor.
 
 Run: ``python -m benchmarks.fisher_zoo [--rounds 3] [--models swin tv_swin maxvit convnext poolformer]``. Writes
 ``benchmarks/results/fisher_zoo.md``.
@@ -8,7 +9,9 @@ Swin cuts each sample into windows that dim 0 holds one after another; the hooks
 tokens of that sample (torchvision's Swin passes its attention's qkv/proj weights to ``F.linear`` itself:
 they join the attention's module-local gradient). ConvNeXt and PoolFormer normalise with timm's LayerNorm2d
 / GroupNorm1, which have rules; their layer scales (ConvNeXt's block ``gamma``, PoolFormer's ``Scale``) are
-read from the batched forward (``gradsel/fisher/engines/elementwise.py``). *fallback tensors*: the candidates that
+read from the batched forward (``gradsel/fisher/engines/elementwise.py``). Depthwise convolutions (ConvNeXt's 7×7,
+MobileNet's and EfficientNet's 3×3/5×5) get each sample's weight gradient from one depthwise convolution over the
+chunk; timm's BatchNormAct2d (a norm, then an elementwise activation) has a rule. *fallback tensors*: the candidates that
 still go to the whole-model fallback. Times are the best of ``rounds`` interleaved rounds, after one warm-up
 call of each (the hooks engine's one-off checks run there).
 """
@@ -58,9 +61,18 @@ def _timm(name: str, label: str):
     return make
 
 
+def _tv_mobilenet():
+    import torchvision
+
+    return "torchvision mobilenet_v2, 112²", torchvision.models.mobilenet_v2(weights=None, num_classes=3), 112
+
+
 MODELS = {"swin": _swin, "tv_swin": _tv_swin, "maxvit": _maxvit,
           "convnext": _timm("convnext_atto", "timm convnext_atto, 112²"),
-          "poolformer": _timm("poolformer_s12", "timm poolformer_s12, 112²")}
+          "poolformer": _timm("poolformer_s12", "timm poolformer_s12, 112²"),
+          "mobilenet": _timm("mobilenetv2_100", "timm mobilenetv2_100, 112²"),
+          "efficientnet": _timm("efficientnet_b0", "timm efficientnet_b0, 112²"),
+          "tv_mobilenet": _tv_mobilenet}
 
 
 def _fallback_count(model, batch) -> int:

@@ -363,6 +363,42 @@ def timm_norms(seed: int = 0):
     return model
 
 
+class NormActDepthwise(nn.Module):
+    """timm's norm + activation layers (in-place ReLU6 and SiLU, GELU, a Dropout) between depthwise convolutions:
+    stride 2, dilation 2, a channel multiplier of 2, one called twice, a 1-D one."""
+
+    def __init__(self):
+        super().__init__()
+        from timm.layers.norm_act import BatchNormAct2d, GroupNormAct, LayerNormAct, LayerNormAct2d
+
+        self.stem = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = BatchNormAct2d(4, act_layer=nn.ReLU6, inplace=True)
+        self.dw = nn.Conv2d(4, 8, 3, stride=2, padding=1, groups=4)  # two output channels a group
+        self.gn = GroupNormAct(8, num_groups=2, act_layer=nn.SiLU, inplace=True)
+        self.dilated = nn.Conv2d(8, 8, 3, padding=2, dilation=2, groups=8)
+        self.ln2d = LayerNormAct2d(8, act_layer=nn.GELU, drop_layer=lambda: nn.Dropout(0.5))
+        self.line = nn.Conv1d(8, 8, 5, padding=1, groups=8)
+        self.ln = LayerNormAct(8, act_layer=nn.Tanh)
+        self.head = nn.Linear(8, 3)
+        with torch.no_grad():  # running statistics and affine parameters off their initial ones
+            self.bn.running_mean.normal_()
+            self.bn.running_var.uniform_(0.5, 2.0)
+            for m in (self.bn, self.gn, self.ln2d, self.ln):
+                m.weight.normal_(1, 0.2)
+                m.bias.normal_(0, 0.2)
+
+    def forward(self, x):
+        h = self.gn(self.dw(self.bn(self.stem(x))))
+        h = self.ln2d(self.dilated(self.dilated(h)))
+        h = self.line(h.flatten(2)).transpose(1, 2)
+        return self.head(self.ln(h).mean(1))
+
+
+def norm_act_depthwise(seed: int = 0):
+    torch.manual_seed(seed)
+    return NormActDepthwise()
+
+
 def seq_first(seed: int = 0):
     torch.manual_seed(seed)
     return SeqFirst()
