@@ -9,10 +9,10 @@ Swin cuts each sample into windows that dim 0 holds one after another; the hooks
 tokens of that sample (torchvision's Swin passes its attention's qkv/proj weights to ``F.linear`` itself:
 they join the attention's module-local gradient). ConvNeXt and PoolFormer normalise with timm's LayerNorm2d
 / GroupNorm1, which have rules; their layer scales (ConvNeXt's block ``gamma``, PoolFormer's ``Scale``) are
-read from the batched forward (``gradsel/fisher/engines/elementwise.py``). Depthwise convolutions (ConvNeXt's 7×7,
-MobileNet's and EfficientNet's 3×3/5×5) get each sample's weight gradient from one depthwise convolution over the
-chunk; timm's BatchNormAct2d (a norm, then an elementwise activation) has a rule. *fallback tensors*: the candidates that
-still go to the whole-model fallback. Times are the best of ``rounds`` interleaved rounds, after one warm-up
+read from the batched forward (``gradsel/fisher/engines/elementwise.py``). Depthwise convolutions (ConvNeXt's
+7×7, MobileNet's and EfficientNet's 3×3/5×5) get each sample's weight gradient from one depthwise convolution
+over the chunk; timm's BatchNormAct2d (a norm, then an elementwise activation) has a rule. *fallback tensors*:
+the candidates that still go to the whole-model fallback. Times are the best of ``rounds`` interleaved rounds, after one warm-up
 call of each (the hooks engine's one-off checks run there).
 """
 

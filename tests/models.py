@@ -350,14 +350,16 @@ def windowed(seed: int = 0, *, sample_major: bool = True):
 
 
 def timm_norms(seed: int = 0):
-    """timm's LayerNorm2d (channels of NCHW), GroupNorm1 and GroupNorm between convolutions."""
+    """timm's LayerNorm2d (channels of NCHW), GroupNorm1 and GroupNorm, torchvision's LayerNorm2d, between
+    convolutions."""
     from timm.layers.norm import GroupNorm, GroupNorm1, LayerNorm2d
+    from torchvision.models.convnext import LayerNorm2d as TvLayerNorm2d
 
     torch.manual_seed(seed)
     model = nn.Sequential(nn.Conv2d(3, 4, 3), LayerNorm2d(4), nn.GELU(), nn.Conv2d(4, 6, 1), GroupNorm1(6),
-                          nn.Tanh(), GroupNorm(6, num_groups=2), nn.Flatten(), nn.Linear(6 * 16, 3))
+                          nn.Tanh(), GroupNorm(6, num_groups=2), TvLayerNorm2d(6), nn.Flatten(), nn.Linear(6 * 16, 3))
     with torch.no_grad():  # affine parameters off their initial ones and zeros, so that every rule is exercised
-        for m in (model[1], model[4], model[6]):
+        for m in (model[1], model[4], model[6], model[7]):
             m.weight.normal_(1, 0.2)
             m.bias.normal_(0, 0.2)
     return model

@@ -193,7 +193,11 @@ def _embedding(module: nn.Embedding, xs, ds, want, n):
 
 def _layernorm(module: nn.LayerNorm, xs, ds, want, n):
     shape = tuple(module.normalized_shape)
-    xhats = [F.layer_norm(x, shape, None, None, module.eps) for x in xs]
+    return _trailing_affine([F.layer_norm(x, shape, None, None, module.eps) for x in xs], ds, shape, want, n)
+
+
+def _trailing_affine(xhats, ds, shape, want, n):
+    """Each sample's gradients of an affine part over the trailing ``shape``, given the normalised inputs."""
     out = {}
     if "weight" in want:
         out["weight"] = sum((d * h).reshape(n, -1, *shape).sum(1) for d, h in zip(ds, xhats))
@@ -203,7 +207,7 @@ def _layernorm(module: nn.LayerNorm, xs, ds, want, n):
 
 
 def _layernorm2d(module: nn.LayerNorm, xs, ds, want, n):
-    """timm's ``LayerNorm2d``: a LayerNorm over the channels (dim 1) of ``(N, C, *spatial)``."""
+    """timm's and torchvision's ``LayerNorm2d``: a LayerNorm over the channels (dim 1) of ``(N, C, *spatial)``."""
     return _layernorm(module, [x.movedim(1, -1) for x in xs], [d.movedim(1, -1) for d in ds], want, n)
 
 
@@ -225,37 +229,61 @@ def _batchnorm(module: nn.modules.batchnorm._BatchNorm, xs, ds, want, n):
     return _channel_affine(xhats, ds, want, n)
 
 
-def _norm_output(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """What the norm of one of timm's norm + activation layers gives, before its ``drop`` and ``act``."""
+def _normalized(module: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """The normalised input of one of timm's norm + activation layers, without its affine part, and whether that
+    affine part is per channel (dim 1) rather than over the trailing dims."""
     if isinstance(module, nn.modules.batchnorm._BatchNorm):  # eval mode: the running statistics
-        return F.batch_norm(x, module.running_mean, module.running_var, module.weight, module.bias, False, 0.0,
-                            module.eps)
+        return F.batch_norm(x, module.running_mean, module.running_var, None, None, False, 0.0, module.eps), True
     if isinstance(module, nn.GroupNorm):
-        return F.group_norm(x, module.num_groups, module.weight, module.bias, module.eps)
+        return F.group_norm(x, module.num_groups, None, None, module.eps), True
     if type(module).__name__ == "LayerNormAct2d":
-        return F.layer_norm(x.permute(0, 2, 3, 1), module.normalized_shape, module.weight, module.bias,
-                            module.eps).permute(0, 3, 1, 2)
-    return F.layer_norm(x, module.normalized_shape, module.weight, module.bias, module.eps)
+        h = F.layer_norm(x.permute(0, 2, 3, 1), module.normalized_shape, None, None, module.eps)
+        return h.permute(0, 3, 1, 2), True
+    return F.layer_norm(x, module.normalized_shape, None, None, module.eps), False
 
 
-def _norm_act(norm_rule: Callable) -> Callable:
-    """The rule of timm's ``BatchNormAct2d``/``GroupNormAct``/``LayerNormAct``...: ``act(drop(norm(x)))`` with an
-    elementwise ``act`` and ``drop`` (see :func:`_pointwise`), so the gradient at the norm's output is each
-    sample's own: the output gradient passed back through them (a vjp at the recomputed norm output), then the
-    norm's rule."""
-    def rule(module: nn.Module, xs, ds, want, n):
-        def tail(z):  # on a copy: timm's activations work in place
-            return module.act(module.drop(z.clone()))
+def _act_backward(act: nn.Module, z: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """``d`` passed back through the elementwise ``act`` at its input ``z``: torch's own backward op for the
+    common activations, a vjp (on a copy: timm's activations work in place) for the rest."""
+    t = type(act)
+    if t in (nn.Identity, nn.Dropout):  # Dropout: the estimate runs in eval mode
+        return d
+    if t is nn.ReLU:
+        return torch.ops.aten.threshold_backward(d, z, 0)
+    if t is nn.ReLU6:
+        return torch.ops.aten.hardtanh_backward(d, z, 0.0, 6.0)
+    if t is nn.SiLU:
+        return torch.ops.aten.silu_backward(d, z)
+    if t is nn.GELU:
+        return torch.ops.aten.gelu_backward(d, z, approximate=act.approximate)
+    if t is nn.Hardswish:
+        return torch.ops.aten.hardswish_backward(d, z)
+    return torch.func.vjp(lambda v: act(v.clone()), z)[1](d)[0]
 
-        inner = [torch.func.vjp(tail, _norm_output(module, x))[1](d)[0] for x, d in zip(xs, ds)]
-        return norm_rule(module, xs, inner, want, n)
 
-    return rule
+def _norm_act(module: nn.Module, xs, ds, want, n):
+    """timm's ``BatchNormAct2d``/``GroupNormAct``/``LayerNormAct(2d)``: ``act(drop(norm(x)))`` with an elementwise
+    ``act`` and a ``drop`` that eval mode makes the identity (see :func:`_pointwise`), so the gradient at the
+    norm's output is each sample's own: the output gradient passed back through ``act`` at the recomputed norm
+    output, then the norm's closed form."""
+    hats, inner = [], []
+    for x, d in zip(xs, ds):
+        h, channels = _normalized(module, x)
+        w, b = module.weight, module.bias
+        if channels:  # (C,) over dim 1; a LayerNorm's own shape broadcasts over the trailing dims as it is
+            view = (1, -1) + (1,) * (h.dim() - 2)
+            w, b = (None if t is None else t.reshape(view) for t in (w, b))
+        z = h if w is None else h * w
+        hats.append(h)
+        inner.append(_act_backward(module.act, z if b is None else z + b, d))
+    if channels:
+        return _channel_affine(hats, inner, want, n)
+    return _trailing_affine(hats, inner, tuple(module.normalized_shape), want, n)
 
 
 #: parameter-free modules that act on each element alone (dropout: the estimate runs in eval mode)
 _POINTWISE = (nn.Identity, nn.Dropout, nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Hardswish, nn.Hardsigmoid,
-                nn.Sigmoid, nn.Tanh, nn.LeakyReLU, nn.ELU, nn.CELU, nn.SELU, nn.Mish, nn.Softplus)
+              nn.Sigmoid, nn.Tanh, nn.LeakyReLU, nn.ELU, nn.CELU, nn.SELU, nn.Mish, nn.Softplus)
 
 
 def _pointwise(module: nn.Module) -> bool:
@@ -266,24 +294,21 @@ def _pointwise(module: nn.Module) -> bool:
             and next(module.parameters(), None) is None)
 
 
-_BN_ACT, _GN_ACT, _LN_ACT = _norm_act(_batchnorm), _norm_act(_groupnorm), _norm_act(_layernorm)
-_LN2D_ACT = _norm_act(_layernorm2d)
-
-
 def _timm_norm_act(module: nn.Module):
     """The rule for timm's norm + activation layers (``timm.layers.norm_act``), or None."""
     if not (type(module).__module__.startswith("timm.layers.norm_act") and not getattr(module, "_fast_norm", False)
-            and _pointwise(getattr(module, "act", None)) and _pointwise(getattr(module, "drop", None))):
+            and _pointwise(getattr(module, "act", None)) and type(getattr(module, "drop", None)) in (nn.Identity,
+                                                                                                   nn.Dropout)):
         return None
     name = type(module).__name__
     if name == "BatchNormAct2d":
-        return (_BN_ACT, 4) if module.track_running_stats and module.running_mean is not None else None
+        return (_norm_act, 4) if module.track_running_stats and module.running_mean is not None else None
     if name in ("GroupNormAct", "GroupNorm1Act"):
-        return _GN_ACT, 2
+        return _norm_act, 2
     if name == "LayerNormAct":
-        return _LN_ACT, 1 + len(module.normalized_shape)
+        return _norm_act, 1 + len(module.normalized_shape)
     if name == "LayerNormAct2d" and len(module.normalized_shape) == 1:
-        return _LN2D_ACT, 4
+        return _norm_act, 4
     return None
 
 
@@ -294,9 +319,9 @@ def _known(module: nn.Module, module_prefix: str, name: str) -> bool:
 
 def _rule_for(module: nn.Module):
     """The rule for this module, or None; exact types only (a subclass may compute something else), and a few
-    subclasses known to compute the same (timm's LayerNorm, GroupNorm and GroupNorm1; its LayerNorm2d and HF
-    ConvNext's LayerNorm over the channels), a norm followed by an elementwise activation (timm's
-    BatchNormAct2d and its kin) or a transposed Linear (transformers' Conv1D)."""
+    subclasses known to compute the same (timm's LayerNorm, GroupNorm and GroupNorm1; timm's and torchvision's
+    LayerNorm2d and HF ConvNext's LayerNorm over the channels), a norm followed by an elementwise activation
+    (timm's BatchNormAct2d and its kin) or a transposed Linear (transformers' Conv1D)."""
     t = type(module)
     if t is nn.Linear:
         return _linear, 2
@@ -304,7 +329,8 @@ def _rule_for(module: nn.Module):
         return _transposed_linear, 2
     if _known(module, "timm.layers.norm", "LayerNorm"):
         return _layernorm, 1 + len(module.normalized_shape)
-    if _known(module, "timm.layers.norm", "LayerNorm2d") and len(module.normalized_shape) == 1:
+    if ((_known(module, "timm.layers.norm", "LayerNorm2d") or _known(module, "torchvision.models", "LayerNorm2d"))
+            and len(module.normalized_shape) == 1):
         return _layernorm2d, 3
     if _known(module, "timm.layers.norm", "GroupNorm") or _known(module, "timm.layers.norm", "GroupNorm1"):
         return _groupnorm, 2
