@@ -138,8 +138,10 @@ def best_time(fn: Callable[[], Any], repeats: int = 3, warmup: int = 1, device: 
 def machine() -> str:
     if torch.cuda.is_available():
         return f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}"
+    tuned = [f"{k}={v}" for k, v in sorted(os.environ.items()) if k.startswith("MALLOC_") or k == "LD_PRELOAD"]
     return (f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
-            f"{os.cpu_count()} cores, torch {torch.__version__}")
+            f"{os.cpu_count()} cores, torch {torch.__version__}" + (f", allocator set by {' '.join(tuned)}" if tuned
+                                                                    else ""))
 
 
 def write(name: str, rows: Any, markdown: str, device: str = "cpu") -> Path:
