@@ -367,7 +367,8 @@ def timm_norms(seed: int = 0):
 
 class NormActDepthwise(nn.Module):
     """timm's norm + activation layers (in-place ReLU6 and SiLU, GELU, a Dropout) between depthwise convolutions:
-    stride 2, dilation 2, a channel multiplier of 2, one called twice, a 1-D one."""
+    stride 2, dilation 2, a channel multiplier of 2, one called twice, a 1-D one; ``padding="same"`` (dilated,
+    and an even kernel, which torch pads unevenly) and ``"valid"``."""
 
     def __init__(self):
         super().__init__()
@@ -379,7 +380,10 @@ class NormActDepthwise(nn.Module):
         self.gn = GroupNormAct(8, num_groups=2, act_layer=nn.SiLU, inplace=True)
         self.dilated = nn.Conv2d(8, 8, 3, padding=2, dilation=2, groups=8)
         self.ln2d = LayerNormAct2d(8, act_layer=nn.GELU, drop_layer=lambda: nn.Dropout(0.5))
+        self.same = nn.Conv2d(8, 8, 3, padding="same", dilation=2, groups=8)
+        self.same_even = nn.Conv2d(8, 8, 2, padding="same")
         self.line = nn.Conv1d(8, 8, 5, padding=1, groups=8)
+        self.valid = nn.Conv1d(8, 8, 3, padding="valid")
         self.ln = LayerNormAct(8, act_layer=nn.Tanh)
         self.head = nn.Linear(8, 3)
         with torch.no_grad():  # running statistics and affine parameters off their initial ones
@@ -392,7 +396,8 @@ class NormActDepthwise(nn.Module):
     def forward(self, x):
         h = self.gn(self.dw(self.bn(self.stem(x))))
         h = self.ln2d(self.dilated(self.dilated(h)))
-        h = self.line(h.flatten(2)).transpose(1, 2)
+        h = self.same_even(torch.tanh(self.same(h)))
+        h = self.valid(self.line(h.flatten(2))).transpose(1, 2)
         return self.head(self.ln(h).mean(1))
 
 

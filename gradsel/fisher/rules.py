@@ -157,7 +157,7 @@ class ConvWeightGrads(LazyGrads):
         for i in range(self.n):
             g = None
             for x, t in zip(self.xs, self.ds):
-                one = weight_grad(x[i:i + 1], m.weight.shape, t[i:i + 1], stride=m.stride, padding=m.padding,
+                one = weight_grad(x[i:i + 1], m.weight.shape, t[i:i + 1], stride=m.stride, padding=conv_padding(m),
                                   dilation=m.dilation, groups=m.groups)
                 g = one if g is None else g.add_(one)
             yield slice(i, i + 1), (0, cout // m.groups), g.to(dtype).reshape(1, m.groups, cout // m.groups, -1)
@@ -198,7 +198,7 @@ def _conv_route(module: nn.Module, ds: list) -> str:
     EfficientNet and ConvNeXt measured (3×3-7×7, stride 1-2, 2²-64², one and two threads: 1.2-30× faster)."""
     if module.groups > 1 and module.groups == module.in_channels:
         return "depthwise"
-    if all(k == 1 for k in module.kernel_size) and all(p == 0 for p in module.padding):
+    if all(k == 1 for k in module.kernel_size) and all(p == 0 for p in conv_padding(module)):
         return "matmul"
     positions = sum(t[0].numel() // t.shape[1] for t in ds)
     return "matmul" if positions <= SMALL_POSITIONS else "kernel"
@@ -217,8 +217,9 @@ def _depthwise_weight_grads(module: nn.Module, x: torch.Tensor, d: torch.Tensor)
     inputs = x.reshape(1, n * c, *x.shape[2:])
     grads = d.reshape(n, c, multiplier, *d.shape[2:])
     cut = (..., *(slice(0, k) for k in module.kernel_size))
+    padding = conv_padding(module)
     return torch.stack([
-        conv(inputs, grads[:, :, j].reshape(n * c, 1, *d.shape[2:]), padding=module.padding, stride=module.dilation,
+        conv(inputs, grads[:, :, j].reshape(n * c, 1, *d.shape[2:]), padding=padding, stride=module.dilation,
              dilation=module.stride, groups=n * c)[cut].reshape(n, c, -1)
         for j in range(multiplier)], 2)
 
@@ -228,9 +229,9 @@ def _unfold(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     if isinstance(module, nn.Conv1d):  # as a 2-D convolution of height 1
         x = x.unsqueeze(2)
         kernel, stride = (1, *module.kernel_size), (1, *module.stride)
-        padding, dilation = (0, *module.padding), (1, *module.dilation)
+        padding, dilation = (0, *conv_padding(module)), (1, *module.dilation)
     else:
-        kernel, stride, padding, dilation = module.kernel_size, module.stride, module.padding, module.dilation
+        kernel, stride, padding, dilation = module.kernel_size, module.stride, conv_padding(module), module.dilation
     if all(k == 1 for k in kernel) and all(p == 0 for p in padding):
         return x[:, :, ::stride[0], ::stride[1]].reshape(x.shape[0], x.shape[1], -1)
     return F.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)
@@ -246,9 +247,21 @@ def _conv_grads(module: nn.Module, inputs: torch.Tensor, out_grad: torch.Tensor)
     return ConvWeightGrads(module, [inputs.flatten(0, 1)], [out_grad.flatten(0, 1)], inputs.shape[0])
 
 
+def conv_padding(module: nn.Module) -> tuple[int, ...] | None:
+    """A convolution's zero padding on each side, per spatial dim: ``padding="valid"`` is none and ``"same"`` half
+    the dilated kernel's reach; None where ``"same"`` pads unevenly (an even reach: torch pads one more at the
+    end), which the rules do not take."""
+    if not isinstance(module.padding, str):
+        return tuple(module.padding)
+    if module.padding == "valid":
+        return (0,) * len(module.kernel_size)
+    reach = [d * (k - 1) for d, k in zip(module.dilation, module.kernel_size)]
+    return None if any(r % 2 for r in reach) else tuple(r // 2 for r in reach)
+
+
 def _conv_ok(module: nn.Module) -> bool:
     return (type(module) in (nn.Conv1d, nn.Conv2d) and module.padding_mode == "zeros"
-            and not isinstance(module.padding, str))
+            and conv_padding(module) is not None)
 
 
 def _embedding_ok(module: nn.Module) -> bool:

@@ -44,7 +44,7 @@ from torch.utils import _pytree as pytree
 from ...errors import GradselError
 from ..batches import BatchReader, logits_of
 from ..layout import norm_gradients_as_inputs
-from ..rules import ConvWeightGrads, EmbeddingGrads, LazyGrads, Scratch, _embedding_ok
+from ..rules import ConvWeightGrads, EmbeddingGrads, LazyGrads, Scratch, _embedding_ok, conv_padding
 from ..swap import swapped_call, tensor_slots
 from .elementwise import ElementwiseUses
 
@@ -341,7 +341,7 @@ def _rule_for(module: nn.Module):
     if t.__module__.startswith("timm.layers.norm_act"):
         return _timm_norm_act(module)
     if t in (nn.Conv1d, nn.Conv2d):
-        if module.padding_mode != "zeros" or isinstance(module.padding, str):
+        if module.padding_mode != "zeros" or conv_padding(module) is None:
             return None
         return _conv, 3 if t is nn.Conv1d else 4
     if t is nn.Embedding:
