@@ -406,6 +406,32 @@ def norm_act_depthwise(seed: int = 0):
     return NormActDepthwise()
 
 
+class RepeatedPosition(nn.Module):
+    """XCiT's positional encoding: a convolution over one grid, its output repeated for the batch (a copy per
+    sample of that output would be repeated again: the forward fails, and the hooks engine retries without)."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Conv2d(4, 6, 1)
+        self.mix = nn.Conv2d(6, 6, 3, padding=1)
+        self.head = nn.Linear(6, 3)
+        self.register_buffer("grid", torch.randn(1, 4, 3, 3))
+
+    def forward(self, x):
+        pos = self.proj(self.grid).repeat(x.shape[0], 1, 1, 1)
+        return self.head(torch.tanh(self.mix(x + pos)).mean((2, 3)))
+
+
+def repeated_position(seed: int = 0):
+    torch.manual_seed(seed)
+    return RepeatedPosition()
+
+
+def grid_batch(n: int = 5, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 6, 3, 3, generator=g), torch.randint(0, 3, (n,), generator=g)
+
+
 def seq_first(seed: int = 0):
     torch.manual_seed(seed)
     return SeqFirst()

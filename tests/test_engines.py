@@ -66,6 +66,7 @@ CASES = {
     "conv_bn_tokens": (M.conv_tokens, lambda: M.image_batch(size=6)),
     "timm_norms": (M.timm_norms, lambda: M.image_batch(size=6)),
     "timm_norm_act_depthwise": (M.norm_act_depthwise, lambda: M.image_batch(size=8)),
+    "output_of_one_repeated_for_the_batch": (M.repeated_position, M.grid_batch),
     "window_attention": (M.windowed, lambda: M.image_batch(size=4)),
     "window_attention_window_major": (lambda: M.windowed(sample_major=False), lambda: M.image_batch(size=4)),
     "bert_hf_gradient_checkpointing": (_bert_checkpointed, M.bert_batch),

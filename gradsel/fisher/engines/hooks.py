@@ -770,6 +770,7 @@ class HooksEngine:
         handles = [layer.module.register_forward_hook(forward_hook(name, layer)) for name, layer in self.layers.items()]
         handles += [module.register_forward_hook(local_hook(name), with_kwargs=True)
                     for name, (module, _) in self.local.items()]
+        retry = False
         try:
             self._swap = {"model." + k: v for k, v in leaves.items()} or None
             with norm_gradients_as_inputs(self.model, active=n == 1):  # torch's batch norm on one sample
@@ -787,12 +788,14 @@ class HooksEngine:
             if not (expanded[0] or leaves):
                 raise
             self._expand = False  # the model writes into a shared output, or cannot take a copy per sample
-            return self._per_layer(batch, n)
+            retry = True
         finally:
             self._swap = None
             recording[0] = False
             for h in handles:
                 h.remove()
+        if retry:  # once this attempt's hooks are off the modules (left on, they expanded the retry's outputs)
+            return self._per_layer(batch, n)
         leaf_grads = {pname: (torch.zeros_like(leaves[pname]) if g is None else g).reshape(n, *self.params[pname].shape)
                       for pname, g in zip(leaves, got[len(roots):])}
         if (expanded[0] or leaves) and self._expand is None:
