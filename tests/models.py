@@ -422,6 +422,72 @@ class RepeatedPosition(nn.Module):
         return self.head(torch.tanh(self.mix(x + pos)).mean((2, 3)))
 
 
+class IndexedSharedTable(nn.Module):
+    """HF Swinv2's continuous position bias: an MLP over one grid of coordinates (a batch of one), its output
+    flattened and indexed, so that of a copy per sample only the first copy's rows would be read."""
+
+    def __init__(self):
+        super().__init__()
+        self.mlp = nn.Linear(2, 4)
+        self.proj = nn.Linear(6, 5)
+        self.head = nn.Linear(20, 3)
+        self.register_buffer("coords", torch.randn(1, 7, 2))
+        self.register_buffer("index", torch.tensor([3, 0, 6, 2, 2]))
+
+    def forward(self, x):
+        bias = self.mlp(self.coords).view(-1, 4)[self.index]  # (5, 4)
+        return self.head(torch.tanh(self.proj(x).unsqueeze(-1) + bias).flatten(1))
+
+
+class RelativeBias(nn.Module):
+    """HF Swin's relative-position bias: a table of its own read into one (heads, N, N) bias, no sample dim."""
+
+    def __init__(self, heads: int = 2, tokens: int = 4):
+        super().__init__()
+        self.table = nn.Parameter(torch.randn(7, heads))
+        self.register_buffer("index", torch.randint(0, 7, (tokens * tokens,)))
+        self.tokens = tokens
+
+    def forward(self):
+        return self.table[self.index].view(self.tokens, self.tokens, -1).permute(2, 0, 1)
+
+
+class BiasedAttention(nn.Module):
+    """Attention over (B, 4, 6) tokens whose scores get a :class:`RelativeBias`."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv = nn.Linear(6, 18)
+        self.bias = RelativeBias()
+        self.out = nn.Linear(6, 6)
+
+    def forward(self, x):
+        q, k, v = (t.unflatten(-1, (2, 3)).transpose(1, 2) for t in self.qkv(x).chunk(3, -1))
+        scores = q @ k.transpose(-1, -2) + self.bias().unsqueeze(0)
+        return self.out((scores.softmax(-1) @ v).transpose(1, 2).flatten(2))
+
+
+class RelativeBiasNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Linear(6, 24)
+        self.attn = BiasedAttention()
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.head(self.attn(self.embed(x).view(-1, 4, 6)).mean(1))
+
+
+def relative_bias_net(seed: int = 0):
+    torch.manual_seed(seed)
+    return RelativeBiasNet()
+
+
+def indexed_shared_table(seed: int = 0):
+    torch.manual_seed(seed)
+    return IndexedSharedTable()
+
+
 def repeated_position(seed: int = 0):
     torch.manual_seed(seed)
     return RepeatedPosition()

@@ -67,6 +67,8 @@ CASES = {
     "timm_norms": (M.timm_norms, lambda: M.image_batch(size=6)),
     "timm_norm_act_depthwise": (M.norm_act_depthwise, lambda: M.image_batch(size=8)),
     "output_of_one_repeated_for_the_batch": (M.repeated_position, M.grid_batch),
+    "output_of_one_flattened_and_indexed": (M.indexed_shared_table, M.mlp_batch),
+    "relative_bias_without_sample_dim": (M.relative_bias_net, M.mlp_batch),
     "window_attention": (M.windowed, lambda: M.image_batch(size=4)),
     "window_attention_window_major": (lambda: M.windowed(sample_major=False), lambda: M.image_batch(size=4)),
     "bert_hf_gradient_checkpointing": (_bert_checkpointed, M.bert_batch),
@@ -465,6 +467,26 @@ def test_hooks_never_reads_tokens_as_samples(lengths):
     _assert_matches(est, gradsel.fisher_loop(model, batches, progress=False))
     encoder = {n for n, _ in model.named_parameters() if n.startswith("enc.")}
     assert fell == encoder  # the batch-first layers around it keep their rules
+
+@needs_hooks
+def test_hooks_gives_a_table_without_sample_dim_to_its_parent():
+    # HF Swin's relative-position bias module returns one (heads, N, N) bias for every sample: its own local
+    # gradient has no sample to split, so its parent (the attention, which sees the samples) takes the table
+    # into its local gradient, instead of the whole-model fallback; the next call starts from that decision
+    torch.manual_seed(0)
+    model = M.relative_bias_net().double()
+    batch = _double(M.mlp_batch(n=5))
+    forwards = []
+    model.register_forward_hook(lambda m, i, o: forwards.append(i[0].shape[0]))
+    est, fell = _hooks_fallback(model, batch, chunk_size=5)
+    assert fell == set()
+    _assert_matches(est, gradsel.fisher_loop(model, batch, progress=False))
+    batched = forwards.count(5)
+    forwards.clear()
+    again, fell = _hooks_fallback(model, batch, chunk_size=5)
+    assert fell == set() and forwards.count(5) == 1 < batched  # the first call re-ran its chunk once lifted
+    _assert_matches(again, est, tol=1e-12)
+
 
 def test_sample_check_tells_rounding_from_another_sample():
     # the batch-of-one check of a layer's inputs passes float32 rounding against the layer's scale (deep in

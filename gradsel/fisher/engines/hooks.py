@@ -379,6 +379,7 @@ class _Capture:
     versions: list = field(default_factory=list)
     bad: bool = False
     group: int = 1  # rows of dim 0 per sample (windows), read as more tokens
+    expanded: bool = False  # shared by the batch (dim 0 of 1): given a copy per sample
 
 
 def find_layers(model: nn.Module, names: list[str]) -> dict[str, _Layer]:
@@ -451,7 +452,8 @@ class _Forward(nn.Module):
 
 # the engine's attributes that its one-time checks set (each check runs once, on the first chunk it needs)
 _DECISIONS = ("_separable", "_expand", "_loss_form", "_clone", "_whole_model_fallback", "_fallback_reason",
-              "_local_checked", "_no_local", "_batch_first", "_not_batch_first", "_rooted", "_not_elementwise")
+              "_local_checked", "_no_local", "_batch_first", "_not_batch_first", "_rooted", "_not_elementwise",
+              "_lifted")
 _DECIDED: "weakref.WeakKeyDictionary[nn.Module, tuple[_Signature, dict]]" = weakref.WeakKeyDictionary()
 _PLAIN = (bool, int, float, str, type(None), torch.dtype, torch.device)
 
@@ -583,6 +585,7 @@ class HooksEngine:
         self._batch_first: set[str] = set()
         self._not_batch_first: set[str] = set()
         self._rooted: set[str] = set()  # rule layers given a root of their own (found unreached once)
+        self._lifted: list[str] = []  # local modules whose candidates went to their parent (see _lift), in order
         # parameters of the top module shaped like a batch of one (pos_embed (1, T, D), cls_token, an offset
         # (1, C, 1, 1)) that the model broadcasts against the batch: given a copy per sample, autograd returns
         # each sample's gradient in the same backward (checked once against the losses and the loop)
@@ -641,6 +644,8 @@ class HooksEngine:
             return
         for k, v in entry[1].items():
             setattr(self, k, copy.copy(v))
+        for name in self._lifted:
+            self._lift(name)
         if self._whole_model_fallback:
             self._warn_whole_model()
 
@@ -692,7 +697,7 @@ class HooksEngine:
                     # samples; expanded, each sample gets its own copy and its own δ (checked below)
                     x, output = x.expand(n, *x.shape[1:]), output.expand(n, *output.shape[1:])
                     new = output
-                    expanded[0] = True
+                    expanded[0] = cap.expanded = True
                 group = x.shape[0] // n
                 if x.shape[0] != n or output.shape[0] != n:
                     # windows (Swin, MaxViT): dim 0 holds each sample's rows one after another; a token-wise
@@ -740,8 +745,10 @@ class HooksEngine:
                 batched = [isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] == n * group for t in flat]
                 out_batched = [isinstance(t, torch.Tensor) and t.is_floating_point() and t.dim() > 0
                                and t.shape[0] == n * group for t in outs]
-                if not any(out_batched):
-                    lcalls[name].append(None)  # no batch dimension to split: the fallback computes it
+                if not any(out_batched) or not any(batched):
+                    # no batch dimension to split (an output of the batch's size without a batched input, such as
+                    # a bias of as many heads as samples, is one shared by all): its parent takes it, or the fallback
+                    lcalls[name].append(None)
                     return None
                 new = None
                 if not any(isinstance(t, torch.Tensor) and t.requires_grad for t in flat):
@@ -799,7 +806,7 @@ class HooksEngine:
         leaf_grads = {pname: (torch.zeros_like(leaves[pname]) if g is None else g).reshape(n, *self.params[pname].shape)
                       for pname, g in zip(leaves, got[len(roots):])}
         if (expanded[0] or leaves) and self._expand is None:
-            self._expand = self._expansion_holds(batch, n, losses.detach(), leaf_grads)
+            self._expand = self._expansion_holds(batch, n, losses.detach(), leaf_grads, caps)
             if not self._expand:
                 return self._per_layer(batch, n)
         if not clone and _modified(caps):
@@ -811,9 +818,15 @@ class HooksEngine:
                      and any(g is None for g in cap.grads)}
         unchecked = [name for name, cap in caps.items() if n > 1 and cap.inputs and not cap.bad
                      and name not in self._batch_first and name not in self._not_batch_first]
-        rerun, check = self._agree([bool(unreached), not self._separable or bool(unchecked)])
+        # a local module whose output has no sample dimension (HF Swin's relative-position bias: its table read
+        # into one (heads, N, N) bias for every window): its parent, which sees the samples, takes its candidates
+        lift = [name for name, calls in lcalls.items() if "." in name and any(c is None for c in calls)]
+        rerun, check = self._agree([bool(unreached) or bool(lift), not self._separable or bool(unchecked)])
         if rerun:
             self._rooted |= unreached
+            for name in lift:
+                self._lift(name)
+                self._lifted.append(name)
             return self._per_layer(batch, n)
         if check:
             self._check_samples(batch, n, losses.detach(), caps, unchecked)
@@ -858,6 +871,54 @@ class HooksEngine:
                 if pname not in out and p.requires_grad and uses[id(p)] == 0:
                     out[pname] = ZeroGrads(n)
         return out
+
+    def _expanded_outputs_hold(self, batch: Any, k: int, caps: dict[str, _Capture]) -> bool:
+        """Whether the gradient of each expanded output in row ``i`` is the gradient that output gets on sample
+        ``i`` alone, for the first ``k`` samples. A model that reads its copies otherwise (HF Swinv2 flattens its
+        position-bias MLP's output and indexes only the first copy's rows) would credit one sample with the
+        whole batch's gradient, and the losses would not show it."""
+        for i in range(k):
+            roots: dict[str, list] = {name: [] for name in caps}
+
+            def keep(name):
+                def hook(module, inputs, output):
+                    root = torch.zeros_like(output, requires_grad=True)
+                    roots[name].append(root)
+                    return output + root
+                return hook
+
+            handles = [self.layers[name].module.register_forward_hook(keep(name)) for name in caps]
+            try:
+                loss = self._losses(self.reader.take(batch, slice(i, i + 1)), 1)[0]
+            finally:
+                for h in handles:
+                    h.remove()
+            flat = [r for name in caps for r in roots[name]]
+            alone = torch.autograd.grad(loss, flat, allow_unused=True) if flat and loss.requires_grad else []
+            got = iter(alone)
+            for name, cap in caps.items():
+                if len(roots[name]) != len(cap.grads):
+                    return False
+                for root, grad in zip(roots[name], cap.grads):
+                    g = next(got)
+                    ref = torch.zeros_like(root) if g is None else g
+                    mine = torch.zeros_like(ref) if grad is None else grad[0][i:i + 1].to(ref.dtype)
+                    rtol = 1e-7 if ref.dtype == torch.float64 else 1e-3
+                    if mine.shape != ref.shape or not torch.allclose(mine, ref, rtol=rtol,
+                                                                     atol=rtol * float(ref.abs().max()) + 1e-30):
+                        return False
+        return True
+
+    def _lift(self, name: str) -> None:
+        """The local module ``name``'s candidates join its parent's local gradient (the parent becomes local if it
+        was not); checked against the loop with the rest, as every local gradient is."""
+        if name not in self.local:
+            return
+        _, own = self.local.pop(name)
+        parent = name.rpartition(".")[0]
+        module, theirs = self.local.get(parent) or (self.model.get_submodule(parent), {})
+        theirs.update({f"{name[len(parent) + 1:]}.{attr}": pname for attr, pname in own.items()})
+        self.local[parent] = (module, theirs)
 
     def _adopt_read_weights(self, calls: Counter, uses: Counter) -> None:
         """A rule layer whose module never ran while its weights were used: its parent reads them directly
@@ -964,17 +1025,21 @@ class HooksEngine:
         self._separable = True
         self._batch_first.update(name for name in unchecked if name not in self._not_batch_first)
 
-    def _expansion_holds(self, batch: Any, n: int, losses: torch.Tensor, leaf_grads: dict[str, torch.Tensor]) -> bool:
+    def _expansion_holds(self, batch: Any, n: int, losses: torch.Tensor, leaf_grads: dict[str, torch.Tensor],
+                         caps: dict[str, _Capture]) -> bool:
         """Once: with shared outputs and parameters expanded per sample, the losses must be the model's own
-        (a model that sums or concatenates them over dim 0 would differ) and the expanded parameters'
-        gradients those of the loop on the first samples; otherwise the fallback computes them."""
+        (a model that sums or concatenates them over dim 0 would differ), each expanded output's gradient in
+        sample ``i``'s row must be its gradient on sample ``i`` alone, and the expanded parameters' gradients
+        those of the loop on the first samples; otherwise the fallback computes them."""
         with torch.no_grad():
             plain = self._losses(batch, n)
         if not torch.allclose(losses, plain, rtol=1e-5, atol=1e-6 * float(plain.abs().max()) + 1e-30):
             return False
+        k = min(2, n)
+        if not self._expanded_outputs_hold(batch, k, {name: cap for name, cap in caps.items() if cap.expanded}):
+            return False
         if not leaf_grads:
             return True
-        k = min(2, n)
         ref = self._make_last_resort(self.model, list(leaf_grads), self.reader)(self.reader.take(batch, slice(0, k)))
         for pname, g in leaf_grads.items():
             r = ref[pname].to(g.dtype)
