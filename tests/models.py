@@ -406,6 +406,29 @@ def norm_act_depthwise(seed: int = 0):
     return NormActDepthwise()
 
 
+class PatchConv(nn.Module):
+    """timm's TNT pixel embedding: each image cut into patches that dim 0 holds one sample's after another, then
+    convolutions over the patches (strided, depthwise, 1×1)."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Conv2d(3, 4, 3, padding=1, stride=2)
+        self.dw = nn.Conv2d(4, 4, 3, padding=1, groups=4)
+        self.pw = nn.Conv2d(4, 4, 1)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        n = x.shape[0]
+        patches = nn.functional.unfold(x, 4, stride=4).transpose(1, 2).reshape(n * 4, 3, 4, 4)
+        h = torch.tanh(self.pw(torch.tanh(self.dw(torch.tanh(self.proj(patches))))))
+        return self.head(h.reshape(n, 4, 4, -1).mean((1, 3)))
+
+
+def patch_conv(seed: int = 0):
+    torch.manual_seed(seed)
+    return PatchConv()
+
+
 class RepeatedPosition(nn.Module):
     """XCiT's positional encoding: a convolution over one grid, its output repeated for the batch (a copy per
     sample of that output would be repeated again: the forward fails, and the hooks engine retries without)."""

@@ -67,6 +67,7 @@ CASES = {
     "timm_norms": (M.timm_norms, lambda: M.image_batch(size=6)),
     "timm_norm_act_depthwise": (M.norm_act_depthwise, lambda: M.image_batch(size=8)),
     "output_of_one_repeated_for_the_batch": (M.repeated_position, M.grid_batch),
+    "conv_over_each_samples_patches": (M.patch_conv, lambda: M.image_batch(size=8)),
     "output_of_one_flattened_and_indexed": (M.indexed_shared_table, M.mlp_batch),
     "relative_bias_without_sample_dim": (M.relative_bias_net, M.mlp_batch),
     "window_attention": (M.windowed, lambda: M.image_batch(size=4)),
@@ -808,7 +809,7 @@ class _ConvZoo(torch.nn.Module):
 def _conv_zoo_on(route: str, channels_last: bool, monkeypatch):
     """The conv zoo in float64 with every conv forced onto ``route``; ``seen`` records that the rule ran."""
     seen = []
-    monkeypatch.setattr(rules, "_conv_route", lambda m, ds: (seen.append(route), route[:6])[1])
+    monkeypatch.setattr(rules, "_conv_route", lambda m, ds, n=None: (seen.append(route), route[:6])[1])
     if route == "matmul_blocks":  # a few output channels of every group at a time
         monkeypatch.setattr(rules, "CONV_BLOCK_BYTES", 600)
     torch.manual_seed(0)
@@ -865,6 +866,27 @@ def test_depthwise_weight_grads_match_one_sample_at_a_time(n, channels, multipli
     got = rules._depthwise_weight_grads(conv, x, d)
     assert got.shape == (n, channels, multiplier, kernel ** (2 if two_d else 1))
     torch.testing.assert_close(got, ref.reshape(got.shape), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("route", ["matmul", "kernel"])
+def test_conv_routes_read_each_samples_rows(engine, route, monkeypatch):
+    # TNT convolves each image's patches, which dim 0 holds one sample's after another: every route sums a
+    # sample's rows (the vmap engine's conv rule took the first sample's patches for all of them: 95% off)
+    pick = rules._conv_route
+    monkeypatch.setattr(rules, "_conv_route", lambda m, ds, n=None: "depthwise" if pick(m, ds, n) == "depthwise"
+                        else route)
+    torch.manual_seed(0)
+    model = M.patch_conv().double()
+    batch = _double(M.image_batch(n=5, size=8))
+    mask = {n: torch.rand(p.shape, generator=torch.Generator().manual_seed(4)) > 0.5
+            for n, p in model.named_parameters()}
+    est = gradsel.fisher(model, batch, engine=engine, per_sample=mask, chunk_size=3, progress=False)
+    ref = gradsel.fisher_loop(model, batch, per_sample=mask, progress=False)
+    _assert_matches(est, ref)
+    assert (est.per_sample - ref.per_sample).abs().max() <= TOL * ref.per_sample.abs().max()
+    if engine == "hooks":
+        assert _hooks_fallback(model, batch)[1] == set()  # the patches are each sample's rows, not the fallback's
 
 
 def test_hooks_conv_route_by_positions():

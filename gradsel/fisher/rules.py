@@ -112,11 +112,12 @@ class ConvWeightGrads(LazyGrads):
     group: a grouped convolution is a batch of matmuls), a block small enough to stay in cache while it is
     squared; elsewhere the backend's weight-gradient kernel runs on one sample at a time (large images: each
     call is a large matrix product). The calls of a layer called more than once are summed before squaring
-    (the matmul route stacks their positions)."""
+    (the matmul route stacks their positions). A call may hold several rows per sample, each sample's one
+    after another (TNT cuts each image into patches on dim 0): a sample's rows are more of its positions."""
 
     module: nn.Module
-    xs: list  # each call's input (n, Cin, *spatial)
-    ds: list  # each call's output gradient (n, Cout, *spatial')
+    xs: list  # each call's input (n·rows, Cin, *spatial): rows per sample, one sample's after another
+    ds: list  # each call's output gradient (n·rows, Cout, *spatial')
     n: int
     scratch: Scratch | None = None  # where the matmul route forms its blocks (each is consumed before the next)
 
@@ -126,19 +127,19 @@ class ConvWeightGrads(LazyGrads):
         every group of output channels (the weight seen as ``(G, Cout/G, k)``)."""
         m = self.module
         cout = m.weight.shape[0]
-        route = _conv_route(m, self.ds)
+        route = _conv_route(m, self.ds, self.n)
         if route == "depthwise":  # the calls summed before squaring; (n, C, multiplier, taps), ours
             g = None
             for x, t in zip(self.xs, self.ds):
                 one = _depthwise_weight_grads(m, x, t)
+                one = one if one.shape[0] == self.n else one.view(self.n, -1, *one.shape[1:]).sum(1)
                 g = one if g is None else g.add_(one)
             yield slice(0, self.n), (0, g.shape[2]), g.to(dtype)
             return
         if route == "matmul":
             groups = m.groups
-            a = torch.cat([_unfold(m, x) for x in self.xs], 2) if len(self.xs) > 1 else _unfold(m, self.xs[0])
-            d = torch.cat([t.reshape(self.n, cout, -1) for t in self.ds], 2) if len(self.ds) > 1 \
-                else self.ds[0].reshape(self.n, cout, -1)
+            a = _positions([_per_sample(_unfold(m, x), self.n) for x in self.xs])
+            d = _positions([_per_sample(t.reshape(t.shape[0], cout, -1), self.n) for t in self.ds])
             a, d = a.to(dtype), d.to(dtype)
             positions, k = d.shape[2], a.shape[1] // groups
             # (n, G, L, k) and (n, G, Cout/G, L): one matmul per (sample, group)
@@ -157,8 +158,9 @@ class ConvWeightGrads(LazyGrads):
         for i in range(self.n):
             g = None
             for x, t in zip(self.xs, self.ds):
-                one = weight_grad(x[i:i + 1], m.weight.shape, t[i:i + 1], stride=m.stride, padding=conv_padding(m),
-                                  dilation=m.dilation, groups=m.groups)
+                rows = x.shape[0] // self.n  # a sample's rows: the kernel sums their gradients
+                one = weight_grad(x[i * rows:(i + 1) * rows], m.weight.shape, t[i * rows:(i + 1) * rows],
+                                  stride=m.stride, padding=conv_padding(m), dilation=m.dilation, groups=m.groups)
                 g = one if g is None else g.add_(one)
             yield slice(i, i + 1), (0, cout // m.groups), g.to(dtype).reshape(1, m.groups, cout // m.groups, -1)
 
@@ -188,7 +190,20 @@ class ConvWeightGrads(LazyGrads):
         return part
 
 
-def _conv_route(module: nn.Module, ds: list) -> str:
+def _positions(ts: list[torch.Tensor]) -> torch.Tensor:
+    """The calls' ``(n, C, L)`` tensors as one, their positions side by side (no copy for one call)."""
+    return ts[0] if len(ts) == 1 else torch.cat(ts, 2)
+
+
+def _per_sample(t: torch.Tensor, n: int) -> torch.Tensor:
+    """``(n·rows, C, L)`` as ``(n, C, rows·L)``: each sample's rows side by side as more positions (a view when
+    there is one row a sample)."""
+    if t.shape[0] == n:
+        return t
+    return t.view(n, -1, *t.shape[1:]).transpose(1, 2).reshape(n, t.shape[1], -1)
+
+
+def _conv_route(module: nn.Module, ds: list, n: int | None = None) -> str:
     """``"depthwise"`` for a depthwise convolution (one input channel a group, any size); ``"matmul"`` for a
     1×1 convolution without padding (no unfold: a strided slice) and where a sample has few output positions;
     ``"kernel"`` (one sample per call) elsewhere. Measured on the 3×3 layers of a ResNet-18/50 on CPU: the
@@ -200,7 +215,7 @@ def _conv_route(module: nn.Module, ds: list) -> str:
         return "depthwise"
     if all(k == 1 for k in module.kernel_size) and all(p == 0 for p in conv_padding(module)):
         return "matmul"
-    positions = sum(t[0].numel() // t.shape[1] for t in ds)
+    positions = sum(t.numel() // t.shape[1] for t in ds) // (n or ds[0].shape[0])  # a sample's, over its rows
     return "matmul" if positions <= SMALL_POSITIONS else "kernel"
 
 

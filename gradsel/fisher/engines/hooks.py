@@ -178,11 +178,13 @@ def _transposed_linear(module: nn.Module, xs, ds, want, n):
 
 
 def _conv(module: nn.Module, xs, ds, want, n):
+    if xs[0].dim() > module.weight.dim():  # (n, rows, C, *spatial): each sample's rows (TNT's patches) as positions
+        xs, ds = [x.flatten(0, 1) for x in xs], [d.flatten(0, 1) for d in ds]
     out = {}
     if "weight" in want:
         out["weight"] = ConvWeightGrads(module, xs, ds, n)
     if "bias" in want:
-        out["bias"] = sum(d.reshape(n, d.shape[1], -1).sum(2) for d in ds)
+        out["bias"] = sum(d.reshape(n, -1, d.shape[1], d[0, 0].numel()).sum((1, 3)) for d in ds)
     return out
 
 
@@ -358,7 +360,7 @@ def _rule_for(module: nn.Module):
 
 
 #: rules that treat every dim but the first (samples) and the features as positions
-_TOKENWISE = (_linear, _transposed_linear, _layernorm, _embedding)
+_TOKENWISE = (_linear, _transposed_linear, _layernorm, _embedding, _conv)
 
 
 @dataclass
