@@ -471,23 +471,31 @@ class RelativeBias(nn.Module):
         self.register_buffer("index", torch.randint(0, 7, (tokens * tokens,)))
         self.tokens = tokens
 
-    def forward(self):
+    def get_bias(self):
         return self.table[self.index].view(self.tokens, self.tokens, -1).permute(2, 0, 1)
+
+    def forward(self):
+        return self.get_bias()
 
 
 class BiasedAttention(nn.Module):
-    """Attention over (B, 4, 6) tokens whose scores get a :class:`RelativeBias`."""
+    """Attention over (B, 4, 6) tokens whose scores get a :class:`RelativeBias`: from its forward, or (``fused``,
+    as timm's MaxViT does) read with ``get_bias()`` and passed to SDPA as ``attn_mask``, the module never run."""
 
-    def __init__(self):
+    def __init__(self, fused: bool = False):
         super().__init__()
         self.qkv = nn.Linear(6, 18)
         self.bias = RelativeBias()
         self.out = nn.Linear(6, 6)
+        self.fused = fused
 
     def forward(self, x):
         q, k, v = (t.unflatten(-1, (2, 3)).transpose(1, 2) for t in self.qkv(x).chunk(3, -1))
-        scores = q @ k.transpose(-1, -2) + self.bias().unsqueeze(0)
-        return self.out((scores.softmax(-1) @ v).transpose(1, 2).flatten(2))
+        if self.fused:
+            mixed = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=self.bias.get_bias())
+        else:
+            mixed = (q @ k.transpose(-1, -2) / 3 ** 0.5 + self.bias().unsqueeze(0)).softmax(-1) @ v
+        return self.out(mixed.transpose(1, 2).flatten(2))
 
 
 class RelativeBiasNet(nn.Module):
@@ -495,10 +503,11 @@ class RelativeBiasNet(nn.Module):
         super().__init__()
         self.embed = nn.Linear(6, 24)
         self.attn = BiasedAttention()
+        self.fused = BiasedAttention(fused=True)
         self.head = nn.Linear(6, 3)
 
     def forward(self, x):
-        return self.head(self.attn(self.embed(x).view(-1, 4, 6)).mean(1))
+        return self.head(self.fused(self.attn(self.embed(x).view(-1, 4, 6))).mean(1))
 
 
 def relative_bias_net(seed: int = 0):

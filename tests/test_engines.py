@@ -473,7 +473,8 @@ def test_hooks_never_reads_tokens_as_samples(lengths):
 def test_hooks_gives_a_table_without_sample_dim_to_its_parent():
     # HF Swin's relative-position bias module returns one (heads, N, N) bias for every sample: its own local
     # gradient has no sample to split, so its parent (the attention, which sees the samples) takes the table
-    # into its local gradient, instead of the whole-model fallback; the next call starts from that decision
+    # into its local gradient, instead of the whole-model fallback; so does the parent of one that never runs
+    # while the parent reads its table (timm MaxViT: get_bias() into SDPA); the next call starts from there
     torch.manual_seed(0)
     model = M.relative_bias_net().double()
     batch = _double(M.mlp_batch(n=5))

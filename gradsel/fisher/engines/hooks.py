@@ -821,8 +821,11 @@ class HooksEngine:
         unchecked = [name for name, cap in caps.items() if n > 1 and cap.inputs and not cap.bad
                      and name not in self._batch_first and name not in self._not_batch_first]
         # a local module whose output has no sample dimension (HF Swin's relative-position bias: its table read
-        # into one (heads, N, N) bias for every window): its parent, which sees the samples, takes its candidates
-        lift = [name for name, calls in lcalls.items() if "." in name and any(c is None for c in calls)]
+        # into one (heads, N, N) bias for every window), or that never runs while its parent reads its candidates
+        # (timm MaxViT's attention passes rel_pos.get_bias() to SDPA as attn_mask): the parent takes them
+        lift = [name for name, calls in lcalls.items() if "." in name and (
+            any(c is None for c in calls)
+            or (not calls and any(uses[id(self.params[p])] for p in self.local[name][1].values())))]
         rerun, check = self._agree([bool(unreached) or bool(lift), not self._separable or bool(unchecked)])
         if rerun:
             self._rooted |= unreached
