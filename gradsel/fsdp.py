@@ -264,29 +264,38 @@ def _engine(model: nn.Module, names: list[str], reader: Any, fps: dict[str, Any]
         name = "hooks-fsdp"
 
         def _check_samples(self, *args):
+            try:
+                super()._check_samples(*args)
+            finally:
+                self._reshard()
+
+        def _expansion_holds(self, *args):
+            try:
+                return super()._expansion_holds(*args)
+            finally:
+                self._reshard()
+
+        def _reshard(self):
             # a forward without backward leaves the root unit's parameters unsharded (FSDP2 keeps the root's for
             # the backward it expects): shard them again, as the next call finds the model
             from torch.distributed.fsdp import FSDPModule
 
-            try:
-                super()._check_samples(*args)
-            finally:
-                for m in self.model.modules():
-                    if isinstance(m, FSDPModule):
-                        m.reshard()
+            for m in self.model.modules():
+                if isinstance(m, FSDPModule):
+                    m.reshard()
 
     with _plain_classes(model):
         run = _ShardedHooks(model, names, reader, _Refuse, _Refuse)
     # modules without rule (local torch.func gradients) and per-sample parameter copies swap parameters
     # through torch.func: not through FSDP2. FSDP2 needs every rank in every forward, so the one-off checks
-    # whose count could differ between ranks are skipped (batch-shared outputs are expanded per sample without
-    # the check, captured tensors are copied: no in-place check), and the check that each rule layer's dim 0
-    # holds the samples (one batch-of-one forward) and the pass again with roots for layers the backward did
-    # not reach run on every rank when any rank asks for them (_agree).
+    # whose count could differ between ranks are skipped (captured tensors are copied: no in-place check), and
+    # those that remain run the same forwards on every rank and decide alike (_agree): the check that each rule
+    # layer's dim 0 holds the samples (one batch-of-one forward), the pass again with roots for layers the
+    # backward did not reach, and the check of batch-shared outputs expanded per sample (the losses, and two
+    # one-sample forwards: each copy's gradient is its sample's).
     run.local = {}
     run.expandable = []
     run._separable = True
-    run._expand = True
     run._clone = True
     run.params = _LiveParams(model, fps)  # autograd's uses are those of the unsharded parameters
     return run

@@ -213,6 +213,10 @@ def _work_bad(rank: int, world: int) -> dict:
     tokens_first = _shard(_TokensFirst().double(), [])
     seq = torch.randn(4, 4 if rank == 0 else 5, 6, dtype=torch.float64)
     out["tokens_first_error"] = _error(lambda: gradsel.fisher(tokens_first, [(seq, y[:4])], progress=False))
+    # an output of one copied per sample, then read only in its first copy's rows (HF Swinv2's bias MLP): found
+    # on every rank together, and refused rather than credited to one sample
+    table = _shard(M.indexed_shared_table().double(), [])
+    out["shared_table_error"] = _error(lambda: gradsel.fisher(table, [(x[:4], y[:4])], progress=False))
     return out
 
 
@@ -563,6 +567,7 @@ def test_sharded_bad_inputs(core_runs):
         assert "not sharded by fully_shard" in run["apply_error"]
         assert "'1.s'" in run["no_rule_error"] and "exclude=" in run["no_rule_error"]
         assert "'late.weight'" in run["tokens_first_error"]  # never computed as if its tokens were samples
+        assert "'mlp.weight'" in run["shared_table_error"]
         assert "1 rank(s) hold no samples" in run["empty_error"]
         for key in ("shira_error", "shira_mask_error", "shira_model_error"):  # peft layers go in before fully_shard
             assert "before fully_shard" in run[key] and "get_peft_model" in run[key] and "save_shira" in run[key], key

@@ -200,7 +200,7 @@ def _per_sample(t: torch.Tensor, n: int) -> torch.Tensor:
     there is one row a sample)."""
     if t.shape[0] == n:
         return t
-    return t.view(n, -1, *t.shape[1:]).transpose(1, 2).reshape(n, t.shape[1], -1)
+    return t.reshape(n, -1, *t.shape[1:]).transpose(1, 2).reshape(n, t.shape[1], -1)
 
 
 def _conv_route(module: nn.Module, ds: list, n: int | None = None) -> str:

@@ -877,12 +877,14 @@ class HooksEngine:
                     out[pname] = ZeroGrads(n)
         return out
 
-    def _expanded_outputs_hold(self, batch: Any, k: int, caps: dict[str, _Capture]) -> bool:
+    def _expanded_outputs_hold(self, batch: Any, n: int, caps: dict[str, _Capture]) -> bool:
         """Whether the gradient of each expanded output in row ``i`` is the gradient that output gets on sample
-        ``i`` alone, for the first ``k`` samples. A model that reads its copies otherwise (HF Swinv2 flattens its
+        ``i`` alone, for the first two samples. A model that reads its copies otherwise (HF Swinv2 flattens its
         position-bias MLP's output and indexes only the first copy's rows) would credit one sample with the
-        whole batch's gradient, and the losses would not show it."""
-        for i in range(k):
+        whole batch's gradient, and the losses would not show it. Two forwards of one sample each, whatever
+        they find (a chunk of one sample checks it twice), so that FSDP2's ranks stay in step."""
+        holds = True
+        for i in (min(j, n - 1) for j in range(2 if caps else 0)):
             roots: dict[str, list] = {name: [] for name in caps}
 
             def keep(name):
@@ -899,20 +901,18 @@ class HooksEngine:
                 for h in handles:
                     h.remove()
             flat = [r for name in caps for r in roots[name]]
-            alone = torch.autograd.grad(loss, flat, allow_unused=True) if flat and loss.requires_grad else []
-            got = iter(alone)
+            alone = iter(torch.autograd.grad(loss, flat, allow_unused=True) if flat and loss.requires_grad
+                         else [None] * len(flat))
             for name, cap in caps.items():
-                if len(roots[name]) != len(cap.grads):
-                    return False
-                for root, grad in zip(roots[name], cap.grads):
-                    g = next(got)
+                got = [next(alone) for _ in roots[name]]
+                holds = holds and len(got) == len(cap.grads)
+                for root, g, grad in zip(roots[name], got, cap.grads):
                     ref = torch.zeros_like(root) if g is None else g
                     mine = torch.zeros_like(ref) if grad is None else grad[0][i:i + 1].to(ref.dtype)
                     rtol = 1e-7 if ref.dtype == torch.float64 else 1e-3
-                    if mine.shape != ref.shape or not torch.allclose(mine, ref, rtol=rtol,
-                                                                     atol=rtol * float(ref.abs().max()) + 1e-30):
-                        return False
-        return True
+                    holds = holds and mine.shape == ref.shape and torch.allclose(
+                        mine, ref, rtol=rtol, atol=rtol * float(ref.abs().max()) + 1e-30)
+        return holds
 
     def _lift(self, name: str) -> None:
         """The local module ``name``'s candidates join its parent's local gradient (the parent becomes local if it
@@ -1038,13 +1038,14 @@ class HooksEngine:
         those of the loop on the first samples; otherwise the fallback computes them."""
         with torch.no_grad():
             plain = self._losses(batch, n)
-        if not torch.allclose(losses, plain, rtol=1e-5, atol=1e-6 * float(plain.abs().max()) + 1e-30):
-            return False
+        holds = torch.allclose(losses, plain, rtol=1e-5, atol=1e-6 * float(plain.abs().max()) + 1e-30)
+        # (its forwards run even where the losses already differ: under FSDP2 every rank runs the same ones)
+        holds = self._expanded_outputs_hold(batch, n, {name: cap for name, cap in caps.items() if cap.expanded}) \
+            and holds
+        holds = not self._agree([not holds])[0]  # under FSDP2, every rank decides alike
+        if not holds or not leaf_grads:
+            return holds
         k = min(2, n)
-        if not self._expanded_outputs_hold(batch, k, {name: cap for name, cap in caps.items() if cap.expanded}):
-            return False
-        if not leaf_grads:
-            return True
         ref = self._make_last_resort(self.model, list(leaf_grads), self.reader)(self.reader.take(batch, slice(0, k)))
         for pname, g in leaf_grads.items():
             r = ref[pname].to(g.dtype)
