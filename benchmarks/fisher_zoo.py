@@ -6,8 +6,9 @@ Run: ``python -m benchmarks.fisher_zoo [--rounds 3] [--models swin tv_swin maxvi
 ``benchmarks/results/fisher_zoo.md``.
 
 Swin cuts each sample into windows that dim 0 holds one after another; the hooks engine reads them as more
-tokens of that sample (torchvision's Swin passes its attention's qkv/proj weights to ``F.linear`` itself:
-they join the attention's module-local gradient). ConvNeXt and PoolFormer normalise with timm's LayerNorm2d
+tokens of that sample. torchvision's Swin passes its attention's qkv/proj weights to ``F.linear`` itself, and
+HF Swin's relative-position bias module returns one bias for all samples: both join the attention's
+module-local gradient. ConvNeXt and PoolFormer normalise with timm's LayerNorm2d
 / GroupNorm1, which have rules; their layer scales (ConvNeXt's block ``gamma``, PoolFormer's ``Scale``) are
 read from the batched forward (``gradsel/fisher/engines/elementwise.py``). Depthwise convolutions (ConvNeXt's
 7×7, MobileNet's and EfficientNet's 3×3/5×5) get each sample's weight gradient from one depthwise convolution
@@ -61,6 +62,24 @@ def _timm(name: str, label: str):
     return make
 
 
+def _hf_swin():
+    from transformers import SwinConfig, SwinForImageClassification
+
+    config = SwinConfig(image_size=224, embed_dim=32, depths=[2, 2, 2, 2], num_heads=[1, 2, 4, 8], num_labels=3)
+    return "HF Swin (embed 32), 224²", _Logits(SwinForImageClassification(config)), 224
+
+
+class _Logits(torch.nn.Module):
+    """An HF image classifier called as ``model(pixels)``, returning its logits (the default cross-entropy)."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model(pixel_values=x).logits
+
+
 def _tv_mobilenet():
     import torchvision
 
@@ -72,7 +91,7 @@ MODELS = {"swin": _swin, "tv_swin": _tv_swin, "maxvit": _maxvit,
           "poolformer": _timm("poolformer_s12", "timm poolformer_s12, 112²"),
           "mobilenet": _timm("mobilenetv2_100", "timm mobilenetv2_100, 112²"),
           "efficientnet": _timm("efficientnet_b0", "timm efficientnet_b0, 112²"),
-          "tv_mobilenet": _tv_mobilenet}
+          "tv_mobilenet": _tv_mobilenet, "hf_swin": _hf_swin}
 
 
 def _fallback_count(model, batch) -> int:
