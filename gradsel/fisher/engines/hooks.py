@@ -297,10 +297,9 @@ def _pointwise(module: nn.Module) -> bool:
 
 
 def _timm_norm_act(module: nn.Module):
-    """The rule for timm's norm + activation layers (``timm.layers.norm_act``), or None."""
-    if not (type(module).__module__.startswith("timm.layers.norm_act") and not getattr(module, "_fast_norm", False)
-            and _pointwise(getattr(module, "act", None)) and type(getattr(module, "drop", None)) in (nn.Identity,
-                                                                                                   nn.Dropout)):
+    """The rule for one of timm's norm + activation layers (``timm.layers.norm_act``), or None."""
+    drop, act = getattr(module, "drop", None), getattr(module, "act", None)
+    if getattr(module, "_fast_norm", False) or type(drop) not in (nn.Identity, nn.Dropout) or not _pointwise(act):
         return None
     name = type(module).__name__
     if name == "BatchNormAct2d":
