@@ -8,12 +8,12 @@ Run: ``python -m benchmarks.fisher_zoo [--rounds 3] [--models swin tv_swin maxvi
 Swin cuts each sample into windows that dim 0 holds one after another; the hooks engine reads them as more
 tokens of that sample. torchvision's Swin passes its attention's qkv/proj weights to ``F.linear`` itself, and
 HF Swin's relative-position bias module returns one bias for all samples: both join the attention's
-module-local gradient. ConvNeXt and PoolFormer normalise with timm's LayerNorm2d
-/ GroupNorm1, which have rules; their layer scales (ConvNeXt's block ``gamma``, PoolFormer's ``Scale``) are
-read from the batched forward (``gradsel/fisher/engines/elementwise.py``). Depthwise convolutions (ConvNeXt's
-7×7, MobileNet's and EfficientNet's 3×3/5×5) get each sample's weight gradient from one depthwise convolution
-over the chunk; timm's BatchNormAct2d (a norm, then an elementwise activation) has a rule. *fallback tensors*:
-the candidates that still go to the whole-model fallback. Times are the best of ``rounds`` interleaved rounds, after one warm-up
+module-local gradient. ConvNeXt and PoolFormer normalise with timm's LayerNorm2d / GroupNorm1, which have
+rules; their layer scales (ConvNeXt's block ``gamma``, PoolFormer's ``Scale``) are read from the batched forward
+(``gradsel/fisher/engines/elementwise.py``). Depthwise convolutions (ConvNeXt's 7×7, MobileNet's and
+EfficientNet's 3×3/5×5) get each sample's weight gradient from one depthwise convolution over the chunk; timm's
+BatchNormAct2d (a norm, then an elementwise activation) has a rule. *fallback tensors*: the candidates that
+still go to the whole-model fallback. Times are the best of ``rounds`` interleaved rounds, after one warm-up
 call of each (the hooks engine's one-off checks run there).
 """
 
