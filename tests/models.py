@@ -406,6 +406,31 @@ def norm_act_depthwise(seed: int = 0):
     return NormActDepthwise()
 
 
+class SamePadded(nn.Module):
+    """TensorFlow's "SAME" convolutions that pad their input themselves, unevenly at stride 2: smp's
+    Conv2dStaticSamePadding (its EfficientNet encoders) and timm's Conv2dSame (its tf_ models), depthwise too."""
+
+    def __init__(self, size: int = 9):
+        super().__init__()
+        from segmentation_models_pytorch.encoders._efficientnet import Conv2dStaticSamePadding
+        from timm.layers.conv2d_same import Conv2dSame
+
+        self.stem = Conv2dStaticSamePadding(3, 6, 3, stride=2, image_size=size)
+        self.dw = Conv2dStaticSamePadding(6, 6, 5, groups=6, image_size=(size + 1) // 2)
+        self.tf = Conv2dSame(6, 4, 4, stride=2)
+        self.tf_dw = Conv2dSame(4, 4, 3, groups=4, dilation=2)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.dw(torch.tanh(self.stem(x))))
+        return self.head(torch.tanh(self.tf_dw(torch.tanh(self.tf(h)))).mean((2, 3)))
+
+
+def same_padded(seed: int = 0):
+    torch.manual_seed(seed)
+    return SamePadded()
+
+
 class PatchConv(nn.Module):
     """timm's TNT pixel embedding: each image cut into patches that dim 0 holds one sample's after another, then
     convolutions over the patches (strided, depthwise, 1×1)."""

@@ -68,6 +68,7 @@ CASES = {
     "timm_norm_act_depthwise": (M.norm_act_depthwise, lambda: M.image_batch(size=8)),
     "output_of_one_repeated_for_the_batch": (M.repeated_position, M.grid_batch),
     "conv_over_each_samples_patches": (M.patch_conv, lambda: M.image_batch(size=8)),
+    "same_padding_convs": (M.same_padded, lambda: M.image_batch(size=9)),
     "output_of_one_flattened_and_indexed": (M.indexed_shared_table, M.mlp_batch),
     "relative_bias_without_sample_dim": (M.relative_bias_net, M.mlp_batch),
     "window_attention": (M.windowed, lambda: M.image_batch(size=4)),
@@ -562,6 +563,9 @@ def test_timm_norm_act_layers_and_string_paddings_have_rules():
     names = [n for n, _ in model.named_parameters()]
     ruled = {p for layer in find_layers(model, names).values() for p in layer.attrs.values()}
     assert ruled == set(names) - {"same_even.weight", "same_even.bias"}  # torch pads an even "same" kernel unevenly
+    same = M.same_padded()  # convolutions that pad their input themselves
+    assert {p for layer in find_layers(same, [n for n, _ in same.named_parameters()]).values()
+            for p in layer.attrs.values()} == {n for n, _ in same.named_parameters()}
     model.bn.drop = DropBlock2d(0.1)
     model.gn.act = torch.nn.PReLU()
     names = [n for n, _ in model.named_parameters()]

@@ -188,6 +188,19 @@ def _conv(module: nn.Module, xs, ds, want, n):
     return out
 
 
+def _padded_conv(module: nn.Module, xs, ds, want, n):
+    """A convolution that zero-pads its input itself first (TensorFlow's "SAME"): smp's Conv2dStaticSamePadding (a
+    fixed ``ZeroPad2d`` module), timm's Conv2dSame (``pad_same``, from the input's size); the conv rule on the
+    padded input."""
+    if hasattr(module, "static_padding"):
+        xs = [module.static_padding(x) for x in xs]
+    else:
+        from timm.layers.padding import pad_same
+
+        xs = [pad_same(x, module.weight.shape[-2:], module.stride, module.dilation) for x in xs]
+    return _conv(module, xs, ds, want, n)
+
+
 def _embedding(module: nn.Embedding, xs, ds, want, n):
     ids = torch.cat([x.reshape(n, -1) for x in xs], 1) if len(xs) > 1 else xs[0].reshape(n, -1)
     return {"weight": EmbeddingGrads(module, ids, _stack_tokens(ds, n))}
@@ -322,7 +335,8 @@ def _rule_for(module: nn.Module):
     """The rule for this module, or None; exact types only (a subclass may compute something else), and a few
     subclasses known to compute the same (timm's LayerNorm, GroupNorm and GroupNorm1; timm's and torchvision's
     LayerNorm2d and HF ConvNext's LayerNorm over the channels), a norm followed by an elementwise activation
-    (timm's BatchNormAct2d and its kin) or a transposed Linear (transformers' Conv1D)."""
+    (timm's BatchNormAct2d and its kin), a convolution that pads its input itself (smp's and timm's "SAME") or a
+    transposed Linear (transformers' Conv1D)."""
     t = type(module)
     if t is nn.Linear:
         return _linear, 2
@@ -341,6 +355,10 @@ def _rule_for(module: nn.Module):
         return (_layernorm, 1 + len(module.normalized_shape)) if module.data_format == "channels_last" else None
     if t.__module__.startswith("timm.layers.norm_act"):
         return _timm_norm_act(module)
+    if ((_known(module, "segmentation_models_pytorch.encoders._efficientnet", "Conv2dStaticSamePadding")
+         and type(module.static_padding) in (nn.ZeroPad2d, nn.Identity))
+            or _known(module, "timm.layers.conv2d_same", "Conv2dSame")):
+        return (_padded_conv, 4) if module.padding_mode == "zeros" and conv_padding(module) == (0, 0) else None
     if t in (nn.Conv1d, nn.Conv2d):
         if module.padding_mode != "zeros" or conv_padding(module) is None:
             return None
