@@ -555,6 +555,34 @@ def grid_batch(n: int = 5, seed: int = 1):
     return torch.randn(n, 6, 3, 3, generator=g), torch.randint(0, 3, (n,), generator=g)
 
 
+class SmpNorms(nn.Module):
+    """smp's LayerNorms: UPerNet's LayerNorm2d, the Mix Transformer's LayerNorm on a feature map and on tokens."""
+
+    def __init__(self):
+        super().__init__()
+        from segmentation_models_pytorch.decoders.upernet.decoder import LayerNorm2d
+        from segmentation_models_pytorch.encoders.mix_transformer import LayerNorm
+
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.ln2d = LayerNorm2d(4)
+        self.mit_map = LayerNorm(4)
+        self.mit_tokens = LayerNorm(4)
+        self.head = nn.Linear(4, 3)
+        with torch.no_grad():
+            for m in (self.ln2d, self.mit_map, self.mit_tokens):
+                m.weight.normal_(1, 0.2)
+                m.bias.normal_(0, 0.2)
+
+    def forward(self, x):
+        h = self.mit_map(torch.tanh(self.ln2d(self.conv(x))))
+        return self.head(self.mit_tokens(torch.tanh(h).flatten(2).transpose(1, 2)).mean(1))
+
+
+def smp_norms(seed: int = 0):
+    torch.manual_seed(seed)
+    return SmpNorms()
+
+
 def seq_first(seed: int = 0):
     torch.manual_seed(seed)
     return SeqFirst()

@@ -66,6 +66,7 @@ CASES = {
     "conv_bn_tokens": (M.conv_tokens, lambda: M.image_batch(size=6)),
     "timm_norms": (M.timm_norms, lambda: M.image_batch(size=6)),
     "timm_norm_act_depthwise": (M.norm_act_depthwise, lambda: M.image_batch(size=8)),
+    "smp_norms": (M.smp_norms, lambda: M.image_batch(size=6)),
     "output_of_one_repeated_for_the_batch": (M.repeated_position, M.grid_batch),
     "conv_over_each_samples_patches": (M.patch_conv, lambda: M.image_batch(size=8)),
     "same_padding_convs": (M.same_padded, lambda: M.image_batch(size=9)),
@@ -546,10 +547,10 @@ def test_timm_norms_have_rules():
     # torch.func of the module (which made ConvNeXt-atto's hooks estimate twice as slow)
     from gradsel.fisher.engines.hooks import find_layers
 
-    model = M.timm_norms()
-    names = [n for n, _ in model.named_parameters()]
-    ruled = {p for layer in find_layers(model, names).values() for p in layer.attrs.values()}
-    assert ruled == set(names)
+    for model in (M.timm_norms(), M.smp_norms()):
+        names = [n for n, _ in model.named_parameters()]
+        ruled = {p for layer in find_layers(model, names).values() for p in layer.attrs.values()}
+        assert ruled == set(names)
 
 
 def test_timm_norm_act_layers_and_string_paddings_have_rules():

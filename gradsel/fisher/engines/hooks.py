@@ -226,6 +226,11 @@ def _layernorm2d(module: nn.LayerNorm, xs, ds, want, n):
     return _layernorm(module, [x.movedim(1, -1) for x in xs], [d.movedim(1, -1) for d in ds], want, n)
 
 
+def _smp_layernorm(module: nn.LayerNorm, xs, ds, want, n):
+    """smp's Mix Transformer LayerNorm: over the channels (dim 1) of a 4-D input, over the trailing dims of others."""
+    return (_layernorm2d if xs[0].dim() == 4 else _layernorm)(module, xs, ds, want, n)
+
+
 def _channel_affine(xhats, ds, want, n):
     out = {}
     if "weight" in want:
@@ -333,10 +338,10 @@ def _known(module: nn.Module, module_prefix: str, name: str) -> bool:
 
 def _rule_for(module: nn.Module):
     """The rule for this module, or None; exact types only (a subclass may compute something else), and a few
-    subclasses known to compute the same (timm's LayerNorm, GroupNorm and GroupNorm1; timm's and torchvision's
-    LayerNorm2d and HF ConvNext's LayerNorm over the channels), a norm followed by an elementwise activation
-    (timm's BatchNormAct2d and its kin), a convolution that pads its input itself (smp's and timm's "SAME") or a
-    transposed Linear (transformers' Conv1D)."""
+    subclasses known to compute the same (timm's LayerNorm, GroupNorm and GroupNorm1; timm's, torchvision's and
+    smp's LayerNorm2d, smp's Mix Transformer LayerNorm and HF ConvNext's LayerNorm over the channels), a norm
+    followed by an elementwise activation (timm's BatchNormAct2d and its kin), a convolution that pads its input
+    itself (smp's and timm's "SAME") or a transposed Linear (transformers' Conv1D)."""
     t = type(module)
     if t is nn.Linear:
         return _linear, 2
@@ -344,9 +349,12 @@ def _rule_for(module: nn.Module):
         return _transposed_linear, 2
     if _known(module, "timm.layers.norm", "LayerNorm"):
         return _layernorm, 1 + len(module.normalized_shape)
-    if ((_known(module, "timm.layers.norm", "LayerNorm2d") or _known(module, "torchvision.models", "LayerNorm2d"))
+    if ((_known(module, "timm.layers.norm", "LayerNorm2d") or _known(module, "torchvision.models", "LayerNorm2d")
+         or _known(module, "segmentation_models_pytorch.decoders", "LayerNorm2d"))
             and len(module.normalized_shape) == 1):
         return _layernorm2d, 3
+    if _known(module, "segmentation_models_pytorch.encoders.mix_transformer", "LayerNorm"):
+        return (_smp_layernorm, 3) if len(module.normalized_shape) == 1 else None
     if _known(module, "timm.layers.norm", "GroupNorm") or _known(module, "timm.layers.norm", "GroupNorm1"):
         return _groupnorm, 2
     if any(_known(module, "transformers.models.convnext", c) for c in ("ConvNextLayerNorm", "ConvNextV2LayerNorm")):
