@@ -919,12 +919,7 @@ class HooksEngine:
                     return output + root
                 return hook
 
-            handles = [self.layers[name].module.register_forward_hook(keep(name)) for name in caps]
-            try:
-                loss = self._losses(self.reader.take(batch, slice(i, i + 1)), 1)[0]
-            finally:
-                for h in handles:
-                    h.remove()
+            loss = self._loss_alone(batch, i, {name: keep(name) for name in caps})
             flat = [r for name in caps for r in roots[name]]
             alone = iter(torch.autograd.grad(loss, flat, allow_unused=True) if flat and loss.requires_grad
                          else [None] * len(flat))
@@ -938,6 +933,15 @@ class HooksEngine:
                     holds = holds and mine.shape == ref.shape and torch.allclose(
                         mine, ref, rtol=rtol, atol=rtol * float(ref.abs().max()) + 1e-30)
         return holds
+
+    def _loss_alone(self, batch: Any, i: int, hooks: dict[str, Callable]) -> torch.Tensor:
+        """Sample ``i``'s loss as a batch of one, with ``hooks`` (rule layer name -> forward hook) on for it."""
+        handles = [self.layers[name].module.register_forward_hook(hook) for name, hook in hooks.items()]
+        try:
+            return self._losses(self.reader.take(batch, slice(i, i + 1)), 1)[0]
+        finally:
+            for h in handles:
+                h.remove()
 
     def _lift(self, name: str) -> None:
         """The local module ``name``'s candidates join its parent's local gradient (the parent becomes local if it
@@ -1037,12 +1041,7 @@ class HooksEngine:
             for i in range(min(2, n) if not self._separable else 1):  # one forward when only layers are checked
                 for calls in seen.values():
                     calls.clear()
-                handles = [self.layers[name].module.register_forward_hook(keep(name)) for name in unchecked]
-                try:
-                    one = self._losses(self.reader.take(batch, slice(i, i + 1)), 1)[0]
-                finally:
-                    for h in handles:
-                        h.remove()
+                one = self._loss_alone(batch, i, {name: keep(name) for name in unchecked})
                 for name in unchecked:
                     if not _same_sample(seen[name], caps[name].inputs, i):
                         self._not_batch_first.add(name)
