@@ -57,6 +57,7 @@ def _times(layer: dict, repeats: int, clock) -> dict:
     stride1 = all(s == 1 for s in m.stride)
     row["rows (2), taps (ms)"] = timed(rows(2, taps=True)) if stride1 else float("nan")
     row["rows (25%), oneDNN (ms)"] = timed(rows(quarter, taps=False))
+    row["rows (25%), taps (ms)"] = timed(rows(quarter, taps=True)) if stride1 else float("nan")
     row["25% ÷ dense part"] = row["rows (25%) (ms)"] / row["weight-grad part, dense (ms)"]
     return row
 
@@ -90,7 +91,8 @@ def main() -> None:
           f"{total['rows (25%), oneDNN (ms)']:.1f} ms, "
           f"{total['rows (25%), oneDNN (ms)'] / total['weight-grad part, dense (ms)']:.2f}×).\n\n"
           + md_table(rows, ["layer", "count", "weight", "output", "weight-grad part, dense (ms)", "25% rows",
-                            "path (25%)", "rows (25%) (ms)", "rows (25%), oneDNN (ms)", "rows (16) (ms)",
+                            "path (25%)", "rows (25%) (ms)", "rows (25%), oneDNN (ms)", "rows (25%), taps (ms)",
+                            "rows (16) (ms)",
                             "rows (2) (ms)", "rows (2), oneDNN (ms)", "rows (2), taps (ms)", "25% ÷ dense part"])
           + "\n")
     write("row_conv_parts", [{k: v for k, v in r.items()} for r in rows], md)

@@ -137,43 +137,52 @@ def conv_rows_weight_grad(grad: torch.Tensor, x: torch.Tensor, weight: torch.Ten
 
 # oneDNN's weight-gradient kernel works in blocks of 16 output channels and streams the whole input once per
 # block, so below 16 rows its time stops falling with the rows. For a few rows of a 2-D stride-1 convolution with
-# 3x3 or more kernel taps, one matmul over the taps (:func:`_taps_weight_grad`) is faster, as long as its shifted
-# copies of the rows' gradient (taps x rows planes) stay within 1.25x the input (channels planes) and there are
-# enough output positions; a 1x1 convolution is a plain matmul to oneDNN already (taps there: 1.2-2.3x slower).
-# The rule below is where the taps won on this project's 2-core CPU at 8^2-128^2 and 16-768 channels on one
-# thread, and on the Unet's high-resolution shapes on two (taps ÷ oneDNN: 0.2-0.5 at 2 rows, 0.5-0.8 at 8 rows
-# with >= 128 input channels, 1.0-3.3 beyond the rule; benchmarks/row_conv_parts.py times both on every
-# convolution of the Unet).
+# 3x3 or more kernel taps, one matmul over the taps (:func:`_taps_weight_grad`) is faster when there is enough work
+# (input channels x output positions) to amortise its copies of the rows' gradient (taps x rows planes, kept within
+# 1.25x the input's channel planes) and its Python loop over the taps; a 1x1 convolution is a plain matmul to oneDNN
+# already. The rule below is where the taps won (taps / oneDNN <= 0.9, mostly 0.2-0.75) in a sweep of 3x3
+# convolutions at batch 8 over 16-512 input channels, 8^2-128^2 positions and 1-32 rows, on one and on two threads of
+# this project's 2-core CPU; 8 or more rows lost nearly everywhere (1.0-6x), as did 8^2 positions (up to 2.5x).
+# benchmarks/row_conv_parts.py times both paths on every convolution of the Unet.
 def _by_taps(x: torch.Tensor, weight: torch.Tensor, g_rows: torch.Tensor, stride: list[int]) -> bool:
     """Whether :func:`_taps_weight_grad` computes this weight gradient (a shape rule, measured on the CPU)."""
     if not (x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and x.dim() == 4
             and all(s == 1 for s in stride)):
         return False
-    k, taps, positions = g_rows.shape[1], weight[0, 0].numel(), g_rows.shape[2] * g_rows.shape[3]
-    return (taps >= 9 and positions >= 64 and k <= (8 if positions >= 256 else 4)
-            and 4 * taps * k <= 5 * x.shape[1])
+    k, taps, positions, channels = g_rows.shape[1], weight[0, 0].numel(), g_rows.shape[2] * g_rows.shape[3], x.shape[1]
+    work = channels * positions
+    if taps < 9 or positions < 256 or 4 * taps * k > 5 * channels:
+        return False
+    return (taps * k <= 18 and work >= 32768) or (taps * k <= 36 and work >= 131072)
 
 
 def _taps_weight_grad(x: torch.Tensor, g_rows: torch.Tensor, kernel: Sequence[int], padding: Sequence[int],
                       dilation: Sequence[int]) -> torch.Tensor:
     """The weight gradient of a stride-1 2-D convolution for the output channels in ``g_rows`` (B, k, Ho, Wo), as
-    one batched matmul: with the zero-padded input flattened to (B, C, L), tap (dy, dx) pairs output position
-    ``p`` with input position ``p + dy·dil·W' + dx·dil`` (W' the padded width, the output laid on the padded
-    grid), so the gradient shifted back by that offset, one copy per tap, stacked as (B, taps·k, L), times the
-    input's transpose gives every tap of every row in one matmul whose rows are taps·k, not k."""
+    one batched matmul: tap (dy, dx) pairs output position (i, j) with input position (i + sy, j + sx), where
+    ``sy = dy·dil − pad`` (the zero padding reads nothing), so the rows' gradient moved by (sy, sx) onto the input's
+    grid (zeros where nothing lands), one copy per tap, stacked as (B, taps·k, H·W), times the input's transpose
+    gives every tap of every row in one matmul whose rows are taps·k, not k. Each element of the copies is written
+    once and the input is read in place (no padded copy of it)."""
     b, c, h, w = x.shape
     k, ho, wo = g_rows.shape[1:]
     (kh, kw), (ph, pw), (dh, dw) = kernel, padding, dilation
-    hp, wp = h + 2 * ph, w + 2 * pw
-    length = hp * wp
-    xp = F.pad(x, (pw, pw, ph, ph)).reshape(b, c, length)
-    g = F.pad(g_rows, (0, wp - wo, 0, hp - ho)).reshape(b, k, length)  # the output on the padded grid, zeros after
-    shifted = g.new_zeros(b, kh * kw, k, length)
+    shifted = g_rows.new_empty(b, kh * kw, k, h, w)
     for dy in range(kh):
+        sy = dy * dh - ph
+        top, bottom = max(0, sy), min(h, ho + sy)  # the input rows that output rows 0..ho-1 reach through this tap
         for dx in range(kw):
-            off = dy * dh * wp + dx * dw
-            shifted[:, dy * kw + dx, :, off:] = g[..., : length - off]
-    part = torch.bmm(shifted.view(b, kh * kw * k, length), xp.transpose(1, 2)).sum(0)
+            sx = dx * dw - pw
+            left, right = max(0, sx), min(w, wo + sx)
+            tap = shifted[:, dy * kw + dx]
+            if top >= bottom or left >= right:  # the tap reads only padding
+                tap.zero_()
+                continue
+            tap[..., top:bottom, left:right] = g_rows[..., top - sy: bottom - sy, left - sx: right - sx]
+            for strip in (tap[..., :top, :], tap[..., bottom:, :], tap[..., top:bottom, :left],
+                          tap[..., top:bottom, right:]):
+                strip.zero_()
+    part = torch.bmm(shifted.view(b, kh * kw * k, h * w), x.reshape(b, c, h * w).transpose(1, 2)).sum(0)
     return part.view(kh, kw, k, c).permute(2, 3, 0, 1).contiguous()
 
 

@@ -771,10 +771,10 @@ def test_taps_weight_gradient_equals_the_convolution_backward(batch, channels, r
 
 
 def test_few_rows_at_many_positions_take_the_taps_path_and_equal_the_dense_backward(monkeypatch):
-    """A Unet-like high-resolution tail at 32x32 with 1-4 rows per layer: the shape rule sends the weight gradients
-    of few rows against many input channels through the taps matmul; 4 rows of a 16-channel input (the shifted
-    copies would outgrow the input), a stride-2 conv and a 1x1 conv (a plain matmul to oneDNN) stay on oneDNN;
-    every gradient equals the dense backward."""
+    """A Unet-like high-resolution tail at 64x64 with 1-4 rows per layer: the shape rule sends the weight gradients
+    of few rows against enough input channels and positions through the taps matmul; 4 rows of a 16-channel input
+    (the shifted copies would outgrow the input), a stride-2 conv and a 1x1 conv (a plain matmul to oneDNN) stay on
+    oneDNN; every gradient equals the dense backward."""
     import gradsel.rowsparse as rs
 
     torch.manual_seed(0)
@@ -785,7 +785,7 @@ def test_few_rows_at_many_positions_take_the_taps_path_and_equal_the_dense_backw
     for n, rows in {"0.weight": [3, 7], "2.weight": [0, 5, 9, 15], "4.weight": [1, 2, 8, 9], "5.weight": [1],
                     "6.weight": [2], "7.weight": [0, 1]}.items():
         masks[n][rows] = True
-    x = torch.randn(2, 16, 32, 32, dtype=torch.float64)
+    x = torch.randn(2, 16, 64, 64, dtype=torch.float64)
     chosen = []
     real = rs._taps_weight_grad
     monkeypatch.setattr(rs, "_taps_weight_grad", lambda x, g, *a: chosen.append(tuple(g.shape)) or real(x, g, *a))
@@ -799,5 +799,5 @@ def test_few_rows_at_many_positions_take_the_taps_path_and_equal_the_dense_backw
     with row_sparse(model, masks) as handle:
         sparse = run()
     assert len(handle.layers) == 6
-    assert sorted(chosen) == [(2, 1, 32, 32), (2, 2, 32, 32), (2, 4, 32, 32)]
+    assert sorted(chosen) == [(2, 1, 64, 64), (2, 2, 64, 64), (2, 4, 64, 64)]
     _check_grads(model, dense, sparse, handle, masks)
