@@ -86,12 +86,31 @@ def _tv_mobilenet():
     return "torchvision mobilenet_v2, 112²", torchvision.models.mobilenet_v2(weights=None, num_classes=3), 112
 
 
+def _linknet():
+    import segmentation_models_pytorch as smp
+
+    model = smp.Linknet("resnet18", encoder_weights=None, classes=3)
+    return "smp Linknet-resnet18 (logits averaged over the image), 128²", _Pooled(model), 128
+
+
+class _Pooled(torch.nn.Module):
+    """A segmentation model's per-pixel logits averaged over the image: one class per image, so that every model
+    here takes the same cross-entropy."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model(x).mean((2, 3))
+
+
 MODELS = {"swin": _swin, "tv_swin": _tv_swin, "maxvit": _maxvit,
           "convnext": _timm("convnext_atto", "timm convnext_atto, 112²"),
           "poolformer": _timm("poolformer_s12", "timm poolformer_s12, 112²"),
           "mobilenet": _timm("mobilenetv2_100", "timm mobilenetv2_100, 112²"),
           "efficientnet": _timm("efficientnet_b0", "timm efficientnet_b0, 112²"),
-          "tv_mobilenet": _tv_mobilenet, "hf_swin": _hf_swin}
+          "tv_mobilenet": _tv_mobilenet, "hf_swin": _hf_swin, "linknet": _linknet}
 
 
 def _fallback_count(model, batch) -> int:

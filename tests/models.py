@@ -431,6 +431,34 @@ def same_padded(seed: int = 0):
     return SamePadded()
 
 
+class TransposedConvs(nn.Module):
+    """Transposed convolutions (decoders that upsample by them, as smp's Linknet does), each conv route of its
+    weight gradient: few input positions (unfolded), many (one sample at a time, grouped), depthwise with
+    dilation, 1×1, with ``output_padding`` and with ``output_size=``, and 1-D."""
+
+    def __init__(self):
+        super().__init__()
+        self.up = nn.ConvTranspose2d(3, 6, 3, stride=2, padding=1, output_padding=1)
+        self.grouped = nn.ConvTranspose2d(6, 4, 4, stride=2, padding=1, groups=2)
+        self.dw = nn.ConvTranspose2d(4, 4, 3, padding=2, dilation=2, groups=4, bias=False)
+        self.pw = nn.ConvTranspose2d(4, 4, 1)
+        self.sized = nn.ConvTranspose2d(4, 4, 3, stride=2, padding=1)
+        self.line = nn.ConvTranspose1d(4, 3, 3, stride=2)
+        self.head = nn.Linear(3, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.grouped(torch.tanh(self.up(x))))
+        h = torch.tanh(self.pw(torch.tanh(self.dw(h))))
+        s = h[:, :, ::8, ::8]
+        h = torch.tanh(self.sized(s, output_size=[2 * s.shape[2], 2 * s.shape[3]]))
+        return self.head(self.line(h.flatten(2)).mean(2))
+
+
+def transposed_convs(seed: int = 0):
+    torch.manual_seed(seed)
+    return TransposedConvs()
+
+
 class PatchConv(nn.Module):
     """timm's TNT pixel embedding: each image cut into patches that dim 0 holds one sample's after another, then
     convolutions over the patches (strided, depthwise, 1×1)."""

@@ -70,6 +70,7 @@ CASES = {
     "output_of_one_repeated_for_the_batch": (M.repeated_position, M.grid_batch),
     "conv_over_each_samples_patches": (M.patch_conv, lambda: M.image_batch(size=8)),
     "same_padding_convs": (M.same_padded, lambda: M.image_batch(size=9)),
+    "transposed_convs": (M.transposed_convs, lambda: M.image_batch(size=5)),
     "output_of_one_flattened_and_indexed": (M.indexed_shared_table, M.mlp_batch),
     "relative_bias_without_sample_dim": (M.relative_bias_net, M.mlp_batch),
     "window_attention": (M.windowed, lambda: M.image_batch(size=4)),
@@ -213,11 +214,11 @@ def _hooks_fallback(model, batch, **kw):
 @pytest.mark.parametrize("case", ["mlp", "cnn_batchnorm", "bert", "bert_lora", "smp_unet", "torchvision_resnet18_inplace",
                                   "depthwise_separable", "module_called_twice", "torch_checkpoint", "timm_vit",
                                   "param_added_to_conv_output", "gpt2_tied_lm_head", "gpt2_own_lm_loss",
-                                  "embedding_attention_layernorm",
+                                  "embedding_attention_layernorm", "transposed_convs",
                                   "bert_hf_gradient_checkpointing"])
 def test_hooks_rules_cover_every_candidate(case):
     # no fallback pass at all: position embeddings (1, T, D) expanded, unused encoder stages zero, in-place
-    # ReLU/residuals, depthwise and 1-D convs, a layer called twice, checkpointed blocks
+    # ReLU/residuals, depthwise and 1-D convs, transposed convs, a layer called twice, checkpointed blocks
     model, batch, ref, opts = _case(case)
     est, fell = _hooks_fallback(model, batch, loss=opts.get("loss"))
     assert fell == set()
@@ -226,7 +227,7 @@ def test_hooks_rules_cover_every_candidate(case):
 
 @needs_hooks
 @pytest.mark.parametrize("case", ["mlp", "cnn_batchnorm", "bert", "module_called_twice", "depthwise_separable",
-                                  "gpt2_tied_lm_head", "torch_checkpoint"])
+                                  "gpt2_tied_lm_head", "torch_checkpoint", "transposed_convs"])
 def test_hooks_contributions_over_masks_match_the_loop(case):
     # every rule's masked per-sample path: (δ²)ᵀ(a²), token blocks, conv, embedding rows, norms, biases
     model, batch, _, opts = _case(case)
@@ -553,7 +554,7 @@ def test_timm_norms_have_rules():
         assert ruled == set(names)
 
 
-def test_timm_norm_act_layers_and_string_paddings_have_rules():
+def test_timm_norm_act_layers_string_paddings_and_transposed_convs_have_rules():
     # BatchNormAct2d and its kin are a norm, then an elementwise drop and act: the norm's rule on the gradient
     # passed back through them (a per-sample torch.func of each of MobileNetV2's 52 had made its estimate 2.5x
     # the floor); a tail that is not known to be elementwise keeps the module-local gradient
@@ -564,9 +565,9 @@ def test_timm_norm_act_layers_and_string_paddings_have_rules():
     names = [n for n, _ in model.named_parameters()]
     ruled = {p for layer in find_layers(model, names).values() for p in layer.attrs.values()}
     assert ruled == set(names) - {"same_even.weight", "same_even.bias"}  # torch pads an even "same" kernel unevenly
-    same = M.same_padded()  # convolutions that pad their input themselves
-    assert {p for layer in find_layers(same, [n for n, _ in same.named_parameters()]).values()
-            for p in layer.attrs.values()} == {n for n, _ in same.named_parameters()}
+    for other in (M.same_padded(), M.transposed_convs()):  # convolutions that pad their input themselves; transposed
+        assert {p for layer in find_layers(other, [n for n, _ in other.named_parameters()]).values()
+                for p in layer.attrs.values()} == {n for n, _ in other.named_parameters()}
     model.bn.drop = DropBlock2d(0.1)
     model.gn.act = torch.nn.PReLU()
     names = [n for n, _ in model.named_parameters()]

@@ -188,6 +188,21 @@ def _conv(module: nn.Module, xs, ds, want, n):
     return out
 
 
+def _conv_transpose(module: nn.Module, xs, ds, want, n):
+    """``nn.ConvTranspose1d/2d``: the adjoint of the convolution with the same weight, stride, padding, dilation
+    and groups, so its weight gradient is that convolution's, run on the output gradient with the input as the
+    gradient (``Σ ⟨δ, convT(x, W)⟩ = Σ ⟨x, conv(δ, W)⟩``): the conv rule on a stand-in convolution (on the meta
+    device) from the output's channels to the input's, whose weight has the transposed layer's shape. Any
+    ``output_padding`` (or ``output_size=``) only adds output rows that the convolution does not reach."""
+    conv = (nn.Conv1d if isinstance(module, nn.ConvTranspose1d) else nn.Conv2d)(
+        module.out_channels, module.in_channels, module.kernel_size, stride=module.stride, padding=module.padding,
+        dilation=module.dilation, groups=module.groups, bias=False, device="meta")
+    out = _conv(conv, ds, xs, {"weight"} & set(want), n)
+    if "bias" in want:
+        out["bias"] = _conv(module, xs, ds, {"bias"}, n)["bias"]
+    return out
+
+
 def _padded_conv(module: nn.Module, xs, ds, want, n):
     """A convolution that zero-pads its input itself first (TensorFlow's "SAME"): smp's Conv2dStaticSamePadding (a
     fixed ``ZeroPad2d`` module), timm's Conv2dSame (``pad_same``, from the input's size); the conv rule on the
@@ -341,7 +356,7 @@ def _rule_for(module: nn.Module):
     subclasses known to compute the same (timm's LayerNorm, GroupNorm and GroupNorm1; timm's, torchvision's and
     smp's LayerNorm2d, smp's Mix Transformer LayerNorm and HF ConvNext's LayerNorm over the channels), a norm
     followed by an elementwise activation (timm's BatchNormAct2d and its kin), a convolution that pads its input
-    itself (smp's and timm's "SAME") or a transposed Linear (transformers' Conv1D)."""
+    itself (smp's and timm's "SAME"), a transposed convolution or a transposed Linear (transformers' Conv1D)."""
     t = type(module)
     if t is nn.Linear:
         return _linear, 2
@@ -371,6 +386,8 @@ def _rule_for(module: nn.Module):
         if module.padding_mode != "zeros" or conv_padding(module) is None:
             return None
         return _conv, 3 if t is nn.Conv1d else 4
+    if t in (nn.ConvTranspose1d, nn.ConvTranspose2d):
+        return (_conv_transpose, 3 if t is nn.ConvTranspose1d else 4) if module.padding_mode == "zeros" else None
     if t is nn.Embedding:
         return (_embedding, 1) if _embedding_ok(module) else None
     if t is nn.LayerNorm:
@@ -385,7 +402,7 @@ def _rule_for(module: nn.Module):
 
 
 #: rules that treat every dim but the first (samples) and the features as positions
-_TOKENWISE = (_linear, _transposed_linear, _layernorm, _embedding, _conv)
+_TOKENWISE = (_linear, _transposed_linear, _layernorm, _embedding, _conv, _conv_transpose)
 
 
 @dataclass
