@@ -459,6 +459,33 @@ def transposed_convs(seed: int = 0):
     return TransposedConvs()
 
 
+class FlatTokenNorm(nn.Module):
+    """timm LeViT's ``LinearNorm``: a BatchNorm1d (running statistics) over tokens flattened into dim 0,
+    ``bn(x.flatten(0, 1)).reshape_as(x)``; and one over ``(n·2, C, L)`` rows, each sample's two halves."""
+
+    def __init__(self, dim: int = 6):
+        super().__init__()
+        self.proj = nn.Linear(3, dim)
+        self.bn = nn.BatchNorm1d(dim)
+        self.rows_bn = nn.BatchNorm1d(dim)
+        self.head = nn.Linear(dim, 3)
+        for bn in (self.bn, self.rows_bn):
+            bn.running_mean.uniform_(-0.5, 0.5)
+            bn.running_var.uniform_(0.5, 2.0)
+
+    def forward(self, x):
+        h = self.proj(x.flatten(2).transpose(1, 2))  # (n, T, dim)
+        h = torch.tanh(self.bn(h.flatten(0, 1)).reshape_as(h))
+        n, t, d = h.shape
+        h = self.rows_bn(h.transpose(1, 2).reshape(n, d, 2, t // 2).transpose(1, 2).reshape(n * 2, d, t // 2))
+        return self.head(torch.tanh(h).reshape(n, 2, d, -1).mean((1, 3)))
+
+
+def flat_token_norm(seed: int = 0):
+    torch.manual_seed(seed)
+    return FlatTokenNorm()
+
+
 class PatchConv(nn.Module):
     """timm's TNT pixel embedding: each image cut into patches that dim 0 holds one sample's after another, then
     convolutions over the patches (strided, depthwise, 1×1)."""

@@ -71,6 +71,7 @@ CASES = {
     "conv_over_each_samples_patches": (M.patch_conv, lambda: M.image_batch(size=8)),
     "same_padding_convs": (M.same_padded, lambda: M.image_batch(size=9)),
     "transposed_convs": (M.transposed_convs, lambda: M.image_batch(size=5)),
+    "batchnorm_over_tokens_in_dim_0": (M.flat_token_norm, lambda: M.image_batch(size=4)),
     "output_of_one_flattened_and_indexed": (M.indexed_shared_table, M.mlp_batch),
     "relative_bias_without_sample_dim": (M.relative_bias_net, M.mlp_batch),
     "window_attention": (M.windowed, lambda: M.image_batch(size=4)),
@@ -215,7 +216,7 @@ def _hooks_fallback(model, batch, **kw):
                                   "depthwise_separable", "module_called_twice", "torch_checkpoint", "timm_vit",
                                   "param_added_to_conv_output", "gpt2_tied_lm_head", "gpt2_own_lm_loss",
                                   "embedding_attention_layernorm", "transposed_convs",
-                                  "bert_hf_gradient_checkpointing"])
+                                  "batchnorm_over_tokens_in_dim_0", "bert_hf_gradient_checkpointing"])
 def test_hooks_rules_cover_every_candidate(case):
     # no fallback pass at all: position embeddings (1, T, D) expanded, unused encoder stages zero, in-place
     # ReLU/residuals, depthwise and 1-D convs, transposed convs, a layer called twice, checkpointed blocks
@@ -227,7 +228,8 @@ def test_hooks_rules_cover_every_candidate(case):
 
 @needs_hooks
 @pytest.mark.parametrize("case", ["mlp", "cnn_batchnorm", "bert", "module_called_twice", "depthwise_separable",
-                                  "gpt2_tied_lm_head", "torch_checkpoint", "transposed_convs"])
+                                  "gpt2_tied_lm_head", "torch_checkpoint", "transposed_convs",
+                                  "batchnorm_over_tokens_in_dim_0"])
 def test_hooks_contributions_over_masks_match_the_loop(case):
     # every rule's masked per-sample path: (δ²)ᵀ(a²), token blocks, conv, embedding rows, norms, biases
     model, batch, _, opts = _case(case)

@@ -247,11 +247,16 @@ def _smp_layernorm(module: nn.LayerNorm, xs, ds, want, n):
 
 
 def _channel_affine(xhats, ds, want, n):
+    """Per-sample gradients of an affine map per channel (dim 1) of ``(n·rows, C, *positions)``: each sample's
+    rows, one sample's after another, are more of its positions."""
+    def per_sample(t):
+        return t.reshape(n, -1, t.shape[1], t[0, 0].numel()).sum((1, 3))
+
     out = {}
     if "weight" in want:
-        out["weight"] = sum((d * h).reshape(n, d.shape[1], -1).sum(2) for d, h in zip(ds, xhats))
+        out["weight"] = sum(per_sample(d * h) for d, h in zip(ds, xhats))
     if "bias" in want:
-        out["bias"] = sum(d.reshape(n, d.shape[1], -1).sum(2) for d in ds)
+        out["bias"] = sum(per_sample(d) for d in ds)
     return out
 
 
@@ -260,6 +265,8 @@ def _groupnorm(module: nn.GroupNorm, xs, ds, want, n):
 
 
 def _batchnorm(module: nn.modules.batchnorm._BatchNorm, xs, ds, want, n):
+    """BatchNorm on its running statistics, a per-channel affine map; tokens flattened into dim 0 (LeViT's
+    ``bn(x.flatten(0, 1))``) arrive here as ``(n·T, C)`` (see :func:`_per_layer`'s grouped captures)."""
     xhats = [F.batch_norm(x, module.running_mean, module.running_var, None, None, False, 0.0, module.eps) for x in xs]
     return _channel_affine(xhats, ds, want, n)
 
@@ -403,6 +410,8 @@ def _rule_for(module: nn.Module):
 
 #: rules that treat every dim but the first (samples) and the features as positions
 _TOKENWISE = (_linear, _transposed_linear, _layernorm, _embedding, _conv, _conv_transpose)
+#: rules that take a sample's rows of dim 0 (windows, tokens flattened into it) flat, one sample's after another
+_FLAT_ROWS = (_batchnorm,)
 
 
 @dataclass
@@ -746,7 +755,8 @@ class HooksEngine:
                 if x.shape[0] != n or output.shape[0] != n:
                     # windows (Swin, MaxViT): dim 0 holds each sample's rows one after another; a token-wise
                     # rule reads them as more tokens of that sample (checked below, as batch-first layers are)
-                    if not (layer.rule in _TOKENWISE and group > 1 and x.shape[0] == output.shape[0] == n * group):
+                    if not (layer.rule in _TOKENWISE + _FLAT_ROWS and group > 1
+                            and x.shape[0] == output.shape[0] == n * group):
                         cap.bad = True
                         return None
                     x = x.reshape(n, group, *x.shape[1:])
@@ -900,6 +910,8 @@ class HooksEngine:
                 if not want or not cap.inputs:
                     continue
                 xs, ds = _widened(cap.inputs, [g[0] for g in cap.grads])
+                if cap.group > 1 and layer.rule in _FLAT_ROWS:
+                    xs, ds = [x.flatten(0, 1) for x in xs], [d.flatten(0, 1) for d in ds]
                 made = layer.rule(layer.module, xs, ds, want, n)
                 for attr, g in made.items():
                     parts.setdefault(layer.attrs[attr], []).append(g)
