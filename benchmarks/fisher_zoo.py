@@ -31,7 +31,7 @@ import gradsel
 from .common import machine, md_table, write
 
 COLUMNS = ["model", "batch", "candidates", "fallback tensors", "floor (s)", "hooks (s)", "vmap (s)", "loop (s)",
-           "hooks / floor", "hooks / vmap", "hooks / loop"]
+           "hooks / floor", "hooks / vmap", "hooks / loop", "note"]
 
 
 def _swin():
@@ -105,12 +105,29 @@ class _Pooled(torch.nn.Module):
         return self.model(x).mean((2, 3))
 
 
+def _t5():
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    config = T5Config(vocab_size=32128, d_model=256, d_kv=64, d_ff=1024, num_layers=4, num_decoder_layers=4,
+                      num_heads=4, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+
+    def batch(n: int, g: torch.Generator) -> dict:
+        """Padded source snippets of 32-64 tokens and targets of 2-16 (-100 past each target's end)."""
+        ids = torch.randint(2, 32000, (n, 64), generator=g)
+        mask = (torch.arange(64)[None] < torch.randint(32, 65, (n, 1), generator=g)).long()
+        labels = torch.randint(2, 32000, (n, 16), generator=g)
+        labels = labels.masked_fill(torch.arange(16)[None] >= torch.randint(2, 17, (n, 1), generator=g), -100)
+        return {"input_ids": ids * mask, "attention_mask": mask, "labels": labels}
+
+    return "HF T5 seq2seq (d 256, 4+4 layers), source 64, target 16", T5ForConditionalGeneration(config), batch
+
+
 MODELS = {"swin": _swin, "tv_swin": _tv_swin, "maxvit": _maxvit,
           "convnext": _timm("convnext_atto", "timm convnext_atto, 112²"),
           "poolformer": _timm("poolformer_s12", "timm poolformer_s12, 112²"),
           "mobilenet": _timm("mobilenetv2_100", "timm mobilenetv2_100, 112²"),
           "efficientnet": _timm("efficientnet_b0", "timm efficientnet_b0, 112²"),
-          "tv_mobilenet": _tv_mobilenet, "hf_swin": _hf_swin, "linknet": _linknet}
+          "tv_mobilenet": _tv_mobilenet, "hf_swin": _hf_swin, "linknet": _linknet, "t5": _t5}
 
 
 def _fallback_count(model, batch) -> int:
@@ -138,18 +155,30 @@ def run(models: list[str], n: int, rounds: int) -> list[dict]:
         label, model, size = MODELS[name]()
         model.eval()
         g = torch.Generator().manual_seed(1)
-        batch = (torch.randn(n, 3, size, size, generator=g), torch.randint(0, 3, (n,), generator=g))
+        if callable(size):  # a dict batch of the model's own (its loss is the model's)
+            batch = size(n, g)
+        else:
+            batch = (torch.randn(n, 3, size, size, generator=g), torch.randint(0, 3, (n,), generator=g))
 
         def floor():
             model.zero_grad(set_to_none=True)
-            F.cross_entropy(model(batch[0]), batch[1]).backward()
+            if isinstance(batch, dict):
+                model(**batch).loss.backward()
+            else:
+                F.cross_entropy(model(batch[0]), batch[1]).backward()
 
         ways = {"floor": floor}
         for engine in ("hooks", "vmap", "loop"):
             ways[engine] = lambda e=engine: gradsel.fisher(model, batch, engine=e, chunk_size=n, progress=False)
-        for fn in ways.values():
-            fn()
+        failed = {}
+        for k, fn in list(ways.items()):
+            try:
+                fn()
+            except gradsel.GradselError as exc:  # vmap cannot run T5's encoder-decoder attention
+                failed[k] = str(exc).split(": ", 1)[-1][:160]
+                del ways[k]
         best = {k: float("inf") for k in ways}
+        best.update({k: float("nan") for k in failed})
         for _ in range(rounds):
             for k, fn in ways.items():
                 t0 = time.perf_counter()
@@ -160,7 +189,8 @@ def run(models: list[str], n: int, rounds: int) -> list[dict]:
                      "fallback tensors": _fallback_count(model, batch),
                      **{f"{k} (s)": v for k, v in best.items()},
                      "hooks / floor": best["hooks"] / best["floor"], "hooks / vmap": best["hooks"] / best["vmap"],
-                     "hooks / loop": best["hooks"] / best["loop"]})
+                     "hooks / loop": best["hooks"] / best["loop"],
+                     **({"note": "; ".join(f"{k}: {v}" for k, v in failed.items())} if failed else {})})
         print(rows[-1], flush=True)
     return rows
 
@@ -170,6 +200,7 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--out", default="fisher_zoo", help="results file name (benchmarks/results/<out>.md)")
     args = parser.parse_args()
     rows = run(args.models, args.batch, args.rounds)
     command = "python -m benchmarks.fisher_zoo " + " ".join(
@@ -177,7 +208,7 @@ def main() -> None:
     md = (f"# Fisher beyond the main four: hooks engine vs vmap, loop and floor\n\nMachine: {machine()}. Command: "
           f"`{command}`. float32, eval mode; best of {args.rounds} interleaved rounds after a warm-up call each; "
           "*floor*: one batched forward+backward.\n\n" + md_table(rows, COLUMNS) + "\n")
-    write("fisher_zoo", rows, md)
+    write(args.out, rows, md)
 
 
 if __name__ == "__main__":

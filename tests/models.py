@@ -176,6 +176,49 @@ def gpt2_batch(n: int = 5, t: int = 8, seed: int = 1, vocab: int = 50):
     return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
 
 
+def t5(seed: int = 0, *, vocab: int = 40):
+    """A small T5 classifier: each stack's first attention looks up one relative-position bias for all samples
+    (a (q, k) bucket table, no sample dimension) and returns it (1, heads, q, k) to every later layer."""
+    from transformers import T5Config, T5ForSequenceClassification
+
+    torch.manual_seed(seed)
+    config = T5Config(vocab_size=vocab, d_model=16, d_kv=8, d_ff=32, num_layers=2, num_decoder_layers=2,
+                      num_heads=2, relative_attention_num_buckets=8, num_labels=2, decoder_start_token_id=0,
+                      pad_token_id=0, eos_token_id=1, attn_implementation="eager")
+    return T5ForSequenceClassification(config)
+
+
+def t5_seq2seq(seed: int = 0, *, vocab: int = 40):
+    """The same T5 as a sequence-to-sequence LM (its own loss): its decoder builds a key/value cache by default."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(seed)
+    config = T5Config(vocab_size=vocab, d_model=16, d_kv=8, d_ff=32, num_layers=2, num_decoder_layers=2,
+                      num_heads=2, relative_attention_num_buckets=8, decoder_start_token_id=0, pad_token_id=0,
+                      eos_token_id=1, attn_implementation="eager")
+    assert config.use_cache
+    return T5ForConditionalGeneration(config)
+
+
+def t5_seq2seq_batch(n: int = 4, t: int = 10, target: int = 6, seed: int = 1, vocab: int = 40):
+    batch = t5_batch(n, t, seed, vocab)
+    g = torch.Generator().manual_seed(seed + 1)
+    labels = torch.randint(2, vocab, (n, target), generator=g)
+    ends = torch.randint(2, target + 1, (n, 1), generator=g)
+    return {**batch, "labels": labels.masked_fill(torch.arange(target)[None] >= ends, -100)}
+
+
+def t5_batch(n: int = 4, t: int = 10, seed: int = 1, vocab: int = 40):
+    """Right-padded snippets, each ending in the eos token that T5's classification head reads."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(2, vocab, (n, t), generator=g)
+    lengths = torch.randint(3, t + 1, (n,), generator=g)
+    mask = (torch.arange(t)[None] < lengths[:, None]).long()
+    ids = ids * mask
+    ids[torch.arange(n), lengths - 1] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": torch.randint(0, 2, (n,), generator=g)}
+
+
 class ConvOffset(nn.Module):
     """A parameter added to a conv output, and a pos-embed-like parameter added after flatten/transpose."""
 

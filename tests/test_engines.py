@@ -74,6 +74,7 @@ CASES = {
     "batchnorm_over_tokens_in_dim_0": (M.flat_token_norm, lambda: M.image_batch(size=4)),
     "output_of_one_flattened_and_indexed": (M.indexed_shared_table, M.mlp_batch),
     "relative_bias_without_sample_dim": (M.relative_bias_net, M.mlp_batch),
+    "t5_relative_attention_bias": (M.t5, M.t5_batch),
     "window_attention": (M.windowed, lambda: M.image_batch(size=4)),
     "window_attention_window_major": (lambda: M.windowed(sample_major=False), lambda: M.image_batch(size=4)),
     "bert_hf_gradient_checkpointing": (_bert_checkpointed, M.bert_batch),
@@ -86,7 +87,7 @@ ENGINES = [e for e in ("vmap", "hooks", "auto") if e in estimate.ENGINES]
 # input embeddings that calls requires_grad_(), which torch.func transforms refuse.
 # torch's GRU and LSTM kernels write into an output of the unbatched shape (the hooks engine gives them the loop).
 VMAP_CANNOT = {"torch_checkpoint": "saved tensor hooks", "bert_hf_gradient_checkpointing": "functorch transform",
-               "gru_and_lstm": "broadcast shape"}
+               "gru_and_lstm": "broadcast shape", "t5_relative_attention_bias": "dynamic shape"}
 # Where the hooks engine's local torch.func gradient cannot run a module without rule, the loop computes it.
 HOOKS_LOOP = {"gru_and_lstm": "the batch-of-one loop computes them instead"}
 
@@ -493,6 +494,45 @@ def test_hooks_gives_a_table_without_sample_dim_to_its_parent():
     again, fell = _hooks_fallback(model, batch, chunk_size=5)
     assert fell == set() and forwards.count(5) == 1 < batched  # the first call re-ran its chunk once lifted
     _assert_matches(again, est, tol=1e-12)
+
+
+@pytest.mark.parametrize("t", [10, 8], ids=["no_sample_dim", "batch_sized_dim"])
+def test_hooks_gives_a_rule_layer_without_sample_dim_to_its_parent(t):
+    # T5's relative-attention embedding looks up one (q, k) bucket table for every sample and its attention
+    # returns the bias (1, heads, q, k) to every later layer: the embedding's rule has no sample to split, so the
+    # attention takes the table into its local gradient, with the returned bias expanded per sample (each
+    # sample's gradient of it, from every layer); the softmax it also returns, and reads itself, gets only the
+    # gradient from outside. With t = 8, the table's dim 0 is a multiple of the chunk of 4, so it is read as
+    # windows of each sample until the batch-first check finds that it holds no sample
+    model = M.t5().double()
+    batch = _double(M.t5_batch(n=8, t=t))
+    ref = gradsel.fisher_loop(model, batch, progress=False)
+    est, fell = _hooks_fallback(model, batch, chunk_size=4)
+    assert len({n for n in ref if "relative_attention_bias" in n}) == 2 and fell == set()
+    _assert_matches(est, ref)
+    again, fell = _hooks_fallback(model, batch, chunk_size=4)
+    assert fell == set()
+    _assert_matches(again, ref)
+
+
+def test_hooks_runs_hf_models_without_their_key_value_cache():
+    # T5's decoder builds a key/value cache by default; the local gradient of its first self-attention (which
+    # holds the relative-attention table) would run that attention again on the cache the batched forward filled.
+    # Estimation passes use_cache=False, so nothing falls back; the model's own loss is float32 (HF upcasts the
+    # logits), hence the tolerance
+    model = M.t5_seq2seq().double()
+    batch = _double(M.t5_seq2seq_batch(n=6))
+    ref = gradsel.fisher_loop(model, batch, progress=False)
+    est, fell = _hooks_fallback(model, batch, chunk_size=3)
+    assert fell == set()
+    _assert_matches(est, ref, tol=1e-6)
+    seen = []
+    model.register_forward_pre_hook(lambda m, a, kw: seen.append(kw.get("use_cache")), with_kwargs=True)
+    gradsel.fisher(model, {**batch, "use_cache": True}, engine="loop", progress=False)  # the batch's own word
+    assert seen and set(seen) == {True}
+    seen.clear()
+    gradsel.fisher(model, batch, engine="loop", progress=False)
+    assert seen and set(seen) == {False}
 
 
 def test_sample_check_tells_rounding_from_another_sample():

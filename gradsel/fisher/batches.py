@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping, Sequence
 from typing import Any, Callable, Iterable, Iterator
 
@@ -157,11 +158,24 @@ def logits_of(outputs: Any) -> torch.Tensor:
                        "pass loss=(outputs, batch) -> scalar tensor")
 
 
+def _builds_cache(model: nn.Module) -> bool:
+    """Whether ``model`` is an HF model that builds a key/value cache by default (``config.use_cache``) and takes
+    ``use_cache=`` (T5, GPT-2, BART; also through peft, whose wrappers pass keywords on)."""
+    if getattr(getattr(model, "config", None), "use_cache", None) is not True:
+        return False
+    try:
+        params = inspect.signature(model.forward).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.name == "use_cache" or p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
+
+
 class BatchReader:
     """Knows the batch format: its size, how to slice it, how to run the model and take the loss.
 
     Tuples/lists are ``(inputs, targets, ...)`` with cross-entropy on the logits by default; dicts are
-    HF-style (``model(**batch).loss``); anything else needs ``forward`` and ``loss``.
+    HF-style (``model(**batch).loss``, with ``use_cache=False`` for a model that would build a key/value cache);
+    anything else needs ``forward`` and ``loss``.
     """
 
     def __init__(self, forward: ForwardFn | None = None, loss: LossFn | None = None):
@@ -367,6 +381,10 @@ class BatchReader:
         if self.forward_fn is not None:
             return self.forward_fn(model, batch)
         if isinstance(batch, Mapping):
+            if "use_cache" not in batch and _builds_cache(model):
+                # estimation never reads a key/value cache, and the hooks engine's module-local gradients run
+                # attention layers again, where a cache filled by the batched forward would hand them its keys
+                return model(**batch, use_cache=False)
             return model(**batch)
         return model(batch[0])
 

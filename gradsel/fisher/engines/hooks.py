@@ -791,7 +791,8 @@ class HooksEngine:
                     return None
                 flat, spec = pytree.tree_flatten((args, kwargs))
                 outs, out_spec = pytree.tree_flatten(output)
-                rows = {t.shape[0] for t in outs if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dim()}
+                rows = {t.shape[0] for t in outs if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dim()
+                        and not (expand and t.shape[0] == 1)}
                 # windows: every output holds the same multiple of n rows, each sample's one after another;
                 # the module then runs on each sample's group of rows (checked against the loop below)
                 only = rows.pop() if len(rows) == 1 else n
@@ -804,13 +805,25 @@ class HooksEngine:
                     # a bias of as many heads as samples, is one shared by all): its parent takes it, or the fallback
                     lcalls[name].append(None)
                     return None
-                new = None
-                if not any(isinstance(t, torch.Tensor) and t.requires_grad for t in flat):
+                shared = [expand and group == 1 and not b and isinstance(t, torch.Tensor) and t.is_floating_point()
+                          and t.dim() > 0 and t.shape[0] == 1 and t.requires_grad for t, b in zip(outs, out_batched)]
+                if any(shared):
+                    # an output shared by the batch (T5's position bias (1, heads, q, k), which every later layer
+                    # adds to its scores): its gradient would be a sum over samples; expanded, each sample's row
+                    # gets its own (checked below with the other expansions, and the local gradient against the loop)
+                    outs = [t.expand(n, *t.shape[1:]) if e else t for t, e in zip(outs, shared)]
+                    out_batched = [b or e for b, e in zip(out_batched, shared)]
+                    expanded[0] = True
+                if any(shared) or not any(isinstance(t, torch.Tensor) and t.requires_grad for t in flat):
+                    # a root: the backward to the other roots need not pass through this module
                     root = torch.zeros((), dtype=outs[out_batched.index(True)].dtype, device=outs[0].device,
                                        requires_grad=True)
                     roots.append(root)
                     outs = [t + root if b else t for t, b in zip(outs, out_batched)]
-                    new = pytree.tree_unflatten(outs, out_spec)
+                else:
+                    # new nodes (views) as the outputs, so that their gradients come from outside the module only:
+                    # T5's attention returns its softmax, which it also reads to weigh the values
+                    outs = [t.view_as(t) if b and t.requires_grad else t for t, b in zip(outs, out_batched)]
                 call = {"flat": [t.detach() if isinstance(t, torch.Tensor) else t for t in flat], "spec": spec,
                         "batched": batched, "out_batched": out_batched, "group": group,
                         "shapes": [t.shape if b else None for t, b in zip(outs, out_batched)],
@@ -819,7 +832,7 @@ class HooksEngine:
                 for j, (t, b) in enumerate(zip(outs, out_batched)):
                     if b and t.requires_grad:
                         t.register_hook(lambda g, j=j, call=call: call["grads"].__setitem__(j, g))
-                return new
+                return pytree.tree_unflatten(outs, out_spec)
 
             return hook
 
@@ -878,6 +891,10 @@ class HooksEngine:
         lift = [name for name, calls in lcalls.items() if "." in name and (
             any(c is None for c in calls)
             or (not calls and any(uses[id(self.params[p])] for p in self.local[name][1].values())))]
+        # a rule layer that ran without a batch dimension (T5's relative-attention embedding looks up one bucket
+        # table for all samples; its attention module returns the bias, which every layer adds to its scores):
+        # its weights join its parent's local gradient, which reads each sample's gradient of that module's outputs
+        lift += [name for name, cap in caps.items() if "." in name and cap.bad]
         rerun, check = self._agree([bool(unreached) or bool(lift), not self._separable or bool(unchecked)])
         if rerun:
             self._rooted |= unreached
@@ -887,6 +904,14 @@ class HooksEngine:
             return self._per_layer(batch, n)
         if check:
             self._check_samples(batch, n, losses.detach(), caps, unchecked)
+            # a layer whose dim 0 had the batch's size (or a multiple of it) by chance, found not to hold the
+            # samples (T5's bucket table when the sequence is a multiple of the chunk): lifted as above
+            late = [name for name in unchecked if "." in name and name in self._not_batch_first]
+            if self._agree([bool(late)])[0]:
+                for name in late:
+                    self._lift(name)
+                    self._lifted.append(name)
+                return self._per_layer(batch, n)
         out: dict[str, Any] = dict(leaf_grads)
         calls: Counter = Counter()
         broken: set[str] = set()
@@ -973,11 +998,14 @@ class HooksEngine:
                 h.remove()
 
     def _lift(self, name: str) -> None:
-        """The local module ``name``'s candidates join its parent's local gradient (the parent becomes local if it
-        was not); checked against the loop with the rest, as every local gradient is."""
-        if name not in self.local:
+        """The candidates of the local module or rule layer ``name`` join its parent's local gradient (the parent
+        becomes local if it was not); checked against the loop with the rest, as every local gradient is."""
+        if name in self.local:
+            _, own = self.local.pop(name)
+        elif name in self.layers:
+            own = dict(self.layers.pop(name).attrs)
+        else:
             return
-        _, own = self.local.pop(name)
         parent = name.rpartition(".")[0]
         module, theirs = self.local.get(parent) or (self.model.get_submodule(parent), {})
         theirs.update({f"{name[len(parent) + 1:]}.{attr}": pname for attr, pname in own.items()})
