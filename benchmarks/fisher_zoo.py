@@ -53,11 +53,11 @@ def _maxvit():
     return "torchvision maxvit_t, 224²", torchvision.models.maxvit_t(weights=None, num_classes=3), 224
 
 
-def _timm(name: str, label: str):
+def _timm(name: str, label: str, size: int = 112):
     def make():
         import timm
 
-        return label, timm.create_model(name, pretrained=False, num_classes=3), 112
+        return label, timm.create_model(name, pretrained=False, num_classes=3), size
 
     return make
 
@@ -127,6 +127,7 @@ MODELS = {"swin": _swin, "tv_swin": _tv_swin, "maxvit": _maxvit,
           "poolformer": _timm("poolformer_s12", "timm poolformer_s12, 112²"),
           "mobilenet": _timm("mobilenetv2_100", "timm mobilenetv2_100, 112²"),
           "efficientnet": _timm("efficientnet_b0", "timm efficientnet_b0, 112²"),
+          "levit": _timm("levit_128s", "timm levit_128s, 224²", 224),
           "tv_mobilenet": _tv_mobilenet, "hf_swin": _hf_swin, "linknet": _linknet, "t5": _t5}
 
 
