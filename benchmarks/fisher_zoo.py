@@ -53,11 +53,11 @@ def _maxvit():
     return "torchvision maxvit_t, 224²", torchvision.models.maxvit_t(weights=None, num_classes=3), 224
 
 
-def _timm(name: str, label: str, size: int = 112):
+def _timm(name: str, label: str, size: int = 112, **options):
     def make():
         import timm
 
-        return label, timm.create_model(name, pretrained=False, num_classes=3), size
+        return label, timm.create_model(name, pretrained=False, num_classes=3, **options), size
 
     return make
 
@@ -128,6 +128,7 @@ MODELS = {"swin": _swin, "tv_swin": _tv_swin, "maxvit": _maxvit,
           "mobilenet": _timm("mobilenetv2_100", "timm mobilenetv2_100, 112²"),
           "efficientnet": _timm("efficientnet_b0", "timm efficientnet_b0, 112²"),
           "levit": _timm("levit_128s", "timm levit_128s, 224²", 224),
+          "coat": _timm("coat_lite_tiny", "timm coat_lite_tiny, 112²", img_size=112),
           "tv_mobilenet": _tv_mobilenet, "hf_swin": _hf_swin, "linknet": _linknet, "t5": _t5}
 
 

@@ -287,6 +287,38 @@ def twice(seed: int = 0):
     return Twice()
 
 
+class _SharedBlock(nn.Module):
+    def __init__(self, pe: nn.Module, c: int):
+        super().__init__()
+        self.pe = pe  # the parent's module, registered here too: one module under two names
+        self.mix = nn.Conv2d(c, c, 1)
+
+    def forward(self, x):
+        return torch.tanh(self.mix(self.pe(x) + x))
+
+
+class SharedByTwoParents(nn.Module):
+    """timm CoaT's layout: one depthwise conv position encoding held by the network and by each of its blocks."""
+
+    def __init__(self, c: int = 4):
+        super().__init__()
+        self.stem = nn.Conv2d(3, c, 3, padding=1)
+        self.pe = nn.Conv2d(c, c, 3, padding=1, groups=c)
+        self.blocks = nn.ModuleList([_SharedBlock(self.pe, c) for _ in range(2)])
+        self.head = nn.Linear(c, 3)
+
+    def forward(self, x):
+        x = self.stem(x)
+        for block in self.blocks:
+            x = block(x)
+        return self.head(x.mean((2, 3)))
+
+
+def shared_by_two_parents(seed: int = 0):
+    torch.manual_seed(seed)
+    return SharedByTwoParents()
+
+
 class Checkpointed(nn.Module):
     """An MLP + conv whose blocks run under ``torch.utils.checkpoint`` (non-reentrant) in every mode."""
 

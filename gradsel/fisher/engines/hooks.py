@@ -440,7 +440,9 @@ def find_layers(model: nn.Module, names: list[str]) -> dict[str, _Layer]:
     embedding) is kept when every module holding it has a rule: its per-sample gradients are summed across
     them before squaring; held also by a module without rule, it is left to the fallback."""
     canonical = {id(p): n for n, p in model.named_parameters()}
-    owners = Counter(id(p) for m in model.modules(remove_duplicate=False) for p in m.parameters(recurse=False))
+    # distinct modules: one module reached by several paths (timm CoaT's ConvPosEnc, shared by its serial blocks)
+    # holds its parameters once, and its one hook sees every call
+    owners = Counter(id(p) for m in model.modules() for p in m.parameters(recurse=False))
     wanted = set(names)
     found, held = {}, Counter()
     for mod_name, module in model.named_modules():
