@@ -132,7 +132,8 @@ MODELS = {"swin": _swin, "tv_swin": _tv_swin, "maxvit": _maxvit,
           "tv_mobilenet": _tv_mobilenet, "hf_swin": _hf_swin, "linknet": _linknet, "t5": _t5}
 
 
-def _fallback_count(model, batch) -> int:
+def hooks_and_fallen(model, batch, **options) -> tuple[dict, set[str]]:
+    """The hooks engine's estimate and the candidates it left to its whole-model fallback."""
     hooks = importlib.import_module("gradsel.fisher.engines.hooks")
     seen: set[str] = set()
     call = hooks.HooksEngine.__call__
@@ -144,10 +145,9 @@ def _fallback_count(model, batch) -> int:
 
     hooks.HooksEngine.__call__ = spy
     try:
-        gradsel.fisher(model, batch, engine="hooks", progress=False)
+        return gradsel.fisher(model, batch, engine="hooks", progress=False, **options), seen
     finally:
         hooks.HooksEngine.__call__ = call
-    return len(seen)
 
 
 def run(models: list[str], n: int, rounds: int) -> list[dict]:
@@ -188,7 +188,7 @@ def run(models: list[str], n: int, rounds: int) -> list[dict]:
                 best[k] = min(best[k], time.perf_counter() - t0)
         model.zero_grad(set_to_none=True)
         rows.append({"model": label, "batch": n, "candidates": sum(1 for _ in model.parameters()),
-                     "fallback tensors": _fallback_count(model, batch),
+                     "fallback tensors": len(hooks_and_fallen(model, batch)[1]),
                      **{f"{k} (s)": v for k, v in best.items()},
                      "hooks / floor": best["hooks"] / best["floor"], "hooks / vmap": best["hooks"] / best["vmap"],
                      "hooks / loop": best["hooks"] / best["loop"],
