@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -317,6 +318,38 @@ class SharedByTwoParents(nn.Module):
 def shared_by_two_parents(seed: int = 0):
     torch.manual_seed(seed)
     return SharedByTwoParents()
+
+
+class _GainConv(nn.Module):
+    """A conv whose weight is scaled by a gain first (timm's ScaledStdConv2d in small): no rule, a local gradient."""
+
+    def __init__(self, c_in: int, c_out: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(c_out, c_in, 3, 3) * 0.3)
+        self.gain = nn.Parameter(torch.rand(c_out, 1, 1, 1) + 0.5)
+
+    def forward(self, x):
+        return F.conv2d(x, self.weight * self.gain, padding=1)
+
+
+class LocalOutputWrittenInPlace(nn.Module):
+    """timm NF-ResNet's layout: a local module's output goes straight into an in-place activation."""
+
+    def __init__(self, c: int = 4):
+        super().__init__()
+        self.conv1 = _GainConv(3, c)
+        self.conv2 = _GainConv(c, c)
+        self.act = nn.ReLU(inplace=True)
+        self.head = nn.Linear(c, 3)
+
+    def forward(self, x):
+        x = self.conv2(self.act(self.conv1(x)))
+        return self.head(self.act(x).mean((2, 3)))
+
+
+def local_output_written_in_place(seed: int = 0):
+    torch.manual_seed(seed)
+    return LocalOutputWrittenInPlace()
 
 
 class Checkpointed(nn.Module):

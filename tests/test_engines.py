@@ -60,6 +60,7 @@ CASES = {
     "depthwise_separable": (M.depthwise, lambda: M.image_batch(size=8)),
     "module_called_twice": (M.twice, M.mlp_batch),
     "module_shared_by_two_parents": (M.shared_by_two_parents, lambda: M.image_batch(size=6)),
+    "local_output_written_in_place": (M.local_output_written_in_place, lambda: M.image_batch(size=6)),
     "torch_checkpoint": (M.checkpointed, lambda: M.image_batch(size=8)),
     "seq_first_transformer": (M.seq_first, M.seq_batch),
     "gru_and_lstm": (M.recurrent, M.seq_batch),
@@ -219,7 +220,8 @@ def _hooks_fallback(model, batch, **kw):
                                   "param_added_to_conv_output", "gpt2_tied_lm_head", "gpt2_own_lm_loss",
                                   "embedding_attention_layernorm", "transposed_convs",
                                   "batchnorm_over_tokens_in_dim_0", "bert_hf_gradient_checkpointing",
-                                  "module_shared_by_two_parents", "t5_relative_attention_bias"])
+                                  "module_shared_by_two_parents", "t5_relative_attention_bias",
+                                  "local_output_written_in_place"])
 def test_hooks_rules_cover_every_candidate(case):
     # no fallback pass at all: position embeddings (1, T, D) expanded, unused encoder stages zero, in-place
     # ReLU/residuals, depthwise and 1-D convs, transposed convs, a layer called twice, checkpointed blocks

@@ -822,9 +822,11 @@ class HooksEngine:
                                        requires_grad=True)
                     roots.append(root)
                     outs = [t + root if b else t for t, b in zip(outs, out_batched)]
-                else:
+                elif sum(out_batched) > 1:
                     # new nodes (views) as the outputs, so that their gradients come from outside the module only:
-                    # T5's attention returns its softmax, which it also reads to weigh the values
+                    # T5's attention returns its softmax, which it also reads to weigh the values. Not for a single
+                    # output: a view written in place later (timm NF-ResNet's in-place activation after its conv)
+                    # loses the hook registered on it
                     outs = [t.view_as(t) if b and t.requires_grad else t for t, b in zip(outs, out_batched)]
                 call = {"flat": [t.detach() if isinstance(t, torch.Tensor) else t for t in flat], "spec": spec,
                         "batched": batched, "out_batched": out_batched, "group": group,
