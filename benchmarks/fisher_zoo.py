@@ -129,6 +129,10 @@ MODELS = {"swin": _swin, "tv_swin": _tv_swin, "maxvit": _maxvit,
           "efficientnet": _timm("efficientnet_b0", "timm efficientnet_b0, 112²"),
           "levit": _timm("levit_128s", "timm levit_128s, 224²", 224),
           "coat": _timm("coat_lite_tiny", "timm coat_lite_tiny, 112²", img_size=112),
+          "nf_resnet": _timm("nf_resnet26", "timm nf_resnet26, 112²"),
+          "nfnet": _timm("dm_nfnet_f0", "timm dm_nfnet_f0, 112²"),
+          "bit": _timm("resnetv2_50x1_bit", "timm resnetv2_50x1_bit, 112²"),
+          "resnet50": _timm("resnet50", "timm resnet50, 112²"),  # BiT without weight standardisation: a reference
           "tv_mobilenet": _tv_mobilenet, "hf_swin": _hf_swin, "linknet": _linknet, "t5": _t5}
 
 

@@ -91,6 +91,7 @@ def gloo_rank(rank: int, world: int, port: int, err: Path, timeout: float):
                                 timeout=timedelta(seconds=timeout))
         try:
             yield
+            dist.barrier()  # leave together: a rank tearing down gloo while its peer still talks can abort the peer
         finally:
             dist.destroy_process_group()
     except BaseException:

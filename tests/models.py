@@ -352,6 +352,40 @@ def local_output_written_in_place(seed: int = 0):
     return LocalOutputWrittenInPlace()
 
 
+class StdConvs(nn.Module):
+    """timm's weight-standardised convolutions (BiT's StdConv2d, the NF-nets' ScaledStdConv2d and their "SAME"
+    kin with dynamic padding), grouped, depthwise and 1×1, with gains away from 1: every route of the conv rule
+    (one sample per kernel call at 9×9, matmul at the strided layers' few positions, depthwise) taken back
+    through the standardisation."""
+
+    def __init__(self, c: int = 4):
+        from timm.layers import ScaledStdConv2d, ScaledStdConv2dSame, StdConv2d, StdConv2dSame
+
+        super().__init__()
+        self.stem = StdConv2d(3, c, 3, bias=True)
+        self.grouped = ScaledStdConv2d(c, 2 * c, 3, groups=2, bias=True)
+        self.depthwise = ScaledStdConv2d(2 * c, 2 * c, 3, groups=2 * c)
+        self.down = ScaledStdConv2dSame(2 * c, c, 3, stride=2, padding="SAME")
+        self.same = StdConv2dSame(c, c, 3, stride=2, padding="SAME", bias=True)
+        self.point = ScaledStdConv2d(c, c, 1)
+        self.head = nn.Linear(c, 3)
+        with torch.no_grad():
+            for m in self.modules():
+                if isinstance(getattr(m, "gain", None), nn.Parameter):
+                    m.gain.copy_(torch.rand(m.gain.shape) + 0.5)
+
+    def forward(self, x):
+        x = F.gelu(self.grouped(F.gelu(self.stem(x))))
+        x = self.down(F.gelu(self.depthwise(x)))
+        x = self.point(F.gelu(self.same(x)))
+        return self.head(x.mean((2, 3)))
+
+
+def std_convs(seed: int = 0):
+    torch.manual_seed(seed)
+    return StdConvs()
+
+
 class Checkpointed(nn.Module):
     """An MLP + conv whose blocks run under ``torch.utils.checkpoint`` (non-reentrant) in every mode."""
 

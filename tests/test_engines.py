@@ -61,6 +61,7 @@ CASES = {
     "module_called_twice": (M.twice, M.mlp_batch),
     "module_shared_by_two_parents": (M.shared_by_two_parents, lambda: M.image_batch(size=6)),
     "local_output_written_in_place": (M.local_output_written_in_place, lambda: M.image_batch(size=6)),
+    "weight_standardised_convs": (M.std_convs, lambda: M.image_batch(size=11)),
     "torch_checkpoint": (M.checkpointed, lambda: M.image_batch(size=8)),
     "seq_first_transformer": (M.seq_first, M.seq_batch),
     "gru_and_lstm": (M.recurrent, M.seq_batch),
@@ -221,7 +222,7 @@ def _hooks_fallback(model, batch, **kw):
                                   "embedding_attention_layernorm", "transposed_convs",
                                   "batchnorm_over_tokens_in_dim_0", "bert_hf_gradient_checkpointing",
                                   "module_shared_by_two_parents", "t5_relative_attention_bias",
-                                  "local_output_written_in_place"])
+                                  "local_output_written_in_place", "weight_standardised_convs"])
 def test_hooks_rules_cover_every_candidate(case):
     # no fallback pass at all: position embeddings (1, T, D) expanded, unused encoder stages zero, in-place
     # ReLU/residuals, depthwise and 1-D convs, transposed convs, a layer called twice, checkpointed blocks
@@ -234,7 +235,7 @@ def test_hooks_rules_cover_every_candidate(case):
 @needs_hooks
 @pytest.mark.parametrize("case", ["mlp", "cnn_batchnorm", "bert", "module_called_twice", "depthwise_separable",
                                   "gpt2_tied_lm_head", "torch_checkpoint", "transposed_convs",
-                                  "batchnorm_over_tokens_in_dim_0"])
+                                  "batchnorm_over_tokens_in_dim_0", "weight_standardised_convs"])
 def test_hooks_contributions_over_masks_match_the_loop(case):
     # every rule's masked per-sample path: (δ²)ᵀ(a²), token blocks, conv, embedding rows, norms, biases
     model, batch, _, opts = _case(case)
@@ -268,6 +269,19 @@ def test_hooks_token_linears_one_sample_per_block(case, monkeypatch):
     assert (est.per_sample - ref.per_sample).abs().max() <= TOL * ref.per_sample.abs().max()
     plain, _ = _hooks_fallback(model, batch, loss=opts.get("loss"))  # the unmasked path (one pass per sample)
     _assert_matches(plain, ref, opts.get("tol", TOL))
+
+
+def test_weight_standardised_convs_have_a_rule_for_weight_bias_and_gain():
+    # not a module-local torch.func gradient (exact too, 2-3x slower on the NF-nets): the conv rule's per-sample
+    # gradients taken back through the standardisation (the matrix case above checks them against the loop)
+    from gradsel.fisher.engines import hooks
+
+    model = M.std_convs()
+    layers = hooks.find_layers(model, [n for n, _ in model.named_parameters()])
+    std = [n for n, m in model.named_modules() if type(m).__module__ == "timm.layers.std_conv"]
+    assert len(std) == 6 and all(layers[n].rule is hooks._std_conv for n in std)
+    assert layers["grouped"].attrs == {"weight": "grouped.weight", "bias": "grouped.bias", "gain": "grouped.gain"}
+    assert layers["stem"].attrs == {"weight": "stem.weight", "bias": "stem.bias"}
 
 
 class _WeightReadTwice(torch.nn.Module):

@@ -190,6 +190,27 @@ class ConvWeightGrads(LazyGrads):
         return part
 
 
+@dataclass
+class StandardizedWeightGrads(ConvWeightGrads):
+    """Per-sample weight gradients of a convolution whose kernel is its weight standardised per output channel
+    first (timm's ``StdConv2d`` and ``ScaledStdConv2d``: ``W = a·(w − μ)/√(σ² + ε)`` over each channel's fan-in,
+    biased variance, ``a`` the gain times the scale or 1). The convolution's per-sample gradients ``G_i`` of ``W``
+    come a block of output channels at a time as :class:`ConvWeightGrads` forms them, and each block is taken back
+    through the standardisation, a BatchNorm over the channel's row: ``∂w_i = a/√(σ² + ε) · (G_i − mean(G_i) −
+    ŵ·mean(G_i ŵ))``, ``ŵ`` the standardised weight, means over the row."""
+
+    standard: torch.Tensor | None = None  # ŵ as (G, Cout/G, k)
+    coef: torch.Tensor | None = None  # a/√(σ² + ε) as (G, Cout/G, 1)
+
+    def _blocks(self, dtype):
+        for samples, (r, e), g in super()._blocks(dtype):
+            # in place on the block (ours): a fresh tensor of its size would cost more in page faults than the
+            # arithmetic; the row dot products one sample at a time (an einsum over all of them copies the block)
+            w, c = self.standard[:, r:e].to(dtype), self.coef[:, r:e].to(dtype)
+            dots = torch.stack([torch.einsum("grk,grk->gr", gi, w) for gi in g]).unsqueeze(-1).div_(g.shape[-1])
+            yield samples, (r, e), g.sub_(g.mean(-1, keepdim=True)).addcmul_(w, dots, value=-1).mul_(c)
+
+
 def _positions(ts: list[torch.Tensor]) -> torch.Tensor:
     """The calls' ``(n, C, L)`` tensors as one, their positions side by side (no copy for one call)."""
     return ts[0] if len(ts) == 1 else torch.cat(ts, 2)
