@@ -62,6 +62,16 @@ def _timm(name: str, label: str, size: int = 112, **options):
     return make
 
 
+def _tv_vit():
+    import torchvision
+
+    # torchvision's ViT-S/16 shape at 112²: nn.MultiheadAttention, and pos_embedding held by the Encoder
+    model = torchvision.models.VisionTransformer(image_size=112, patch_size=16, num_layers=12, num_heads=6,
+                                                 hidden_dim=384, mlp_dim=1536, num_classes=3)
+    torch.nn.init.normal_(model.heads.head.weight, std=0.02)  # torchvision starts it at zero: no gradient below
+    return "torchvision ViT-S/16, 112²", model, 112
+
+
 def _hf_swin():
     from transformers import SwinConfig, SwinForImageClassification
 
@@ -133,7 +143,7 @@ MODELS = {"swin": _swin, "tv_swin": _tv_swin, "maxvit": _maxvit,
           "nfnet": _timm("dm_nfnet_f0", "timm dm_nfnet_f0, 112²"),
           "bit": _timm("resnetv2_50x1_bit", "timm resnetv2_50x1_bit, 112²"),
           "resnet50": _timm("resnet50", "timm resnet50, 112²"),  # BiT without weight standardisation: a reference
-          "tv_mobilenet": _tv_mobilenet, "hf_swin": _hf_swin, "linknet": _linknet, "t5": _t5}
+          "tv_vit": _tv_vit, "tv_mobilenet": _tv_mobilenet, "hf_swin": _hf_swin, "linknet": _linknet, "t5": _t5}
 
 
 def hooks_and_fallen(model, batch, **options) -> tuple[dict, set[str]]:

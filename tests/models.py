@@ -74,6 +74,49 @@ def attention_batch(n: int = 8, seed: int = 1):
     return torch.randint(0, 30, (n, 7), generator=g), torch.randint(0, 2, (n,), generator=g)
 
 
+class MaskedAttention(nn.Module):
+    """nn.MultiheadAttention as models use it: a causal self-attention with a padding mask (bool masks), a
+    cross-attention to a memory (another key and value, a float mask), called twice, and torch's
+    TransformerEncoderLayer (its own attention inside) with a padding mask; token 0 is the padding."""
+
+    def __init__(self, vocab: int = 30, dim: int = 16):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.memory = nn.Linear(dim, dim)
+        self.self_attn = nn.MultiheadAttention(dim, 2, batch_first=True)
+        self.cross = nn.MultiheadAttention(dim, 4, batch_first=True, bias=False)
+        self.layer = nn.TransformerEncoderLayer(dim, 2, 32, dropout=0.0, batch_first=True)
+        self.head = nn.Linear(dim, 2)
+
+    def forward(self, tokens):
+        h = self.embed(tokens)
+        pad = tokens == 0
+        t = tokens.shape[1]
+        causal = torch.ones(t, t, dtype=torch.bool, device=tokens.device).triu(1)
+        a, _ = self.self_attn(h, h, h, key_padding_mask=pad, attn_mask=causal)  # weights returned, unused
+        h = h + a
+        mem = torch.tanh(self.memory(h[:, :3]))
+        bias = torch.linspace(-1, 1, 3, dtype=h.dtype, device=h.device).expand(t, 3)
+        for _ in range(2):
+            c, _ = self.cross(h, mem, mem, attn_mask=bias, need_weights=False)
+            h = h + c
+        h = self.layer(h, src_key_padding_mask=pad)
+        return self.head(h.mean(1))
+
+
+def masked_attention(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return MaskedAttention()
+
+
+def masked_attention_batch(n: int = 6, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(1, 30, (n, 7), generator=g)
+    tokens[1, 5:] = 0  # padded
+    tokens[3, 4:] = 0
+    return tokens, torch.randint(0, 2, (n,), generator=g)
+
+
 def bert(seed: int = 0, *, layers: int = 2, hidden: int = 32, vocab: int = 100):
     from transformers import BertConfig, BertForSequenceClassification
 

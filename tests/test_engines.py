@@ -62,6 +62,7 @@ CASES = {
     "module_shared_by_two_parents": (M.shared_by_two_parents, lambda: M.image_batch(size=6)),
     "local_output_written_in_place": (M.local_output_written_in_place, lambda: M.image_batch(size=6)),
     "weight_standardised_convs": (M.std_convs, lambda: M.image_batch(size=11)),
+    "multihead_attention_masks_and_cross": (M.masked_attention, M.masked_attention_batch),
     "torch_checkpoint": (M.checkpointed, lambda: M.image_batch(size=8)),
     "seq_first_transformer": (M.seq_first, M.seq_batch),
     "gru_and_lstm": (M.recurrent, M.seq_batch),
@@ -222,7 +223,8 @@ def _hooks_fallback(model, batch, **kw):
                                   "embedding_attention_layernorm", "transposed_convs",
                                   "batchnorm_over_tokens_in_dim_0", "bert_hf_gradient_checkpointing",
                                   "module_shared_by_two_parents", "t5_relative_attention_bias",
-                                  "local_output_written_in_place", "weight_standardised_convs"])
+                                  "local_output_written_in_place", "weight_standardised_convs",
+                                  "multihead_attention_masks_and_cross"])
 def test_hooks_rules_cover_every_candidate(case):
     # no fallback pass at all: position embeddings (1, T, D) expanded, unused encoder stages zero, in-place
     # ReLU/residuals, depthwise and 1-D convs, transposed convs, a layer called twice, checkpointed blocks
@@ -235,7 +237,8 @@ def test_hooks_rules_cover_every_candidate(case):
 @needs_hooks
 @pytest.mark.parametrize("case", ["mlp", "cnn_batchnorm", "bert", "module_called_twice", "depthwise_separable",
                                   "gpt2_tied_lm_head", "torch_checkpoint", "transposed_convs",
-                                  "batchnorm_over_tokens_in_dim_0", "weight_standardised_convs"])
+                                  "batchnorm_over_tokens_in_dim_0", "weight_standardised_convs",
+                                  "multihead_attention_masks_and_cross"])
 def test_hooks_contributions_over_masks_match_the_loop(case):
     # every rule's masked per-sample path: (δ²)ᵀ(a²), token blocks, conv, embedding rows, norms, biases
     model, batch, _, opts = _case(case)
@@ -282,6 +285,23 @@ def test_weight_standardised_convs_have_a_rule_for_weight_bias_and_gain():
     assert len(std) == 6 and all(layers[n].rule is hooks._std_conv for n in std)
     assert layers["grouped"].attrs == {"weight": "grouped.weight", "bias": "grouped.bias", "gain": "grouped.gain"}
     assert layers["stem"].attrs == {"weight": "stem.weight", "bias": "stem.bias"}
+
+
+@pytest.mark.parametrize("case", ["embedding_attention_layernorm", "multihead_attention_masks_and_cross"])
+def test_multihead_attention_takes_the_batched_recomputation(case, monkeypatch):
+    # every nn.MultiheadAttention call (masks, cross-attention, a second call, the one inside torch's
+    # TransformerEncoderLayer) gets its gradients from _mha_grads, none from a torch.func pass per sample
+    from gradsel.fisher.engines import hooks
+
+    taken, real = [], hooks._mha_grads
+    monkeypatch.setattr(hooks, "_mha_grads", lambda m, calls, n, want: taken.append(real(m, calls, n, want)) or taken[-1])
+    monkeypatch.setattr(hooks, "_module_grads", lambda *a: pytest.fail("a torch.func pass ran"))
+    model, batch, ref, opts = _case(case)
+    est = gradsel.fisher(model, batch, engine="hooks", chunk_size=3, progress=False)
+    attentions = sum(isinstance(m, torch.nn.MultiheadAttention) for m in model.modules())
+    chunks = -(-len(batch[0]) // 3)
+    assert len(taken) == chunks * attentions and all(t is not None for t in taken)
+    _assert_matches(est, ref, TOL)
 
 
 class _WeightReadTwice(torch.nn.Module):

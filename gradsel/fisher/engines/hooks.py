@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import json
 import warnings
 import weakref
@@ -673,7 +674,9 @@ class HooksEngine:
         def free(full: str, p: torch.Tensor) -> bool:
             return full in wanted and full not in claimed and owners[id(p)] == 1 and self.params.get(full) is p
 
-        for mod_name, module in model.named_modules():
+        # deepest first: a module's own candidates take its local gradient, not an ancestor's (torchvision's ViT
+        # Encoder holds pos_embedding beside its attention layers: it would have run them all per sample)
+        for mod_name, module in reversed(list(model.named_modules())):
             if module is model or not any(free(f"{mod_name}.{a}", p) for a, p in module.named_parameters(recurse=False)):
                 continue
             own = {rel: f"{mod_name}.{rel}" for rel, p in module.named_parameters() if free(f"{mod_name}.{rel}", p)}
@@ -1082,8 +1085,9 @@ class HooksEngine:
     def _local_grads(self, lcalls: dict[str, list], batch: Any, n: int,
                      scales: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Each sample's gradient of the local modules' own candidates: ``scales`` (layer scales found in the
-        batched forward: elementwise.py), else torch.func on that module alone, fed with the captured inputs
-        and output gradients (calls summed); checked once against the loop."""
+        batched forward: elementwise.py), ``nn.MultiheadAttention`` from a batched recomputation
+        (:func:`_mha_grads`), else torch.func on that module alone, fed with the captured inputs and output
+        gradients (calls summed); checked once against the loop."""
         out: dict[str, torch.Tensor] = dict(scales)
         for name, (module, own) in self.local.items():
             calls = lcalls[name]
@@ -1092,9 +1096,10 @@ class HooksEngine:
                 continue  # never ran, no batch dimension, or not reached by the backward: the fallback
             cands = {attr: self.params[pname].detach() for attr, pname in own.items()}
             consts = {k: v.detach() for k, v in module.named_parameters() if k not in cands}
-            total, slots = None, tensor_slots(module)
+            slots = tensor_slots(module)
+            total = _mha_grads(module, calls, n, set(own))  # None: not an attention it takes
             try:
-                for call in calls:
+                for call in calls if total is None else ():
                     g = _module_grads(module, cands, consts, call, slots)
                     total = g if total is None else {k: total[k] + g[k] for k in g}
             except Exception:  # noqa: BLE001 (torch.func cannot run this module, e.g. a GRU: the fallback does)
@@ -1110,7 +1115,8 @@ class HooksEngine:
             # by structure (PoolFormer's norm bias before `pool(x) - x`) holds noise on both sides
             noise = max(float(r.abs().max()) for r in ref.values()) * 100
             for pname in unchecked:
-                g, r = out[pname][:k], ref[pname].to(out[pname].dtype)
+                g = out[pname][:k] if isinstance(out[pname], torch.Tensor) else _dense(out[pname])(0, k)
+                r = ref[pname].to(g.dtype)
                 rtol = 1e-7 if g.dtype == torch.float64 else 1e-3
                 atol = rtol * float(r.abs().max()) + noise * torch.finfo(g.dtype).eps + 1e-30
                 if not torch.allclose(g, r, rtol=rtol, atol=atol):
@@ -1263,6 +1269,87 @@ def _module_grads(module: nn.Module, cands: dict[str, torch.Tensor], consts: dic
         # SDPA has no vmap batching rule yet; torch warns once per op and runs a correct slow path
         warnings.filterwarnings("ignore", message="There is a performance drop")
         return vmap(grad(one_sample), in_dims=(None, 0, 0))(cands, rows, deltas)
+
+
+_MHA_SIGNATURE = inspect.signature(nn.MultiheadAttention.forward)
+
+
+def _mha_grads(module: nn.Module, calls: list[dict], n: int, want: set[str]) -> dict[str, Any] | None:
+    """``nn.MultiheadAttention`` (batch first, one packed in-projection, no bias_k/v or zero attention, no active
+    dropout, the attention weights unused), without a torch.func pass per sample: from each captured call, one
+    batched recomputation of the attention from its projected queries, keys and values gives their gradients
+    (the output gradient passed back through ``out_proj`` and the attention), and the projections are Linears over
+    the tokens: ``[δqᵀ x_q; δkᵀ x_k; δvᵀ x_v]`` for ``in_proj_weight``, ``δᵀ·attention`` for ``out_proj.weight``,
+    a block of samples at a time. None where a call is outside that (the torch.func path takes it)."""
+    if not (type(module) is nn.MultiheadAttention and module._qkv_same_embed_dim and module.bias_k is None
+            and not module.add_zero_attn and module.batch_first and not (module.training and module.dropout > 0)):
+        return None
+    e, h = module.embed_dim, module.num_heads
+    parts: dict[str, list] = {"q": [], "k": [], "v": [], "dq": [], "dk": [], "dv": [], "att": [], "dout": []}
+    for call in calls:
+        args, kwargs = pytree.tree_unflatten(call["flat"], call["spec"])
+        try:
+            bound = _MHA_SIGNATURE.bind(module, *args, **kwargs)
+        except TypeError:
+            return None
+        bound.apply_defaults()
+        a = bound.arguments
+        query, key, value = a["query"], a["key"], a["value"]
+        dout = call["grads"][0]
+        if (call["group"] != 1 or any(g is not None for g in call["grads"][1:]) or dout is None
+                or query.dim() != 3 or query.shape[0] != n or key.shape[0] != n or value.shape[0] != n):
+            return None
+        xs, ds = _widened([query, key, value], [dout])
+        dtype = ds[0].dtype
+        mask = _attention_mask(a["attn_mask"], a["key_padding_mask"], n, h, dtype)
+        if mask is False:
+            return None
+        w = module.in_proj_weight.detach().to(dtype)
+        b = None if module.in_proj_bias is None else module.in_proj_bias.detach().to(dtype)
+        with torch.enable_grad(), torch.autocast(query.device.type, enabled=False):
+            q, k, v = (F.linear(x, w[j * e:(j + 1) * e], None if b is None else b[j * e:(j + 1) * e])
+                       .detach().requires_grad_(True) for j, x in enumerate(xs))
+            heads = [t.view(n, t.shape[1], h, e // h).transpose(1, 2) for t in (q, k, v)]
+            att = F.scaled_dot_product_attention(*heads, attn_mask=mask).transpose(1, 2).reshape(n, -1, e)
+            dq, dk, dv = torch.autograd.grad(att, (q, k, v), ds[0] @ module.out_proj.weight.detach().to(dtype))
+        for key_, t in zip(("q", "k", "v", "dq", "dk", "dv", "att", "dout"), (*xs, dq, dk, dv, att.detach(), ds[0])):
+            parts[key_].append(t)
+    x = [_stack_tokens(parts[j], n) for j in ("q", "k", "v")]
+    d = [_stack_tokens(parts[j], n) for j in ("dq", "dk", "dv")]
+    out: dict[str, Any] = {}
+    if "in_proj_weight" in want:
+        block = max(1, BLOCK_BYTES // max(1, module.in_proj_weight.numel() * d[0].element_size()))
+        out["in_proj_weight"] = BlockGrads(lambda s, t, scratch=None: torch.cat(
+            [torch.bmm(dj[s:t].transpose(1, 2), xj[s:t]) for dj, xj in zip(d, x)], 1), n, block)
+    if "in_proj_bias" in want:
+        out["in_proj_bias"] = torch.cat([dj.sum(1) for dj in d], 1)
+    proj = _linear(module.out_proj, parts["att"], parts["dout"],
+                   {a for a in ("weight", "bias") if f"out_proj.{a}" in want}, n)
+    out.update({f"out_proj.{a}": g for a, g in proj.items()})
+    return out
+
+
+def _attention_mask(attn_mask, key_padding_mask, n: int, heads: int, dtype: torch.dtype):
+    """``nn.MultiheadAttention``'s masks as one additive mask for ``F.scaled_dot_product_attention`` (True in a
+    bool mask: not attended), None without masks, False for a shape it does not take."""
+    def additive(m):
+        return torch.zeros(m.shape, dtype=dtype, device=m.device).masked_fill_(m, float("-inf")) if m.dtype == torch.bool \
+            else m.to(dtype)
+
+    mask = None
+    if attn_mask is not None:
+        if attn_mask.dim() == 2:
+            mask = additive(attn_mask)
+        elif attn_mask.dim() == 3 and attn_mask.shape[0] == n * heads:
+            mask = additive(attn_mask).view(n, heads, *attn_mask.shape[1:])
+        else:
+            return False
+    if key_padding_mask is not None:
+        if key_padding_mask.dim() != 2 or key_padding_mask.shape[0] != n:
+            return False
+        pad = additive(key_padding_mask).view(n, 1, 1, -1)
+        mask = pad if mask is None else mask + pad
+    return mask
 
 
 def _dense(g: Any) -> Callable[[int, int], torch.Tensor]:
