@@ -550,6 +550,33 @@ def timm_norms(seed: int = 0):
     return model
 
 
+class RmsNorms(nn.Module):
+    """torch's nn.RMSNorm (eps from the dtype; over the last two dims) and timm's RmsNorm between token Linears."""
+
+    def __init__(self, d: int = 6, t: int = 7):
+        from timm.layers.norm import RmsNorm
+
+        super().__init__()
+        self.inp = nn.Linear(6, d)
+        self.norm = nn.RMSNorm(d)
+        self.norm2d = nn.RMSNorm((t, d), eps=1e-5)
+        self.timm = RmsNorm(d)
+        self.head = nn.Linear(d, 3)
+        with torch.no_grad():
+            for m in (self.norm, self.norm2d, self.timm):
+                m.weight.normal_(1, 0.3)
+
+    def forward(self, x):  # (n, t, 6)
+        h = self.norm(torch.tanh(self.inp(x)))
+        h = self.timm(torch.tanh(self.norm2d(h)))
+        return self.head(h.mean(1))
+
+
+def rms_norms(seed: int = 0):
+    torch.manual_seed(seed)
+    return RmsNorms()
+
+
 class NormActDepthwise(nn.Module):
     """timm's norm + activation layers (in-place ReLU6 and SiLU, GELU, a Dropout) between depthwise convolutions:
     stride 2, dilation 2, a channel multiplier of 2, one called twice, a 1-D one; ``padding="same"`` (dilated,

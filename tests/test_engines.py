@@ -63,6 +63,7 @@ CASES = {
     "local_output_written_in_place": (M.local_output_written_in_place, lambda: M.image_batch(size=6)),
     "weight_standardised_convs": (M.std_convs, lambda: M.image_batch(size=11)),
     "multihead_attention_masks_and_cross": (M.masked_attention, M.masked_attention_batch),
+    "rms_norms": (M.rms_norms, M.seq_batch),
     "torch_checkpoint": (M.checkpointed, lambda: M.image_batch(size=8)),
     "seq_first_transformer": (M.seq_first, M.seq_batch),
     "gru_and_lstm": (M.recurrent, M.seq_batch),
@@ -224,7 +225,7 @@ def _hooks_fallback(model, batch, **kw):
                                   "batchnorm_over_tokens_in_dim_0", "bert_hf_gradient_checkpointing",
                                   "module_shared_by_two_parents", "t5_relative_attention_bias",
                                   "local_output_written_in_place", "weight_standardised_convs",
-                                  "multihead_attention_masks_and_cross"])
+                                  "multihead_attention_masks_and_cross", "rms_norms"])
 def test_hooks_rules_cover_every_candidate(case):
     # no fallback pass at all: position embeddings (1, T, D) expanded, unused encoder stages zero, in-place
     # ReLU/residuals, depthwise and 1-D convs, transposed convs, a layer called twice, checkpointed blocks
@@ -238,7 +239,7 @@ def test_hooks_rules_cover_every_candidate(case):
 @pytest.mark.parametrize("case", ["mlp", "cnn_batchnorm", "bert", "module_called_twice", "depthwise_separable",
                                   "gpt2_tied_lm_head", "torch_checkpoint", "transposed_convs",
                                   "batchnorm_over_tokens_in_dim_0", "weight_standardised_convs",
-                                  "multihead_attention_masks_and_cross"])
+                                  "multihead_attention_masks_and_cross", "rms_norms"])
 def test_hooks_contributions_over_masks_match_the_loop(case):
     # every rule's masked per-sample path: (δ²)ᵀ(a²), token blocks, conv, embedding rows, norms, biases
     model, batch, _, opts = _case(case)
@@ -294,7 +295,7 @@ def test_multihead_attention_takes_the_batched_recomputation(case, monkeypatch):
     from gradsel.fisher.engines import hooks
 
     taken, real = [], hooks._mha_grads
-    monkeypatch.setattr(hooks, "_mha_grads", lambda m, calls, n, want: taken.append(real(m, calls, n, want)) or taken[-1])
+    monkeypatch.setattr(hooks, "_mha_grads", lambda *a: taken.append(real(*a)) or taken[-1])
     monkeypatch.setattr(hooks, "_module_grads", lambda *a: pytest.fail("a torch.func pass ran"))
     model, batch, ref, opts = _case(case)
     est = gradsel.fisher(model, batch, engine="hooks", chunk_size=3, progress=False)
@@ -302,6 +303,14 @@ def test_multihead_attention_takes_the_batched_recomputation(case, monkeypatch):
     chunks = -(-len(batch[0]) // 3)
     assert len(taken) == chunks * attentions and all(t is not None for t in taken)
     _assert_matches(est, ref, TOL)
+
+
+def test_rms_norms_have_rules():
+    from gradsel.fisher.engines import hooks
+
+    model = M.rms_norms()
+    layers = hooks.find_layers(model, [n for n, _ in model.named_parameters()])
+    assert all(layers[n].rule is hooks._rmsnorm for n in ("norm", "norm2d", "timm"))
 
 
 class _WeightReadTwice(torch.nn.Module):

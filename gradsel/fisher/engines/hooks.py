@@ -262,6 +262,13 @@ def _layernorm(module: nn.LayerNorm, xs, ds, want, n):
     return _trailing_affine([F.layer_norm(x, shape, None, None, module.eps) for x in xs], ds, shape, want, n)
 
 
+def _rmsnorm(module: nn.Module, xs, ds, want, n):
+    """torch's ``nn.RMSNorm`` and timm's ``RmsNorm``: ``x / √(mean(x²) + ε)`` over the trailing shape, times the
+    weight (no bias); ``eps=None`` is the dtype's epsilon, as torch takes it."""
+    shape = tuple(module.normalized_shape)
+    return _trailing_affine([F.rms_norm(x, shape, None, module.eps) for x in xs], ds, shape, want, n)
+
+
 def _trailing_affine(xhats, ds, shape, want, n):
     """Each sample's gradients of an affine part over the trailing ``shape``, given the normalised inputs."""
     out = {}
@@ -403,7 +410,7 @@ def _is_dtensor(t: torch.Tensor) -> bool:
 
 def _rule_for(module: nn.Module):
     """The rule for this module, or None; exact types only (a subclass may compute something else), and a few
-    subclasses known to compute the same (timm's LayerNorm, GroupNorm and GroupNorm1; timm's, torchvision's and
+    subclasses known to compute the same (timm's LayerNorm, RmsNorm, GroupNorm and GroupNorm1; timm's, torchvision's and
     smp's LayerNorm2d, smp's Mix Transformer LayerNorm and HF ConvNext's LayerNorm over the channels), a norm
     followed by an elementwise activation (timm's BatchNormAct2d and its kin), a convolution that pads its input
     itself (smp's and timm's "SAME"), timm's weight-standardised convolutions, a transposed convolution or a
@@ -448,6 +455,8 @@ def _rule_for(module: nn.Module):
         return (_embedding, 1) if _embedding_ok(module) else None
     if t is nn.LayerNorm:
         return _layernorm, 1 + len(module.normalized_shape)
+    if t is nn.RMSNorm or _known(module, "timm.layers.norm", "RmsNorm"):
+        return _rmsnorm, 1 + len(module.normalized_shape)
     if t is nn.GroupNorm:
         return _groupnorm, 2
     if t in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d):
@@ -458,7 +467,7 @@ def _rule_for(module: nn.Module):
 
 
 #: rules that treat every dim but the first (samples) and the features as positions
-_TOKENWISE = (_linear, _transposed_linear, _layernorm, _embedding, _conv, _conv_transpose, _std_conv)
+_TOKENWISE = (_linear, _transposed_linear, _layernorm, _rmsnorm, _embedding, _conv, _conv_transpose, _std_conv)
 #: rules that take a sample's rows of dim 0 (windows, tokens flattened into it) flat, one sample's after another
 _FLAT_ROWS = (_batchnorm,)
 
@@ -1276,16 +1285,16 @@ _MHA_SIGNATURE = inspect.signature(nn.MultiheadAttention.forward)
 
 def _mha_grads(module: nn.Module, calls: list[dict], n: int, want: set[str]) -> dict[str, Any] | None:
     """``nn.MultiheadAttention`` (batch first, one packed in-projection, no bias_k/v or zero attention, no active
-    dropout, the attention weights unused), without a torch.func pass per sample: from each captured call, one
+    dropout, the attention weights unused), without a torch.func pass per sample: for each captured call, one
     batched recomputation of the attention from its projected queries, keys and values gives their gradients
-    (the output gradient passed back through ``out_proj`` and the attention), and the projections are Linears over
-    the tokens: ``[δqᵀ x_q; δkᵀ x_k; δvᵀ x_v]`` for ``in_proj_weight``, ``δᵀ·attention`` for ``out_proj.weight``,
-    a block of samples at a time. None where a call is outside that (the torch.func path takes it)."""
+    (the output gradient passed back through ``out_proj`` and the attention), and the projections are Linears
+    over the tokens: ``[δqᵀ x_q; δkᵀ x_k; δvᵀ x_v]`` for ``in_proj_weight``, ``δᵀ·attention`` for
+    ``out_proj.weight``, a block of samples at a time. None where a call is outside that (torch.func takes it)."""
     if not (type(module) is nn.MultiheadAttention and module._qkv_same_embed_dim and module.bias_k is None
             and not module.add_zero_attn and module.batch_first and not (module.training and module.dropout > 0)):
         return None
     e, h = module.embed_dim, module.num_heads
-    parts: dict[str, list] = {"q": [], "k": [], "v": [], "dq": [], "dk": [], "dv": [], "att": [], "dout": []}
+    inputs, deltas, attended, douts = [], [], [], []  # per call: (x_q, x_k, x_v), (δq, δk, δv), attention, δ
     for call in calls:
         args, kwargs = pytree.tree_unflatten(call["flat"], call["spec"])
         try:
@@ -1294,28 +1303,28 @@ def _mha_grads(module: nn.Module, calls: list[dict], n: int, want: set[str]) -> 
             return None
         bound.apply_defaults()
         a = bound.arguments
-        query, key, value = a["query"], a["key"], a["value"]
-        dout = call["grads"][0]
-        if (call["group"] != 1 or any(g is not None for g in call["grads"][1:]) or dout is None
-                or query.dim() != 3 or query.shape[0] != n or key.shape[0] != n or value.shape[0] != n):
+        qkv, dout = (a["query"], a["key"], a["value"]), call["grads"][0]
+        if (call["group"] != 1 or dout is None or any(g is not None for g in call["grads"][1:])
+                or qkv[0].dim() != 3 or any(t.shape[0] != n for t in qkv)):
             return None
-        xs, ds = _widened([query, key, value], [dout])
-        dtype = ds[0].dtype
-        mask = _attention_mask(a["attn_mask"], a["key_padding_mask"], n, h, dtype)
+        xs, (dout,) = _widened(list(qkv), [dout])
+        mask = _attention_mask(a["attn_mask"], a["key_padding_mask"], n, h, dout.dtype)
         if mask is False:
             return None
-        w = module.in_proj_weight.detach().to(dtype)
-        b = None if module.in_proj_bias is None else module.in_proj_bias.detach().to(dtype)
-        with torch.enable_grad(), torch.autocast(query.device.type, enabled=False):
-            q, k, v = (F.linear(x, w[j * e:(j + 1) * e], None if b is None else b[j * e:(j + 1) * e])
-                       .detach().requires_grad_(True) for j, x in enumerate(xs))
-            heads = [t.view(n, t.shape[1], h, e // h).transpose(1, 2) for t in (q, k, v)]
+        w = module.in_proj_weight.detach().to(dout.dtype)
+        b = None if module.in_proj_bias is None else module.in_proj_bias.detach().to(dout.dtype)
+        with torch.enable_grad(), torch.autocast(dout.device.type, enabled=False):
+            proj = [F.linear(x, w[j * e:(j + 1) * e], None if b is None else b[j * e:(j + 1) * e])
+                    .detach().requires_grad_(True) for j, x in enumerate(xs)]
+            heads = [t.view(n, t.shape[1], h, e // h).transpose(1, 2) for t in proj]
             att = F.scaled_dot_product_attention(*heads, attn_mask=mask).transpose(1, 2).reshape(n, -1, e)
-            dq, dk, dv = torch.autograd.grad(att, (q, k, v), ds[0] @ module.out_proj.weight.detach().to(dtype))
-        for key_, t in zip(("q", "k", "v", "dq", "dk", "dv", "att", "dout"), (*xs, dq, dk, dv, att.detach(), ds[0])):
-            parts[key_].append(t)
-    x = [_stack_tokens(parts[j], n) for j in ("q", "k", "v")]
-    d = [_stack_tokens(parts[j], n) for j in ("dq", "dk", "dv")]
+            grads = torch.autograd.grad(att, proj, dout @ module.out_proj.weight.detach().to(dout.dtype))
+        inputs.append(xs)
+        deltas.append(grads)
+        attended.append(att.detach())
+        douts.append(dout)
+    x = [_stack_tokens([c[j] for c in inputs], n) for j in range(3)]
+    d = [_stack_tokens([c[j] for c in deltas], n) for j in range(3)]
     out: dict[str, Any] = {}
     if "in_proj_weight" in want:
         block = max(1, BLOCK_BYTES // max(1, module.in_proj_weight.numel() * d[0].element_size()))
@@ -1323,9 +1332,8 @@ def _mha_grads(module: nn.Module, calls: list[dict], n: int, want: set[str]) -> 
             [torch.bmm(dj[s:t].transpose(1, 2), xj[s:t]) for dj, xj in zip(d, x)], 1), n, block)
     if "in_proj_bias" in want:
         out["in_proj_bias"] = torch.cat([dj.sum(1) for dj in d], 1)
-    proj = _linear(module.out_proj, parts["att"], parts["dout"],
-                   {a for a in ("weight", "bias") if f"out_proj.{a}" in want}, n)
-    out.update({f"out_proj.{a}": g for a, g in proj.items()})
+    made = _linear(module.out_proj, attended, douts, {a for a in ("weight", "bias") if f"out_proj.{a}" in want}, n)
+    out.update({f"out_proj.{a}": g for a, g in made.items()})
     return out
 
 
@@ -1333,8 +1341,9 @@ def _attention_mask(attn_mask, key_padding_mask, n: int, heads: int, dtype: torc
     """``nn.MultiheadAttention``'s masks as one additive mask for ``F.scaled_dot_product_attention`` (True in a
     bool mask: not attended), None without masks, False for a shape it does not take."""
     def additive(m):
-        return torch.zeros(m.shape, dtype=dtype, device=m.device).masked_fill_(m, float("-inf")) if m.dtype == torch.bool \
-            else m.to(dtype)
+        if m.dtype != torch.bool:
+            return m.to(dtype)
+        return torch.zeros(m.shape, dtype=dtype, device=m.device).masked_fill_(m, float("-inf"))
 
     mask = None
     if attn_mask is not None:
