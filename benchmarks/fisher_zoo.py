@@ -72,6 +72,19 @@ def _tv_vit():
     return "torchvision ViT-S/16, 112²", model, 112
 
 
+def _wav2vec2():
+    from transformers import Wav2Vec2Config, Wav2Vec2ForSequenceClassification
+
+    config = Wav2Vec2Config(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024,
+                            conv_dim=(128, 128, 128), conv_stride=(5, 2, 2), conv_kernel=(10, 3, 3),
+                            num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4, num_labels=3)
+
+    def batch(n: int, g: torch.Generator) -> dict:
+        return {"input_values": torch.randn(n, 16000, generator=g), "labels": torch.randint(0, 3, (n,), generator=g)}
+
+    return "HF wav2vec2 (d 256, 4 layers), 16000 samples", Wav2Vec2ForSequenceClassification(config), batch
+
+
 def _hf_swin():
     from transformers import SwinConfig, SwinForImageClassification
 
@@ -143,7 +156,8 @@ MODELS = {"swin": _swin, "tv_swin": _tv_swin, "maxvit": _maxvit,
           "nfnet": _timm("dm_nfnet_f0", "timm dm_nfnet_f0, 112²"),
           "bit": _timm("resnetv2_50x1_bit", "timm resnetv2_50x1_bit, 112²"),
           "resnet50": _timm("resnet50", "timm resnet50, 112²"),  # BiT without weight standardisation: a reference
-          "tv_vit": _tv_vit, "tv_mobilenet": _tv_mobilenet, "hf_swin": _hf_swin, "linknet": _linknet, "t5": _t5}
+          "tv_vit": _tv_vit, "tv_mobilenet": _tv_mobilenet, "hf_swin": _hf_swin, "linknet": _linknet, "t5": _t5,
+          "wav2vec2": _wav2vec2}
 
 
 def hooks_and_fallen(model, batch, **options) -> tuple[dict, set[str]]:

@@ -74,6 +74,23 @@ def attention_batch(n: int = 8, seed: int = 1):
     return torch.randint(0, 30, (n, 7), generator=g), torch.randint(0, 2, (n,), generator=g)
 
 
+def wav2vec2(seed: int = 0):
+    """HF wav2vec2 from config, eval mode: its body module holds ``masked_spec_embed``, which only SpecAugment
+    reads in training, beside the whole encoder (and a weight-normed positional convolution)."""
+    from transformers import Wav2Vec2Config, Wav2Vec2ForSequenceClassification
+
+    torch.manual_seed(seed)
+    config = Wav2Vec2Config(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                            conv_dim=(8, 8), conv_stride=(5, 2), conv_kernel=(10, 3), num_conv_pos_embeddings=4,
+                            num_conv_pos_embedding_groups=2, num_labels=3)
+    return Wav2Vec2ForSequenceClassification(config).eval()
+
+
+def wav2vec2_batch(n: int = 4, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    return {"input_values": torch.randn(n, 200, generator=g), "labels": torch.randint(0, 3, (n,), generator=g)}
+
+
 class MaskedAttention(nn.Module):
     """nn.MultiheadAttention as models use it: a causal self-attention with a padding mask (bool masks), a
     cross-attention to a memory (another key and value, a float mask), called twice, and torch's

@@ -64,6 +64,7 @@ CASES = {
     "weight_standardised_convs": (M.std_convs, lambda: M.image_batch(size=11)),
     "multihead_attention_masks_and_cross": (M.masked_attention, M.masked_attention_batch),
     "rms_norms": (M.rms_norms, M.seq_batch),
+    "wav2vec2_unused_parameter_beside_the_encoder": (M.wav2vec2, M.wav2vec2_batch),
     "torch_checkpoint": (M.checkpointed, lambda: M.image_batch(size=8)),
     "seq_first_transformer": (M.seq_first, M.seq_batch),
     "gru_and_lstm": (M.recurrent, M.seq_batch),
@@ -156,8 +157,9 @@ def test_engine_matches_loop_float64(engine, case, per_sample):
                              loss=opts.get("loss"), progress=False)
     said = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
     unreached = [m for m in said if "zero Fisher on every sample" in m]
-    # the test Unet's encoder_depth=3 leaves layer3 and layer4 out of the forward, and gradsel says so
-    assert bool(unreached) == (case == "smp_unet"), unreached
+    # the test Unet's encoder_depth=3 leaves layer3 and layer4 out of the forward, wav2vec2 in eval never reads
+    # masked_spec_embed, and gradsel says so
+    assert bool(unreached) == (case in ("smp_unet", "wav2vec2_unused_parameter_beside_the_encoder")), unreached
     said = [m for m in said if m not in unreached]
     if engine == "hooks" and case in HOOKS_LOOP:  # the modules without a rule go to the loop, and it says so
         assert any(HOOKS_LOOP[case] in m for m in said), said
@@ -302,6 +304,20 @@ def test_multihead_attention_takes_the_batched_recomputation(case, monkeypatch):
     attentions = sum(isinstance(m, torch.nn.MultiheadAttention) for m in model.modules())
     chunks = -(-len(batch[0]) // 3)
     assert len(taken) == chunks * attentions and all(t is not None for t in taken)
+    _assert_matches(est, ref, TOL)
+
+
+def test_a_local_candidate_the_graph_never_reaches_is_zero_without_a_re_run(monkeypatch):
+    # wav2vec2's body holds masked_spec_embed (unused in eval) above the encoder: a per-sample re-run of that
+    # module would be a re-run of the whole model; only the weight-normed positional conv takes torch.func
+    from gradsel.fisher.engines import hooks
+
+    ran, real = [], hooks._module_grads
+    monkeypatch.setattr(hooks, "_module_grads", lambda module, *a: ran.append(type(module).__name__) or real(module, *a))
+    model, batch, ref, _ = _case("wav2vec2_unused_parameter_beside_the_encoder")
+    est = gradsel.fisher(model, batch, engine="hooks", chunk_size=2, progress=False)
+    assert "Wav2Vec2Model" not in ran and ran  # the positional conv's local gradient did run
+    assert not est["wav2vec2.masked_spec_embed"].any()
     _assert_matches(est, ref, TOL)
 
 

@@ -1008,7 +1008,10 @@ class HooksEngine:
         if elementwise is not None:  # layer scales: from the batched forward, not a re-run of their module
             scales = elementwise.grads(self.params)
             self._not_elementwise |= elementwise.bad
-        out.update(self._local_grads(lcalls, batch, n, scales))
+        # a local candidate absent from the graph (wav2vec2's masked_spec_embed, read only by SpecAugment in training)
+        # is a zero below, not a reason to re-run its module (the whole model there) per sample
+        unused = set() if opaque else {p for p in self.names if uses[id(self.params[p])] == 0}
+        out.update(self._local_grads(lcalls, batch, n, scales, unused))
         for pname, got_parts in parts.items():
             out[pname] = got_parts[0] if len(got_parts) == 1 else _summed(got_parts, n, self.params[pname])
             if isinstance(out[pname], (BlockGrads, ConvWeightGrads)):
@@ -1091,16 +1094,18 @@ class HooksEngine:
             if not layer.attrs:
                 del self.layers[name]
 
-    def _local_grads(self, lcalls: dict[str, list], batch: Any, n: int,
-                     scales: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def _local_grads(self, lcalls: dict[str, list], batch: Any, n: int, scales: dict[str, torch.Tensor],
+                     unused: set[str] = frozenset()) -> dict[str, torch.Tensor]:
         """Each sample's gradient of the local modules' own candidates: ``scales`` (layer scales found in the
         batched forward: elementwise.py), ``nn.MultiheadAttention`` from a batched recomputation
         (:func:`_mha_grads`), else torch.func on that module alone, fed with the captured inputs and output
-        gradients (calls summed); checked once against the loop."""
+        gradients (calls summed); checked once against the loop. The ``unused`` candidates (not in autograd's
+        graph: zeros, set by the caller) are left out."""
         out: dict[str, torch.Tensor] = dict(scales)
         for name, (module, own) in self.local.items():
             calls = lcalls[name]
-            own = {attr: pname for attr, pname in own.items() if pname not in self._no_local and pname not in out}
+            own = {attr: pname for attr, pname in own.items()
+                   if pname not in self._no_local and pname not in out and pname not in unused}
             if not calls or not own or any(c is None or all(g is None for g in c["grads"]) for c in calls):
                 continue  # never ran, no batch dimension, or not reached by the backward: the fallback
             cands = {attr: self.params[pname].detach() for attr, pname in own.items()}
