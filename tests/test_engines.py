@@ -290,6 +290,23 @@ def test_weight_standardised_convs_have_a_rule_for_weight_bias_and_gain():
     assert layers["stem"].attrs == {"weight": "stem.weight", "bias": "stem.bias"}
 
 
+def test_weight_standardised_gain_from_the_weight_pass_or_a_convolution(monkeypatch):
+    # with the weights, each gain's gradients are the sums the weight's pass formed; alone, one convolution
+    model, batch, ref, _ = _case("weight_standardised_convs")
+    gains = [n for n in ref if n.endswith(".gain")]
+    read, real = [], rules.GainGrads._grads
+    monkeypatch.setattr(rules.GainGrads, "_grads",
+                        lambda self, dtype: read.append(self.weight is not None and self.weight.dots is not None)
+                        or real(self, dtype))
+    est = gradsel.fisher(model, batch, engine="hooks", chunk_size=2, progress=False)
+    assert len(read) == 3 * len(gains) and all(read)  # three chunks
+    _assert_matches(est, ref, TOL)
+    read.clear()
+    alone = gradsel.fisher(model, batch, engine="hooks", params=gains, chunk_size=2, progress=False)
+    assert len(read) == 3 * len(gains) and not any(read)
+    _assert_matches(alone, {k: ref[k] for k in gains}, TOL)
+
+
 @pytest.mark.parametrize("case", ["embedding_attention_layernorm", "multihead_attention_masks_and_cross"])
 def test_multihead_attention_takes_the_batched_recomputation(case, monkeypatch):
     # every nn.MultiheadAttention call (masks, cross-attention, a second call, the one inside torch's

@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -201,14 +202,50 @@ class StandardizedWeightGrads(ConvWeightGrads):
 
     standard: torch.Tensor | None = None  # ŵ as (G, Cout/G, k)
     coef: torch.Tensor | None = None  # a/√(σ² + ε) as (G, Cout/G, 1)
+    # each sample's Σ_k G_i ŵ per output channel, (n, G, Cout/G), once a pass over every block has run: the gain's
+    # per-sample gradient up to its scale (GainGrads reads it instead of a convolution of its own)
+    dots: torch.Tensor | None = None
 
     def _blocks(self, dtype):
+        dots = torch.empty(self.n, *self.standard.shape[:2], dtype=dtype, device=self.standard.device)
         for samples, (r, e), g in super()._blocks(dtype):
             # in place on the block (ours): a fresh tensor of its size would cost more in page faults than the
             # arithmetic; the row dot products one sample at a time (an einsum over all of them copies the block)
             w, c = self.standard[:, r:e].to(dtype), self.coef[:, r:e].to(dtype)
-            dots = torch.stack([torch.einsum("grk,grk->gr", gi, w) for gi in g]).unsqueeze(-1).div_(g.shape[-1])
-            yield samples, (r, e), g.sub_(g.mean(-1, keepdim=True)).addcmul_(w, dots, value=-1).mul_(c)
+            part = dots[samples, :, r:e]
+            for i, gi in enumerate(g):
+                part[i] = torch.einsum("grk,grk->gr", gi, w)
+            mean = part.unsqueeze(-1) / g.shape[-1]
+            yield samples, (r, e), g.sub_(g.mean(-1, keepdim=True)).addcmul_(w, mean, value=-1).mul_(c)
+        self.dots = dots
+
+
+@dataclass
+class GainGrads(LazyGrads):
+    """Per-sample gradients of a weight-standardised convolution's gain, ``scale · Σ_k G_i ŵ`` per output channel:
+    read from the weight's pass (:class:`StandardizedWeightGrads` keeps those sums) when it has run, else from
+    ``fallback()`` (one batched convolution with the standardised kernel)."""
+
+    weight: StandardizedWeightGrads | None
+    fallback: Callable[[], torch.Tensor]
+    scale: float
+    shape: tuple
+
+    def _grads(self, dtype):
+        w = self.weight
+        g = self.fallback() if w is None or w.dots is None else w.dots.reshape(w.n, -1) * self.scale
+        return g.to(dtype).reshape(g.shape[0], -1)
+
+    def accumulate(self, acc, want, mask, dtype):
+        sq = self._grads(dtype).square()
+        if acc is not None:
+            acc.view(-1).add_(sq.sum(0))
+        if not want:
+            return None
+        return sq.sum(1) if mask is None else sq @ mask.reshape(-1).to(dtype)
+
+    def sample_totals(self, dtype):
+        return self._grads(dtype).square().sum(1)
 
 
 def _positions(ts: list[torch.Tensor]) -> torch.Tensor:

@@ -45,8 +45,8 @@ from torch.utils import _pytree as pytree
 from ...errors import GradselError
 from ..batches import BatchReader, logits_of
 from ..layout import norm_gradients_as_inputs
-from ..rules import (ConvWeightGrads, EmbeddingGrads, LazyGrads, Scratch, StandardizedWeightGrads, _embedding_ok,
-                     conv_padding)
+from ..rules import (ConvWeightGrads, EmbeddingGrads, GainGrads, LazyGrads, Scratch, StandardizedWeightGrads,
+                     _embedding_ok, conv_padding)
 from ..swap import swapped_call, tensor_slots
 from .elementwise import ElementwiseUses
 
@@ -223,7 +223,8 @@ def _std_conv(module: nn.Module, xs, ds, want, n):
     kernels of BiT and the NF-nets): the kernel is ``W = a·ŵ``, ``ŵ`` the weight standardised over each output
     channel's fan-in and ``a`` the gain times the scale (1 without a gain). The weight's per-sample gradients are
     the convolution's, taken back through the standardisation (:class:`~gradsel.fisher.rules.StandardizedWeightGrads`);
-    the gain's are ``scale · Σ_p δ·conv(x, ŵ)`` per channel (one batched convolution); the bias's the conv rule's."""
+    the gain's are ``scale · Σ_k G_i ŵ`` per channel, sums that pass forms (or, without it, ``scale · Σ_p δ·conv(x, ŵ)``
+    from one batched convolution); the bias's the conv rule's."""
     if getattr(module, "same_pad", False):
         from timm.layers.padding import pad_same
 
@@ -244,11 +245,13 @@ def _std_conv(module: nn.Module, xs, ds, want, n):
         out["weight"] = StandardizedWeightGrads(module, xs, ds, n, standard=standard.reshape(groups, per, -1),
                                                 coef=(a * inv).reshape(groups, per, 1))
     if "gain" in want:
-        kernel = standard.reshape(w.shape)
-        hats = [F.conv2d(x, kernel, None, module.stride, conv_padding(module), module.dilation, module.groups)
-                for x in xs]
-        per_sample = _channel_affine(hats, ds, {"weight"}, n)["weight"] * module.scale
-        out["gain"] = per_sample.reshape(n, *gain.shape)
+        def by_convolution():
+            kernel = standard.reshape(w.shape)
+            hats = [F.conv2d(x, kernel, None, module.stride, conv_padding(module), module.dilation, module.groups)
+                    for x in xs]
+            return _channel_affine(hats, ds, {"weight"}, n)["weight"] * module.scale
+
+        out["gain"] = GainGrads(out.get("weight"), by_convolution, module.scale, tuple(gain.shape))
     return out
 
 
