@@ -229,7 +229,6 @@ class GainGrads(LazyGrads):
     weight: StandardizedWeightGrads | None
     fallback: Callable[[], torch.Tensor]
     scale: float
-    shape: tuple
 
     def _grads(self, dtype):
         w = self.weight

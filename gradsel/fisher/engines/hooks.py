@@ -251,7 +251,7 @@ def _std_conv(module: nn.Module, xs, ds, want, n):
                     for x in xs]
             return _channel_affine(hats, ds, {"weight"}, n)["weight"] * module.scale
 
-        out["gain"] = GainGrads(out.get("weight"), by_convolution, module.scale, tuple(gain.shape))
+        out["gain"] = GainGrads(out.get("weight"), by_convolution, module.scale)
     return out
 
 
