@@ -15,6 +15,11 @@ EfficientNet's 3×3/5×5) get each sample's weight gradient from one depthwise c
 BatchNormAct2d (a norm, then an elementwise activation) has a rule. *fallback tensors*: the candidates that
 still go to the whole-model fallback. Times are the best of ``rounds`` interleaved rounds, after one warm-up
 call of each (the hooks engine's one-off checks run there).
+
+Further entries: ``nf_resnet``, ``nfnet``, ``bit`` (timm's weight-standardised convolutions; ``resnet50`` is the
+plain ResNet-50 beside them), ``tv_vit`` (torchvision's ViT: ``nn.MultiheadAttention``, a ``pos_embedding`` held by
+its Encoder), ``wav2vec2`` (HF, a parameter that eval never reads above the whole encoder), ``levit``, ``coat``,
+``t5``, ``linknet``, ``tv_mobilenet``, ``hf_swin``.
 """
 
 from __future__ import annotations
