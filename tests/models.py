@@ -496,6 +496,29 @@ class Recurrent(nn.Module):
         return self.head(h[-1])
 
 
+class Lstms(nn.Module):
+    """Batch-first LSTMs as classifiers use them: a bidirectional one whose final hidden state feeds the head, and a
+    one-way one without biases, started from states made of the input (given as ``hx``), whose sequence does."""
+
+    def __init__(self):
+        super().__init__()
+        self.bi = nn.LSTM(6, 5, batch_first=True, bidirectional=True)
+        self.start = nn.Linear(6, 8)
+        self.one = nn.LSTM(10, 4, batch_first=True, bias=False)
+        self.head = nn.Linear(2 * 5 + 4, 3)
+
+    def forward(self, x):
+        seq, (h, _) = self.bi(x)
+        s = torch.tanh(self.start(x.mean(1))).unsqueeze(0)  # (1, n, 8): the states of the one-way LSTM
+        out, _ = self.one(seq, (s[..., :4].contiguous(), s[..., 4:].contiguous()))
+        return self.head(torch.cat([h[0], h[1], out.mean(1)], 1))
+
+
+def lstms(seed: int = 0):
+    torch.manual_seed(seed)
+    return Lstms()
+
+
 class WindowAttention(nn.Module):
     """Attention inside windows with a learned relative bias (Swin's shape): dim 0 holds windows, not samples;
     ``mask`` (one per window of a sample) as the shifted windows use it."""

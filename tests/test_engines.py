@@ -64,6 +64,7 @@ CASES = {
     "weight_standardised_convs": (M.std_convs, lambda: M.image_batch(size=11)),
     "multihead_attention_masks_and_cross": (M.masked_attention, M.masked_attention_batch),
     "rms_norms": (M.rms_norms, M.seq_batch),
+    "batch_first_lstms": (M.lstms, M.seq_batch),
     "wav2vec2_unused_parameter_beside_the_encoder": (M.wav2vec2, M.wav2vec2_batch),
     "torch_checkpoint": (M.checkpointed, lambda: M.image_batch(size=8)),
     "seq_first_transformer": (M.seq_first, M.seq_batch),
@@ -91,9 +92,11 @@ ENGINES = [e for e in ("vmap", "hooks", "auto") if e in estimate.ENGINES]
 # What vmap cannot run ("auto" falls back with a warning): torch.func's grad does not support the saved-tensor
 # hooks that torch.utils.checkpoint installs; HF's gradient_checkpointing_enable() adds a forward hook on the
 # input embeddings that calls requires_grad_(), which torch.func transforms refuse.
-# torch's GRU and LSTM kernels write into an output of the unbatched shape (the hooks engine gives them the loop).
+# torch's GRU and LSTM kernels write into an output of the unbatched shape (the hooks engine gives a GRU, a stacked
+# or a sequence-first LSTM the loop; a one-layer batch-first LSTM its own batched rule).
 VMAP_CANNOT = {"torch_checkpoint": "saved tensor hooks", "bert_hf_gradient_checkpointing": "functorch transform",
-               "gru_and_lstm": "broadcast shape", "t5_relative_attention_bias": "dynamic shape"}
+               "gru_and_lstm": "broadcast shape", "t5_relative_attention_bias": "dynamic shape",
+               "batch_first_lstms": "broadcast shape"}
 # Where the hooks engine's local torch.func gradient cannot run a module without rule, the loop computes it.
 HOOKS_LOOP = {"gru_and_lstm": "the batch-of-one loop computes them instead"}
 
@@ -227,7 +230,7 @@ def _hooks_fallback(model, batch, **kw):
                                   "batchnorm_over_tokens_in_dim_0", "bert_hf_gradient_checkpointing",
                                   "module_shared_by_two_parents", "t5_relative_attention_bias",
                                   "local_output_written_in_place", "weight_standardised_convs",
-                                  "multihead_attention_masks_and_cross", "rms_norms"])
+                                  "multihead_attention_masks_and_cross", "rms_norms", "batch_first_lstms"])
 def test_hooks_rules_cover_every_candidate(case):
     # no fallback pass at all: position embeddings (1, T, D) expanded, unused encoder stages zero, in-place
     # ReLU/residuals, depthwise and 1-D convs, transposed convs, a layer called twice, checkpointed blocks
@@ -241,7 +244,7 @@ def test_hooks_rules_cover_every_candidate(case):
 @pytest.mark.parametrize("case", ["mlp", "cnn_batchnorm", "bert", "module_called_twice", "depthwise_separable",
                                   "gpt2_tied_lm_head", "torch_checkpoint", "transposed_convs",
                                   "batchnorm_over_tokens_in_dim_0", "weight_standardised_convs",
-                                  "multihead_attention_masks_and_cross", "rms_norms"])
+                                  "multihead_attention_masks_and_cross", "rms_norms", "batch_first_lstms"])
 def test_hooks_contributions_over_masks_match_the_loop(case):
     # every rule's masked per-sample path: (δ²)ᵀ(a²), token blocks, conv, embedding rows, norms, biases
     model, batch, _, opts = _case(case)
@@ -307,20 +310,25 @@ def test_weight_standardised_gain_from_the_weight_pass_or_a_convolution(monkeypa
     _assert_matches(alone, {k: ref[k] for k in gains}, TOL)
 
 
-@pytest.mark.parametrize("case", ["embedding_attention_layernorm", "multihead_attention_masks_and_cross"])
-def test_multihead_attention_takes_the_batched_recomputation(case, monkeypatch):
+@pytest.mark.parametrize("case, kind", [("embedding_attention_layernorm", torch.nn.MultiheadAttention),
+                                        ("multihead_attention_masks_and_cross", torch.nn.MultiheadAttention),
+                                        ("batch_first_lstms", torch.nn.LSTM)])
+def test_attention_and_lstms_take_a_batched_recomputation(case, kind, monkeypatch):
     # every nn.MultiheadAttention call (masks, cross-attention, a second call, the one inside torch's
-    # TransformerEncoderLayer) gets its gradients from _mha_grads, none from a torch.func pass per sample
+    # TransformerEncoderLayer) and every batch-first LSTM (both directions, given states, final states read)
+    # gets its gradients from one batched run, none from a torch.func pass per sample or the loop
     from gradsel.fisher.engines import hooks
 
-    taken, real = [], hooks._mha_grads
-    monkeypatch.setattr(hooks, "_mha_grads", lambda *a: taken.append(real(*a)) or taken[-1])
+    taken, real = [], hooks._batched_local
+    monkeypatch.setattr(hooks, "_batched_local", lambda *a: taken.append(real(*a)) or taken[-1])
     monkeypatch.setattr(hooks, "_module_grads", lambda *a: pytest.fail("a torch.func pass ran"))
     model, batch, ref, opts = _case(case)
-    est = gradsel.fisher(model, batch, engine="hooks", chunk_size=3, progress=False)
-    attentions = sum(isinstance(m, torch.nn.MultiheadAttention) for m in model.modules())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the loop taking over would say so
+        est = gradsel.fisher(model, batch, engine="hooks", chunk_size=3, progress=False)
+    modules = sum(isinstance(m, kind) for m in model.modules())
     chunks = -(-len(batch[0]) // 3)
-    assert len(taken) == chunks * attentions and all(t is not None for t in taken)
+    assert len(taken) == chunks * modules and all(t is not None for t in taken)
     _assert_matches(est, ref, TOL)
 
 

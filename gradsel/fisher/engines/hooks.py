@@ -856,8 +856,11 @@ class HooksEngine:
                     return None
                 flat, spec = pytree.tree_flatten((args, kwargs))
                 outs, out_spec = pytree.tree_flatten(output)
-                rows = {t.shape[0] for t in outs if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dim()
-                        and not (expand and t.shape[0] == 1)}
+                # a batch-first RNN's final states (layers·directions, n, H) hold the samples on dim 1: not shared by
+                # the batch, not to be expanded; their gradients are kept beside the sequence's (_lstm_grads)
+                states = isinstance(module, nn.RNNBase) and module.batch_first
+                rows = {t.shape[0] for j, t in enumerate(outs) if isinstance(t, torch.Tensor) and t.is_floating_point()
+                        and t.dim() and not (expand and t.shape[0] == 1) and not (states and j)}
                 # windows: every output holds the same multiple of n rows, each sample's one after another;
                 # the module then runs on each sample's group of rows (checked against the loop below)
                 only = rows.pop() if len(rows) == 1 else n
@@ -871,7 +874,8 @@ class HooksEngine:
                     lcalls[name].append(None)
                     return None
                 shared = [expand and group == 1 and not b and isinstance(t, torch.Tensor) and t.is_floating_point()
-                          and t.dim() > 0 and t.shape[0] == 1 and t.requires_grad for t, b in zip(outs, out_batched)]
+                          and t.dim() > 0 and t.shape[0] == 1 and t.requires_grad and not (states and j)
+                          for j, (t, b) in enumerate(zip(outs, out_batched))]
                 if any(shared):
                     # an output shared by the batch (T5's position bias (1, heads, q, k), which every later layer
                     # adds to its scores): its gradient would be a sum over samples; expanded, each sample's row
@@ -879,12 +883,14 @@ class HooksEngine:
                     outs = [t.expand(n, *t.shape[1:]) if e else t for t, e in zip(outs, shared)]
                     out_batched = [b or e for b, e in zip(out_batched, shared)]
                     expanded[0] = True
+                kept = [b or (states and j > 0 and isinstance(t, torch.Tensor) and t.requires_grad)
+                        for j, (t, b) in enumerate(zip(outs, out_batched))]  # the outputs whose gradients are kept
                 if any(shared) or not any(isinstance(t, torch.Tensor) and t.requires_grad for t in flat):
                     # a root: the backward to the other roots need not pass through this module
                     root = torch.zeros((), dtype=outs[out_batched.index(True)].dtype, device=outs[0].device,
                                        requires_grad=True)
                     roots.append(root)
-                    outs = [t + root if b else t for t, b in zip(outs, out_batched)]
+                    outs = [t + root if k else t for t, k in zip(outs, kept)]
                 elif sum(out_batched) > 1:
                     # new nodes (views) as the outputs, so that their gradients come from outside the module only:
                     # T5's attention returns its softmax, which it also reads to weigh the values. Not for a single
@@ -896,8 +902,8 @@ class HooksEngine:
                         "shapes": [t.shape if b else None for t, b in zip(outs, out_batched)],
                         "grads": [None] * len(outs)}
                 lcalls[name].append(call)
-                for j, (t, b) in enumerate(zip(outs, out_batched)):
-                    if b and t.requires_grad:
+                for j, (t, k) in enumerate(zip(outs, kept)):
+                    if k and t.requires_grad:
                         t.register_hook(lambda g, j=j, call=call: call["grads"].__setitem__(j, g))
                 return pytree.tree_unflatten(outs, out_spec)
 
@@ -1114,7 +1120,7 @@ class HooksEngine:
             cands = {attr: self.params[pname].detach() for attr, pname in own.items()}
             consts = {k: v.detach() for k, v in module.named_parameters() if k not in cands}
             slots = tensor_slots(module)
-            total = _mha_grads(module, calls, n, set(own))  # None: not an attention it takes
+            total = _batched_local(module, calls, n, set(own))  # None: not a module it takes
             try:
                 for call in calls if total is None else ():
                     g = _module_grads(module, cands, consts, call, slots)
@@ -1343,6 +1349,106 @@ def _mha_grads(module: nn.Module, calls: list[dict], n: int, want: set[str]) -> 
     made = _linear(module.out_proj, attended, douts, {a for a in ("weight", "bias") if f"out_proj.{a}" in want}, n)
     out.update({f"out_proj.{a}": g for a, g in made.items()})
     return out
+
+
+def _lstm_grads(module: nn.Module, calls: list[dict], n: int, want: set[str]) -> dict[str, Any] | None:
+    """A one-layer batch-first ``nn.LSTM`` (either direction or both, no projection) without a per-sample run:
+    each direction's hidden states from one batched run of torch's LSTM, then every step's gate gradients ``δ_t``
+    for the whole batch by :func:`_lstm_gate_grads`, fed with the captured gradients of the sequence and of the
+    final states. ``Σ_t δ_t x_tᵀ`` is ``weight_ih``'s, ``Σ_t δ_t h_{t-1}ᵀ`` ``weight_hh``'s and ``Σ_t δ_t`` both
+    biases'. None where a call is outside that."""
+    if not (type(module) is nn.LSTM and module.batch_first and module.num_layers == 1 and module.proj_size == 0):
+        return None
+    hidden, dirs = module.hidden_size, 2 if module.bidirectional else 1
+    tokens: dict[str, list] = {}  # per direction's suffix: inputs, gate gradients, previous hidden states
+    for call in calls:
+        args, kwargs = pytree.tree_unflatten(call["flat"], call["spec"])
+        x = args[0] if args else kwargs.get("input")
+        hx = args[1] if len(args) > 1 else kwargs.get("hx")
+        grads = list(call["grads"]) + [None] * (3 - len(call["grads"]))
+        if (call["group"] != 1 or not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[0] != n
+                or len(call["grads"]) != 3 or all(g is None for g in grads)):
+            return None
+        (x,), _ = _widened([x], [g for g in grads if g is not None])
+        dtype = x.dtype
+        for d in range(dirs):
+            sfx = "_l0_reverse" if d else "_l0"
+            w_ih, w_hh = (getattr(module, f"weight_{k}{sfx}").detach().to(dtype) for k in ("ih", "hh"))
+            b_ih, b_hh = ((getattr(module, f"bias_{k}{sfx}").detach().to(dtype) if module.bias else None)
+                          for k in ("ih", "hh"))
+            h0, c0 = ((t[d:d + 1].detach().to(dtype) for t in hx) if hx is not None else
+                      (x.new_zeros(1, n, hidden) for _ in range(2)))
+            with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
+                run = x.flip(1) if d else x  # the direction's own order of steps
+                weights = [w_ih, w_hh] + ([] if b_ih is None else [b_ih, b_hh])
+                seq = torch.lstm(run, (h0, c0), weights, b_ih is not None, 1, 0.0, False, False, True)[0]
+                prev = torch.cat([h0.transpose(0, 1), seq[:, :-1]], 1)  # h_{t-1}
+                g_seq = None if grads[0] is None else grads[0][..., d * hidden:(d + 1) * hidden].to(dtype)
+                runs = _lstm_gate_grads(F.linear(run, w_ih, b_ih), prev, c0[0], w_hh, b_hh,
+                                        None if g_seq is None else (g_seq.flip(1) if d else g_seq),
+                                        None if grads[1] is None else grads[1][d].to(dtype),
+                                        None if grads[2] is None else grads[2][d].to(dtype))
+            du = runs.flip(1) if d else runs  # in the input's order of steps
+            part = tokens.setdefault(sfx, [[], [], [], []])
+            part[0].append(x)
+            part[1].append(du)
+            part[2].append(runs)  # the gate gradients in the direction's order, beside prev
+            part[3].append(prev)
+    out: dict[str, Any] = {}
+    for sfx, (xs, dus, runs, prevs) in tokens.items():
+        x, du, run, prev = (_stack_tokens(t, n) for t in (xs, dus, runs, prevs))
+        for name, left, right in ((f"weight_ih{sfx}", du, x), (f"weight_hh{sfx}", run, prev)):
+            if name in want:
+                block = max(1, BLOCK_BYTES // max(1, left.shape[2] * right.shape[2] * left.element_size()))
+                out[name] = BlockGrads(lambda s, e, scratch=None, a=left, b=right: torch.bmm(a[s:e].transpose(1, 2),
+                                                                                           b[s:e]), n, block)
+        for name in (f"bias_ih{sfx}", f"bias_hh{sfx}"):
+            if name in want:
+                out[name] = du.sum(1)
+    return out
+
+
+def _lstm_gate_grads(u, prev, c0, w_hh, b_hh, g_seq, g_hn, g_cn):
+    """Each step's gate gradients ``δ_t`` (n, T, 4H) of one LSTM direction, its steps in ``u``'s order: the gates
+    recomputed at once from the input projection ``u`` and the hidden states ``prev`` (h_{t-1}, from the batched
+    run), the cells by their elementwise recurrence, then backpropagation through time with one (n, 4H)·(4H, H)
+    product a step; ``g_seq``, ``g_hn``, ``g_cn`` the gradients of the sequence and the final states (or None)."""
+    n, steps, hidden = prev.shape
+    gates = torch.baddbmm(u if b_hh is None else u + b_hh, prev, w_hh.t().expand(n, *w_hh.t().shape))
+    i, f, g, o = gates.chunk(4, -1)
+    i, f, o, g = i.sigmoid(), f.sigmoid(), o.sigmoid(), g.tanh()
+    c = torch.empty_like(prev)
+    state = c0
+    for t in range(steps):
+        state = torch.addcmul(f[:, t] * state, i[:, t], g[:, t])
+        c[:, t] = state
+    tc = c.tanh()
+    back_c = o * (1 - tc * tc)  # ∂c_t/∂h_t-side factor: δc_t gets δh_t · o_t · (1 − tanh²c_t)
+    coef_i, coef_f, coef_g, coef_o = g * i * (1 - i), f * (1 - f), i * (1 - g * g), tc * o * (1 - o)
+    c_prev = torch.cat([c0.unsqueeze(1), c[:, :-1]], 1)
+    grads = torch.empty_like(gates)
+    dh_next = torch.zeros_like(c0) if g_hn is None else g_hn
+    dc_next = torch.zeros_like(c0) if g_cn is None else g_cn
+    for t in range(steps - 1, -1, -1):
+        dh = dh_next if g_seq is None else dh_next + g_seq[:, t]
+        dc = torch.addcmul(dc_next, dh, back_c[:, t])
+        row = grads[:, t]
+        torch.mul(dc, coef_i[:, t], out=row[:, :hidden])
+        torch.mul(dc * c_prev[:, t], coef_f[:, t], out=row[:, hidden:2 * hidden])
+        torch.mul(dc, coef_g[:, t], out=row[:, 2 * hidden:3 * hidden])
+        torch.mul(dh, coef_o[:, t], out=row[:, 3 * hidden:])
+        dh_next = row @ w_hh
+        dc_next = dc * f[:, t]
+    return grads
+
+
+def _batched_local(module: nn.Module, calls: list[dict], n: int, want: set[str]) -> dict[str, Any] | None:
+    """A module-local gradient from a batched recomputation, for the modules that have one, else None."""
+    if isinstance(module, nn.MultiheadAttention):
+        return _mha_grads(module, calls, n, want)
+    if isinstance(module, nn.LSTM):
+        return _lstm_grads(module, calls, n, want)
+    return None
 
 
 def _attention_mask(attn_mask, key_padding_mask, n: int, heads: int, dtype: torch.dtype):
