@@ -497,21 +497,25 @@ class Recurrent(nn.Module):
 
 
 class Lstms(nn.Module):
-    """Batch-first LSTMs as classifiers use them: a bidirectional one whose final hidden state feeds the head, and a
-    one-way one without biases, started from states made of the input (given as ``hx``), whose sequence does."""
+    """Batch-first LSTMs as classifiers use them: a bidirectional one whose final hidden state feeds the head, a
+    one-way one without biases, started from states made of the input (given as ``hx``), whose sequence does, and
+    Sequencer's layout: one LSTM over two sequences a sample (overlapping windows), one sample's after another."""
 
     def __init__(self):
         super().__init__()
         self.bi = nn.LSTM(6, 5, batch_first=True, bidirectional=True)
         self.start = nn.Linear(6, 8)
         self.one = nn.LSTM(10, 4, batch_first=True, bias=False)
-        self.head = nn.Linear(2 * 5 + 4, 3)
+        self.rows = nn.LSTM(6, 3, batch_first=True, bidirectional=True)
+        self.head = nn.Linear(2 * 5 + 4 + 6, 3)
 
-    def forward(self, x):
+    def forward(self, x):  # (n, 7, 6)
         seq, (h, _) = self.bi(x)
         s = torch.tanh(self.start(x.mean(1))).unsqueeze(0)  # (1, n, 8): the states of the one-way LSTM
         out, _ = self.one(seq, (s[..., :4].contiguous(), s[..., 4:].contiguous()))
-        return self.head(torch.cat([h[0], h[1], out.mean(1)], 1))
+        windows = torch.stack([x[:, :4], x[:, 3:]], 1).reshape(-1, 4, 6)  # (n·2, 4, 6)
+        r, _ = self.rows(windows)
+        return self.head(torch.cat([h[0], h[1], out.mean(1), r.reshape(x.shape[0], -1, 6).mean(1)], 1))
 
 
 def lstms(seed: int = 0):

@@ -1356,7 +1356,8 @@ def _lstm_grads(module: nn.Module, calls: list[dict], n: int, want: set[str]) ->
     each direction's hidden states from one batched run of torch's LSTM, then every step's gate gradients ``δ_t``
     for the whole batch by :func:`_lstm_gate_grads`, fed with the captured gradients of the sequence and of the
     final states. ``Σ_t δ_t x_tᵀ`` is ``weight_ih``'s, ``Σ_t δ_t h_{t-1}ᵀ`` ``weight_hh``'s and ``Σ_t δ_t`` both
-    biases'. None where a call is outside that."""
+    biases' (a sample's several sequences, one after another on dim 0, summed as more steps). None where a call
+    is outside that."""
     if not (type(module) is nn.LSTM and module.batch_first and module.num_layers == 1 and module.proj_size == 0):
         return None
     hidden, dirs = module.hidden_size, 2 if module.bidirectional else 1
@@ -1366,8 +1367,9 @@ def _lstm_grads(module: nn.Module, calls: list[dict], n: int, want: set[str]) ->
         x = args[0] if args else kwargs.get("input")
         hx = args[1] if len(args) > 1 else kwargs.get("hx")
         grads = list(call["grads"]) + [None] * (3 - len(call["grads"]))
-        if (call["group"] != 1 or not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[0] != n
-                or len(call["grads"]) != 3 or all(g is None for g in grads)):
+        rows = n * call["group"]  # several sequences a sample (Sequencer's rows and columns), one after another
+        if (not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[0] != rows or len(call["grads"]) != 3
+                or all(g is None for g in grads)):
             return None
         (x,), _ = _widened([x], [g for g in grads if g is not None])
         dtype = x.dtype
@@ -1377,7 +1379,7 @@ def _lstm_grads(module: nn.Module, calls: list[dict], n: int, want: set[str]) ->
             b_ih, b_hh = ((getattr(module, f"bias_{k}{sfx}").detach().to(dtype) if module.bias else None)
                           for k in ("ih", "hh"))
             h0, c0 = ((t[d:d + 1].detach().to(dtype) for t in hx) if hx is not None else
-                      (x.new_zeros(1, n, hidden) for _ in range(2)))
+                      (x.new_zeros(1, rows, hidden) for _ in range(2)))
             with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
                 run = x.flip(1) if d else x  # the direction's own order of steps
                 weights = [w_ih, w_hh] + ([] if b_ih is None else [b_ih, b_hh])
