@@ -19,7 +19,8 @@ call of each (the hooks engine's one-off checks run there).
 Further entries: ``nf_resnet``, ``nfnet``, ``bit`` (timm's weight-standardised convolutions; ``resnet50`` is the
 plain ResNet-50 beside them), ``tv_vit`` (torchvision's ViT: ``nn.MultiheadAttention``, a ``pos_embedding`` held by
 its Encoder), ``wav2vec2`` (HF, a parameter that eval never reads above the whole encoder), ``levit``, ``coat``,
-``t5``, ``linknet``, ``tv_mobilenet``, ``hf_swin``, ``lstm`` (a batch-first bidirectional ``nn.LSTM``).
+``t5``, ``linknet``, ``tv_mobilenet``, ``hf_swin``, ``lstm`` and ``gru`` (a batch-first
+bidirectional ``nn.LSTM`` / ``nn.GRU``).
 """
 
 from __future__ import annotations
@@ -90,23 +91,26 @@ def _wav2vec2():
     return "HF wav2vec2 (d 256, 4 layers), 16000 samples", Wav2Vec2ForSequenceClassification(config), batch
 
 
-class _LstmClassifier(torch.nn.Module):
-    def __init__(self, vocab: int = 2000, dim: int = 128, hidden: int = 256):
+class _RnnClassifier(torch.nn.Module):
+    def __init__(self, cell, vocab: int = 2000, dim: int = 128, hidden: int = 256):
         super().__init__()
         self.embed = torch.nn.Embedding(vocab, dim)
-        self.lstm = torch.nn.LSTM(dim, hidden, batch_first=True, bidirectional=True)
+        self.rnn = cell(dim, hidden, batch_first=True, bidirectional=True)
         self.head = torch.nn.Linear(2 * hidden, 3)
 
     def forward(self, ids):
-        _, (h, _) = self.lstm(self.embed(ids))
+        _, h = self.rnn(self.embed(ids))
+        h = h[0] if isinstance(h, tuple) else h  # an LSTM's (h, c)
         return self.head(torch.cat([h[0], h[1]], 1))
 
 
-def _lstm():
-    def batch(n: int, g: torch.Generator) -> tuple:
-        return torch.randint(0, 2000, (n, 128), generator=g), torch.randint(0, 3, (n,), generator=g)
+def _rnn(cell, label):
+    def make():
+        def batch(n: int, g: torch.Generator) -> tuple:
+            return torch.randint(0, 2000, (n, 128), generator=g), torch.randint(0, 3, (n,), generator=g)
 
-    return "bi-LSTM text classifier (embed 128, hidden 256), seq 128", _LstmClassifier(), batch
+        return f"bi-{label} text classifier (embed 128, hidden 256), seq 128", _RnnClassifier(cell), batch
+    return make
 
 
 def _hf_swin():
@@ -181,7 +185,7 @@ MODELS = {"swin": _swin, "tv_swin": _tv_swin, "maxvit": _maxvit,
           "bit": _timm("resnetv2_50x1_bit", "timm resnetv2_50x1_bit, 112²"),
           "resnet50": _timm("resnet50", "timm resnet50, 112²"),  # BiT without weight standardisation: a reference
           "tv_vit": _tv_vit, "tv_mobilenet": _tv_mobilenet, "hf_swin": _hf_swin, "linknet": _linknet, "t5": _t5,
-          "wav2vec2": _wav2vec2, "lstm": _lstm}
+          "wav2vec2": _wav2vec2, "lstm": _rnn(torch.nn.LSTM, "LSTM"), "gru": _rnn(torch.nn.GRU, "GRU")}
 
 
 def hooks_and_fallen(model, batch, **options) -> tuple[dict, set[str]]:

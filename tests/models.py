@@ -499,7 +499,8 @@ class Recurrent(nn.Module):
 class Lstms(nn.Module):
     """Batch-first LSTMs as classifiers use them: a bidirectional one whose final hidden state feeds the head, a
     one-way one without biases, started from states made of the input (given as ``hx``), whose sequence does, and
-    Sequencer's layout: one LSTM over two sequences a sample (overlapping windows), one sample's after another."""
+    Sequencer's layout: one LSTM over two sequences a sample (overlapping windows), one sample's after another; and
+    GRUs: a bidirectional one whose final states feed the head, a one-way one without biases from given states."""
 
     def __init__(self):
         super().__init__()
@@ -507,7 +508,9 @@ class Lstms(nn.Module):
         self.start = nn.Linear(6, 8)
         self.one = nn.LSTM(10, 4, batch_first=True, bias=False)
         self.rows = nn.LSTM(6, 3, batch_first=True, bidirectional=True)
-        self.head = nn.Linear(2 * 5 + 4 + 6, 3)
+        self.gru = nn.GRU(6, 4, batch_first=True, bidirectional=True)
+        self.gru_one = nn.GRU(8, 3, batch_first=True, bias=False)
+        self.head = nn.Linear(2 * 5 + 4 + 6 + 8 + 3, 3)
 
     def forward(self, x):  # (n, 7, 6)
         seq, (h, _) = self.bi(x)
@@ -515,10 +518,13 @@ class Lstms(nn.Module):
         out, _ = self.one(seq, (s[..., :4].contiguous(), s[..., 4:].contiguous()))
         windows = torch.stack([x[:, :4], x[:, 3:]], 1).reshape(-1, 4, 6)  # (n·2, 4, 6)
         r, _ = self.rows(windows)
-        return self.head(torch.cat([h[0], h[1], out.mean(1), r.reshape(x.shape[0], -1, 6).mean(1)], 1))
+        g, gh = self.gru(x)
+        g2, _ = self.gru_one(g, s[..., :3].contiguous())
+        return self.head(torch.cat([h[0], h[1], out.mean(1), r.reshape(x.shape[0], -1, 6).mean(1), gh[0], gh[1],
+                                    g2.mean(1)], 1))
 
 
-def lstms(seed: int = 0):
+def lstms(seed: int = 0):  # and GRUs
     torch.manual_seed(seed)
     return Lstms()
 

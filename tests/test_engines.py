@@ -64,7 +64,7 @@ CASES = {
     "weight_standardised_convs": (M.std_convs, lambda: M.image_batch(size=11)),
     "multihead_attention_masks_and_cross": (M.masked_attention, M.masked_attention_batch),
     "rms_norms": (M.rms_norms, M.seq_batch),
-    "batch_first_lstms": (M.lstms, M.seq_batch),
+    "batch_first_lstms": (M.lstms, M.seq_batch),  # and GRUs
     "wav2vec2_unused_parameter_beside_the_encoder": (M.wav2vec2, M.wav2vec2_batch),
     "torch_checkpoint": (M.checkpointed, lambda: M.image_batch(size=8)),
     "seq_first_transformer": (M.seq_first, M.seq_batch),
@@ -92,8 +92,8 @@ ENGINES = [e for e in ("vmap", "hooks", "auto") if e in estimate.ENGINES]
 # What vmap cannot run ("auto" falls back with a warning): torch.func's grad does not support the saved-tensor
 # hooks that torch.utils.checkpoint installs; HF's gradient_checkpointing_enable() adds a forward hook on the
 # input embeddings that calls requires_grad_(), which torch.func transforms refuse.
-# torch's GRU and LSTM kernels write into an output of the unbatched shape (the hooks engine gives a GRU, a stacked
-# or a sequence-first LSTM the loop; a one-layer batch-first LSTM its own batched rule).
+# torch's GRU and LSTM kernels write into an output of the unbatched shape (the hooks engine gives a stacked or a
+# sequence-first one the loop; a one-layer batch-first LSTM or GRU its own batched rule).
 VMAP_CANNOT = {"torch_checkpoint": "saved tensor hooks", "bert_hf_gradient_checkpointing": "functorch transform",
                "gru_and_lstm": "broadcast shape", "t5_relative_attention_bias": "dynamic shape",
                "batch_first_lstms": "broadcast shape"}
@@ -312,7 +312,7 @@ def test_weight_standardised_gain_from_the_weight_pass_or_a_convolution(monkeypa
 
 @pytest.mark.parametrize("case, kind", [("embedding_attention_layernorm", torch.nn.MultiheadAttention),
                                         ("multihead_attention_masks_and_cross", torch.nn.MultiheadAttention),
-                                        ("batch_first_lstms", torch.nn.LSTM)])
+                                        ("batch_first_lstms", (torch.nn.LSTM, torch.nn.GRU))])
 def test_attention_and_lstms_take_a_batched_recomputation(case, kind, monkeypatch):
     # every nn.MultiheadAttention call (masks, cross-attention, a second call, the one inside torch's
     # TransformerEncoderLayer) and every batch-first LSTM (both directions, given states, final states read)

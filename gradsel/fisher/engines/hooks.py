@@ -857,7 +857,7 @@ class HooksEngine:
                 flat, spec = pytree.tree_flatten((args, kwargs))
                 outs, out_spec = pytree.tree_flatten(output)
                 # a batch-first RNN's final states (layers·directions, n, H) hold the samples on dim 1: not shared by
-                # the batch, not to be expanded; their gradients are kept beside the sequence's (_lstm_grads)
+                # the batch, not to be expanded; their gradients are kept beside the sequence's (_rnn_grads)
                 states = isinstance(module, nn.RNNBase) and module.batch_first
                 rows = {t.shape[0] for j, t in enumerate(outs) if isinstance(t, torch.Tensor) and t.is_floating_point()
                         and t.dim() and not (expand and t.shape[0] == 1) and not (states and j)}
@@ -1351,63 +1351,94 @@ def _mha_grads(module: nn.Module, calls: list[dict], n: int, want: set[str]) -> 
     return out
 
 
-def _lstm_grads(module: nn.Module, calls: list[dict], n: int, want: set[str]) -> dict[str, Any] | None:
-    """A one-layer batch-first ``nn.LSTM`` (either direction or both, no projection) without a per-sample run:
-    each direction's hidden states from one batched run of torch's LSTM, then every step's gate gradients ``δ_t``
-    for the whole batch by :func:`_lstm_gate_grads`, fed with the captured gradients of the sequence and of the
-    final states. ``Σ_t δ_t x_tᵀ`` is ``weight_ih``'s, ``Σ_t δ_t h_{t-1}ᵀ`` ``weight_hh``'s and ``Σ_t δ_t`` both
-    biases' (a sample's several sequences, one after another on dim 0, summed as more steps). None where a call
-    is outside that."""
-    if not (type(module) is nn.LSTM and module.batch_first and module.num_layers == 1 and module.proj_size == 0):
+def _rnn_grads(module: nn.Module, calls: list[dict], n: int, want: set[str]) -> dict[str, Any] | None:
+    """A one-layer batch-first ``nn.LSTM`` (no projection) or ``nn.GRU``, either direction or both, without a
+    per-sample run: each direction's hidden states from one batched run of torch's kernel, then every step's
+    gradients of the gates' input and hidden parts (the same for an LSTM; a GRU's candidate gate takes its hidden
+    part through the reset gate) for the whole batch by :func:`_lstm_gate_grads` / :func:`_gru_gate_grads`, fed
+    with the captured gradients of the sequence and of the final states. ``Σ_t δu_t x_tᵀ`` is ``weight_ih``'s,
+    ``Σ_t δv_t h_{t-1}ᵀ`` ``weight_hh``'s, ``Σ_t δu_t`` and ``Σ_t δv_t`` the biases' (a sample's several sequences,
+    one after another on dim 0, summed as more steps). None where a call is outside that."""
+    lstm = type(module) is nn.LSTM
+    if not ((lstm or type(module) is nn.GRU) and module.batch_first and module.num_layers == 1
+            and getattr(module, "proj_size", 0) == 0):
         return None
-    hidden, dirs = module.hidden_size, 2 if module.bidirectional else 1
-    tokens: dict[str, list] = {}  # per direction's suffix: inputs, gate gradients, previous hidden states
+    hidden, dirs, states = module.hidden_size, 2 if module.bidirectional else 1, 2 if lstm else 1
+    tokens: dict[str, list] = {}  # per direction's suffix: inputs, δu, δv and h_{t-1} in the direction's order
     for call in calls:
         args, kwargs = pytree.tree_unflatten(call["flat"], call["spec"])
         x = args[0] if args else kwargs.get("input")
         hx = args[1] if len(args) > 1 else kwargs.get("hx")
-        grads = list(call["grads"]) + [None] * (3 - len(call["grads"]))
+        grads = call["grads"]
         rows = n * call["group"]  # several sequences a sample (Sequencer's rows and columns), one after another
-        if (not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[0] != rows or len(call["grads"]) != 3
+        if (not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[0] != rows or len(grads) != 1 + states
                 or all(g is None for g in grads)):
             return None
         (x,), _ = _widened([x], [g for g in grads if g is not None])
         dtype = x.dtype
+        hx = None if hx is None else (hx if lstm else (hx,))
         for d in range(dirs):
             sfx = "_l0_reverse" if d else "_l0"
             w_ih, w_hh = (getattr(module, f"weight_{k}{sfx}").detach().to(dtype) for k in ("ih", "hh"))
             b_ih, b_hh = ((getattr(module, f"bias_{k}{sfx}").detach().to(dtype) if module.bias else None)
                           for k in ("ih", "hh"))
-            h0, c0 = ((t[d:d + 1].detach().to(dtype) for t in hx) if hx is not None else
-                      (x.new_zeros(1, rows, hidden) for _ in range(2)))
+            h = [t[d:d + 1].detach().to(dtype) for t in hx] if hx is not None else \
+                [x.new_zeros(1, rows, hidden) for _ in range(states)]
+            finals = [None if g is None else g[d].to(dtype) for g in grads[1:]]
             with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
                 run = x.flip(1) if d else x  # the direction's own order of steps
                 weights = [w_ih, w_hh] + ([] if b_ih is None else [b_ih, b_hh])
-                seq = torch.lstm(run, (h0, c0), weights, b_ih is not None, 1, 0.0, False, False, True)[0]
-                prev = torch.cat([h0.transpose(0, 1), seq[:, :-1]], 1)  # h_{t-1}
+                kernel = torch.lstm if lstm else torch.gru
+                seq = kernel(run, tuple(h) if lstm else h[0], weights, b_ih is not None, 1, 0.0, False, False,
+                             True)[0]
+                prev = torch.cat([h[0].transpose(0, 1), seq[:, :-1]], 1)  # h_{t-1}
                 g_seq = None if grads[0] is None else grads[0][..., d * hidden:(d + 1) * hidden].to(dtype)
-                runs = _lstm_gate_grads(F.linear(run, w_ih, b_ih), prev, c0[0], w_hh, b_hh,
-                                        None if g_seq is None else (g_seq.flip(1) if d else g_seq),
-                                        None if grads[1] is None else grads[1][d].to(dtype),
-                                        None if grads[2] is None else grads[2][d].to(dtype))
-            du = runs.flip(1) if d else runs  # in the input's order of steps
+                g_seq = None if g_seq is None else (g_seq.flip(1) if d else g_seq)
+                u = F.linear(run, w_ih, b_ih)
+                if lstm:
+                    du_run = dv_run = _lstm_gate_grads(u, prev, h[1][0], w_hh, b_hh, g_seq, *finals)
+                else:
+                    du_run, dv_run = _gru_gate_grads(u, prev, w_hh, b_hh, g_seq, finals[0])
             part = tokens.setdefault(sfx, [[], [], [], []])
-            part[0].append(x)
-            part[1].append(du)
-            part[2].append(runs)  # the gate gradients in the direction's order, beside prev
-            part[3].append(prev)
+            for k, t in enumerate((x, du_run.flip(1) if d else du_run, dv_run, prev)):
+                part[k].append(t)
     out: dict[str, Any] = {}
-    for sfx, (xs, dus, runs, prevs) in tokens.items():
-        x, du, run, prev = (_stack_tokens(t, n) for t in (xs, dus, runs, prevs))
-        for name, left, right in ((f"weight_ih{sfx}", du, x), (f"weight_hh{sfx}", run, prev)):
+    for sfx, parts in tokens.items():
+        x, du, dv, prev = (_stack_tokens(t, n) for t in parts)
+        for name, left, right in ((f"weight_ih{sfx}", du, x), (f"weight_hh{sfx}", dv, prev)):
             if name in want:
                 block = max(1, BLOCK_BYTES // max(1, left.shape[2] * right.shape[2] * left.element_size()))
                 out[name] = BlockGrads(lambda s, e, scratch=None, a=left, b=right: torch.bmm(a[s:e].transpose(1, 2),
                                                                                            b[s:e]), n, block)
-        for name in (f"bias_ih{sfx}", f"bias_hh{sfx}"):
+        for name, g in ((f"bias_ih{sfx}", du), (f"bias_hh{sfx}", dv)):
             if name in want:
-                out[name] = du.sum(1)
+                out[name] = g.sum(1)
     return out
+
+
+def _gru_gate_grads(u, prev, w_hh, b_hh, g_seq, g_hn):
+    """A GRU direction's gradients of each step's gate input part ``u`` and hidden part ``v = W_hh h_{t-1} + b_hh``
+    (n, T, 3H each, gates r, z, n), its steps in ``u``'s order. Given ``h_{t-1}`` (``prev``, from the batched run)
+    every gate is known at once, and each step's gradients are the hidden state's gradient ``δh_t`` times factors
+    of those gates, so backpropagation through time is one multiply and one (n, 3H)·(3H, H) product a step."""
+    n, steps, hidden = prev.shape
+    v = torch.bmm(prev, w_hh.t().expand(n, *w_hh.t().shape))
+    v = v if b_hh is None else v + b_hh
+    (ur, uz, un), (vr, vz, vn) = u.chunk(3, -1), v.chunk(3, -1)
+    r, z = (ur + vr).sigmoid(), (uz + vz).sigmoid()
+    cand = (un + r * vn).tanh()
+    a = (1 - z) * (1 - cand * cand)  # ∂(candidate's pre-activation) per δh
+    coef_u = torch.cat([a * vn * r * (1 - r), (prev - cand) * z * (1 - z), a], -1)
+    coef_v = torch.cat([coef_u[..., :2 * hidden], a * r], -1)
+    du, dv = torch.empty_like(u), torch.empty_like(u)
+    dh_next = torch.zeros_like(prev[:, 0]) if g_hn is None else g_hn
+    for t in range(steps - 1, -1, -1):
+        dh = dh_next if g_seq is None else dh_next + g_seq[:, t]
+        dh3 = dh.repeat(1, 3)
+        torch.mul(dh3, coef_u[:, t], out=du[:, t])
+        torch.mul(dh3, coef_v[:, t], out=dv[:, t])
+        dh_next = torch.addmm(dh * z[:, t], dv[:, t], w_hh)
+    return du, dv
 
 
 def _lstm_gate_grads(u, prev, c0, w_hh, b_hh, g_seq, g_hn, g_cn):
@@ -1448,8 +1479,8 @@ def _batched_local(module: nn.Module, calls: list[dict], n: int, want: set[str])
     """A module-local gradient from a batched recomputation, for the modules that have one, else None."""
     if isinstance(module, nn.MultiheadAttention):
         return _mha_grads(module, calls, n, want)
-    if isinstance(module, nn.LSTM):
-        return _lstm_grads(module, calls, n, want)
+    if isinstance(module, (nn.LSTM, nn.GRU)):
+        return _rnn_grads(module, calls, n, want)
     return None
 
 
