@@ -500,7 +500,8 @@ class Lstms(nn.Module):
     """Batch-first LSTMs as classifiers use them: a bidirectional one whose final hidden state feeds the head, a
     one-way one without biases, started from states made of the input (given as ``hx``), whose sequence does, and
     Sequencer's layout: one LSTM over two sequences a sample (overlapping windows), one sample's after another; and
-    GRUs: a bidirectional one whose final states feed the head, a one-way one without biases from given states."""
+    GRUs: a bidirectional one whose final states feed the head, a one-way one without biases from given states;
+    stacked: a 3-layer bidirectional LSTM (every layer's final states read) and a 2-layer GRU."""
 
     def __init__(self):
         super().__init__()
@@ -510,7 +511,9 @@ class Lstms(nn.Module):
         self.rows = nn.LSTM(6, 3, batch_first=True, bidirectional=True)
         self.gru = nn.GRU(6, 4, batch_first=True, bidirectional=True)
         self.gru_one = nn.GRU(8, 3, batch_first=True, bias=False)
-        self.head = nn.Linear(2 * 5 + 4 + 6 + 8 + 3, 3)
+        self.stacked = nn.LSTM(6, 3, num_layers=3, batch_first=True, bidirectional=True, dropout=0.5)
+        self.stacked_gru = nn.GRU(6, 3, num_layers=2, batch_first=True)
+        self.head = nn.Linear(2 * 5 + 4 + 6 + 8 + 3 + 6 + 3 + 3, 3)
 
     def forward(self, x):  # (n, 7, 6)
         seq, (h, _) = self.bi(x)
@@ -520,8 +523,10 @@ class Lstms(nn.Module):
         r, _ = self.rows(windows)
         g, gh = self.gru(x)
         g2, _ = self.gru_one(g, s[..., :3].contiguous())
+        st, (sh, _) = self.stacked(x)  # every layer's final states read (dropout between layers: eval mode)
+        sg, _ = self.stacked_gru(x)
         return self.head(torch.cat([h[0], h[1], out.mean(1), r.reshape(x.shape[0], -1, 6).mean(1), gh[0], gh[1],
-                                    g2.mean(1)], 1))
+                                    g2.mean(1), st.mean(1), sh.mean(0), sg.mean(1)], 1))
 
 
 def lstms(seed: int = 0):  # and GRUs

@@ -92,8 +92,8 @@ ENGINES = [e for e in ("vmap", "hooks", "auto") if e in estimate.ENGINES]
 # What vmap cannot run ("auto" falls back with a warning): torch.func's grad does not support the saved-tensor
 # hooks that torch.utils.checkpoint installs; HF's gradient_checkpointing_enable() adds a forward hook on the
 # input embeddings that calls requires_grad_(), which torch.func transforms refuse.
-# torch's GRU and LSTM kernels write into an output of the unbatched shape (the hooks engine gives a stacked or a
-# sequence-first one the loop; a one-layer batch-first LSTM or GRU its own batched rule).
+# torch's GRU and LSTM kernels write into an output of the unbatched shape (the hooks engine gives a sequence-first
+# one the loop; a batch-first LSTM or GRU its own batched rule).
 VMAP_CANNOT = {"torch_checkpoint": "saved tensor hooks", "bert_hf_gradient_checkpointing": "functorch transform",
                "gru_and_lstm": "broadcast shape", "t5_relative_attention_bias": "dynamic shape",
                "batch_first_lstms": "broadcast shape"}

@@ -1352,19 +1352,22 @@ def _mha_grads(module: nn.Module, calls: list[dict], n: int, want: set[str]) -> 
 
 
 def _rnn_grads(module: nn.Module, calls: list[dict], n: int, want: set[str]) -> dict[str, Any] | None:
-    """A one-layer batch-first ``nn.LSTM`` (no projection) or ``nn.GRU``, either direction or both, without a
-    per-sample run: each direction's hidden states from one batched run of torch's kernel, then every step's
-    gradients of the gates' input and hidden parts (the same for an LSTM; a GRU's candidate gate takes its hidden
-    part through the reset gate) for the whole batch by :func:`_lstm_gate_grads` / :func:`_gru_gate_grads`, fed
-    with the captured gradients of the sequence and of the final states. ``Σ_t δu_t x_tᵀ`` is ``weight_ih``'s,
+    """A batch-first ``nn.LSTM`` (no projection) or ``nn.GRU``, stacked or not, either direction or both, without
+    a per-sample run: each layer's and direction's hidden states from one batched run of torch's kernel, bottom up;
+    then, top down, every step's gradients of the gates' input and hidden parts (the same for an LSTM; a GRU's
+    candidate gate takes its hidden part through the reset gate) for the whole batch by :func:`_lstm_gate_grads` /
+    :func:`_gru_gate_grads`, fed with the gradients of the layer's output sequence (captured for the top layer,
+    ``Σ_d δu_d W_ih,d`` from the layer above otherwise) and of its final states. ``Σ_t δu_t x_tᵀ`` is ``weight_ih``'s,
     ``Σ_t δv_t h_{t-1}ᵀ`` ``weight_hh``'s, ``Σ_t δu_t`` and ``Σ_t δv_t`` the biases' (a sample's several sequences,
-    one after another on dim 0, summed as more steps). None where a call is outside that."""
+    one after another on dim 0, summed as more steps). None where a call is outside that (dropout between layers
+    while training, among others)."""
     lstm = type(module) is nn.LSTM
-    if not ((lstm or type(module) is nn.GRU) and module.batch_first and module.num_layers == 1
-            and getattr(module, "proj_size", 0) == 0):
+    if not ((lstm or type(module) is nn.GRU) and module.batch_first and getattr(module, "proj_size", 0) == 0
+            and not (module.training and module.dropout > 0 and module.num_layers > 1)):
         return None
-    hidden, dirs, states = module.hidden_size, 2 if module.bidirectional else 1, 2 if lstm else 1
-    tokens: dict[str, list] = {}  # per direction's suffix: inputs, δu, δv and h_{t-1} in the direction's order
+    hidden, dirs, states, layers = module.hidden_size, 2 if module.bidirectional else 1, 2 if lstm else 1, \
+        module.num_layers
+    tokens: dict[str, list] = {}  # per layer and direction's suffix: inputs, δu, δv and h_{t-1}
     for call in calls:
         args, kwargs = pytree.tree_unflatten(call["flat"], call["spec"])
         x = args[0] if args else kwargs.get("input")
@@ -1377,31 +1380,48 @@ def _rnn_grads(module: nn.Module, calls: list[dict], n: int, want: set[str]) -> 
         (x,), _ = _widened([x], [g for g in grads if g is not None])
         dtype = x.dtype
         hx = None if hx is None else (hx if lstm else (hx,))
-        for d in range(dirs):
-            sfx = "_l0_reverse" if d else "_l0"
-            w_ih, w_hh = (getattr(module, f"weight_{k}{sfx}").detach().to(dtype) for k in ("ih", "hh"))
-            b_ih, b_hh = ((getattr(module, f"bias_{k}{sfx}").detach().to(dtype) if module.bias else None)
-                          for k in ("ih", "hh"))
-            h = [t[d:d + 1].detach().to(dtype) for t in hx] if hx is not None else \
-                [x.new_zeros(1, rows, hidden) for _ in range(states)]
-            finals = [None if g is None else g[d].to(dtype) for g in grads[1:]]
-            with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
-                run = x.flip(1) if d else x  # the direction's own order of steps
-                weights = [w_ih, w_hh] + ([] if b_ih is None else [b_ih, b_hh])
-                kernel = torch.lstm if lstm else torch.gru
-                seq = kernel(run, tuple(h) if lstm else h[0], weights, b_ih is not None, 1, 0.0, False, False,
-                             True)[0]
-                prev = torch.cat([h[0].transpose(0, 1), seq[:, :-1]], 1)  # h_{t-1}
-                g_seq = None if grads[0] is None else grads[0][..., d * hidden:(d + 1) * hidden].to(dtype)
-                g_seq = None if g_seq is None else (g_seq.flip(1) if d else g_seq)
-                u = F.linear(run, w_ih, b_ih)
-                if lstm:
-                    du_run = dv_run = _lstm_gate_grads(u, prev, h[1][0], w_hh, b_hh, g_seq, *finals)
-                else:
-                    du_run, dv_run = _gru_gate_grads(u, prev, w_hh, b_hh, g_seq, finals[0])
-            part = tokens.setdefault(sfx, [[], [], [], []])
-            for k, t in enumerate((x, du_run.flip(1) if d else du_run, dv_run, prev)):
-                part[k].append(t)
+        kernel = torch.lstm if lstm else torch.gru
+        runs = {}  # (layer, direction) -> weights, initial states, input in the direction's order, h_{t-1}
+        layer_in = [x]
+        with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
+            for layer in range(layers):
+                outs = []
+                for d in range(dirs):
+                    sfx = f"_l{layer}" + ("_reverse" if d else "")
+                    w = [getattr(module, f"{k}{sfx}").detach().to(dtype)
+                         for k in (("weight_ih", "weight_hh", "bias_ih", "bias_hh") if module.bias
+                                   else ("weight_ih", "weight_hh"))]
+                    k = layer * dirs + d
+                    h = [t[k:k + 1].detach().to(dtype) for t in hx] if hx is not None else \
+                        [x.new_zeros(1, rows, hidden) for _ in range(states)]
+                    run = layer_in[-1].flip(1) if d else layer_in[-1]  # the direction's own order of steps
+                    seq = kernel(run, tuple(h) if lstm else h[0], w, module.bias, 1, 0.0, False, False, True)[0]
+                    runs[layer, d] = (w, h, run, torch.cat([h[0].transpose(0, 1), seq[:, :-1]], 1))
+                    outs.append(seq.flip(1) if d else seq)
+                layer_in.append(torch.cat(outs, -1) if dirs == 2 else outs[0])
+            g_out = None if grads[0] is None else grads[0].to(dtype)  # the top layer's output sequence
+            for layer in range(layers - 1, -1, -1):
+                g_below = None
+                for d in range(dirs):
+                    w, h, run, prev = runs[layer, d]
+                    k = layer * dirs + d
+                    g_seq = None if g_out is None else g_out[..., d * hidden:(d + 1) * hidden]
+                    g_seq = None if g_seq is None else (g_seq.flip(1) if d else g_seq)
+                    finals = [None if g is None else g[k].to(dtype) for g in grads[1:]]
+                    b_hh = w[3] if module.bias else None
+                    u = F.linear(run, w[0], w[2] if module.bias else None)
+                    if lstm:
+                        du_run = dv_run = _lstm_gate_grads(u, prev, h[1][0], w[1], b_hh, g_seq, *finals)
+                    else:
+                        du_run, dv_run = _gru_gate_grads(u, prev, w[1], b_hh, g_seq, finals[0])
+                    du = du_run.flip(1) if d else du_run  # in the input's order of steps
+                    if layer:  # the gradient of the layer below's output sequence
+                        g_in = du @ w[0]
+                        g_below = g_in if g_below is None else g_below + g_in
+                    part = tokens.setdefault(f"_l{layer}" + ("_reverse" if d else ""), [[], [], [], []])
+                    for j, t in enumerate((layer_in[layer], du, dv_run, prev)):
+                        part[j].append(t)
+                g_out = g_below
     out: dict[str, Any] = {}
     for sfx, parts in tokens.items():
         x, du, dv, prev = (_stack_tokens(t, n) for t in parts)
