@@ -161,18 +161,22 @@ def _linear(module: nn.Module, xs, ds, want, n, transposed: bool = False):
         return out
     a, d = _stack_tokens(xs, n), _stack_tokens(ds, n)
     if "weight" in want:
-        block = max(1, BLOCK_BYTES // max(1, module.weight.numel() * d.element_size()))
-        left, right = (a, d) if transposed else (d, a)
-        shape = (left.shape[2], right.shape[2])
-
-        def make(s, e, scratch=None):
-            out = None if scratch is None else scratch.take((e - s, *shape), d.dtype, d.device)
-            return torch.bmm(left[s:e].transpose(1, 2), right[s:e], out=out)
-
-        out["weight"] = BlockGrads(make, n, block)
+        out["weight"] = _token_grads(*((a, d) if transposed else (d, a)), n)
     if "bias" in want:
         out["bias"] = d.sum(1)
     return out
+
+
+def _token_grads(left: torch.Tensor, right: torch.Tensor, n: int) -> BlockGrads:
+    """Each sample's ``Σ_t left_tᵀ right_t`` from ``(n, tokens, ·)`` tensors (a Linear's weight gradient over the
+    tokens: ``left`` the output gradients, ``right`` the inputs), a block of samples at a time."""
+    shape = (left.shape[2], right.shape[2])
+
+    def make(s, e, scratch=None):
+        out = None if scratch is None else scratch.take((e - s, *shape), left.dtype, left.device)
+        return torch.bmm(left[s:e].transpose(1, 2), right[s:e], out=out)
+
+    return BlockGrads(make, n, max(1, BLOCK_BYTES // max(1, shape[0] * shape[1] * left.element_size())))
 
 
 def _transposed_linear(module: nn.Module, xs, ds, want, n):
@@ -407,10 +411,6 @@ def _known(module: nn.Module, module_prefix: str, name: str) -> bool:
 _STD_CONVS = ("StdConv2d", "StdConv2dSame", "ScaledStdConv2d", "ScaledStdConv2dSame")
 
 
-def _is_dtensor(t: torch.Tensor) -> bool:
-    return any(c.__name__ == "DTensor" for c in type(t).__mro__)
-
-
 def _rule_for(module: nn.Module):
     """The rule for this module, or None; exact types only (a subclass may compute something else), and a few
     subclasses known to compute the same (timm's LayerNorm, RmsNorm, GroupNorm and GroupNorm1; timm's, torchvision's and
@@ -445,7 +445,7 @@ def _rule_for(module: nn.Module):
             or _known(module, "timm.layers.conv2d_same", "Conv2dSame")):
         return (_padded_conv, 4) if module.padding_mode == "zeros" and conv_padding(module) == (0, 0) else None
     if any(_known(module, "timm.layers.std_conv", c) for c in _STD_CONVS):
-        if module.padding_mode != "zeros" or conv_padding(module) is None or _is_dtensor(module.weight):
+        if module.padding_mode != "zeros" or conv_padding(module) is None or hasattr(module.weight, "to_local"):
             return None  # (under FSDP2 the weight the standardisation reads is a shard)
         return _std_conv, 4, ("weight", "bias", "gain")
     if t in (nn.Conv1d, nn.Conv2d):
@@ -1341,9 +1341,9 @@ def _mha_grads(module: nn.Module, calls: list[dict], n: int, want: set[str]) -> 
     d = [_stack_tokens([c[j] for c in deltas], n) for j in range(3)]
     out: dict[str, Any] = {}
     if "in_proj_weight" in want:
-        block = max(1, BLOCK_BYTES // max(1, module.in_proj_weight.numel() * d[0].element_size()))
-        out["in_proj_weight"] = BlockGrads(lambda s, t, scratch=None: torch.cat(
-            [torch.bmm(dj[s:t].transpose(1, 2), xj[s:t]) for dj, xj in zip(d, x)], 1), n, block)
+        qkv = [_token_grads(dj, xj, n) for dj, xj in zip(d, x)]
+        out["in_proj_weight"] = BlockGrads(lambda s, t, scratch=None: torch.cat([g.make(s, t) for g in qkv], 1), n,
+                                           max(1, qkv[0].block // 3))
     if "in_proj_bias" in want:
         out["in_proj_bias"] = torch.cat([dj.sum(1) for dj in d], 1)
     made = _linear(module.out_proj, attended, douts, {a for a in ("weight", "bias") if f"out_proj.{a}" in want}, n)
@@ -1381,7 +1381,7 @@ def _rnn_grads(module: nn.Module, calls: list[dict], n: int, want: set[str]) -> 
         dtype = x.dtype
         hx = None if hx is None else (hx if lstm else (hx,))
         kernel = torch.lstm if lstm else torch.gru
-        runs = {}  # (layer, direction) -> weights, initial states, input in the direction's order, h_{t-1}
+        runs = {}  # (layer, direction) -> suffix, weights, initial states, input in the direction's order, h_{t-1}
         layer_in = [x]
         with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
             for layer in range(layers):
@@ -1396,14 +1396,14 @@ def _rnn_grads(module: nn.Module, calls: list[dict], n: int, want: set[str]) -> 
                         [x.new_zeros(1, rows, hidden) for _ in range(states)]
                     run = layer_in[-1].flip(1) if d else layer_in[-1]  # the direction's own order of steps
                     seq = kernel(run, tuple(h) if lstm else h[0], w, module.bias, 1, 0.0, False, False, True)[0]
-                    runs[layer, d] = (w, h, run, torch.cat([h[0].transpose(0, 1), seq[:, :-1]], 1))
+                    runs[layer, d] = (sfx, w, h, run, torch.cat([h[0].transpose(0, 1), seq[:, :-1]], 1))
                     outs.append(seq.flip(1) if d else seq)
                 layer_in.append(torch.cat(outs, -1) if dirs == 2 else outs[0])
             g_out = None if grads[0] is None else grads[0].to(dtype)  # the top layer's output sequence
             for layer in range(layers - 1, -1, -1):
                 g_below = None
                 for d in range(dirs):
-                    w, h, run, prev = runs[layer, d]
+                    sfx, w, h, run, prev = runs[layer, d]
                     k = layer * dirs + d
                     g_seq = None if g_out is None else g_out[..., d * hidden:(d + 1) * hidden]
                     g_seq = None if g_seq is None else (g_seq.flip(1) if d else g_seq)
@@ -1418,7 +1418,7 @@ def _rnn_grads(module: nn.Module, calls: list[dict], n: int, want: set[str]) -> 
                     if layer:  # the gradient of the layer below's output sequence
                         g_in = du @ w[0]
                         g_below = g_in if g_below is None else g_below + g_in
-                    part = tokens.setdefault(f"_l{layer}" + ("_reverse" if d else ""), [[], [], [], []])
+                    part = tokens.setdefault(sfx, [[], [], [], []])
                     for j, t in enumerate((layer_in[layer], du, dv_run, prev)):
                         part[j].append(t)
                 g_out = g_below
@@ -1427,9 +1427,7 @@ def _rnn_grads(module: nn.Module, calls: list[dict], n: int, want: set[str]) -> 
         x, du, dv, prev = (_stack_tokens(t, n) for t in parts)
         for name, left, right in ((f"weight_ih{sfx}", du, x), (f"weight_hh{sfx}", dv, prev)):
             if name in want:
-                block = max(1, BLOCK_BYTES // max(1, left.shape[2] * right.shape[2] * left.element_size()))
-                out[name] = BlockGrads(lambda s, e, scratch=None, a=left, b=right: torch.bmm(a[s:e].transpose(1, 2),
-                                                                                           b[s:e]), n, block)
+                out[name] = _token_grads(left, right, n)
         for name, g in ((f"bias_ih{sfx}", du), (f"bias_hh{sfx}", dv)):
             if name in want:
                 out[name] = g.sum(1)
