@@ -11,7 +11,9 @@ with no selected element are not in the optimizer at all.
 The arithmetic is ``torch.optim.AdamW``'s (decoupled decay ``p *= 1 - lr * wd``, bias corrections, ``eps``
 added after the square root), applied to the gathered values: on the CPU its fused kernel itself, elsewhere
 its single-tensor update operation for operation. The trajectory equals dense AdamW with the selection
-applied.
+applied. Sparse gradients of whole rows are read too: those of ``row_sparse(..., compact=True)`` and those of
+``nn.Embedding(sparse=True)``, whose selected rows that a batch did not look up have a zero gradient (AdamW
+still moves them by momentum and decay, as it would with a dense embedding).
 """
 
 from __future__ import annotations
@@ -33,6 +35,14 @@ def _local(t: torch.Tensor | None) -> torch.Tensor | None:
     """An FSDP2 parameter's (or gradient's) local shard, the DTensor's local tensor; any other tensor as is."""
     local = getattr(t, "_local_tensor", None)
     return t if local is None else local
+
+
+def _row_sparse_weight(p: torch.Tensor) -> bool:
+    """Whether ``p`` has been the weight of a layer that ``gradsel.rowsparse.row_sparse(..., compact=True)``
+    made row-sparse (its sparse gradients then hold every touched row)."""
+    from .rowsparse import COMPACT_WEIGHTS
+
+    return p in COMPACT_WEIGHTS
 
 
 def _flat_index(mask: torch.Tensor, param: torch.Tensor) -> torch.Tensor | None:
@@ -129,7 +139,8 @@ class SparseAdamW(torch.optim.Optimizer):
             raise GradselError(f"weight_decay={weight_decay} must be >= 0")
         self._index: dict[torch.Tensor, torch.Tensor | None] = {}
         self._cgrad: dict[torch.Tensor, torch.Tensor] = {}
-        self._row_pos: dict[torch.Tensor, tuple[torch.Tensor, torch.Tensor]] = {}  # row-sparse grads: rows, positions
+        # sparse row gradients: their rows, where each selected entry is among their values, and which are absent
+        self._row_pos: dict[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = {}
         self._hooks: list = []
         self.compact_grads = compact_grads
         self.progressive = progressive
@@ -220,11 +231,17 @@ class SparseAdamW(torch.optim.Optimizer):
             table = torch.full((grad.shape[0],), -1, dtype=torch.long, device=rows.device)
             table[rows] = torch.arange(rows.numel(), device=rows.device)
             pos = table[idx.long() // width]
-            if bool((pos < 0).any()):
+            absent = pos < 0
+            if not bool(absent.any()):
+                absent = None
+            elif _row_sparse_weight(p):
                 raise GradselError(f"a row-sparse gradient of shape {tuple(grad.shape)} lacks rows with selected "
                                    "elements: row_sparse and the optimizer were given different selections")
-            cached = self._row_pos[p] = (rows.clone(), pos * width + idx.long() % width)
-        return values.reshape(-1).index_select(0, cached[1])
+            # else rows that a sparse gradient leaves out are zero (nn.Embedding(sparse=True): the rows this
+            # batch did not look up), as in the dense gradient
+            cached = self._row_pos[p] = (rows.clone(), (pos.clamp(min=0) * width + idx.long() % width), absent)
+        picked = values.reshape(-1).index_select(0, cached[1]) if rows.numel() else values.new_zeros(idx.numel())
+        return picked if cached[2] is None or not rows.numel() else picked.masked_fill_(cached[2], 0)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         super().zero_grad(set_to_none)

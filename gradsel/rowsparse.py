@@ -30,6 +30,7 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.weak import WeakIdKeyDictionary
 
 from .errors import GradselError
 from .params import unwrap_model
@@ -222,6 +223,9 @@ def _row_forward(self: nn.Module, x: torch.Tensor, *args, **kwargs) -> torch.Ten
 
 
 _OWNERS: "weakref.WeakKeyDictionary[nn.Module, _Layer]" = weakref.WeakKeyDictionary()
+#: weights ever given compact (sparse COO) row gradients, kept after remove(): a step after the ``with`` block
+#: still knows that a row missing from their gradient is a mismatch of selections, not a zero row
+COMPACT_WEIGHTS = WeakIdKeyDictionary()  # weight -> True; tensors compare by identity here
 
 
 class _Layer:
@@ -298,6 +302,8 @@ class RowSparse:
                 self.skipped[prefix] = reason
                 continue
             _OWNERS[module] = _Layer(masks, wname, compact)
+            if compact:
+                COMPACT_WEIGHTS[module.weight] = True
             module.forward = types.MethodType(_row_forward, module)
             self._modules.append(module)
             self.layers[prefix] = (touched, mask.shape[0])

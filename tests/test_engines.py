@@ -197,6 +197,22 @@ def test_tied_weights_are_one_tensor_summed_across_uses():
     assert not torch.allclose(ref["transformer.wte.weight"], both)  # squares of a sum, not a sum of squares
 
 
+@pytest.mark.parametrize("engine", ["loop", *ENGINES])
+def test_a_sparse_embedding_has_the_dense_embeddings_fisher(engine):
+    # nn.Embedding(sparse=True) hands autograd a sparse gradient of the rows looked up; the loop densifies it
+    def make(sparse):
+        torch.manual_seed(2)
+        emb = torch.nn.Embedding(12, 5, sparse=sparse, padding_idx=0)
+        return torch.nn.Sequential(emb, torch.nn.Flatten(), torch.nn.Linear(20, 3)).double()
+
+    ids = torch.randint(0, 12, (5, 4), generator=torch.Generator().manual_seed(0))
+    batch = (ids, torch.tensor([0, 1, 2, 1, 0]))
+    ref = gradsel.fisher_loop(make(False), batch, per_sample=True, progress=False)
+    est = gradsel.fisher(make(True), batch, engine=engine, chunk_size=2, per_sample=True, progress=False)
+    _assert_matches(est, ref)
+    assert (est.per_sample - ref.per_sample).abs().max() <= TOL * ref.per_sample.abs().max()
+
+
 # -- the hooks engine: what its rules cover, and the cases they must leave to the fallback --------------------
 
 needs_hooks = pytest.mark.skipif("hooks" not in ENGINES, reason="no hooks engine")

@@ -231,6 +231,50 @@ def test_compact_grads_accumulate_and_clip_like_the_masked_dense_path():
         assert (p - q).abs().max() <= 1e-6 and torch.equal(q, r)
 
 
+class _Bag(nn.Module):
+    """Token ids → embedding rows → mean → classifier: what a sparse embedding feeds in a text model."""
+
+    def __init__(self, sparse: bool):
+        super().__init__()
+        torch.manual_seed(4)
+        self.emb = nn.Embedding(30, 6, sparse=sparse)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, ids):
+        return self.head(self.emb(ids).mean(1))
+
+
+@pytest.mark.parametrize("compact_grads", [False, True])
+def test_sparse_embedding_gradients_follow_the_dense_trajectory(compact_grads):
+    # nn.Embedding(sparse=True) gives the rows a batch looked up; selected rows it did not look up have a zero
+    # gradient, and AdamW still moves them (momentum, weight decay) as it does with a dense embedding
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randint(0, 10 if i % 2 else 30, (4, 5), generator=g), torch.randint(0, 3, (4,), generator=g))
+               for i in range(6)]  # every other batch looks up rows 0-9 only
+    sel = gradsel.select(_Bag(False), None, "random", keep=0.4, seed=1, progress=False)
+    assert bool(sel.masks["emb.weight"][10:].any())  # selected rows that half of the batches leave out
+
+    def run(sparse):
+        model = _Bag(sparse)
+        start = model.emb.weight.detach().clone()
+        opt = sparse_adamw(sel, model, lr=0.05, weight_decay=0.1, compact_grads=compact_grads and sparse)
+        for ids, y in batches:
+            opt.zero_grad()
+            for half in (slice(0, 2), slice(2, 4)):  # two backwards accumulate: repeated rows in the sparse grad
+                nn.functional.cross_entropy(model(ids[half]), y[half]).backward()
+            if sparse and not compact_grads:
+                assert model.emb.weight.grad.is_sparse
+            opt.step()
+        return model, start
+
+    (dense, start), (sparse, _) = run(False), run(True)
+    for a, b in zip(dense.parameters(), sparse.parameters()):
+        assert (a - b).abs().max() <= 1e-6
+    mask = sel.masks["emb.weight"]
+    assert torch.equal(sparse.emb.weight[~mask], start[~mask])
+    assert bool((sparse.emb.weight[mask] != start[mask]).all())  # rows 10-29 moved in the batches without them
+
+
 def test_state_dict_round_trip_continues_the_same_trajectory():
     def fresh():
         model = M.mlp()

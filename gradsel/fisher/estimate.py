@@ -166,7 +166,8 @@ class _LoopEngine(_Engine):
                 grads = (torch.autograd.grad(loss, list(leaves.values()), allow_unused=True) if loss.requires_grad
                          else [None] * len(leaves))
             for name, g in zip(self.names, grads):
-                out[name].append(torch.zeros_like(leaves[name]) if g is None else g)
+                # nn.Embedding(sparse=True) gives its rows as a sparse gradient: densified, one sample at a time
+                out[name].append(torch.zeros_like(leaves[name]) if g is None else g.to_dense() if g.is_sparse else g)
         return {name: torch.stack(gs) for name, gs in out.items()}
 
 
