@@ -84,11 +84,35 @@ def _chunks(tensors: list[torch.Tensor]):
         yield [f[start:start + CHUNK] for f in flats]
 
 
+def _dense(t: torch.Tensor) -> bool:
+    """Whether ``t``'s elements fill a block of its storage without gaps or overlaps, in some order of its dims
+    (contiguous, channels_last, any permutation)."""
+    expected = 1
+    for size, stride in sorted(((sz, st) for sz, st in zip(t.shape, t.stride()) if sz != 1), key=lambda d: d[1]):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
 def _flat(t: torch.Tensor) -> torch.Tensor:
-    if not t.is_contiguous():
-        raise GradselError(f"SparseAdamW needs contiguous parameters and gradients (got strides {t.stride()} for "
-                           f"shape {tuple(t.shape)}); call model.to(memory_format=torch.contiguous_format)")
-    return t.view(-1)
+    """``t``'s elements as a 1-D view in storage order (its logical order when contiguous)."""
+    if t.is_contiguous():
+        return t.view(-1)
+    if not _dense(t):
+        raise GradselError(f"SparseAdamW needs parameters and gradients without gaps in memory (got strides "
+                           f"{t.stride()} for shape {tuple(t.shape)}); call model.to(memory_format="
+                           "torch.contiguous_format)")
+    return t.as_strided((t.numel(),), (1,))
+
+
+def _storage_positions(t: torch.Tensor) -> torch.Tensor | None:
+    """Where each logical element of ``t`` (row-major flat index) sits in :func:`_flat` of it; None when
+    contiguous (the same place)."""
+    if t.is_contiguous():
+        return None
+    _flat(t)  # refuses tensors with gaps
+    return torch.arange(t.numel(), device=t.device).as_strided(t.shape, t.stride()).reshape(-1)
 
 
 class SparseAdamW(torch.optim.Optimizer):
@@ -141,6 +165,8 @@ class SparseAdamW(torch.optim.Optimizer):
         self._cgrad: dict[torch.Tensor, torch.Tensor] = {}
         # sparse row gradients: their rows, where each selected entry is among their values, and which are absent
         self._row_pos: dict[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = {}
+        # (param, a layout of it) -> (its selected indices, where they are in that layout's storage order)
+        self._places: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         self._hooks: list = []
         self.compact_grads = compact_grads
         self.progressive = progressive
@@ -201,6 +227,19 @@ class SparseAdamW(torch.optim.Optimizer):
             idx = self._index[p] = idx.to(p.device)
         return idx
 
+    def _at(self, p: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``t`` (``p``'s local shard or a gradient of it) as a flat storage-order view, and where the selected
+        elements are in it: the selected flat indices themselves when ``t`` is contiguous; for a channels_last
+        (or otherwise permuted) tensor, those indices moved through its strides (cached per layout)."""
+        idx = self._idx(p)
+        if t.is_contiguous():
+            return t.view(-1), idx
+        key = (id(p), tuple(t.stride()), t.device)
+        cached = self._places.get(key)
+        if cached is None or cached[0] is not idx:  # first use, or set_mask changed the selection
+            cached = self._places[key] = (idx, _storage_positions(t)[idx.long()])
+        return _flat(t), cached[1]
+
     def _grad(self, p: torch.Tensor) -> torch.Tensor | None:
         """The gradient of the selected elements (gathered), or the dense gradient; None when there is none."""
         idx = self._idx(p)
@@ -217,7 +256,8 @@ class SparseAdamW(torch.optim.Optimizer):
         of whole rows, as ``gradsel.rowsparse.row_sparse(..., compact=True)`` makes)."""
         idx = self._idx(p)
         if not grad.is_sparse:
-            return _flat(grad).index_select(0, idx)
+            flat, pos = self._at(p, grad)
+            return flat.index_select(0, pos)
         if grad.sparse_dim() != 1:
             raise GradselError(f"SparseAdamW reads sparse gradients of whole rows (sparse_dim 1); this one of shape "
                                f"{tuple(grad.shape)} has sparse_dim {grad.sparse_dim()}")
@@ -314,7 +354,7 @@ class SparseAdamW(torch.optim.Optimizer):
             beta1, beta2 = (float(b) for b in group["betas"])
             wd, eps, amsgrad, maximize = group["weight_decay"], group["eps"], group["amsgrad"], group["maximize"]
             fused: dict[torch.dtype, tuple[list, ...]] = {}  # dtype -> targets, grads, moments, maxima, steps
-            scatter = []  # (p, idx, gathered target) written back after the fused update
+            scatter = []  # (p, gathered target) written back after the fused update
             for p in group["params"]:
                 grad = self._grad(p)
                 if grad is None:
@@ -334,7 +374,7 @@ class SparseAdamW(torch.optim.Optimizer):
                     raise GradselError(f"optimizer state of shape {tuple(state['exp_avg'].shape)} does not fit a "
                                        f"gradient of shape {tuple(grad.shape)}: the state was loaded from another "
                                        "selection")
-                target = _local(p) if idx is None else _flat(_local(p)).index_select(0, idx)
+                target = _local(p) if idx is None else self._read(p)
                 if self._fusable(target, grad, state):
                     lists = fused.setdefault(target.dtype, ([], [], [], [], [], []))
                     for lst, t in zip(lists, (target, grad, state["exp_avg"], state["exp_avg_sq"],
@@ -342,21 +382,29 @@ class SparseAdamW(torch.optim.Optimizer):
                         if t is not None:
                             lst.append(t)
                     if idx is not None:
-                        scatter.append((p, idx, target))
+                        scatter.append((p, target))
                     continue
                 state["step"] += 1
                 _adamw_pieces(target, -grad if maximize else grad, state, state["step"].item(), lr, beta1, beta2,
                               wd, eps, amsgrad)
                 if idx is not None:
-                    _flat(_local(p)).scatter_(0, idx.long(), target)
+                    self._write(p, target)
             for targets, grads, exp_avgs, exp_avg_sqs, maxima, steps in fused.values():
                 torch._foreach_add_(steps, 1)
                 torch._fused_adamw_(targets, grads, exp_avgs, exp_avg_sqs, maxima, steps, amsgrad=amsgrad, lr=lr,
                                     beta1=beta1, beta2=beta2, weight_decay=wd, eps=eps, maximize=maximize,
                                     grad_scale=None, found_inf=None)
-            for p, idx, target in scatter:
-                _flat(_local(p)).scatter_(0, idx.long(), target)
+            for p, target in scatter:
+                self._write(p, target)
         return loss
+
+    def _read(self, p: torch.Tensor) -> torch.Tensor:
+        flat, pos = self._at(p, _local(p))
+        return flat.index_select(0, pos)
+
+    def _write(self, p: torch.Tensor, values: torch.Tensor) -> None:
+        flat, pos = self._at(p, _local(p))
+        flat.scatter_(0, pos.long(), values)
 
     def _fusable(self, target: torch.Tensor, grad: torch.Tensor, state: dict) -> bool:
         """Whether torch's fused AdamW kernel takes this update: CPU floating-point tensors of one dtype (the
