@@ -20,7 +20,8 @@ Further entries: ``nf_resnet``, ``nfnet``, ``bit`` (timm's weight-standardised c
 plain ResNet-50 beside them), ``tv_vit`` (torchvision's ViT: ``nn.MultiheadAttention``, a ``pos_embedding`` held by
 its Encoder), ``wav2vec2`` (HF, a parameter that eval never reads above the whole encoder), ``levit``, ``coat``,
 ``t5``, ``linknet``, ``tv_mobilenet``, ``hf_swin``, ``lstm`` and ``gru`` (a batch-first
-bidirectional ``nn.LSTM`` / ``nn.GRU``), ``lstm3`` (three such LSTM layers).
+bidirectional ``nn.LSTM`` / ``nn.GRU``), ``lstm3`` (three such LSTM layers), ``lstm_seq_first`` (the LSTM
+sequence first, torch's default layout).
 """
 
 from __future__ import annotations
@@ -92,26 +93,30 @@ def _wav2vec2():
 
 
 class _RnnClassifier(torch.nn.Module):
-    def __init__(self, cell, vocab: int = 2000, dim: int = 128, hidden: int = 256, layers: int = 1):
+    def __init__(self, cell, vocab: int = 2000, dim: int = 128, hidden: int = 256, layers: int = 1,
+                 batch_first: bool = True):
         super().__init__()
         self.embed = torch.nn.Embedding(vocab, dim)
-        self.rnn = cell(dim, hidden, num_layers=layers, batch_first=True, bidirectional=True)
+        self.rnn = cell(dim, hidden, num_layers=layers, batch_first=batch_first, bidirectional=True)
         self.head = torch.nn.Linear(2 * hidden, 3)
+        self.batch_first = batch_first
 
     def forward(self, ids):
-        _, h = self.rnn(self.embed(ids))
+        e = self.embed(ids)
+        _, h = self.rnn(e if self.batch_first else e.transpose(0, 1))
         h = h[0] if isinstance(h, tuple) else h  # an LSTM's (h, c)
         return self.head(torch.cat([h[-2], h[-1]], 1))  # the top layer's two directions
 
 
-def _rnn(cell, label, layers=1):
+def _rnn(cell, label, layers=1, batch_first=True):
     def make():
         def batch(n: int, g: torch.Generator) -> tuple:
             return torch.randint(0, 2000, (n, 128), generator=g), torch.randint(0, 3, (n,), generator=g)
 
         stack = f"{layers}-layer " if layers > 1 else ""
-        return (f"{stack}bi-{label} text classifier (embed 128, hidden 256), seq 128",
-                _RnnClassifier(cell, layers=layers), batch)
+        order = "" if batch_first else ", sequence first"
+        return (f"{stack}bi-{label} text classifier (embed 128, hidden 256), seq 128{order}",
+                _RnnClassifier(cell, layers=layers, batch_first=batch_first), batch)
     return make
 
 
@@ -188,7 +193,8 @@ MODELS = {"swin": _swin, "tv_swin": _tv_swin, "maxvit": _maxvit,
           "resnet50": _timm("resnet50", "timm resnet50, 112²"),  # BiT without weight standardisation: a reference
           "tv_vit": _tv_vit, "tv_mobilenet": _tv_mobilenet, "hf_swin": _hf_swin, "linknet": _linknet, "t5": _t5,
           "wav2vec2": _wav2vec2, "lstm": _rnn(torch.nn.LSTM, "LSTM"), "gru": _rnn(torch.nn.GRU, "GRU"),
-          "lstm3": _rnn(torch.nn.LSTM, "LSTM", layers=3)}
+          "lstm3": _rnn(torch.nn.LSTM, "LSTM", layers=3),
+          "lstm_seq_first": _rnn(torch.nn.LSTM, "LSTM", batch_first=False)}
 
 
 def hooks_and_fallen(model, batch, **options) -> tuple[dict, set[str]]:

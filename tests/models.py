@@ -482,18 +482,53 @@ class SeqFirst(nn.Module):
 
 
 class Recurrent(nn.Module):
-    """A GRU (batch first) under an LSTM (sequence first): modules that torch.func cannot run per sample."""
+    """A GRU (batch first) under an LSTM (sequence first) under an Elman RNN: modules that torch.func cannot run per
+    sample; the hooks engine has a batched rule for the first two, the RNN goes to the loop."""
 
     def __init__(self):
         super().__init__()
         self.gru = nn.GRU(6, 8, batch_first=True)
         self.lstm = nn.LSTM(8, 8)
+        self.elman = nn.RNN(8, 8)
         self.head = nn.Linear(8, 3)
 
     def forward(self, x):
         h, _ = self.gru(x)
         h, _ = self.lstm(h.transpose(0, 1))
+        h, _ = self.elman(h)
         return self.head(h[-1])
+
+
+class SeqFirstRnns(nn.Module):
+    """LSTMs and GRUs in torch's default layout (``batch_first=False``: steps on dim 0, samples on dim 1): a
+    2-layer bidirectional LSTM started from states made of the input, every final state read; a one-way LSTM
+    without biases called twice; a bidirectional GRU whose final states feed the head; a 2-layer GRU."""
+
+    def __init__(self):
+        super().__init__()
+        self.start = nn.Linear(6, 5)
+        self.bi = nn.LSTM(6, 5, num_layers=2, bidirectional=True)
+        self.one = nn.LSTM(10, 4, bias=False)
+        self.gru = nn.GRU(6, 4, bidirectional=True)
+        self.deep_gru = nn.GRU(4, 3, num_layers=2)
+        self.head = nn.Linear(20 + 5 + 4 + 4 + 8 + 3, 3)
+
+    def forward(self, x):  # (n, 7, 6), read as (7, n, 6)
+        t = x.transpose(0, 1)
+        s = torch.tanh(self.start(x.mean(1)))  # (n, 5)
+        h0 = s.unsqueeze(0).expand(4, -1, -1).contiguous()
+        seq, (h, c) = self.bi(t, (h0, torch.zeros_like(h0)))
+        out, _ = self.one(seq)
+        again, _ = self.one(seq.flip(0))
+        g, gh = self.gru(t)
+        d, _ = self.deep_gru(torch.tanh(g[..., :4]))
+        return self.head(torch.cat([h.transpose(0, 1).flatten(1), c[-1], out[-1], again.mean(0), gh.transpose(0, 1)
+                                    .flatten(1), d.mean(0)], 1))
+
+
+def seq_first_rnns(seed: int = 0):
+    torch.manual_seed(seed)
+    return SeqFirstRnns()
 
 
 class Lstms(nn.Module):

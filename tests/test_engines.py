@@ -65,6 +65,7 @@ CASES = {
     "multihead_attention_masks_and_cross": (M.masked_attention, M.masked_attention_batch),
     "rms_norms": (M.rms_norms, M.seq_batch),
     "batch_first_lstms": (M.lstms, M.seq_batch),  # and GRUs
+    "sequence_first_lstms_and_grus": (M.seq_first_rnns, M.seq_batch),
     "wav2vec2_unused_parameter_beside_the_encoder": (M.wav2vec2, M.wav2vec2_batch),
     "torch_checkpoint": (M.checkpointed, lambda: M.image_batch(size=8)),
     "seq_first_transformer": (M.seq_first, M.seq_batch),
@@ -92,13 +93,13 @@ ENGINES = [e for e in ("vmap", "hooks", "auto") if e in estimate.ENGINES]
 # What vmap cannot run ("auto" falls back with a warning): torch.func's grad does not support the saved-tensor
 # hooks that torch.utils.checkpoint installs; HF's gradient_checkpointing_enable() adds a forward hook on the
 # input embeddings that calls requires_grad_(), which torch.func transforms refuse.
-# torch's GRU and LSTM kernels write into an output of the unbatched shape (the hooks engine gives a sequence-first
-# one the loop; a batch-first LSTM or GRU its own batched rule).
+# torch's RNN, GRU and LSTM kernels write into an output of the unbatched shape (the hooks engine gives an LSTM or a
+# GRU, batch-first or not, its own batched rule; an Elman nn.RNN the loop).
 VMAP_CANNOT = {"torch_checkpoint": "saved tensor hooks", "bert_hf_gradient_checkpointing": "functorch transform",
                "gru_and_lstm": "broadcast shape", "t5_relative_attention_bias": "dynamic shape",
-               "batch_first_lstms": "broadcast shape"}
+               "batch_first_lstms": "broadcast shape", "sequence_first_lstms_and_grus": "broadcast shape"}
 # Where the hooks engine's local torch.func gradient cannot run a module without rule, the loop computes it.
-HOOKS_LOOP = {"gru_and_lstm": "the batch-of-one loop computes them instead"}
+HOOKS_LOOP = {"gru_and_lstm": "the batch-of-one loop computes them instead"}  # its nn.RNN
 
 _cache: dict[str, tuple] = {}
 
@@ -328,11 +329,12 @@ def test_weight_standardised_gain_from_the_weight_pass_or_a_convolution(monkeypa
 
 @pytest.mark.parametrize("case, kind", [("embedding_attention_layernorm", torch.nn.MultiheadAttention),
                                         ("multihead_attention_masks_and_cross", torch.nn.MultiheadAttention),
-                                        ("batch_first_lstms", (torch.nn.LSTM, torch.nn.GRU))])
+                                        ("batch_first_lstms", (torch.nn.LSTM, torch.nn.GRU)),
+                                        ("sequence_first_lstms_and_grus", (torch.nn.LSTM, torch.nn.GRU))])
 def test_attention_and_lstms_take_a_batched_recomputation(case, kind, monkeypatch):
     # every nn.MultiheadAttention call (masks, cross-attention, a second call, the one inside torch's
-    # TransformerEncoderLayer) and every batch-first LSTM (both directions, given states, final states read)
-    # gets its gradients from one batched run, none from a torch.func pass per sample or the loop
+    # TransformerEncoderLayer) and every LSTM and GRU, batch-first or sequence-first (both directions, given states,
+    # final states read), gets its gradients from one batched run, none from a torch.func pass per sample or the loop
     from gradsel.fisher.engines import hooks
 
     taken, real = [], hooks._batched_local

@@ -856,6 +856,8 @@ class HooksEngine:
                     return None
                 flat, spec = pytree.tree_flatten((args, kwargs))
                 outs, out_spec = pytree.tree_flatten(output)
+                if _seq_first_rnn(module, args, kwargs):
+                    return self._seq_first_call(lcalls[name], flat, spec, outs, out_spec, n, roots)
                 # a batch-first RNN's final states (layers·directions, n, H) hold the samples on dim 1: not shared by
                 # the batch, not to be expanded; their gradients are kept beside the sequence's (_rnn_grads)
                 states = isinstance(module, nn.RNNBase) and module.batch_first
@@ -1103,6 +1105,27 @@ class HooksEngine:
             if not layer.attrs:
                 del self.layers[name]
 
+    @staticmethod
+    def _seq_first_call(calls: list, flat: list, spec: Any, outs: list, out_spec: Any, n: int, roots: list) -> Any:
+        """A sequence-first LSTM or GRU call (:func:`_seq_first_rnn`): its samples are on dim 1 of the input, the
+        output sequence and the final states. The call is kept with the gradients of every output, for
+        :func:`_rnn_grads`, which reads it batch-first; a call whose dim 1 is not the batch is left to the fallback."""
+        if flat[0].shape[1] != n:
+            calls.append(None)
+            return None
+        kept = [isinstance(t, torch.Tensor) and t.requires_grad for t in outs]
+        if not any(isinstance(t, torch.Tensor) and t.requires_grad for t in flat):  # a root, as in local_hook
+            root = torch.zeros((), dtype=outs[0].dtype, device=outs[0].device, requires_grad=True)
+            roots.append(root)
+            outs = [t + root if k else t for t, k in zip(outs, kept)]
+        call = {"flat": [t.detach() if isinstance(t, torch.Tensor) else t for t in flat], "spec": spec,
+                "group": 1, "seq_first": True, "grads": [None] * len(outs)}
+        calls.append(call)
+        for j, (t, k) in enumerate(zip(outs, kept)):
+            if k:
+                t.register_hook(lambda g, j=j: call["grads"].__setitem__(j, g))
+        return pytree.tree_unflatten(outs, out_spec)
+
     def _local_grads(self, lcalls: dict[str, list], batch: Any, n: int, scales: dict[str, torch.Tensor],
                      unused: set[str] = frozenset()) -> dict[str, torch.Tensor]:
         """Each sample's gradient of the local modules' own candidates: ``scales`` (layer scales found in the
@@ -1121,6 +1144,9 @@ class HooksEngine:
             consts = {k: v.detach() for k, v in module.named_parameters() if k not in cands}
             slots = tensor_slots(module)
             total = _batched_local(module, calls, n, set(own))  # None: not a module it takes
+            if total is None and any(c.get("seq_first") for c in calls):  # kept for _rnn_grads only
+                self._no_local.update(own.values())
+                continue
             try:
                 for call in calls if total is None else ():
                     g = _module_grads(module, cands, consts, call, slots)
@@ -1352,8 +1378,9 @@ def _mha_grads(module: nn.Module, calls: list[dict], n: int, want: set[str]) -> 
 
 
 def _rnn_grads(module: nn.Module, calls: list[dict], n: int, want: set[str]) -> dict[str, Any] | None:
-    """A batch-first ``nn.LSTM`` (no projection) or ``nn.GRU``, stacked or not, either direction or both, without
-    a per-sample run: each layer's and direction's hidden states from one batched run of torch's kernel, bottom up;
+    """A batch-first ``nn.LSTM`` (no projection) or ``nn.GRU``, stacked or not, either direction or both (or a
+    sequence-first one, whose calls :meth:`HooksEngine._seq_first_call` kept: read batch-first), without a
+    per-sample run: each layer's and direction's hidden states from one batched run of torch's kernel, bottom up;
     then, top down, every step's gradients of the gates' input and hidden parts (the same for an LSTM; a GRU's
     candidate gate takes its hidden part through the reset gate) for the whole batch by :func:`_lstm_gate_grads` /
     :func:`_gru_gate_grads`, fed with the gradients of the layer's output sequence (captured for the top layer,
@@ -1362,7 +1389,8 @@ def _rnn_grads(module: nn.Module, calls: list[dict], n: int, want: set[str]) -> 
     one after another on dim 0, summed as more steps). None where a call is outside that (dropout between layers
     while training, among others)."""
     lstm = type(module) is nn.LSTM
-    if not ((lstm or type(module) is nn.GRU) and module.batch_first and getattr(module, "proj_size", 0) == 0
+    if not ((lstm or type(module) is nn.GRU) and (module.batch_first or all(c.get("seq_first") for c in calls))
+            and getattr(module, "proj_size", 0) == 0
             and not (module.training and module.dropout > 0 and module.num_layers > 1)):
         return None
     hidden, dirs, states, layers = module.hidden_size, 2 if module.bidirectional else 1, 2 if lstm else 1, \
@@ -1373,6 +1401,9 @@ def _rnn_grads(module: nn.Module, calls: list[dict], n: int, want: set[str]) -> 
         x = args[0] if args else kwargs.get("input")
         hx = args[1] if len(args) > 1 else kwargs.get("hx")
         grads = call["grads"]
+        if call.get("seq_first"):  # read batch-first: (T, n, ·) → (n, T, ·); the final states are alike in both
+            x = x.transpose(0, 1) if isinstance(x, torch.Tensor) else x
+            grads = [None if grads[0] is None else grads[0].transpose(0, 1), *grads[1:]]
         rows = n * call["group"]  # several sequences a sample (Sequencer's rows and columns), one after another
         if (not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[0] != rows or len(grads) != 1 + states
                 or all(g is None for g in grads)):
@@ -1491,6 +1522,14 @@ def _lstm_gate_grads(u, prev, c0, w_hh, b_hh, g_seq, g_hn, g_cn):
         dh_next = row @ w_hh
         dc_next = dc * f[:, t]
     return grads
+
+
+def _seq_first_rnn(module: nn.Module, args: tuple, kwargs: dict) -> bool:
+    """Whether this call is a sequence-first (``batch_first=False``, torch's default) ``nn.LSTM`` or ``nn.GRU``
+    on a batched (3-D) input tensor."""
+    x = args[0] if args else kwargs.get("input")
+    return (type(module) in (nn.LSTM, nn.GRU) and not module.batch_first and isinstance(x, torch.Tensor)
+            and x.dim() == 3)
 
 
 def _batched_local(module: nn.Module, calls: list[dict], n: int, want: set[str]) -> dict[str, Any] | None:
