@@ -482,27 +482,33 @@ class SeqFirst(nn.Module):
 
 
 class Recurrent(nn.Module):
-    """A GRU (batch first) under an LSTM (sequence first) under an Elman RNN: modules that torch.func cannot run per
-    sample; the hooks engine has a batched rule for the first two, the RNN goes to the loop."""
+    """A GRU (batch first) under an LSTM (sequence first) under Elman RNNs (tanh, ReLU) and a projected LSTM: modules
+    that torch.func cannot run per sample; the hooks engine has a batched rule for all but the projected LSTM, which
+    goes to the loop."""
 
     def __init__(self):
         super().__init__()
         self.gru = nn.GRU(6, 8, batch_first=True)
         self.lstm = nn.LSTM(8, 8)
-        self.elman = nn.RNN(8, 8)
-        self.head = nn.Linear(8, 3)
+        self.elman = nn.RNN(8, 8, num_layers=2, bidirectional=True)
+        self.relu = nn.RNN(16, 4, nonlinearity="relu", batch_first=True)
+        self.projected = nn.LSTM(8, 6, proj_size=3)
+        self.head = nn.Linear(16 + 4 + 3, 3)
 
     def forward(self, x):
         h, _ = self.gru(x)
         h, _ = self.lstm(h.transpose(0, 1))
-        h, _ = self.elman(h)
-        return self.head(h[-1])
+        e, _ = self.elman(h)
+        r, hr = self.relu(e.transpose(0, 1))
+        p, _ = self.projected(h)
+        return self.head(torch.cat([e[-1], hr[0], p[-1]], 1))
 
 
 class SeqFirstRnns(nn.Module):
     """LSTMs and GRUs in torch's default layout (``batch_first=False``: steps on dim 0, samples on dim 1): a
     2-layer bidirectional LSTM started from states made of the input, every final state read; a one-way LSTM
-    without biases called twice; a bidirectional GRU whose final states feed the head; a 2-layer GRU."""
+    without biases called twice; a bidirectional GRU whose final states feed the head; a 2-layer GRU; a 2-layer
+    bidirectional Elman RNN (tanh)."""
 
     def __init__(self):
         super().__init__()
@@ -511,7 +517,8 @@ class SeqFirstRnns(nn.Module):
         self.one = nn.LSTM(10, 4, bias=False)
         self.gru = nn.GRU(6, 4, bidirectional=True)
         self.deep_gru = nn.GRU(4, 3, num_layers=2)
-        self.head = nn.Linear(20 + 5 + 4 + 4 + 8 + 3, 3)
+        self.elman = nn.RNN(6, 3, num_layers=2, bidirectional=True)
+        self.head = nn.Linear(20 + 5 + 4 + 4 + 8 + 3 + 6, 3)
 
     def forward(self, x):  # (n, 7, 6), read as (7, n, 6)
         t = x.transpose(0, 1)
@@ -522,8 +529,9 @@ class SeqFirstRnns(nn.Module):
         again, _ = self.one(seq.flip(0))
         g, gh = self.gru(t)
         d, _ = self.deep_gru(torch.tanh(g[..., :4]))
+        e, _ = self.elman(t)
         return self.head(torch.cat([h.transpose(0, 1).flatten(1), c[-1], out[-1], again.mean(0), gh.transpose(0, 1)
-                                    .flatten(1), d.mean(0)], 1))
+                                    .flatten(1), d.mean(0), e.mean(0)], 1))
 
 
 def seq_first_rnns(seed: int = 0):
@@ -536,7 +544,8 @@ class Lstms(nn.Module):
     one-way one without biases, started from states made of the input (given as ``hx``), whose sequence does, and
     Sequencer's layout: one LSTM over two sequences a sample (overlapping windows), one sample's after another; and
     GRUs: a bidirectional one whose final states feed the head, a one-way one without biases from given states;
-    stacked: a 3-layer bidirectional LSTM (every layer's final states read) and a 2-layer GRU."""
+    stacked: a 3-layer bidirectional LSTM (every layer's final states read) and a 2-layer GRU; an Elman RNN (ReLU)
+    from given states."""
 
     def __init__(self):
         super().__init__()
@@ -548,7 +557,8 @@ class Lstms(nn.Module):
         self.gru_one = nn.GRU(8, 3, batch_first=True, bias=False)
         self.stacked = nn.LSTM(6, 3, num_layers=3, batch_first=True, bidirectional=True, dropout=0.5)
         self.stacked_gru = nn.GRU(6, 3, num_layers=2, batch_first=True)
-        self.head = nn.Linear(2 * 5 + 4 + 6 + 8 + 3 + 6 + 3 + 3, 3)
+        self.elman = nn.RNN(6, 4, nonlinearity="relu", batch_first=True)
+        self.head = nn.Linear(2 * 5 + 4 + 6 + 8 + 3 + 6 + 3 + 3 + 4, 3)
 
     def forward(self, x):  # (n, 7, 6)
         seq, (h, _) = self.bi(x)
@@ -560,8 +570,9 @@ class Lstms(nn.Module):
         g2, _ = self.gru_one(g, s[..., :3].contiguous())
         st, (sh, _) = self.stacked(x)  # every layer's final states read (dropout between layers: eval mode)
         sg, _ = self.stacked_gru(x)
+        _, eh = self.elman(x, s[..., 4:].contiguous())
         return self.head(torch.cat([h[0], h[1], out.mean(1), r.reshape(x.shape[0], -1, 6).mean(1), gh[0], gh[1],
-                                    g2.mean(1), st.mean(1), sh.mean(0), sg.mean(1)], 1))
+                                    g2.mean(1), st.mean(1), sh.mean(0), sg.mean(1), eh[0]], 1))
 
 
 def lstms(seed: int = 0):  # and GRUs

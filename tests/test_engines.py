@@ -93,13 +93,13 @@ ENGINES = [e for e in ("vmap", "hooks", "auto") if e in estimate.ENGINES]
 # What vmap cannot run ("auto" falls back with a warning): torch.func's grad does not support the saved-tensor
 # hooks that torch.utils.checkpoint installs; HF's gradient_checkpointing_enable() adds a forward hook on the
 # input embeddings that calls requires_grad_(), which torch.func transforms refuse.
-# torch's RNN, GRU and LSTM kernels write into an output of the unbatched shape (the hooks engine gives an LSTM or a
-# GRU, batch-first or not, its own batched rule; an Elman nn.RNN the loop).
+# torch's RNN, GRU and LSTM kernels write into an output of the unbatched shape (the hooks engine gives an LSTM, a
+# GRU or an Elman RNN, batch-first or not, its own batched rule; a projected LSTM the loop).
 VMAP_CANNOT = {"torch_checkpoint": "saved tensor hooks", "bert_hf_gradient_checkpointing": "functorch transform",
                "gru_and_lstm": "broadcast shape", "t5_relative_attention_bias": "dynamic shape",
                "batch_first_lstms": "broadcast shape", "sequence_first_lstms_and_grus": "broadcast shape"}
 # Where the hooks engine's local torch.func gradient cannot run a module without rule, the loop computes it.
-HOOKS_LOOP = {"gru_and_lstm": "the batch-of-one loop computes them instead"}  # its nn.RNN
+HOOKS_LOOP = {"gru_and_lstm": "the batch-of-one loop computes them instead"}  # its LSTM with proj_size
 
 _cache: dict[str, tuple] = {}
 
@@ -329,11 +329,12 @@ def test_weight_standardised_gain_from_the_weight_pass_or_a_convolution(monkeypa
 
 @pytest.mark.parametrize("case, kind", [("embedding_attention_layernorm", torch.nn.MultiheadAttention),
                                         ("multihead_attention_masks_and_cross", torch.nn.MultiheadAttention),
-                                        ("batch_first_lstms", (torch.nn.LSTM, torch.nn.GRU)),
-                                        ("sequence_first_lstms_and_grus", (torch.nn.LSTM, torch.nn.GRU))])
+                                        ("batch_first_lstms", (torch.nn.LSTM, torch.nn.GRU, torch.nn.RNN)),
+                                        ("sequence_first_lstms_and_grus",
+                                         (torch.nn.LSTM, torch.nn.GRU, torch.nn.RNN))])
 def test_attention_and_lstms_take_a_batched_recomputation(case, kind, monkeypatch):
     # every nn.MultiheadAttention call (masks, cross-attention, a second call, the one inside torch's
-    # TransformerEncoderLayer) and every LSTM and GRU, batch-first or sequence-first (both directions, given states,
+    # TransformerEncoderLayer) and every LSTM, GRU and RNN, batch-first or sequence-first (both directions, given states,
     # final states read), gets its gradients from one batched run, none from a torch.func pass per sample or the loop
     from gradsel.fisher.engines import hooks
 

@@ -1107,7 +1107,7 @@ class HooksEngine:
 
     @staticmethod
     def _seq_first_call(calls: list, flat: list, spec: Any, outs: list, out_spec: Any, n: int, roots: list) -> Any:
-        """A sequence-first LSTM or GRU call (:func:`_seq_first_rnn`): its samples are on dim 1 of the input, the
+        """A sequence-first LSTM, GRU or RNN call (:func:`_seq_first_rnn`): its samples are on dim 1 of the input, the
         output sequence and the final states. The call is kept with the gradients of every output, for
         :func:`_rnn_grads`, which reads it batch-first; a call whose dim 1 is not the batch is left to the fallback."""
         if flat[0].shape[1] != n:
@@ -1378,7 +1378,7 @@ def _mha_grads(module: nn.Module, calls: list[dict], n: int, want: set[str]) -> 
 
 
 def _rnn_grads(module: nn.Module, calls: list[dict], n: int, want: set[str]) -> dict[str, Any] | None:
-    """A batch-first ``nn.LSTM`` (no projection) or ``nn.GRU``, stacked or not, either direction or both (or a
+    """A batch-first ``nn.LSTM`` (no projection), ``nn.GRU`` or Elman ``nn.RNN`` (tanh or ReLU), stacked or not, either direction or both (or a
     sequence-first one, whose calls :meth:`HooksEngine._seq_first_call` kept: read batch-first), without a
     per-sample run: each layer's and direction's hidden states from one batched run of torch's kernel, bottom up;
     then, top down, every step's gradients of the gates' input and hidden parts (the same for an LSTM; a GRU's
@@ -1388,8 +1388,8 @@ def _rnn_grads(module: nn.Module, calls: list[dict], n: int, want: set[str]) -> 
     ``Σ_t δv_t h_{t-1}ᵀ`` ``weight_hh``'s, ``Σ_t δu_t`` and ``Σ_t δv_t`` the biases' (a sample's several sequences,
     one after another on dim 0, summed as more steps). None where a call is outside that (dropout between layers
     while training, among others)."""
-    lstm = type(module) is nn.LSTM
-    if not ((lstm or type(module) is nn.GRU) and (module.batch_first or all(c.get("seq_first") for c in calls))
+    lstm, elman = type(module) is nn.LSTM, type(module) is nn.RNN
+    if not (type(module) in _RNNS and (module.batch_first or all(c.get("seq_first") for c in calls))
             and getattr(module, "proj_size", 0) == 0
             and not (module.training and module.dropout > 0 and module.num_layers > 1)):
         return None
@@ -1411,7 +1411,8 @@ def _rnn_grads(module: nn.Module, calls: list[dict], n: int, want: set[str]) -> 
         (x,), _ = _widened([x], [g for g in grads if g is not None])
         dtype = x.dtype
         hx = None if hx is None else (hx if lstm else (hx,))
-        kernel = torch.lstm if lstm else torch.gru
+        kernel = (torch.lstm if lstm else torch.gru if not elman else
+                  torch.rnn_relu if module.nonlinearity == "relu" else torch.rnn_tanh)
         runs = {}  # (layer, direction) -> suffix, weights, initial states, input in the direction's order, h_{t-1}
         layer_in = [x]
         with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
@@ -1443,6 +1444,9 @@ def _rnn_grads(module: nn.Module, calls: list[dict], n: int, want: set[str]) -> 
                     u = F.linear(run, w[0], w[2] if module.bias else None)
                     if lstm:
                         du_run = dv_run = _lstm_gate_grads(u, prev, h[1][0], w[1], b_hh, g_seq, *finals)
+                    elif elman:
+                        du_run = dv_run = _elman_grads(u, prev, w[1], b_hh, g_seq, finals[0],
+                                                       module.nonlinearity == "relu")
                     else:
                         du_run, dv_run = _gru_gate_grads(u, prev, w[1], b_hh, g_seq, finals[0])
                     du = du_run.flip(1) if d else du_run  # in the input's order of steps
@@ -1463,6 +1467,23 @@ def _rnn_grads(module: nn.Module, calls: list[dict], n: int, want: set[str]) -> 
             if name in want:
                 out[name] = g.sum(1)
     return out
+
+
+def _elman_grads(u, prev, w_hh, b_hh, g_seq, g_hn, relu: bool):
+    """An Elman ``nn.RNN`` direction's gradients of each step's pre-activation ``u + W_hh h_{t-1} + b_hh`` (n, T, H),
+    its steps in ``u``'s order: the activation's derivative known at once from ``h_{t-1}`` (``prev``), then one
+    multiply and one (n, H)·(H, H) product a step. ReLU's derivative is 0 where the pre-activation is 0, as
+    autograd's."""
+    n = prev.shape[0]
+    z = torch.baddbmm(u if b_hh is None else u + b_hh, prev, w_hh.t().expand(n, *w_hh.t().shape))
+    deriv = (z > 0).to(z.dtype) if relu else 1 - z.tanh().square()
+    du = torch.empty_like(u)
+    dh_next = torch.zeros_like(prev[:, 0]) if g_hn is None else g_hn
+    for t in range(u.shape[1] - 1, -1, -1):
+        dh = dh_next if g_seq is None else dh_next + g_seq[:, t]
+        torch.mul(dh, deriv[:, t], out=du[:, t])
+        dh_next = du[:, t] @ w_hh
+    return du
 
 
 def _gru_gate_grads(u, prev, w_hh, b_hh, g_seq, g_hn):
@@ -1524,11 +1545,14 @@ def _lstm_gate_grads(u, prev, c0, w_hh, b_hh, g_seq, g_hn, g_cn):
     return grads
 
 
+_RNNS = (nn.LSTM, nn.GRU, nn.RNN)  # the recurrent modules that _rnn_grads takes (exact types: subclasses may differ)
+
+
 def _seq_first_rnn(module: nn.Module, args: tuple, kwargs: dict) -> bool:
-    """Whether this call is a sequence-first (``batch_first=False``, torch's default) ``nn.LSTM`` or ``nn.GRU``
+    """Whether this call is a sequence-first (``batch_first=False``, torch's default) LSTM, GRU or RNN
     on a batched (3-D) input tensor."""
     x = args[0] if args else kwargs.get("input")
-    return (type(module) in (nn.LSTM, nn.GRU) and not module.batch_first and isinstance(x, torch.Tensor)
+    return (type(module) in _RNNS and not module.batch_first and isinstance(x, torch.Tensor)
             and x.dim() == 3)
 
 
@@ -1536,7 +1560,7 @@ def _batched_local(module: nn.Module, calls: list[dict], n: int, want: set[str])
     """A module-local gradient from a batched recomputation, for the modules that have one, else None."""
     if isinstance(module, nn.MultiheadAttention):
         return _mha_grads(module, calls, n, want)
-    if isinstance(module, (nn.LSTM, nn.GRU)):
+    if type(module) in _RNNS:
         return _rnn_grads(module, calls, n, want)
     return None
 
