@@ -1378,16 +1378,17 @@ def _mha_grads(module: nn.Module, calls: list[dict], n: int, want: set[str]) -> 
 
 
 def _rnn_grads(module: nn.Module, calls: list[dict], n: int, want: set[str]) -> dict[str, Any] | None:
-    """A batch-first ``nn.LSTM`` (no projection), ``nn.GRU`` or Elman ``nn.RNN`` (tanh or ReLU), stacked or not, either direction or both (or a
-    sequence-first one, whose calls :meth:`HooksEngine._seq_first_call` kept: read batch-first), without a
+    """An ``nn.LSTM`` (no projection), ``nn.GRU`` or Elman ``nn.RNN`` (tanh or ReLU), batch-first or sequence-first
+    (whose calls :meth:`HooksEngine._seq_first_call` kept), stacked or not, either direction or both, without a
     per-sample run: each layer's and direction's hidden states from one batched run of torch's kernel, bottom up;
-    then, top down, every step's gradients of the gates' input and hidden parts (the same for an LSTM; a GRU's
-    candidate gate takes its hidden part through the reset gate) for the whole batch by :func:`_lstm_gate_grads` /
-    :func:`_gru_gate_grads`, fed with the gradients of the layer's output sequence (captured for the top layer,
-    ``Σ_d δu_d W_ih,d`` from the layer above otherwise) and of its final states. ``Σ_t δu_t x_tᵀ`` is ``weight_ih``'s,
-    ``Σ_t δv_t h_{t-1}ᵀ`` ``weight_hh``'s, ``Σ_t δu_t`` and ``Σ_t δv_t`` the biases' (a sample's several sequences,
-    one after another on dim 0, summed as more steps). None where a call is outside that (dropout between layers
-    while training, among others)."""
+    then, top down, every step's gradients of the gates' input and hidden parts (the same for an LSTM and an RNN; a
+    GRU's candidate gate takes its hidden part through the reset gate) for the whole batch by
+    :func:`_lstm_gate_grads` / :func:`_gru_gate_grads` / :func:`_elman_grads`, fed with the gradients of the layer's
+    output sequence (captured for the top layer, ``Σ_d δu_d W_ih,d`` from the layer above otherwise) and of its
+    final states. ``Σ_t δu_t x_tᵀ`` is ``weight_ih``'s, ``Σ_t δv_t h_{t-1}ᵀ`` ``weight_hh``'s, ``Σ_t δu_t`` and
+    ``Σ_t δv_t`` the biases' (a sample's several sequences, one after another on dim 0, summed as more steps). Steps
+    are on dim 0 throughout (torch's own layout), so that each step's slice is contiguous. None where a call is
+    outside that (dropout between layers while training, among others)."""
     lstm, elman = type(module) is nn.LSTM, type(module) is nn.RNN
     if not (type(module) in _RNNS and (module.batch_first or all(c.get("seq_first") for c in calls))
             and getattr(module, "proj_size", 0) == 0
@@ -1395,29 +1396,29 @@ def _rnn_grads(module: nn.Module, calls: list[dict], n: int, want: set[str]) -> 
         return None
     hidden, dirs, states, layers = module.hidden_size, 2 if module.bidirectional else 1, 2 if lstm else 1, \
         module.num_layers
-    tokens: dict[str, list] = {}  # per layer and direction's suffix: inputs, δu, δv and h_{t-1}
+    kernel = (torch.lstm if lstm else torch.gru if not elman else
+              torch.rnn_relu if module.nonlinearity == "relu" else torch.rnn_tanh)
+    tokens: dict[str, list] = {}  # per layer and direction's suffix: inputs, δu, δv and h_{t-1}, steps first
     for call in calls:
         args, kwargs = pytree.tree_unflatten(call["flat"], call["spec"])
         x = args[0] if args else kwargs.get("input")
         hx = args[1] if len(args) > 1 else kwargs.get("hx")
         grads = call["grads"]
-        if call.get("seq_first"):  # read batch-first: (T, n, ·) → (n, T, ·); the final states are alike in both
-            x = x.transpose(0, 1) if isinstance(x, torch.Tensor) else x
-            grads = [None if grads[0] is None else grads[0].transpose(0, 1), *grads[1:]]
         rows = n * call["group"]  # several sequences a sample (Sequencer's rows and columns), one after another
-        if (not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[0] != rows or len(grads) != 1 + states
-                or all(g is None for g in grads)):
+        if (not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[1 if call.get("seq_first") else 0] != rows
+                or len(grads) != 1 + states or all(g is None for g in grads)):
             return None
+        if not call.get("seq_first"):  # (rows, T, ·) → (T, rows, ·); the final states are alike in both layouts
+            x = x.transpose(0, 1)
+            grads = [None if grads[0] is None else grads[0].transpose(0, 1), *grads[1:]]
         (x,), _ = _widened([x], [g for g in grads if g is not None])
         dtype = x.dtype
         hx = None if hx is None else (hx if lstm else (hx,))
-        kernel = (torch.lstm if lstm else torch.gru if not elman else
-                  torch.rnn_relu if module.nonlinearity == "relu" else torch.rnn_tanh)
-        runs = {}  # (layer, direction) -> suffix, weights, initial states, input in the direction's order, h_{t-1}
-        layer_in = [x]
+        layer_in = [x.contiguous()]
+        runs = []  # per layer: suffixes, stacked weights, initial states, inputs, h_{t-1}; directions on dim 1
         with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
             for layer in range(layers):
-                outs = []
+                outs, sfxs, ws, h0s, runs_in, prevs = [], [], [], [], [], []
                 for d in range(dirs):
                     sfx = f"_l{layer}" + ("_reverse" if d else "")
                     w = [getattr(module, f"{k}{sfx}").detach().to(dtype)
@@ -1426,36 +1427,41 @@ def _rnn_grads(module: nn.Module, calls: list[dict], n: int, want: set[str]) -> 
                     k = layer * dirs + d
                     h = [t[k:k + 1].detach().to(dtype) for t in hx] if hx is not None else \
                         [x.new_zeros(1, rows, hidden) for _ in range(states)]
-                    run = layer_in[-1].flip(1) if d else layer_in[-1]  # the direction's own order of steps
-                    seq = kernel(run, tuple(h) if lstm else h[0], w, module.bias, 1, 0.0, False, False, True)[0]
-                    runs[layer, d] = (sfx, w, h, run, torch.cat([h[0].transpose(0, 1), seq[:, :-1]], 1))
-                    outs.append(seq.flip(1) if d else seq)
+                    run = layer_in[-1].flip(0) if d else layer_in[-1]  # the direction's own order of steps
+                    seq = kernel(run, tuple(h) if lstm else h[0], w, module.bias, 1, 0.0, False, False, False)[0]
+                    sfxs.append(sfx), ws.append(w), h0s.append(h), runs_in.append(run)
+                    prevs.append(torch.cat([h[0], seq[:-1]], 0))
+                    outs.append(seq.flip(0) if d else seq)
+                runs.append((sfxs, ws, h0s, runs_in, torch.stack(prevs, 1)))
                 layer_in.append(torch.cat(outs, -1) if dirs == 2 else outs[0])
             g_out = None if grads[0] is None else grads[0].to(dtype)  # the top layer's output sequence
             for layer in range(layers - 1, -1, -1):
+                sfxs, ws, h0s, runs_in, prev = runs[layer]
+                ks = slice(layer * dirs, (layer + 1) * dirs)
+                # (T, D, n, ·): every direction's steps in its own order, advanced together
+                g_seq = None if g_out is None else torch.stack(
+                    [g_out[..., d * hidden:(d + 1) * hidden].flip(0) if d else g_out[..., :hidden]
+                     for d in range(dirs)], 1)
+                finals = [None if g is None else g[ks].to(dtype) for g in grads[1:]]
+                w_hh = torch.stack([w[1] for w in ws])
+                b_hh = torch.stack([w[3] for w in ws]) if module.bias else None
+                u = torch.stack([F.linear(run, w[0], w[2] if module.bias else None) for run, w in zip(runs_in, ws)], 1)
+                if lstm:
+                    du_run = dv_run = _lstm_gate_grads(u, prev, torch.cat([h[1] for h in h0s]), w_hh, b_hh, g_seq,
+                                                       *finals)
+                elif elman:
+                    du_run = dv_run = _elman_grads(u, prev, w_hh, b_hh, g_seq, finals[0], module.nonlinearity == "relu")
+                else:
+                    du_run, dv_run = _gru_gate_grads(u, prev, w_hh, b_hh, g_seq, finals[0])
                 g_below = None
-                for d in range(dirs):
-                    sfx, w, h, run, prev = runs[layer, d]
-                    k = layer * dirs + d
-                    g_seq = None if g_out is None else g_out[..., d * hidden:(d + 1) * hidden]
-                    g_seq = None if g_seq is None else (g_seq.flip(1) if d else g_seq)
-                    finals = [None if g is None else g[k].to(dtype) for g in grads[1:]]
-                    b_hh = w[3] if module.bias else None
-                    u = F.linear(run, w[0], w[2] if module.bias else None)
-                    if lstm:
-                        du_run = dv_run = _lstm_gate_grads(u, prev, h[1][0], w[1], b_hh, g_seq, *finals)
-                    elif elman:
-                        du_run = dv_run = _elman_grads(u, prev, w[1], b_hh, g_seq, finals[0],
-                                                       module.nonlinearity == "relu")
-                    else:
-                        du_run, dv_run = _gru_gate_grads(u, prev, w[1], b_hh, g_seq, finals[0])
-                    du = du_run.flip(1) if d else du_run  # in the input's order of steps
+                for d, (sfx, w) in enumerate(zip(sfxs, ws)):
+                    du = du_run[:, d].flip(0) if d else du_run[:, d]  # in the input's order of steps
                     if layer:  # the gradient of the layer below's output sequence
                         g_in = du @ w[0]
                         g_below = g_in if g_below is None else g_below + g_in
                     part = tokens.setdefault(sfx, [[], [], [], []])
-                    for j, t in enumerate((layer_in[layer], du, dv_run, prev)):
-                        part[j].append(t)
+                    for j, t in enumerate((layer_in[layer], du, dv_run[:, d], prev[:, d])):
+                        part[j].append(t.transpose(0, 1))  # (rows, T, ·), a view
                 g_out = g_below
     out: dict[str, Any] = {}
     for sfx, parts in tokens.items():
@@ -1469,79 +1475,93 @@ def _rnn_grads(module: nn.Module, calls: list[dict], n: int, want: set[str]) -> 
     return out
 
 
+def _recurrent_part(u: torch.Tensor | None, prev: torch.Tensor, w_hh: torch.Tensor, b_hh: torch.Tensor | None
+                    ) -> torch.Tensor:
+    """Every step's ``u + W_hh h_{t-1} + b_hh`` (T, D, n, G·H), steps first and contiguous, for D directions at once:
+    ``prev`` the h_{t-1} (T, D, n, H), ``w_hh`` (D, G·H, H) and ``b_hh`` (D, G·H) stacked; one product a direction."""
+    steps, dirs, n, hidden = prev.shape
+    part = torch.bmm(prev.transpose(0, 1).reshape(dirs, steps * n, hidden), w_hh.transpose(1, 2))
+    part = part.view(dirs, steps, n, -1).transpose(0, 1)
+    out = part.contiguous() if u is None else u + part  # u first: the sum takes its (steps-first) layout
+    return out if b_hh is None else out.add_(b_hh[:, None])
+
+
 def _elman_grads(u, prev, w_hh, b_hh, g_seq, g_hn, relu: bool):
-    """An Elman ``nn.RNN`` direction's gradients of each step's pre-activation ``u + W_hh h_{t-1} + b_hh`` (n, T, H),
-    its steps in ``u``'s order: the activation's derivative known at once from ``h_{t-1}`` (``prev``), then one
-    multiply and one (n, H)·(H, H) product a step. ReLU's derivative is 0 where the pre-activation is 0, as
-    autograd's."""
-    n = prev.shape[0]
-    z = torch.baddbmm(u if b_hh is None else u + b_hh, prev, w_hh.t().expand(n, *w_hh.t().shape))
+    """Elman ``nn.RNN`` gradients of each step's pre-activation ``u + W_hh h_{t-1} + b_hh`` (T, D, n, H), for D
+    directions at once, each in its own order of steps: the activation's derivative known at once from ``h_{t-1}``
+    (``prev``), then one multiply and one batched (n, H)·(H, H) product a step. ReLU's derivative is 0 where the
+    pre-activation is 0, as autograd's."""
+    z = _recurrent_part(u, prev, w_hh, b_hh)
     deriv = (z > 0).to(z.dtype) if relu else 1 - z.tanh().square()
     du = torch.empty_like(u)
-    dh_next = torch.zeros_like(prev[:, 0]) if g_hn is None else g_hn
-    for t in range(u.shape[1] - 1, -1, -1):
-        dh = dh_next if g_seq is None else dh_next + g_seq[:, t]
-        torch.mul(dh, deriv[:, t], out=du[:, t])
-        dh_next = du[:, t] @ w_hh
+    dh_next = torch.zeros_like(prev[0]) if g_hn is None else g_hn
+    for t in range(u.shape[0] - 1, -1, -1):
+        dh = dh_next if g_seq is None else dh_next + g_seq[t]
+        torch.mul(dh, deriv[t], out=du[t])
+        dh_next = torch.bmm(du[t], w_hh)
     return du
 
 
 def _gru_gate_grads(u, prev, w_hh, b_hh, g_seq, g_hn):
-    """A GRU direction's gradients of each step's gate input part ``u`` and hidden part ``v = W_hh h_{t-1} + b_hh``
-    (n, T, 3H each, gates r, z, n), its steps in ``u``'s order. Given ``h_{t-1}`` (``prev``, from the batched run)
-    every gate is known at once, and each step's gradients are the hidden state's gradient ``δh_t`` times factors
-    of those gates, so backpropagation through time is one multiply and one (n, 3H)·(3H, H) product a step."""
-    n, steps, hidden = prev.shape
-    v = torch.bmm(prev, w_hh.t().expand(n, *w_hh.t().shape))
-    v = v if b_hh is None else v + b_hh
+    """GRU gradients of each step's gate input part ``u`` and hidden part ``v = W_hh h_{t-1} + b_hh`` (T, D, n, 3H
+    each, gates r, z, n), for D directions at once, each in its own order of steps. Given ``h_{t-1}`` (``prev``, from
+    the batched run) every gate is known at once, and each step's gradients are the hidden state's gradient ``δh_t``
+    times factors of those gates: backpropagation through time is one multiply for both parts (they share the
+    gradients of gates r and z) and one batched (n, 3H)·(3H, H) product a step."""
+    steps, dirs, n, hidden = prev.shape
+    v = _recurrent_part(None, prev, w_hh, b_hh)
     (ur, uz, un), (vr, vz, vn) = u.chunk(3, -1), v.chunk(3, -1)
     r, z = (ur + vr).sigmoid(), (uz + vz).sigmoid()
     cand = (un + r * vn).tanh()
     a = (1 - z) * (1 - cand * cand)  # ∂(candidate's pre-activation) per δh
-    coef_u = torch.cat([a * vn * r * (1 - r), (prev - cand) * z * (1 - z), a], -1)
-    coef_v = torch.cat([coef_u[..., :2 * hidden], a * r], -1)
-    du, dv = torch.empty_like(u), torch.empty_like(u)
-    dh_next = torch.zeros_like(prev[:, 0]) if g_hn is None else g_hn
+    # (T, D, n, 4, H): the factors of gates r and z (the same for both parts), of the candidate's hidden part (it
+    # takes r), then of its input part; a step's first three blocks are δv, and blocks 0, 1, 3 δu
+    coef = torch.empty(*prev.shape[:3], 4, hidden, dtype=u.dtype, device=u.device)
+    torch.mul(a * vn, r * (1 - r), out=coef[..., 0, :])
+    torch.mul(prev - cand, z * (1 - z), out=coef[..., 1, :])
+    torch.mul(a, r, out=coef[..., 2, :])
+    coef[..., 3, :] = a
+    duv = torch.empty_like(coef)
+    dh_next = torch.zeros_like(prev[0]) if g_hn is None else g_hn
     for t in range(steps - 1, -1, -1):
-        dh = dh_next if g_seq is None else dh_next + g_seq[:, t]
-        dh3 = dh.repeat(1, 3)
-        torch.mul(dh3, coef_u[:, t], out=du[:, t])
-        torch.mul(dh3, coef_v[:, t], out=dv[:, t])
-        dh_next = torch.addmm(dh * z[:, t], dv[:, t], w_hh)
-    return du, dv
+        dh = dh_next if g_seq is None else dh_next + g_seq[t]
+        torch.mul(dh.unsqueeze(2), coef[t], out=duv[t])
+        dh_next = torch.baddbmm(dh * z[t], duv[t, :, :, :3].reshape(dirs, n, 3 * hidden), w_hh)
+    return duv[..., [0, 1, 3], :].flatten(-2), duv[..., :3, :].flatten(-2)
 
 
 def _lstm_gate_grads(u, prev, c0, w_hh, b_hh, g_seq, g_hn, g_cn):
-    """Each step's gate gradients ``δ_t`` (n, T, 4H) of one LSTM direction, its steps in ``u``'s order: the gates
-    recomputed at once from the input projection ``u`` and the hidden states ``prev`` (h_{t-1}, from the batched
-    run), the cells by their elementwise recurrence, then backpropagation through time with one (n, 4H)·(4H, H)
-    product a step; ``g_seq``, ``g_hn``, ``g_cn`` the gradients of the sequence and the final states (or None)."""
-    n, steps, hidden = prev.shape
-    gates = torch.baddbmm(u if b_hh is None else u + b_hh, prev, w_hh.t().expand(n, *w_hh.t().shape))
+    """Each step's gate gradients ``δ_t`` (T, D, n, 4H) of D LSTM directions at once, each in its own order of
+    steps: the gates recomputed at once from the input projection ``u`` and the hidden states ``prev`` (h_{t-1}, from
+    the batched run), the cells by their elementwise recurrence (one fused multiply-add a step), then
+    backpropagation through time with one batched (n, 4H)·(4H, H) product a step; ``c0`` (D, n, H) the initial
+    cells, ``g_seq``, ``g_hn``, ``g_cn`` the gradients of the sequence and the final states (or None)."""
+    steps, dirs, n, hidden = prev.shape
+    gates = _recurrent_part(u, prev, w_hh, b_hh)
     i, f, g, o = gates.chunk(4, -1)
     i, f, o, g = i.sigmoid(), f.sigmoid(), o.sigmoid(), g.tanh()
+    ig = i * g
     c = torch.empty_like(prev)
     state = c0
     for t in range(steps):
-        state = torch.addcmul(f[:, t] * state, i[:, t], g[:, t])
-        c[:, t] = state
+        state = torch.addcmul(ig[t], f[t], state, out=c[t])
     tc = c.tanh()
     back_c = o * (1 - tc * tc)  # ∂c_t/∂h_t-side factor: δc_t gets δh_t · o_t · (1 − tanh²c_t)
-    coef_i, coef_f, coef_g, coef_o = g * i * (1 - i), f * (1 - f), i * (1 - g * g), tc * o * (1 - o)
-    c_prev = torch.cat([c0.unsqueeze(1), c[:, :-1]], 1)
+    c_prev = torch.cat([c0.unsqueeze(0), c[:-1]], 0)
+    # (T, D, n, 3, H): the factors of δc_t in gates i, f (with c_{t-1}) and g; gate o takes δh_t
+    coef_c = torch.stack([g * i * (1 - i), c_prev * f * (1 - f), i * (1 - g * g)], 3)
+    coef_o = tc * o * (1 - o)
     grads = torch.empty_like(gates)
     dh_next = torch.zeros_like(c0) if g_hn is None else g_hn
     dc_next = torch.zeros_like(c0) if g_cn is None else g_cn
     for t in range(steps - 1, -1, -1):
-        dh = dh_next if g_seq is None else dh_next + g_seq[:, t]
-        dc = torch.addcmul(dc_next, dh, back_c[:, t])
-        row = grads[:, t]
-        torch.mul(dc, coef_i[:, t], out=row[:, :hidden])
-        torch.mul(dc * c_prev[:, t], coef_f[:, t], out=row[:, hidden:2 * hidden])
-        torch.mul(dc, coef_g[:, t], out=row[:, 2 * hidden:3 * hidden])
-        torch.mul(dh, coef_o[:, t], out=row[:, 3 * hidden:])
-        dh_next = row @ w_hh
-        dc_next = dc * f[:, t]
+        dh = dh_next if g_seq is None else dh_next + g_seq[t]
+        dc = torch.addcmul(dc_next, dh, back_c[t])
+        row = grads[t]
+        torch.mul(dc.unsqueeze(2), coef_c[t], out=row[..., :3 * hidden].view(dirs, n, 3, hidden))
+        torch.mul(dh, coef_o[t], out=row[..., 3 * hidden:])
+        dh_next = torch.bmm(row, w_hh)
+        dc_next = dc * f[t]
     return grads
 
 
