@@ -21,7 +21,7 @@ plain ResNet-50 beside them), ``tv_vit`` (torchvision's ViT: ``nn.MultiheadAtten
 its Encoder), ``wav2vec2`` (HF, a parameter that eval never reads above the whole encoder), ``levit``, ``coat``,
 ``t5``, ``linknet``, ``tv_mobilenet``, ``hf_swin``, ``lstm`` and ``gru`` (a batch-first
 bidirectional ``nn.LSTM`` / ``nn.GRU``), ``lstm3`` (three such LSTM layers), ``lstm_seq_first`` (the LSTM
-sequence first, torch's default layout).
+sequence first, torch's default layout), ``lstm_packed`` (a ``PackedSequence`` of lengths 32-128).
 """
 
 from __future__ import annotations
@@ -94,29 +94,37 @@ def _wav2vec2():
 
 class _RnnClassifier(torch.nn.Module):
     def __init__(self, cell, vocab: int = 2000, dim: int = 128, hidden: int = 256, layers: int = 1,
-                 batch_first: bool = True):
+                 batch_first: bool = True, packed: bool = False):
         super().__init__()
         self.embed = torch.nn.Embedding(vocab, dim)
         self.rnn = cell(dim, hidden, num_layers=layers, batch_first=batch_first, bidirectional=True)
         self.head = torch.nn.Linear(2 * hidden, 3)
-        self.batch_first = batch_first
+        self.batch_first, self.packed = batch_first, packed
 
     def forward(self, ids):
         e = self.embed(ids)
-        _, h = self.rnn(e if self.batch_first else e.transpose(0, 1))
+        if self.packed:  # each sample's length: its tokens before the padding id 0
+            from torch.nn.utils.rnn import pack_padded_sequence
+
+            e = pack_padded_sequence(e, (ids != 0).sum(1).cpu(), batch_first=True, enforce_sorted=False)
+        _, h = self.rnn(e if self.batch_first or self.packed else e.transpose(0, 1))
         h = h[0] if isinstance(h, tuple) else h  # an LSTM's (h, c)
         return self.head(torch.cat([h[-2], h[-1]], 1))  # the top layer's two directions
 
 
-def _rnn(cell, label, layers=1, batch_first=True):
+def _rnn(cell, label, layers=1, batch_first=True, packed=False):
     def make():
         def batch(n: int, g: torch.Generator) -> tuple:
-            return torch.randint(0, 2000, (n, 128), generator=g), torch.randint(0, 3, (n,), generator=g)
+            ids = torch.randint(1, 2000, (n, 128), generator=g)
+            if packed:  # lengths 32-128, the rest padding (id 0)
+                lengths = torch.randint(32, 129, (n,), generator=g)
+                ids[torch.arange(128) >= lengths[:, None]] = 0
+            return ids, torch.randint(0, 3, (n,), generator=g)
 
         stack = f"{layers}-layer " if layers > 1 else ""
-        order = "" if batch_first else ", sequence first"
+        order = ", packed, lengths 32-128" if packed else "" if batch_first else ", sequence first"
         return (f"{stack}bi-{label} text classifier (embed 128, hidden 256), seq 128{order}",
-                _RnnClassifier(cell, layers=layers, batch_first=batch_first), batch)
+                _RnnClassifier(cell, layers=layers, batch_first=batch_first, packed=packed), batch)
     return make
 
 
@@ -194,7 +202,8 @@ MODELS = {"swin": _swin, "tv_swin": _tv_swin, "maxvit": _maxvit,
           "tv_vit": _tv_vit, "tv_mobilenet": _tv_mobilenet, "hf_swin": _hf_swin, "linknet": _linknet, "t5": _t5,
           "wav2vec2": _wav2vec2, "lstm": _rnn(torch.nn.LSTM, "LSTM"), "gru": _rnn(torch.nn.GRU, "GRU"),
           "lstm3": _rnn(torch.nn.LSTM, "LSTM", layers=3),
-          "lstm_seq_first": _rnn(torch.nn.LSTM, "LSTM", batch_first=False)}
+          "lstm_seq_first": _rnn(torch.nn.LSTM, "LSTM", batch_first=False),
+          "lstm_packed": _rnn(torch.nn.LSTM, "LSTM", packed=True)}
 
 
 def hooks_and_fallen(model, batch, **options) -> tuple[dict, set[str]]:

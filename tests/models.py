@@ -534,6 +534,39 @@ class SeqFirstRnns(nn.Module):
                                     .flatten(1), d.mean(0), e.mean(0)], 1))
 
 
+class PackedRnns(nn.Module):
+    """LSTMs, GRUs and RNNs over ``PackedSequence``s of each sample's own length (read from its values), unsorted:
+    a 2-layer bidirectional LSTM from given states, its output unpacked and every final state read; an Elman RNN
+    over that packed output; a bidirectional GRU packed sequence first."""
+
+    def __init__(self):
+        super().__init__()
+        self.start = nn.Linear(6, 5)
+        self.lstm = nn.LSTM(6, 5, num_layers=2, bidirectional=True, batch_first=True)
+        self.elman = nn.RNN(10, 3)
+        self.gru = nn.GRU(6, 4, bidirectional=True)
+        self.head = nn.Linear(10 + 20 + 5 + 8 + 3, 3)
+
+    def forward(self, x):  # (n, 7, 6)
+        from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+        lengths = 1 + (x[:, 0, 0].abs() * 10).long() % 7
+        s = torch.tanh(self.start(x.mean(1)))
+        h0 = s.unsqueeze(0).expand(4, -1, -1).contiguous()
+        out, (h, c) = self.lstm(pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False),
+                                (h0, torch.zeros_like(h0)))
+        o, _ = pad_packed_sequence(out, batch_first=True)
+        _, eh = self.elman(out)
+        _, gh = self.gru(pack_padded_sequence(x.transpose(0, 1), lengths, enforce_sorted=False))
+        return self.head(torch.cat([o.sum(1), h.transpose(0, 1).flatten(1), c[-1], gh.transpose(0, 1).flatten(1),
+                                    eh[0]], 1))
+
+
+def packed_rnns(seed: int = 0):
+    torch.manual_seed(seed)
+    return PackedRnns()
+
+
 def seq_first_rnns(seed: int = 0):
     torch.manual_seed(seed)
     return SeqFirstRnns()

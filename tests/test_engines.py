@@ -66,6 +66,7 @@ CASES = {
     "rms_norms": (M.rms_norms, M.seq_batch),
     "batch_first_lstms": (M.lstms, M.seq_batch),  # and GRUs
     "sequence_first_lstms_and_grus": (M.seq_first_rnns, M.seq_batch),
+    "packed_sequences": (M.packed_rnns, lambda: M.seq_batch(n=6)),
     "wav2vec2_unused_parameter_beside_the_encoder": (M.wav2vec2, M.wav2vec2_batch),
     "torch_checkpoint": (M.checkpointed, lambda: M.image_batch(size=8)),
     "seq_first_transformer": (M.seq_first, M.seq_batch),
@@ -97,9 +98,13 @@ ENGINES = [e for e in ("vmap", "hooks", "auto") if e in estimate.ENGINES]
 # GRU or an Elman RNN, batch-first or not, its own batched rule; a projected LSTM the loop).
 VMAP_CANNOT = {"torch_checkpoint": "saved tensor hooks", "bert_hf_gradient_checkpointing": "functorch transform",
                "gru_and_lstm": "broadcast shape", "t5_relative_attention_bias": "dynamic shape",
-               "batch_first_lstms": "broadcast shape", "sequence_first_lstms_and_grus": "broadcast shape"}
+               "batch_first_lstms": "broadcast shape", "sequence_first_lstms_and_grus": "broadcast shape",
+               "packed_sequences": "data pointer"}
 # Where the hooks engine's local torch.func gradient cannot run a module without rule, the loop computes it.
-HOOKS_LOOP = {"gru_and_lstm": "the batch-of-one loop computes them instead"}  # its LSTM with proj_size
+# (the LSTM with proj_size of gru_and_lstm; RNNs over PackedSequences: a batched rule for them was exact but slower
+# than the loop on this CPU, where torch's own packed forward and backward already cost more than the loop)
+HOOKS_LOOP = {"gru_and_lstm": "the batch-of-one loop computes them instead",
+              "packed_sequences": "the batch-of-one loop computes them instead"}
 
 _cache: dict[str, tuple] = {}
 
