@@ -25,6 +25,7 @@ from torch import nn
 
 from .errors import GradselError
 from .params import ParamSpec, resolve, unwrap_model
+from .rowsparse import COMPACT_WEIGHTS
 
 __all__ = ["SparseAdamW", "sparse_adamw", "state_bytes"]
 
@@ -35,14 +36,6 @@ def _local(t: torch.Tensor | None) -> torch.Tensor | None:
     """An FSDP2 parameter's (or gradient's) local shard, the DTensor's local tensor; any other tensor as is."""
     local = getattr(t, "_local_tensor", None)
     return t if local is None else local
-
-
-def _row_sparse_weight(p: torch.Tensor) -> bool:
-    """Whether ``p`` has been the weight of a layer that ``gradsel.rowsparse.row_sparse(..., compact=True)``
-    made row-sparse (its sparse gradients then hold every touched row)."""
-    from .rowsparse import COMPACT_WEIGHTS
-
-    return p in COMPACT_WEIGHTS
 
 
 def _flat_index(mask: torch.Tensor, param: torch.Tensor) -> torch.Tensor | None:
@@ -104,15 +97,6 @@ def _flat(t: torch.Tensor) -> torch.Tensor:
                            f"{t.stride()} for shape {tuple(t.shape)}); call model.to(memory_format="
                            "torch.contiguous_format)")
     return t.as_strided((t.numel(),), (1,))
-
-
-def _storage_positions(t: torch.Tensor) -> torch.Tensor | None:
-    """Where each logical element of ``t`` (row-major flat index) sits in :func:`_flat` of it; None when
-    contiguous (the same place)."""
-    if t.is_contiguous():
-        return None
-    _flat(t)  # refuses tensors with gaps
-    return torch.arange(t.numel(), device=t.device).as_strided(t.shape, t.stride()).reshape(-1)
 
 
 class SparseAdamW(torch.optim.Optimizer):
@@ -236,9 +220,12 @@ class SparseAdamW(torch.optim.Optimizer):
             return t.view(-1), idx
         key = (id(p), tuple(t.stride()), t.device)
         cached = self._places.get(key)
+        flat = _flat(t)  # refuses layouts with gaps
         if cached is None or cached[0] is not idx:  # first use, or set_mask changed the selection
-            cached = self._places[key] = (idx, _storage_positions(t)[idx.long()])
-        return _flat(t), cached[1]
+            # the storage offset of each logical element, picked at the selected ones
+            offsets = torch.arange(t.numel(), device=t.device).as_strided(t.shape, t.stride()).reshape(-1)
+            cached = self._places[key] = (idx, offsets[idx.long()])
+        return flat, cached[1]
 
     def _grad(self, p: torch.Tensor) -> torch.Tensor | None:
         """The gradient of the selected elements (gathered), or the dense gradient; None when there is none."""
@@ -274,14 +261,16 @@ class SparseAdamW(torch.optim.Optimizer):
             absent = pos < 0
             if not bool(absent.any()):
                 absent = None
-            elif _row_sparse_weight(p):
+            elif p in COMPACT_WEIGHTS:  # row_sparse(compact=True) gives every touched row
                 raise GradselError(f"a row-sparse gradient of shape {tuple(grad.shape)} lacks rows with selected "
                                    "elements: row_sparse and the optimizer were given different selections")
             # else rows that a sparse gradient leaves out are zero (nn.Embedding(sparse=True): the rows this
             # batch did not look up), as in the dense gradient
             cached = self._row_pos[p] = (rows.clone(), (pos.clamp(min=0) * width + idx.long() % width), absent)
-        picked = values.reshape(-1).index_select(0, cached[1]) if rows.numel() else values.new_zeros(idx.numel())
-        return picked if cached[2] is None or not rows.numel() else picked.masked_fill_(cached[2], 0)
+        if not rows.numel():
+            return values.new_zeros(idx.numel())
+        picked = values.reshape(-1).index_select(0, cached[1])
+        return picked if cached[2] is None else picked.masked_fill_(cached[2], 0)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         super().zero_grad(set_to_none)

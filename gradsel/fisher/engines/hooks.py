@@ -857,7 +857,8 @@ class HooksEngine:
                 flat, spec = pytree.tree_flatten((args, kwargs))
                 outs, out_spec = pytree.tree_flatten(output)
                 if _seq_first_rnn(module, args, kwargs):
-                    return self._seq_first_call(lcalls[name], flat, spec, outs, out_spec, n, roots)
+                    x = args[0] if args else kwargs["input"]
+                    return self._seq_first_call(lcalls[name], x.shape[1] == n, flat, spec, outs, out_spec, roots)
                 # a batch-first RNN's final states (layers·directions, n, H) hold the samples on dim 1: not shared by
                 # the batch, not to be expanded; their gradients are kept beside the sequence's (_rnn_grads)
                 states = isinstance(module, nn.RNNBase) and module.batch_first
@@ -1106,11 +1107,13 @@ class HooksEngine:
                 del self.layers[name]
 
     @staticmethod
-    def _seq_first_call(calls: list, flat: list, spec: Any, outs: list, out_spec: Any, n: int, roots: list) -> Any:
+    def _seq_first_call(calls: list, batched: bool, flat: list, spec: Any, outs: list, out_spec: Any,
+                        roots: list) -> Any:
         """A sequence-first LSTM, GRU or RNN call (:func:`_seq_first_rnn`): its samples are on dim 1 of the input, the
         output sequence and the final states. The call is kept with the gradients of every output, for
-        :func:`_rnn_grads`, which reads it batch-first; a call whose dim 1 is not the batch is left to the fallback."""
-        if flat[0].shape[1] != n:
+        :func:`_rnn_grads`, which reads it steps first; a call whose dim 1 is not the batch (not ``batched``) is left
+        to the fallback."""
+        if not batched:
             calls.append(None)
             return None
         kept = [isinstance(t, torch.Tensor) and t.requires_grad for t in outs]
