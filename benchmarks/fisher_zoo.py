@@ -21,7 +21,8 @@ plain ResNet-50 beside them), ``tv_vit`` (torchvision's ViT: ``nn.MultiheadAtten
 its Encoder), ``wav2vec2`` (HF, a parameter that eval never reads above the whole encoder), ``levit``, ``coat``,
 ``t5``, ``linknet``, ``tv_mobilenet``, ``hf_swin``, ``lstm`` and ``gru`` (a batch-first
 bidirectional ``nn.LSTM`` / ``nn.GRU``), ``lstm3`` (three such LSTM layers), ``lstm_seq_first`` (the LSTM
-sequence first, torch's default layout), ``lstm_packed`` (a ``PackedSequence`` of lengths 32-128).
+sequence first, torch's default layout), ``lstm_packed`` (a ``PackedSequence`` of lengths 32-128), ``torch_transformer`` (torch's
+``nn.TransformerEncoder``, sequence first).
 """
 
 from __future__ import annotations
@@ -188,6 +189,32 @@ def _t5():
     return "HF T5 seq2seq (d 256, 4+4 layers), source 64, target 16", T5ForConditionalGeneration(config), batch
 
 
+class _TorchTransformer(torch.nn.Module):
+    """torch's own ``nn.TransformerEncoder`` in its default layout (``batch_first=False``) over token ids, with a
+    padding mask, mean-pooled into a classifier."""
+
+    def __init__(self, vocab: int = 2000, dim: int = 256, layers: int = 4):
+        super().__init__()
+        self.embed = torch.nn.Embedding(vocab, dim)
+        layer = torch.nn.TransformerEncoderLayer(dim, 4, 4 * dim, dropout=0.0)
+        self.encoder = torch.nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.head = torch.nn.Linear(dim, 3)
+
+    def forward(self, ids):
+        pad = ids == 0
+        h = self.encoder(self.embed(ids).transpose(0, 1), src_key_padding_mask=pad)  # (T, n, D)
+        return self.head(h.masked_fill(pad.t()[..., None], 0).sum(0) / (~pad).sum(1, keepdim=True))
+
+
+def _torch_transformer():
+    def batch(n: int, g: torch.Generator) -> tuple:
+        ids = torch.randint(1, 2000, (n, 64), generator=g)
+        ids[torch.arange(64) >= torch.randint(32, 65, (n, 1), generator=g)] = 0
+        return ids, torch.randint(0, 3, (n,), generator=g)
+
+    return "torch nn.TransformerEncoder (d 256, 4 layers, batch_first=False), seq 32-64", _TorchTransformer(), batch
+
+
 MODELS = {"swin": _swin, "tv_swin": _tv_swin, "maxvit": _maxvit,
           "convnext": _timm("convnext_atto", "timm convnext_atto, 112²"),
           "poolformer": _timm("poolformer_s12", "timm poolformer_s12, 112²"),
@@ -203,7 +230,7 @@ MODELS = {"swin": _swin, "tv_swin": _tv_swin, "maxvit": _maxvit,
           "wav2vec2": _wav2vec2, "lstm": _rnn(torch.nn.LSTM, "LSTM"), "gru": _rnn(torch.nn.GRU, "GRU"),
           "lstm3": _rnn(torch.nn.LSTM, "LSTM", layers=3),
           "lstm_seq_first": _rnn(torch.nn.LSTM, "LSTM", batch_first=False),
-          "lstm_packed": _rnn(torch.nn.LSTM, "LSTM", packed=True)}
+          "lstm_packed": _rnn(torch.nn.LSTM, "LSTM", packed=True), "torch_transformer": _torch_transformer}
 
 
 def hooks_and_fallen(model, batch, **options) -> tuple[dict, set[str]]:

@@ -294,6 +294,7 @@ def _engine(model: nn.Module, names: list[str], reader: Any, fps: dict[str, Any]
     # backward did not reach, and the check of batch-shared outputs expanded per sample (the losses, and two
     # one-sample forwards: each copy's gradient is its sample's).
     run.local = {}
+    run._read_dim1 = False  # ranks whose sequences differ could read one layer in different layouts
     run.expandable = []
     run._separable = True
     run._clone = True

@@ -473,6 +473,9 @@ def _rule_for(module: nn.Module):
 _TOKENWISE = (_linear, _transposed_linear, _layernorm, _rmsnorm, _embedding, _conv, _conv_transpose, _std_conv)
 #: rules that take a sample's rows of dim 0 (windows, tokens flattened into it) flat, one sample's after another
 _FLAT_ROWS = (_batchnorm,)
+#: token-wise rules that also read a layer whose samples are on dim 1 (a ``batch_first=False`` transformer), the
+#: steps transposed to dim 1
+_SEQ_FIRST = (_linear, _transposed_linear, _layernorm, _rmsnorm, _embedding)
 
 
 @dataclass
@@ -494,6 +497,7 @@ class _Capture:
     bad: bool = False
     group: int = 1  # rows of dim 0 per sample (windows), read as more tokens
     expanded: bool = False  # shared by the batch (dim 0 of 1): given a copy per sample
+    seq_first: list = field(default_factory=list)  # per call: the samples were on dim 1 (captured transposed)
 
 
 def find_layers(model: nn.Module, names: list[str]) -> dict[str, _Layer]:
@@ -568,7 +572,8 @@ class _Forward(nn.Module):
 
 # the engine's attributes that its one-time checks set (each check runs once, on the first chunk it needs)
 _DECISIONS = ("_separable", "_expand", "_loss_form", "_clone", "_whole_model_fallback", "_fallback_reason",
-              "_local_checked", "_no_local", "_batch_first", "_not_batch_first", "_rooted", "_not_elementwise",
+              "_local_checked", "_no_local", "_batch_first", "_not_batch_first", "_seq_first_checked", "_rooted",
+              "_not_elementwise",
               "_lifted")
 _DECIDED: "weakref.WeakKeyDictionary[nn.Module, tuple[_Signature, dict]]" = weakref.WeakKeyDictionary()
 _PLAIN = (bool, int, float, str, type(None), torch.dtype, torch.device)
@@ -702,6 +707,8 @@ class HooksEngine:
         # rule layers whose dim 0 was checked to be (or not to be) the samples' dimension
         self._batch_first: set[str] = set()
         self._not_batch_first: set[str] = set()
+        self._seq_first_checked: set[str] = set()  # ... checked as captured from dim 1 (samples on dim 1)
+        self._read_dim1 = True  # capture token-wise layers whose samples are on dim 1 (off under FSDP2)
         self._rooted: set[str] = set()  # rule layers given a root of their own (found unreached once)
         self._lifted: list[str] = []  # local modules whose candidates went to their parent (see _lift), in order
         # parameters of the top module shaped like a batch of one (pos_embed (1, T, D), cls_token, an offset
@@ -816,8 +823,17 @@ class HooksEngine:
                     x, output = x.expand(n, *x.shape[1:]), output.expand(n, *output.shape[1:])
                     new = output
                     expanded[0] = cap.expanded = True
+                # the samples on dim 1 and the steps on dim 0 (torch's batch_first=False transformers): captured with
+                # the two transposed, checked below as batch-first layers are
+                seq_first = (self._read_dim1 and x.shape[0] != n and x.dim() >= 2 and output.dim() >= 3
+                             and x.shape[1] == n and output.shape[1] == n and layer.rule in _SEQ_FIRST)
+                if cap.seq_first and cap.seq_first[0] != seq_first:  # called in both layouts: the fallback
+                    cap.bad = True
+                    return None
+                if seq_first:
+                    x = x.transpose(0, 1)
                 group = x.shape[0] // n
-                if x.shape[0] != n or output.shape[0] != n:
+                if x.shape[0] != n or output.shape[1 if seq_first else 0] != n:
                     # windows (Swin, MaxViT): dim 0 holds each sample's rows one after another; a token-wise
                     # rule reads them as more tokens of that sample (checked below, as batch-first layers are)
                     if not (layer.rule in _TOKENWISE + _FLAT_ROWS and group > 1
@@ -836,11 +852,12 @@ class HooksEngine:
                 k = len(cap.inputs)
                 cap.inputs.append(x.clone() if clone else x)
                 cap.versions.append(x._version)
-                cap.shapes.append(output.shape)
+                cap.shapes.append(output.transpose(0, 1).shape if seq_first else output.shape)
                 cap.grads.append(None)
+                cap.seq_first.append(seq_first)
 
                 def keep(g, k=k, group=group):
-                    g = g.reshape(n, group, *g.shape[1:]) if group > 1 else g
+                    g = g.reshape(n, group, *g.shape[1:]) if group > 1 else g.transpose(0, 1) if seq_first else g
                     cap.grads[k] = (g.clone() if clone else g, g._version)
 
                 output.register_hook(keep)
@@ -856,8 +873,8 @@ class HooksEngine:
                     return None
                 flat, spec = pytree.tree_flatten((args, kwargs))
                 outs, out_spec = pytree.tree_flatten(output)
-                if _seq_first_rnn(module, args, kwargs):
-                    x = args[0] if args else kwargs["input"]
+                x = _seq_first_input(module, args, kwargs)
+                if x is not None:
                     return self._seq_first_call(lcalls[name], x.shape[1] == n, flat, spec, outs, out_spec, roots)
                 # a batch-first RNN's final states (layers·directions, n, H) hold the samples on dim 1: not shared by
                 # the batch, not to be expanded; their gradients are kept beside the sequence's (_rnn_grads)
@@ -960,7 +977,7 @@ class HooksEngine:
         unreached = {name for name, cap in caps.items() if cap.inputs and not cap.bad and name not in self._rooted
                      and any(g is None for g in cap.grads)}
         unchecked = [name for name, cap in caps.items() if n > 1 and cap.inputs and not cap.bad
-                     and name not in self._batch_first and name not in self._not_batch_first]
+                     and not self._checked(name, cap)]
         # a local module whose output has no sample dimension (HF Swin's relative-position bias: its table read
         # into one (heads, N, N) bias for every window), or that never runs while its parent reads its candidates
         # (timm MaxViT's attention passes rel_pos.get_bias() to SDPA as attn_mask): the parent takes them
@@ -1109,9 +1126,10 @@ class HooksEngine:
     @staticmethod
     def _seq_first_call(calls: list, batched: bool, flat: list, spec: Any, outs: list, out_spec: Any,
                         roots: list) -> Any:
-        """A sequence-first LSTM, GRU or RNN call (:func:`_seq_first_rnn`): its samples are on dim 1 of the input, the
-        output sequence and the final states. The call is kept with the gradients of every output, for
-        :func:`_rnn_grads`, which reads it steps first; a call whose dim 1 is not the batch (not ``batched``) is left
+        """A sequence-first LSTM, GRU, RNN or attention call (:func:`_seq_first_input`): its samples are on dim 1 of
+        the inputs and the output sequence (and of an RNN's final states; dim 0 of attention weights). The call is
+        kept with the gradients of every output, for :func:`_rnn_grads` (which reads it steps first) or
+        :func:`_mha_grads` (batch first); a call whose dim 1 is not the batch (not ``batched``) is left
         to the fallback."""
         if not batched:
             calls.append(None)
@@ -1184,6 +1202,12 @@ class HooksEngine:
         FSDP2, where all ranks run every forward."""
         return needs
 
+    def _checked(self, name: str, cap: _Capture) -> bool:
+        """Whether the batch-first check answered for this rule layer in the layout this chunk captured it in (dim 0
+        or, transposed, dim 1: a sequence whose length equals the chunk's size looks batch-first)."""
+        known = name in self._batch_first or name in self._not_batch_first
+        return known and bool(cap.seq_first and cap.seq_first[0]) == (name in self._seq_first_checked)
+
     def _check_samples(self, batch: Any, n: int, losses: torch.Tensor, caps: dict[str, _Capture],
                        unchecked: list[str]) -> None:
         """The first two samples, each as a batch of one: their losses in the batched forward must be their
@@ -1191,16 +1215,21 @@ class HooksEngine:
         breaks that), and each ``unchecked`` rule layer's inputs alone must be the slices ``[i]`` of its
         batched inputs. A layer that sees the samples on another dimension (a ``batch_first=False``
         transformer: tokens first) has a dim 0 of the batch's size when the sequence happens to be that long;
-        its rule would read tokens as samples, so it goes to the fallback. Each layer is checked once, on the
-        first chunk of two or more samples where its dim 0 has the batch's size (a batch of one is right
-        either way); the answers are kept with the other decisions."""
+        its rule would read tokens as samples, so it goes to the fallback; one whose dim 1 had the batch's size is
+        captured transposed, and checked the same way. Each layer is checked once per layout, on the first chunk of
+        two or more samples where it is captured so (a batch of one is right either way); the answers are kept with
+        the other decisions."""
         seen: dict[str, list] = {name: [] for name in unchecked}
+        failed: set[str] = set()
 
         def keep(name):
             def hook(module, inputs, output):
                 x = inputs[0] if inputs else None
+                flags = caps[name].seq_first
                 if isinstance(x, torch.Tensor) and caps[name].group > 1:
                     x = x.unsqueeze(0)  # one sample's windows, as the batched capture holds them
+                elif isinstance(x, torch.Tensor) and len(seen[name]) < len(flags) and flags[len(seen[name])]:
+                    x = x.transpose(0, 1)  # samples on dim 1, as the batched capture was transposed
                 seen[name].append(x.detach().clone() if isinstance(x, torch.Tensor) else None)
             return hook
 
@@ -1209,9 +1238,7 @@ class HooksEngine:
                 for calls in seen.values():
                     calls.clear()
                 one = self._loss_alone(batch, i, {name: keep(name) for name in unchecked})
-                for name in unchecked:
-                    if not _same_sample(seen[name], caps[name].inputs, i):
-                        self._not_batch_first.add(name)
+                failed.update(name for name in unchecked if not _same_sample(seen[name], caps[name].inputs, i))
                 if not self._separable and not torch.allclose(losses[i], one, rtol=1e-4,
                                                               atol=1e-6 * (1 + float(one.abs()))):
                     raise _NoPerSampleLoss(
@@ -1219,7 +1246,15 @@ class HooksEngine:
                         f"({float(one):.6g}): the model mixes samples in eval mode (a BatchNorm without running "
                         "statistics?), so one batched backward cannot give per-sample gradients")
         self._separable = True
-        self._batch_first.update(name for name in unchecked if name not in self._not_batch_first)
+        for name in unchecked:  # the answer for the layout this chunk captured (another one is checked again)
+            yes, no = (self._not_batch_first, self._batch_first) if name in failed else \
+                (self._batch_first, self._not_batch_first)
+            yes.add(name)
+            no.discard(name)
+            if caps[name].seq_first[0]:
+                self._seq_first_checked.add(name)
+            else:
+                self._seq_first_checked.discard(name)
 
     def _expansion_holds(self, batch: Any, n: int, losses: torch.Tensor, leaf_grads: dict[str, torch.Tensor],
                          caps: dict[str, _Capture]) -> bool:
@@ -1327,14 +1362,16 @@ _MHA_SIGNATURE = inspect.signature(nn.MultiheadAttention.forward)
 
 
 def _mha_grads(module: nn.Module, calls: list[dict], n: int, want: set[str]) -> dict[str, Any] | None:
-    """``nn.MultiheadAttention`` (batch first, one packed in-projection, no bias_k/v or zero attention, no active
+    """``nn.MultiheadAttention`` (batch first, or sequence first as :meth:`HooksEngine._seq_first_call` kept it; one
+    packed in-projection, no bias_k/v or zero attention, no active
     dropout, the attention weights unused), without a torch.func pass per sample: for each captured call, one
     batched recomputation of the attention from its projected queries, keys and values gives their gradients
     (the output gradient passed back through ``out_proj`` and the attention), and the projections are Linears
     over the tokens: ``[δqᵀ x_q; δkᵀ x_k; δvᵀ x_v]`` for ``in_proj_weight``, ``δᵀ·attention`` for
     ``out_proj.weight``, a block of samples at a time. None where a call is outside that (torch.func takes it)."""
     if not (type(module) is nn.MultiheadAttention and module._qkv_same_embed_dim and module.bias_k is None
-            and not module.add_zero_attn and module.batch_first and not (module.training and module.dropout > 0)):
+            and not module.add_zero_attn and (module.batch_first or all(c.get("seq_first") for c in calls))
+            and not (module.training and module.dropout > 0)):
         return None
     e, h = module.embed_dim, module.num_heads
     inputs, deltas, attended, douts = [], [], [], []  # per call: (x_q, x_k, x_v), (δq, δk, δv), attention, δ
@@ -1347,6 +1384,11 @@ def _mha_grads(module: nn.Module, calls: list[dict], n: int, want: set[str]) -> 
         bound.apply_defaults()
         a = bound.arguments
         qkv, dout = (a["query"], a["key"], a["value"]), call["grads"][0]
+        if call.get("seq_first"):  # (L, n, E) → (n, L, E)
+            if any(not isinstance(t, torch.Tensor) or t.dim() != 3 for t in qkv):
+                return None
+            qkv = tuple(t.transpose(0, 1).contiguous() for t in qkv)
+            dout = None if dout is None else dout.transpose(0, 1)
         if (call["group"] != 1 or dout is None or any(g is not None for g in call["grads"][1:])
                 or qkv[0].dim() != 3 or any(t.shape[0] != n for t in qkv)):
             return None
@@ -1571,12 +1613,16 @@ def _lstm_gate_grads(u, prev, c0, w_hh, b_hh, g_seq, g_hn, g_cn):
 _RNNS = (nn.LSTM, nn.GRU, nn.RNN)  # the recurrent modules that _rnn_grads takes (exact types: subclasses may differ)
 
 
-def _seq_first_rnn(module: nn.Module, args: tuple, kwargs: dict) -> bool:
-    """Whether this call is a sequence-first (``batch_first=False``, torch's default) LSTM, GRU or RNN
-    on a batched (3-D) input tensor."""
-    x = args[0] if args else kwargs.get("input")
-    return (type(module) in _RNNS and not module.batch_first and isinstance(x, torch.Tensor)
-            and x.dim() == 3)
+def _seq_first_input(module: nn.Module, args: tuple, kwargs: dict) -> torch.Tensor | None:
+    """The input of a sequence-first call (``batch_first=False``, torch's default: steps on dim 0, samples on dim 1)
+    of an LSTM, GRU, RNN or ``nn.MultiheadAttention``, on a batched (3-D) tensor; None for any other call."""
+    if type(module) in _RNNS:
+        x = args[0] if args else kwargs.get("input")
+    elif type(module) is nn.MultiheadAttention:
+        x = args[0] if args else kwargs.get("query")
+    else:
+        return None
+    return x if not module.batch_first and isinstance(x, torch.Tensor) and x.dim() == 3 else None
 
 
 def _batched_local(module: nn.Module, calls: list[dict], n: int, want: set[str]) -> dict[str, Any] | None:
