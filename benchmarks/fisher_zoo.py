@@ -22,7 +22,9 @@ its Encoder), ``wav2vec2`` (HF, a parameter that eval never reads above the whol
 ``t5``, ``linknet``, ``tv_mobilenet``, ``hf_swin``, ``lstm`` and ``gru`` (a batch-first
 bidirectional ``nn.LSTM`` / ``nn.GRU``), ``lstm3`` (three such LSTM layers), ``lstm_seq_first`` (the LSTM
 sequence first, torch's default layout), ``lstm_packed`` (a ``PackedSequence`` of lengths 32-128), ``torch_transformer`` (torch's
-``nn.TransformerEncoder``, sequence first).
+``nn.TransformerEncoder``, sequence first), ``bart`` and ``opt`` (HF models whose embeddings are ``nn.Embedding``
+subclasses: BART's scaled token embedding, tied to its LM head, and both models' learned positions, which compute
+their own position ids).
 """
 
 from __future__ import annotations
@@ -189,6 +191,45 @@ def _t5():
     return "HF T5 seq2seq (d 256, 4+4 layers), source 64, target 16", T5ForConditionalGeneration(config), batch
 
 
+def _seq2seq_batch(vocab: int, source: int = 64, target: int = 16):
+    def batch(n: int, g: torch.Generator) -> dict:
+        """Padded source snippets of half to all of ``source`` tokens and targets of 2 to ``target`` (-100 past each
+        target's end)."""
+        ids = torch.randint(4, vocab, (n, source), generator=g)
+        mask = (torch.arange(source)[None] < torch.randint(source // 2, source + 1, (n, 1), generator=g)).long()
+        labels = torch.randint(4, vocab, (n, target), generator=g)
+        labels = labels.masked_fill(torch.arange(target)[None] >= torch.randint(2, target + 1, (n, 1), generator=g),
+                                    -100)
+        return {"input_ids": ids * mask + (1 - mask), "attention_mask": mask, "labels": labels}
+
+    return batch
+
+
+def _bart():
+    from transformers import BartConfig, BartForConditionalGeneration
+
+    config = BartConfig(vocab_size=8000, d_model=256, encoder_layers=3, decoder_layers=3, encoder_attention_heads=4,
+                        decoder_attention_heads=4, encoder_ffn_dim=1024, decoder_ffn_dim=1024,
+                        max_position_embeddings=128, scale_embedding=True)
+    return ("HF BART seq2seq (d 256, 3+3 layers, scaled token embedding tied to the LM head, learned positions), "
+            "source 64, target 16", BartForConditionalGeneration(config), _seq2seq_batch(8000))
+
+
+def _opt():
+    from transformers import OPTConfig, OPTForCausalLM
+
+    config = OPTConfig(vocab_size=8000, hidden_size=256, num_hidden_layers=4, num_attention_heads=4, ffn_dim=1024,
+                       max_position_embeddings=128, word_embed_proj_dim=256)
+
+    def batch(n: int, g: torch.Generator) -> dict:
+        """Right-padded texts of 32-64 tokens, the padding out of the labels."""
+        ids = torch.randint(4, 8000, (n, 64), generator=g)
+        mask = (torch.arange(64)[None] < torch.randint(32, 65, (n, 1), generator=g)).long()
+        return {"input_ids": ids * mask + (1 - mask), "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
+
+    return "HF OPT causal LM (d 256, 4 layers, learned positions from the mask), seq 32-64", OPTForCausalLM(config), batch
+
+
 class _TorchTransformer(torch.nn.Module):
     """torch's own ``nn.TransformerEncoder`` in its default layout (``batch_first=False``) over token ids, with a
     padding mask, mean-pooled into a classifier."""
@@ -230,7 +271,8 @@ MODELS = {"swin": _swin, "tv_swin": _tv_swin, "maxvit": _maxvit,
           "wav2vec2": _wav2vec2, "lstm": _rnn(torch.nn.LSTM, "LSTM"), "gru": _rnn(torch.nn.GRU, "GRU"),
           "lstm3": _rnn(torch.nn.LSTM, "LSTM", layers=3),
           "lstm_seq_first": _rnn(torch.nn.LSTM, "LSTM", batch_first=False),
-          "lstm_packed": _rnn(torch.nn.LSTM, "LSTM", packed=True), "torch_transformer": _torch_transformer}
+          "lstm_packed": _rnn(torch.nn.LSTM, "LSTM", packed=True), "torch_transformer": _torch_transformer,
+          "bart": _bart, "opt": _opt}
 
 
 def hooks_and_fallen(model, batch, **options) -> tuple[dict, set[str]]:

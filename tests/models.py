@@ -280,6 +280,38 @@ def t5_batch(n: int = 4, t: int = 10, seed: int = 1, vocab: int = 40):
     return {"input_ids": ids, "attention_mask": mask, "labels": torch.randint(0, 2, (n,), generator=g)}
 
 
+def bart(seed: int = 0, *, vocab: int = 40):
+    """A small BART seq2seq LM (its own loss): ``nn.Embedding`` subclasses around the lookups (a token embedding that
+    scales its rows, shared by encoder and decoder and tied to the LM head; learned positions that form their own
+    position ids from the input's shape)."""
+    from transformers import BartConfig, BartForConditionalGeneration
+
+    torch.manual_seed(seed)
+    config = BartConfig(vocab_size=vocab, d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+                        decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32, max_position_embeddings=16,
+                        scale_embedding=True, attn_implementation="eager")
+    model = BartForConditionalGeneration(config)
+    assert model.lm_head.weight is model.model.shared.weight and type(model.model.shared) is not nn.Embedding
+    return model
+
+
+def bart_batch(n: int = 4, t: int = 10, target: int = 6, seed: int = 1, vocab: int = 40):
+    """T5's batch with BART's padding id (1) in the padded source positions."""
+    batch = t5_seq2seq_batch(n, t, target, seed, vocab)
+    return {**batch, "input_ids": batch["input_ids"].masked_fill(batch["attention_mask"] == 0, 1)}
+
+
+def opt(seed: int = 0, *, vocab: int = 50):
+    """A small OPT causal LM: its learned positions (an ``nn.Embedding`` subclass) look up ids counted from the
+    attention mask; the LM head is tied to the token embedding."""
+    from transformers import OPTConfig, OPTForCausalLM
+
+    torch.manual_seed(seed)
+    config = OPTConfig(vocab_size=vocab, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, ffn_dim=32,
+                       max_position_embeddings=16, word_embed_proj_dim=16, attn_implementation="eager")
+    return OPTForCausalLM(config)
+
+
 class ConvOffset(nn.Module):
     """A parameter added to a conv output, and a pos-embed-like parameter added after flatten/transpose."""
 

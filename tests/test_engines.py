@@ -36,6 +36,11 @@ def _lm_loss(outputs, batch):
     return torch.nn.functional.cross_entropy(logits.movedim(-1, 1), labels, ignore_index=-100)
 
 
+def _seq2seq_loss(outputs, batch):
+    """One sample's sequence-to-sequence loss (the labels are the decoder's targets), in the logits' dtype."""
+    return torch.nn.functional.cross_entropy(outputs.logits.movedim(-1, 1), batch["labels"], ignore_index=-100)
+
+
 def _bert_checkpointed():
     model = M.bert()
     # transformers 5 renamed gradient_checkpointing_enable; it installs an input-embedding requires_grad_ hook
@@ -87,6 +92,9 @@ CASES = {
     "window_attention": (M.windowed, lambda: M.image_batch(size=4)),
     "window_attention_window_major": (lambda: M.windowed(sample_major=False), lambda: M.image_batch(size=4)),
     "bert_hf_gradient_checkpointing": (_bert_checkpointed, M.bert_batch),
+    # nn.Embedding subclasses that scale the rows they look up or compute the ids
+    "bart_embedding_subclasses": (M.bart, M.bart_batch, {"loss": _seq2seq_loss}),
+    "opt_learned_positions": (M.opt, M.gpt2_batch, {"loss": _lm_loss}),
 }
 
 ENGINES = [e for e in ("vmap", "hooks", "auto") if e in estimate.ENGINES]
@@ -99,7 +107,9 @@ ENGINES = [e for e in ("vmap", "hooks", "auto") if e in estimate.ENGINES]
 VMAP_CANNOT = {"torch_checkpoint": "saved tensor hooks", "bert_hf_gradient_checkpointing": "functorch transform",
                "gru_and_lstm": "broadcast shape", "t5_relative_attention_bias": "dynamic shape",
                "batch_first_lstms": "broadcast shape", "sequence_first_lstms_and_grus": "broadcast shape",
-               "packed_sequences": "data pointer"}
+               "packed_sequences": "data pointer", "bart_embedding_subclasses": "must match the size",
+               "opt_learned_positions": "index out of range"}
+# (OPT counts its position ids from the attention mask, which vmap gets as the 4-D additive mask it can trace)
 # Where the hooks engine's local torch.func gradient cannot run a module without rule, the loop computes it.
 # (the LSTM with proj_size of gru_and_lstm; RNNs over PackedSequences: a batched rule for them was exact but slower
 # than the loop on this CPU, where torch's own packed forward and backward already cost more than the loop)
@@ -157,7 +167,7 @@ def test_engine_matches_loop_float64(engine, case, per_sample):
     if engine == "vmap" and case in VMAP_CANNOT:
         with pytest.raises(GradselError, match=rf"vmap cannot run .*{VMAP_CANNOT[case]}.*engine='auto'") as info:
             gradsel.fisher(model, batch, engine="vmap", chunk_size=2, progress=False)
-        assert isinstance(info.value.__cause__, RuntimeError)  # torch's own error, kept as the cause
+        assert isinstance(info.value.__cause__, (RuntimeError, IndexError))  # torch's own error, kept as the cause
         return
     snap = _snapshot(model, batch)
     with warnings.catch_warnings(record=True) as caught:
@@ -253,7 +263,8 @@ def _hooks_fallback(model, batch, **kw):
                                   "module_shared_by_two_parents", "t5_relative_attention_bias",
                                   "local_output_written_in_place", "weight_standardised_convs",
                                   "multihead_attention_masks_and_cross", "rms_norms", "batch_first_lstms",
-                                  "sequence_first_lstms_and_grus", "seq_first_transformer"])
+                                  "sequence_first_lstms_and_grus", "seq_first_transformer",
+                                  "bart_embedding_subclasses", "opt_learned_positions"])
 def test_hooks_rules_cover_every_candidate(case):
     # no fallback pass at all: position embeddings (1, T, D) expanded, unused encoder stages zero, in-place
     # ReLU/residuals, depthwise and 1-D convs, transposed convs, a layer called twice, checkpointed blocks
@@ -355,6 +366,54 @@ def test_attention_and_lstms_take_a_batched_recomputation(case, kind, monkeypatc
     chunks = -(-len(batch[0]) // 3)
     assert len(taken) == chunks * modules and all(t is not None for t in taken)
     _assert_matches(est, ref, TOL)
+
+
+class _Lookup(torch.nn.Embedding):
+    """nn.Embedding subclasses as HF writes them: scaled rows (BART's tokens), computed ids (learned positions), two
+    lookups in one call; and two the rule must not read: another padding row than the module's, the weight read
+    again beside its lookup."""
+
+    def __init__(self, kind: str, rows: int = 12, dim: int = 5):
+        super().__init__(rows, dim, padding_idx=0)
+        self.kind = kind
+
+    def forward(self, ids):
+        if self.kind == "scaled":
+            return super().forward(ids) * 2.5
+        if self.kind == "positions":
+            return super().forward(torch.arange(ids.shape[1]).expand(ids.shape[0], -1) + 2)
+        if self.kind == "twice":
+            return super().forward(ids) + super().forward(ids.flip(1))
+        if self.kind == "other_padding":
+            return torch.nn.functional.embedding(ids, self.weight, padding_idx=3)
+        return super().forward(ids) / self.weight.norm()  # "weight_read_again"
+
+
+class _Lookups(torch.nn.Module):
+    def __init__(self, kind: str):
+        super().__init__()
+        self.tokens, self.positions = _Lookup(kind), _Lookup("positions")
+        self.head = torch.nn.Linear(5, 3)
+
+    def forward(self, ids):
+        return self.head((self.tokens(ids) + self.positions(ids)).tanh().mean(1))
+
+
+@pytest.mark.parametrize("kind, ruled", [("scaled", True), ("twice", True), ("other_padding", False),
+                                         ("weight_read_again", False)])
+def test_hooks_reads_embedding_subclasses_at_their_lookups(kind, ruled, monkeypatch):
+    # the rule reads each F.embedding of the module's weight inside its forward; a lookup with other options than the
+    # module's, or a weight also read otherwise, takes the fallback; the positions' subclass always has the rule
+    from gradsel.fisher.engines import hooks
+
+    monkeypatch.setattr(hooks, "_module_grads", lambda *a: pytest.fail("a torch.func pass ran"))
+    model = _Lookups(kind).double()
+    batch = (torch.randint(0, 12, (5, 7), generator=torch.Generator().manual_seed(0)), torch.tensor([0, 1, 2, 1, 0]))
+    ref = gradsel.fisher_loop(model, batch, per_sample=True, progress=False)
+    est, fell = _hooks_fallback(model, batch, per_sample=True, chunk_size=3)
+    assert fell == (set() if ruled else {"tokens.weight"})
+    _assert_matches(est, ref)
+    assert (est.per_sample - ref.per_sample).abs().max() <= TOL * ref.per_sample.abs().max()
 
 
 def test_a_local_candidate_the_graph_never_reaches_is_zero_without_a_re_run(monkeypatch):

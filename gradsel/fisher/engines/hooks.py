@@ -40,13 +40,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import grad, vmap
+from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
 from ...errors import GradselError
 from ..batches import BatchReader, logits_of
 from ..layout import norm_gradients_as_inputs
 from ..rules import (ConvWeightGrads, EmbeddingGrads, GainGrads, LazyGrads, Scratch, StandardizedWeightGrads,
-                     _embedding_ok, conv_padding)
+                     conv_padding)
 from ..swap import swapped_call, tensor_slots
 from .elementwise import ElementwiseUses
 
@@ -412,7 +413,8 @@ _STD_CONVS = ("StdConv2d", "StdConv2dSame", "ScaledStdConv2d", "ScaledStdConv2dS
 
 
 def _rule_for(module: nn.Module):
-    """The rule for this module, or None; exact types only (a subclass may compute something else), and a few
+    """The rule for this module, or None; exact types only (a subclass may compute something else; an ``nn.Embedding``
+    subclass is read at its lookups, :func:`_hook_layer`), and a few
     subclasses known to compute the same (timm's LayerNorm, RmsNorm, GroupNorm and GroupNorm1; timm's, torchvision's and
     smp's LayerNorm2d, smp's Mix Transformer LayerNorm and HF ConvNext's LayerNorm over the channels), a norm
     followed by an elementwise activation (timm's BatchNormAct2d and its kin), a convolution that pads its input
@@ -454,8 +456,8 @@ def _rule_for(module: nn.Module):
         return _conv, 3 if t is nn.Conv1d else 4
     if t in (nn.ConvTranspose1d, nn.ConvTranspose2d):
         return (_conv_transpose, 3 if t is nn.ConvTranspose1d else 4) if module.padding_mode == "zeros" else None
-    if t is nn.Embedding:
-        return (_embedding, 1) if _embedding_ok(module) else None
+    if isinstance(module, nn.Embedding):  # a subclass too: its lookups are what the rule reads (_hook_layer)
+        return (_embedding, 1) if module.max_norm is None and not module.scale_grad_by_freq else None
     if t is nn.LayerNorm:
         return _layernorm, 1 + len(module.normalized_shape)
     if t is nn.RMSNorm or _known(module, "timm.layers.norm", "RmsNorm"):
@@ -498,6 +500,61 @@ class _Capture:
     group: int = 1  # rows of dim 0 per sample (windows), read as more tokens
     expanded: bool = False  # shared by the batch (dim 0 of 1): given a copy per sample
     seq_first: list = field(default_factory=list)  # per call: the samples were on dim 1 (captured transposed)
+
+
+_EMBEDDING = inspect.signature(F.embedding)
+
+
+class _Lookups(TorchFunctionMode):
+    """Active inside the forward of an ``nn.Embedding`` subclass: each ``F.embedding`` of the module's own weight goes
+    to ``hook`` as a forward hook of a plain ``nn.Embedding`` would see it (``(ids,)`` and the looked-up rows), and
+    what ``hook`` returns replaces those rows. A lookup with other options than the module's goes without its ids
+    (the hook marks the layer for the fallback)."""
+
+    def __init__(self, module: nn.Embedding, hook: Callable):
+        super().__init__()
+        self.module, self.hook = module, hook
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func is F.embedding:
+            call = _EMBEDDING.bind(*args, **(kwargs or {})).arguments
+            weight = call["weight"]
+            if weight is self.module.weight:
+                pad = call.get("padding_idx")
+                pad = weight.shape[0] + pad if pad is not None and pad < 0 else pad
+                plain = (pad == self.module.padding_idx and call.get("max_norm") is None
+                         and not call.get("scale_grad_by_freq", False))
+                new = self.hook(self.module, (call["input"],) if plain else (), out)
+                out = out if new is None else new
+        return out
+
+
+class _Handles:
+    def __init__(self, *handles):
+        self.handles = handles
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def _hook_layer(module: nn.Module, hook: Callable) -> Any:
+    """``module.register_forward_hook(hook)``; for an ``nn.Embedding`` subclass, the same hook on each lookup of its
+    weight inside its forward (:class:`_Lookups`). BART's, Gemma's or M2M100's token embeddings scale the looked-up
+    rows, BART's and OPT's learned positions compute the ids they look up: the rule needs the lookup itself."""
+    if type(module) is nn.Embedding or not isinstance(module, nn.Embedding):
+        return module.register_forward_hook(hook)
+    modes: list[_Lookups] = []
+
+    def enter(mod, args):
+        modes.append(_Lookups(mod, hook))
+        modes[-1].__enter__()
+
+    def leave(mod, args, output):
+        modes.pop().__exit__(None, None, None)
+
+    return _Handles(module.register_forward_pre_hook(enter), module.register_forward_hook(leave, always_call=True))
 
 
 def find_layers(model: nn.Module, names: list[str]) -> dict[str, _Layer]:
@@ -934,7 +991,7 @@ class HooksEngine:
             for pname in self.expandable:
                 p = self.params[pname]
                 leaves[pname] = p.detach().expand(n, *p.shape[1:]).clone().requires_grad_(True)
-        handles = [layer.module.register_forward_hook(forward_hook(name, layer)) for name, layer in self.layers.items()]
+        handles = [_hook_layer(layer.module, forward_hook(name, layer)) for name, layer in self.layers.items()]
         handles += [module.register_forward_hook(local_hook(name), with_kwargs=True)
                     for name, (module, _) in self.local.items()]
         retry = False
@@ -1086,7 +1143,7 @@ class HooksEngine:
 
     def _loss_alone(self, batch: Any, i: int, hooks: dict[str, Callable]) -> torch.Tensor:
         """Sample ``i``'s loss as a batch of one, with ``hooks`` (rule layer name -> forward hook) on for it."""
-        handles = [self.layers[name].module.register_forward_hook(hook) for name, hook in hooks.items()]
+        handles = [_hook_layer(self.layers[name].module, hook) for name, hook in hooks.items()]
         try:
             return self._losses(self.reader.take(batch, slice(i, i + 1)), 1)[0]
         finally:
