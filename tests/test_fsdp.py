@@ -381,6 +381,17 @@ def work_bert(rank: int, world: int, out: Path) -> dict:
     return {"fisher": _pack(f), "local_shapes": {n: tuple(p.to_local().shape) for n, p in bert.named_parameters()}}
 
 
+def work_bart(rank: int, world: int, out: Path) -> dict:
+    from .test_engines import _seq2seq_loss
+
+    bart = M.bart().double()
+    _shard(bart, list(bart.model.encoder.layers) + list(bart.model.decoder.layers))
+    batch = M.bart_batch(n=6)
+    half = slice(rank * 3, rank * 3 + 3)
+    f = gradsel.fisher(bart, [{k: v[half] for k, v in batch.items()}], loss=_seq2seq_loss, progress=False)
+    return {"fisher": _pack(f)}
+
+
 # -- tests --------------------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -690,3 +701,14 @@ def test_fisher_bert_shards_equal_one_process(tmp_path, one_thread):
         _assert_shards(run["fisher"], ref)
         for n, lay in run["fisher"]["layouts"].items():
             assert lay.local_shape == run["local_shapes"][n]
+
+
+@pytest.mark.slow
+def test_fisher_bart_shards_equal_one_process(tmp_path, one_thread):
+    # BART's embedding subclasses (read at their lookups), its token embedding tied to the LM head, under FSDP2
+    from .test_engines import _seq2seq_loss
+
+    runs = _spawn("work_bart", tmp_path)
+    ref = gradsel.fisher_loop(M.bart().double(), M.bart_batch(n=6), loss=_seq2seq_loss, progress=False)
+    for run in runs:
+        _assert_shards(run["fisher"], ref)
