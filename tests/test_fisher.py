@@ -281,6 +281,7 @@ def test_fallback_to_loop_warns_and_agrees(case):
         est = gradsel.fisher(model, batch, progress=False)
     message = str(caught[0].message)
     assert f"vmap cannot run {culprit} " in message  # the innermost module that raised, not the model's class
+    assert "engine='hooks'" in message  # the faster way out
     assert est.engine == "loop"
     ref = _reference(model, batch, names=[n for n, _ in model.named_parameters()])
     for name in ref:
