@@ -424,7 +424,7 @@ def _per_sample_grads(run: _Engine, chunk: Any, engine: str, rows: torch.Tensor)
         warnings.warn(f"gradsel.fisher: {what} cannot run {_raised_in(exc, run)} "
                       f"({type(exc).__name__}: {_first_line(exc)}); the batch-of-one loop runs it, so gradsel is "
                       "falling back to the batch-of-one loop, which is slower. Pass engine='loop' to skip the attempt"
-                      + (", or engine='hooks' (per layer, from one batched forward and backward; docs/concepts.md says "
+                      + ("; engine='hooks' (per layer, from one batched forward and backward; docs/concepts.md says "
                          "what it assumes) is faster on most models." if isinstance(run, _VmapEngine) else "."),
                       RuntimeWarning, stacklevel=3)
         return grads, loop
