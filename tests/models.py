@@ -312,6 +312,50 @@ def opt(seed: int = 0, *, vocab: int = 50):
     return OPTForCausalLM(config)
 
 
+def gemma3(seed: int = 0, *, vocab: int = 50):
+    """A small Gemma 3 causal LM: sliding-window attention (window 3) beside full attention, both masks built by the
+    model from the 2-D attention mask; a scaled token embedding tied to the LM head."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(seed)
+    config = Gemma3TextConfig(vocab_size=vocab, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                              num_attention_heads=2, num_key_value_heads=1, head_dim=8, sliding_window=3,
+                              layer_types=["sliding_attention", "full_attention"], max_position_embeddings=16,
+                              pad_token_id=0, attn_implementation="eager")
+    return Gemma3ForCausalLM(config)
+
+
+def modernbert(seed: int = 0, *, vocab: int = 50):
+    """A small ModernBERT classifier: local attention (window 4) in one layer, global in the other."""
+    from transformers import ModernBertConfig, ModernBertForSequenceClassification
+
+    torch.manual_seed(seed)
+    config = ModernBertConfig(vocab_size=vocab, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                              num_attention_heads=2, global_attn_every_n_layers=2, local_attention=4,
+                              max_position_embeddings=16, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                              cls_token_id=1, sep_token_id=2, num_labels=2, attn_implementation="eager")
+    return ModernBertForSequenceClassification(config)
+
+
+def modernbert_batch(n: int = 6, t: int = 10, seed: int = 1, vocab: int = 50):
+    """BERT's batch, each sample at least 8 tokens long: in float64 a padded query whose local window holds only padding
+    is NaN in the model itself."""
+    batch = bert_batch(n, t, seed, vocab)
+    mask = batch["attention_mask"]
+    mask[:, :8] = 1
+    ids = batch["input_ids"]
+    return {**batch, "input_ids": ids.masked_fill((ids == 0) & (mask == 1), 3)}
+
+
+def mpt(seed: int = 0, *, vocab: int = 50):
+    """A small MPT causal LM (ALiBi), which reads the 2-D attention mask itself."""
+    from transformers import MptConfig, MptForCausalLM
+
+    torch.manual_seed(seed)
+    return MptForCausalLM(MptConfig(d_model=16, n_heads=2, n_layers=2, expansion_ratio=2, vocab_size=vocab,
+                                    max_seq_len=16))
+
+
 class ConvOffset(nn.Module):
     """A parameter added to a conv output, and a pos-embed-like parameter added after flatten/transpose."""
 

@@ -95,6 +95,13 @@ CASES = {
     # nn.Embedding subclasses that scale the rows they look up or compute the ids
     "bart_embedding_subclasses": (M.bart, M.bart_batch, {"loss": _seq2seq_loss}),
     "opt_learned_positions": (M.opt, M.gpt2_batch, {"loss": _lm_loss}),
+    # masks that the model builds from its 2-D attention mask beyond padding and causality (vmap's 4-D mask would
+    # replace them), and an encoder-decoder whose source and target are as long (the decoder's triangle is not the
+    # encoder's mask)
+    "gemma3_sliding_window": (M.gemma3, M.gpt2_batch, {"loss": _lm_loss}),
+    "modernbert_local_attention": (M.modernbert, M.modernbert_batch),
+    "mpt_alibi": (M.mpt, M.gpt2_batch, {"loss": _lm_loss}),
+    "bart_equal_lengths": (M.bart, lambda: M.bart_batch(t=6, target=6), {"loss": _seq2seq_loss}),
 }
 
 ENGINES = [e for e in ("vmap", "hooks", "auto") if e in estimate.ENGINES]
@@ -107,9 +114,11 @@ ENGINES = [e for e in ("vmap", "hooks", "auto") if e in estimate.ENGINES]
 VMAP_CANNOT = {"torch_checkpoint": "saved tensor hooks", "bert_hf_gradient_checkpointing": "functorch transform",
                "gru_and_lstm": "broadcast shape", "t5_relative_attention_bias": "dynamic shape",
                "batch_first_lstms": "broadcast shape", "sequence_first_lstms_and_grus": "broadcast shape",
-               "packed_sequences": "data pointer", "bart_embedding_subclasses": "must match the size",
-               "opt_learned_positions": "index out of range"}
-# (OPT counts its position ids from the attention mask, which vmap gets as the 4-D additive mask it can trace)
+               "packed_sequences": "data pointer", "opt_learned_positions": "index out of range",
+               **dict.fromkeys(["gemma3_sliding_window", "modernbert_local_attention", "mpt_alibi"],
+                               "outputs change when its 2-D attention_mask is given as the 4-D")}
+# (vmap gets an HF model's 2-D attention mask as the 4-D additive mask it can trace, once the model's outputs are found
+# the same with it; OPT counts its position ids from the mask)
 # Where the hooks engine's local torch.func gradient cannot run a module without rule, the loop computes it.
 # (the LSTM with proj_size of gru_and_lstm; RNNs over PackedSequences: a batched rule for them was exact but slower
 # than the loop on this CPU, where torch's own packed forward and backward already cost more than the loop)
@@ -199,6 +208,29 @@ def test_auto_falls_back_to_the_loop_under_checkpointing_with_a_reason():
     with pytest.warns(RuntimeWarning, match="saved tensor hooks"):
         est = gradsel.fisher(model, batch, engine="auto", chunk_size=2, progress=False)
     assert est.engine == "loop"
+    _assert_matches(est, ref)
+
+
+def test_vmap_checks_the_4d_mask_again_for_each_sequence_length(monkeypatch):
+    # Gemma 3's window of 3 does not show on 3 tokens (vmap runs them with its 4-D mask) but does on 8: that chunk goes
+    # to the loop, and the estimate over both is the loop's
+    from gradsel.fisher import estimate as est_mod
+
+    model = M.gemma3().double()
+    data = [M.gpt2_batch(n=3, t=3), M.gpt2_batch()]
+    ref = gradsel.fisher_loop(model, data, loss=_lm_loss, progress=False)
+    decided, check = [], est_mod._VmapEngine._vmap_mask
+
+    def spy(self, batch):
+        try:
+            return check(self, batch)
+        finally:
+            decided.append(dict(self._mask_holds))
+
+    monkeypatch.setattr(est_mod._VmapEngine, "_vmap_mask", spy)
+    with pytest.warns(RuntimeWarning, match="outputs change when its 2-D attention_mask"):
+        est = gradsel.fisher(model, data, loss=_lm_loss, progress=False)
+    assert decided == [{3: True}, {3: True, 8: False}]
     _assert_matches(est, ref)
 
 

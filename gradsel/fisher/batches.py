@@ -458,7 +458,10 @@ class BatchReader:
             return batch
         dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
         keep = mask.bool()[:, None, None, :]  # (N, 1, 1, T)
-        if any(getattr(m, "is_causal", False) is True for m in model.modules()):
+        # an encoder-decoder's mask is the encoder's (its self- and the decoder's cross-attention: (N, 1, 1, T) fits
+        # both); the triangle of its causal decoder is not this mask's to add
+        if (not getattr(model.config, "is_encoder_decoder", False)
+                and any(getattr(m, "is_causal", False) is True for m in model.modules())):
             t = mask.shape[1]
             keep = keep & torch.ones(t, t, dtype=torch.bool, device=mask.device).tril()[None, None]
         additive = torch.zeros(keep.shape, dtype=dtype, device=mask.device)

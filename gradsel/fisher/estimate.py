@@ -87,9 +87,10 @@ class _VmapEngine(_Engine):
     def __init__(self, model: nn.Module, names: list[str], reader: BatchReader):
         super().__init__(model, names, reader)
         self.rules = output_rules(model, names)
+        self._mask_holds: dict[int, bool] = {}  # sequence length -> the 4-D attention mask gives the model's outputs
 
     def __call__(self, batch: Any) -> dict[str, torch.Tensor | LazyGrads]:
-        batch = self.reader.for_vmap(self.model, batch)
+        batch = self._vmap_mask(batch)
         n = self.reader.size(batch)
         leaves, spec, is_batched = self.reader.batched_leaves(batch, n)
         batched = [x for x, b in zip(leaves, is_batched) if b]
@@ -132,6 +133,35 @@ class _VmapEngine(_Engine):
             module, rule = self.rules[name]
             grads[name] = rule(module, inputs[name], probe_grads[name])
         return {name: grads[name] for name in self.names}
+
+    def _vmap_mask(self, batch: Any) -> Any:
+        """The batch with the 4-D attention mask that vmap can trace (:meth:`BatchReader.for_vmap`), once the model's
+        outputs on a chunk were found the same with it as with the user's 2-D mask. The 4-D mask replaces
+        the model's own mask building: a model that builds more than the padding and causal masks from it (Gemma 3's
+        sliding windows, MPT's reading of the mask) would compute something else, silently. Checked again for each
+        new sequence length (a window shorter than the sequence shows only on sequences that long)."""
+        converted = self.reader.for_vmap(self.model, batch)
+        if converted is batch:
+            return batch
+        mask = batch["attention_mask"]
+        length = mask.shape[1]
+        if length not in self._mask_holds:
+            # on the chunk's longest and shortest samples (samples do not interact): a window shows on the longest if
+            # on any, a misread padding on the most padded
+            tokens = mask.sum(1)
+            pair = torch.tensor(sorted({int(tokens.argmax()), int(tokens.argmin())}))
+            with torch.no_grad():
+                own, four = ([t for t in pytree.tree_leaves(self.reader.run(self.model, self.reader.take(b, pair)))
+                              if isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel()]
+                             for b in (batch, converted))
+            self._mask_holds[length] = len(own) == len(four) and all(
+                a.shape == b.shape and torch.allclose(b, a, rtol=1e-4, atol=1e-5 * float(a.abs().max()))
+                for a, b in zip(own, four))
+        if not self._mask_holds[length]:
+            raise RuntimeError(f"{type(self.model).__name__}'s outputs change when its 2-D attention_mask is given as "
+                               "the 4-D additive mask that vmap can trace (it builds other masks from it: sliding "
+                               "windows, ALiBi?)")
+        return converted
 
     def _rule_outputs(self, one: Any) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         """Shape (for one sample) and dtype of each rule layer's output; layers called more than once
