@@ -448,6 +448,37 @@ def test_hooks_reads_embedding_subclasses_at_their_lookups(kind, ruled, monkeypa
     assert (est.per_sample - ref.per_sample).abs().max() <= TOL * ref.per_sample.abs().max()
 
 
+class _InnerPositions(torch.nn.Module):
+    """timm TNT's layout: ``pixel_pos`` added to each sample's patches (several rows of dim 0 per sample, so a copy
+    per sample does not fit), ``cls_token`` concatenated to each sample's tokens (a copy per sample fits)."""
+
+    def __init__(self, c: int = 4, patches: int = 3, pixels: int = 2):
+        super().__init__()
+        self.shape = (patches, pixels, c)
+        self.pixel_pos = torch.nn.Parameter(torch.randn(1, pixels, c) * 0.5)
+        self.cls_token = torch.nn.Parameter(torch.randn(1, 1, c) * 0.5)
+        self.inner, self.head = torch.nn.Linear(c, c), torch.nn.Linear(c, 3)
+
+    def forward(self, x):
+        (patches, pixels, c), n = self.shape, x.shape[0]
+        rows = x.reshape(n * patches, pixels, c) + self.pixel_pos
+        h = self.inner(rows).tanh().mean(1).reshape(n, patches, c)
+        return self.head(torch.cat([self.cls_token.expand(n, -1, -1), h], 1).tanh().mean(1))
+
+
+def test_hooks_keeps_the_copies_per_sample_that_fit_when_another_fails():
+    # the copies of cls_token and pixel_pos failed together (pixel_pos's rows are not the samples): cls_token keeps its
+    # copy, pixel_pos is read as an add into each sample's rows; nothing is left to the fallback
+    model = _InnerPositions().double()
+    batch = (torch.randn(6, 24, dtype=torch.float64, generator=torch.Generator().manual_seed(0)),
+             torch.tensor([0, 1, 2, 1, 0, 2]))
+    ref = gradsel.fisher_loop(model, batch, per_sample=True, progress=False)
+    est, fell = _hooks_fallback(model, batch, per_sample=True, chunk_size=3)  # (not 2: the 2 pixels would look like
+    assert fell == set()  # samples on dim 1)
+    _assert_matches(est, ref)
+    assert (est.per_sample - ref.per_sample).abs().max() <= TOL * ref.per_sample.abs().max()
+
+
 def test_a_local_candidate_the_graph_never_reaches_is_zero_without_a_re_run(monkeypatch):
     # wav2vec2's body holds masked_spec_embed (unused in eval) above the encoder: a per-sample re-run of that
     # module would be a re-run of the whole model; only the weight-normed positional conv takes torch.func

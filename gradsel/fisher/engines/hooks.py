@@ -628,7 +628,7 @@ class _Forward(nn.Module):
 # -- what the one-time checks decided, kept per model ----------------------------------------------------------
 
 # the engine's attributes that its one-time checks set (each check runs once, on the first chunk it needs)
-_DECISIONS = ("_separable", "_expand", "_loss_form", "_clone", "_whole_model_fallback", "_fallback_reason",
+_DECISIONS = ("_separable", "_expand_ok", "_expand_off", "_loss_form", "_clone", "_whole_model_fallback", "_fallback_reason",
               "_local_checked", "_no_local", "_batch_first", "_not_batch_first", "_seq_first_checked", "_rooted",
               "_not_elementwise",
               "_lifted")
@@ -783,7 +783,10 @@ class HooksEngine:
         self._make_last_resort = last_resort
         self._fallbacks: dict[frozenset, Any] = {}
         self._clone = False  # set once a captured tensor was seen modified in place
-        self._expand: bool | None = None  # expand batch-shared outputs and parameters (None: not yet checked)
+        # batch-shared outputs (by rule layer or local module) and parameters given a copy per sample: checked to hold
+        # (ok) or refused (off), each on its own once several failed together
+        self._expand_ok: set[str] = set()
+        self._expand_off: set[str] = set()
         self._loss_form: str | None = None
         self._whole_model_fallback = False
         self._separable = False  # checked once: the batched forward gives each sample the loss it gives alone
@@ -859,8 +862,8 @@ class HooksEngine:
         caps = {name: _Capture() for name in self.layers}
         roots: list[torch.Tensor] = []
         recording = [True]
-        clone, expand = self._clone, self._expand is not False and n > 1
-        expanded = [False]
+        clone, off = self._clone, set(self._expand_off) if n > 1 else None
+        expanded: set[str] = set()  # the rule layers and local modules whose shared outputs were expanded
 
         def forward_hook(name: str, layer: _Layer):
             cap = caps[name]
@@ -874,12 +877,13 @@ class HooksEngine:
                     cap.bad = True
                     return None
                 new = None
-                if expand and x.shape[0] == 1 and output.shape[0] == 1:
+                if off is not None and name not in off and x.shape[0] == 1 and output.shape[0] == 1:
                     # shared by the batch (position embeddings of shape (1, T, D)): its δ would be a sum over
                     # samples; expanded, each sample gets its own copy and its own δ (checked below)
                     x, output = x.expand(n, *x.shape[1:]), output.expand(n, *output.shape[1:])
                     new = output
-                    expanded[0] = cap.expanded = True
+                    cap.expanded = True
+                    expanded.add(name)
                 # the samples on dim 1 and the steps on dim 0 (torch's batch_first=False transformers): captured with
                 # the two transposed, checked below as batch-first layers are
                 seq_first = (self._read_dim1 and x.shape[0] != n and x.dim() >= 2 and output.dim() >= 3
@@ -936,6 +940,7 @@ class HooksEngine:
                 # a batch-first RNN's final states (layers·directions, n, H) hold the samples on dim 1: not shared by
                 # the batch, not to be expanded; their gradients are kept beside the sequence's (_rnn_grads)
                 states = isinstance(module, nn.RNNBase) and module.batch_first
+                expand = off is not None and name not in off
                 rows = {t.shape[0] for j, t in enumerate(outs) if isinstance(t, torch.Tensor) and t.is_floating_point()
                         and t.dim() and not (expand and t.shape[0] == 1) and not (states and j)}
                 # windows: every output holds the same multiple of n rows, each sample's one after another;
@@ -959,7 +964,7 @@ class HooksEngine:
                     # gets its own (checked below with the other expansions, and the local gradient against the loop)
                     outs = [t.expand(n, *t.shape[1:]) if e else t for t, e in zip(outs, shared)]
                     out_batched = [b or e for b, e in zip(out_batched, shared)]
-                    expanded[0] = True
+                    expanded.add(name)
                 kept = [b or (states and j > 0 and isinstance(t, torch.Tensor) and t.requires_grad)
                         for j, (t, b) in enumerate(zip(outs, out_batched))]  # the outputs whose gradients are kept
                 if any(shared) or not any(isinstance(t, torch.Tensor) and t.requires_grad for t in flat):
@@ -987,8 +992,8 @@ class HooksEngine:
             return hook
 
         leaves = {}
-        if self._expand is not False:
-            for pname in self.expandable:
+        for pname in self.expandable:
+            if pname not in self._expand_off:
                 p = self.params[pname]
                 leaves[pname] = p.detach().expand(n, *p.shape[1:]).clone().requires_grad_(True)
         handles = [_hook_layer(layer.module, forward_hook(name, layer)) for name, layer in self.layers.items()]
@@ -1000,32 +1005,40 @@ class HooksEngine:
             with norm_gradients_as_inputs(self.model, active=n == 1):  # torch's batch norm on one sample
                 watched = {pname: self.params[pname] for _, own in self.local.values() for pname in own.values()
                            if pname not in self._not_elementwise and pname not in self._no_local}
+                # a parameter refused a copy per sample may still be added or multiplied into batched rows (TNT's
+                # pixel_pos into each sample's patches)
+                watched.update({pname: self.params[pname] for pname in self.expandable
+                                if pname in self._expand_off and pname not in self._not_elementwise})
                 elementwise = ElementwiseUses(watched, n) if watched else None
                 with elementwise or contextlib.nullcontext():
                     losses = self._losses(batch, n)
                 recording[0] = False
                 uses, opaque = _parameter_uses(losses)
-                targets = roots + list(leaves.values())
+                # (and those refused a copy: their adds may lie before every root, as TNT's pixel_pos does)
+                targets = roots + list(leaves.values()) + [self.params[p] for p in watched if p in self._expand_off
+                                                           and self.params[p].requires_grad]
                 got = (torch.autograd.grad(losses.sum(), targets, allow_unused=True)
                        if targets and losses.requires_grad else [None] * len(targets))
         except Exception:
-            if not (expanded[0] or leaves):
+            if not (expanded or leaves):
                 raise
-            self._expand = False  # the model writes into a shared output, or cannot take a copy per sample
-            retry = True
+            retry = True  # the model writes into a shared output, or cannot take a copy per sample
         finally:
             self._swap = None
             recording[0] = False
             for h in handles:
                 h.remove()
         if retry:  # once this attempt's hooks are off the modules (left on, they expanded the retry's outputs)
+            self._refuse_expansions(expanded | set(leaves), batch, n)
             return self._per_layer(batch, n)
         leaf_grads = {pname: (torch.zeros_like(leaves[pname]) if g is None else g).reshape(n, *self.params[pname].shape)
                       for pname, g in zip(leaves, got[len(roots):])}
-        if (expanded[0] or leaves) and self._expand is None:
-            self._expand = self._expansion_holds(batch, n, losses.detach(), leaf_grads, caps)
-            if not self._expand:
+        tried = expanded | set(leaves)
+        if tried - self._expand_ok:
+            if not self._expansion_holds(batch, n, losses.detach(), leaf_grads, caps):
+                self._refuse_expansions(tried, batch, n)
                 return self._per_layer(batch, n)
+            self._expand_ok |= tried
         if not clone and _modified(caps):
             self._clone = True  # a captured input or gradient was written in place later: capture copies
             return self._per_layer(batch, n)
@@ -1108,6 +1121,22 @@ class HooksEngine:
                 if pname not in out and p.requires_grad and uses[id(p)] == 0:
                     out[pname] = ZeroGrads(n)
         return out
+
+    def _refuse_expansions(self, tried: set[str], batch: Any, n: int) -> None:
+        """The expansions ``tried`` together failed (the forward raised, or :meth:`_expansion_holds` said no): one alone
+        is refused; of several, each is tried in a pass of its own with the others refused, and those that hold are
+        kept (timm's TNT adds ``pixel_pos`` to each sample's patches, rows that a copy per sample does not fit; its
+        ``cls_token`` and ``patch_pos`` take copies per sample as a ViT's do)."""
+        if len(tried) == 1:
+            self._expand_off |= tried
+            return
+        before, good = set(self._expand_off), set()
+        for name in sorted(tried):
+            self._expand_off = before | (tried - {name})
+            self._per_layer(batch, n)  # refuses ``name`` if it fails alone, else checks and keeps it
+            if name not in self._expand_off:
+                good.add(name)
+        self._expand_off = before | (tried - good)
 
     def _expanded_outputs_hold(self, batch: Any, n: int, caps: dict[str, _Capture]) -> bool:
         """Whether the gradient of each expanded output in row ``i`` is the gradient that output gets on sample
