@@ -225,9 +225,11 @@ def _opt():
         """Right-padded texts of 32-64 tokens, the padding out of the labels."""
         ids = torch.randint(4, 8000, (n, 64), generator=g)
         mask = (torch.arange(64)[None] < torch.randint(32, 65, (n, 1), generator=g)).long()
-        return {"input_ids": ids * mask + (1 - mask), "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
+        labels = ids.masked_fill(mask == 0, -100)
+        return {"input_ids": ids * mask + (1 - mask), "attention_mask": mask, "labels": labels}
 
-    return "HF OPT causal LM (d 256, 4 layers, learned positions from the mask), seq 32-64", OPTForCausalLM(config), batch
+    label = "HF OPT causal LM (d 256, 4 layers, learned positions from the mask), seq 32-64"
+    return label, OPTForCausalLM(config), batch
 
 
 class _TorchTransformer(torch.nn.Module):

@@ -628,10 +628,9 @@ class _Forward(nn.Module):
 # -- what the one-time checks decided, kept per model ----------------------------------------------------------
 
 # the engine's attributes that its one-time checks set (each check runs once, on the first chunk it needs)
-_DECISIONS = ("_separable", "_expand_ok", "_expand_off", "_loss_form", "_clone", "_whole_model_fallback", "_fallback_reason",
-              "_local_checked", "_no_local", "_batch_first", "_not_batch_first", "_seq_first_checked", "_rooted",
-              "_not_elementwise",
-              "_lifted")
+_DECISIONS = ("_separable", "_expand_ok", "_expand_off", "_loss_form", "_clone", "_whole_model_fallback",
+              "_fallback_reason", "_local_checked", "_no_local", "_batch_first", "_not_batch_first",
+              "_seq_first_checked", "_rooted", "_not_elementwise", "_lifted")
 _DECIDED: "weakref.WeakKeyDictionary[nn.Module, tuple[_Signature, dict]]" = weakref.WeakKeyDictionary()
 _PLAIN = (bool, int, float, str, type(None), torch.dtype, torch.device)
 
