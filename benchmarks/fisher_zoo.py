@@ -24,7 +24,8 @@ bidirectional ``nn.LSTM`` / ``nn.GRU``), ``lstm3`` (three such LSTM layers), ``l
 sequence first, torch's default layout), ``lstm_packed`` (a ``PackedSequence`` of lengths 32-128), ``torch_transformer`` (torch's
 ``nn.TransformerEncoder``, sequence first), ``bart`` and ``opt`` (HF models whose embeddings are ``nn.Embedding``
 subclasses: BART's scaled token embedding, tied to its LM head, and both models' learned positions, which compute
-their own position ids).
+their own position ids), ``tnt`` (timm's TNT: each patch's 16 pixels as tokens of their own, windows of dim 0
+that hold 16 rows, as many as the samples at ``--batch 16``).
 """
 
 from __future__ import annotations
@@ -274,7 +275,7 @@ MODELS = {"swin": _swin, "tv_swin": _tv_swin, "maxvit": _maxvit,
           "lstm3": _rnn(torch.nn.LSTM, "LSTM", layers=3),
           "lstm_seq_first": _rnn(torch.nn.LSTM, "LSTM", batch_first=False),
           "lstm_packed": _rnn(torch.nn.LSTM, "LSTM", packed=True), "torch_transformer": _torch_transformer,
-          "bart": _bart, "opt": _opt}
+          "bart": _bart, "opt": _opt, "tnt": _timm("tnt_s_patch16_224", "timm tnt_s_patch16_224, 224²", 224)}
 
 
 def hooks_and_fallen(model, batch, **options) -> tuple[dict, set[str]]:

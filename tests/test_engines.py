@@ -803,6 +803,22 @@ def test_hooks_reads_windows_as_tokens_of_their_sample(sample_major):
     assert fell == (set() if sample_major else in_windows)
 
 
+@needs_hooks
+def test_hooks_reads_windows_of_as_many_tokens_as_samples_by_their_rules(monkeypatch):
+    # four windows of 4 tokens a sample and 4 samples: the windows' (16, 4, 8) has the chunk's size on dim 1, so
+    # it is first read as sequence-first; that check fails, and the layers are read again as windows, by their
+    # rules (they had gone to a torch.func gradient of their parent); a last chunk of 3 reads them as windows too
+    from gradsel.fisher.engines import HooksEngine
+
+    lifted, lift = [], HooksEngine._lift
+    monkeypatch.setattr(HooksEngine, "_lift", lambda self, name: (lifted.append(name), lift(self, name))[1])
+    model = M.windowed(seed=3).double()
+    batch = _double(M.image_batch(n=7, size=4, seed=4))
+    est, fell = _hooks_fallback(model, batch, chunk_size=4)
+    _assert_matches(est, gradsel.fisher_loop(model, batch, progress=False))
+    assert fell == set() and lifted == []
+
+
 class _OwnNorm(torch.nn.GroupNorm):
     """A GroupNorm subclass: no rule (a subclass may compute something else), so the module-local gradient."""
 

@@ -630,7 +630,7 @@ class _Forward(nn.Module):
 # the engine's attributes that its one-time checks set (each check runs once, on the first chunk it needs)
 _DECISIONS = ("_separable", "_expand_ok", "_expand_off", "_loss_form", "_clone", "_whole_model_fallback",
               "_fallback_reason", "_local_checked", "_no_local", "_batch_first", "_not_batch_first",
-              "_seq_first_checked", "_rooted", "_not_elementwise", "_lifted")
+              "_seq_first_checked", "_not_seq_first", "_rooted", "_not_elementwise", "_lifted")
 _DECIDED: "weakref.WeakKeyDictionary[nn.Module, tuple[_Signature, dict]]" = weakref.WeakKeyDictionary()
 _PLAIN = (bool, int, float, str, type(None), torch.dtype, torch.device)
 
@@ -764,6 +764,9 @@ class HooksEngine:
         self._batch_first: set[str] = set()
         self._not_batch_first: set[str] = set()
         self._seq_first_checked: set[str] = set()  # ... checked as captured from dim 1 (samples on dim 1)
+        # ... whose dim 1 had the chunk's size by chance and did not hold the samples (windows of as many tokens
+        # as samples): read from dim 0 from then on
+        self._not_seq_first: set[str] = set()
         self._read_dim1 = True  # capture token-wise layers whose samples are on dim 1 (off under FSDP2)
         self._rooted: set[str] = set()  # rule layers given a root of their own (found unreached once)
         self._lifted: list[str] = []  # local modules whose candidates went to their parent (see _lift), in order
@@ -885,7 +888,8 @@ class HooksEngine:
                     expanded.add(name)
                 # the samples on dim 1 and the steps on dim 0 (torch's batch_first=False transformers): captured with
                 # the two transposed, checked below as batch-first layers are
-                seq_first = (self._read_dim1 and x.shape[0] != n and x.dim() >= 2 and output.dim() >= 3
+                seq_first = (self._read_dim1 and name not in self._not_seq_first and x.shape[0] != n
+                             and x.dim() >= 2 and output.dim() >= 3
                              and x.shape[1] == n and output.shape[1] == n and layer.rule in _SEQ_FIRST)
                 if cap.seq_first and cap.seq_first[0] != seq_first:  # called in both layouts: the fallback
                     cap.bad = True
@@ -1066,6 +1070,13 @@ class HooksEngine:
             return self._per_layer(batch, n)
         if check:
             self._check_samples(batch, n, losses.detach(), caps, unchecked)
+            # a layer read from dim 1 whose samples were not there (a window of as many tokens as the chunk has
+            # samples, dim 0 holding each sample's windows): read again from dim 0, and checked again so
+            misread = [name for name in unchecked if name in self._not_batch_first and caps[name].seq_first[0]]
+            if self._agree([bool(misread)])[0]:
+                self._not_seq_first.update(misread)
+                self._not_batch_first.difference_update(misread)
+                return self._per_layer(batch, n)
             # a layer whose dim 0 had the batch's size (or a multiple of it) by chance, found not to hold the
             # samples (T5's bucket table when the sequence is a multiple of the chunk): lifted as above
             late = [name for name in unchecked if "." in name and name in self._not_batch_first]
