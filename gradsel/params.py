@@ -63,7 +63,10 @@ def is_peft_model(model: nn.Module) -> bool:
 
 
 def adapter_names(model: nn.Module) -> list[str]:
-    """Names of a peft model's adapter parameters (``lora_A``/``lora_B`` and the like)."""
+    """Names of a peft model's adapter parameters: those of its tuner (``lora_A``/``lora_B``, ``ia3_l``, ``hada_w1_a``
+    and the like) or, for prompt learning (prompt and prefix tuning, p-tuning), of its prompt encoder."""
+    if getattr(getattr(model, "active_peft_config", None), "is_prompt_learning", False):
+        return [n for n, p in model.named_parameters() if n.startswith("prompt_encoder.") and p.requires_grad]
     prefix = getattr(getattr(model, "base_model", None), "prefix", None) or "lora_"
     return [n for n, p in model.named_parameters() if prefix in n and p.requires_grad]
 

@@ -169,6 +169,22 @@ def bert_lora(seed: int = 0, *, train_b: bool = True):
     return model
 
 
+def bert_prompt(seed: int = 0, *, encoder: bool = False):
+    """The BERT with peft prompt tuning (``encoder``: p-tuning, an MLP over the prompt embedding). peft computes one
+    sample's prompts and repeats them for the batch; prompts and head moved off their initial values."""
+    import peft
+
+    config = (peft.PromptEncoderConfig(task_type="SEQ_CLS", num_virtual_tokens=3, encoder_hidden_size=16) if encoder
+              else peft.PromptTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=3))
+    model = peft.get_peft_model(bert(seed), config)
+    torch.manual_seed(seed + 1)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.1)
+    return model
+
+
 def unet(seed: int = 0):
     import segmentation_models_pytorch as smp
 
@@ -932,8 +948,8 @@ def patch_conv(seed: int = 0):
 
 
 class RepeatedPosition(nn.Module):
-    """XCiT's positional encoding: a convolution over one grid, its output repeated for the batch (a copy per
-    sample of that output would be repeated again: the forward fails, and the hooks engine retries without)."""
+    """XCiT's positional encoding: a convolution over one grid, its output repeated for the batch (the hooks engine
+    gives that output a copy per sample, and the repeat repeats each copy in its own row)."""
 
     def __init__(self):
         super().__init__()

@@ -479,6 +479,24 @@ def test_hooks_keeps_the_copies_per_sample_that_fit_when_another_fails():
     assert (est.per_sample - ref.per_sample).abs().max() <= TOL * ref.per_sample.abs().max()
 
 
+@needs_hooks
+@pytest.mark.parametrize("case", ["xcit_positions", "peft_prompt_tuning", "peft_p_tuning"])
+def test_hooks_repeats_each_copy_of_an_output_repeated_for_the_batch(case):
+    # XCiT repeats one grid's positional encoding for the batch, peft one sample's prompts (p-tuning: the prompt
+    # embedding through an MLP, then repeated): a repeat of the copies per sample keeps one copy a row, so the rules
+    # read them (they had gone to the fallback: the copies repeated n times made n² rows)
+    model, batch = {"xcit_positions": (M.repeated_position, lambda: _double(M.grid_batch())),
+                    "peft_prompt_tuning": (M.bert_prompt, lambda: M.bert_batch(n=4)),
+                    "peft_p_tuning": (lambda: M.bert_prompt(encoder=True), lambda: M.bert_batch(n=4))}[case]
+    model, batch = model().double().eval(), batch()
+    params = [n for n, p in model.named_parameters() if p.requires_grad]
+    ref = gradsel.fisher_loop(model, batch, params=params, per_sample=True, progress=False)
+    est, fell = _hooks_fallback(model, batch, params=params, per_sample=True, chunk_size=4)
+    assert fell == set()
+    _assert_matches(est, ref)
+    assert (est.per_sample - ref.per_sample).abs().max() <= TOL * ref.per_sample.abs().max()
+
+
 def test_a_local_candidate_the_graph_never_reaches_is_zero_without_a_re_run(monkeypatch):
     # wav2vec2's body holds masked_spec_embed (unused in eval) above the encoder: a per-sample re-run of that
     # module would be a re-run of the whole model; only the weight-normed positional conv takes torch.func

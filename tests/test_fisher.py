@@ -82,6 +82,15 @@ def test_peft_default_candidates_are_adapter_parameters():
     assert not any("classifier" in n for n in est)
 
 
+@pytest.mark.parametrize("encoder", [False, True], ids=["prompt_tuning", "p_tuning"])
+def test_peft_prompt_learning_default_candidates_are_the_prompt_encoders(encoder):
+    # prompt learning has no tuner prefix: the candidates had been none ("no candidate parameters are left")
+    model = M.bert_prompt(encoder=encoder)
+    est = gradsel.fisher(model, M.bert_batch(), progress=False)
+    assert sorted(est) == sorted(n for n, p in model.named_parameters() if n.startswith("prompt_encoder."))
+    assert len(est) == (7 if encoder else 1) and all(est[n].any() for n in est)
+
+
 def test_chunked_equals_unchunked_and_batches_equal_one_batch():
     model = M.cnn().double()
     x, y = _double(M.cnn_batch(n=10))

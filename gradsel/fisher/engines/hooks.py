@@ -530,6 +530,46 @@ class _Lookups(TorchFunctionMode):
         return out
 
 
+class _Repeats(TorchFunctionMode):
+    """Active during the batched forward: a ``repeat`` (or ``tile``) of an output the engine gave a copy per sample
+    (``n`` rows where the model made one), or of what is computed from such copies alone, repeats each copy in its
+    own row rather than ``n`` times. XCiT repeats its positional encoding for the batch; peft's prompt tuning and
+    p-tuning, their prompts (one sample's, through an MLP in p-tuning, then repeated). A model whose values this
+    changes fails the check of the losses, and its copies are refused."""
+
+    def __init__(self, n: int):
+        super().__init__()
+        self.n, self.copies = n, {}  # id -> tensor
+
+    def add(self, t: torch.Tensor) -> None:
+        self.copies[id(t)] = t
+
+    def _copy(self, t: Any) -> bool:
+        return self.copies.get(id(t)) is t
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if not self.copies:
+            return func(*args, **kwargs)
+        if func in _REPEATS and args and not kwargs and self._copy(args[0]):
+            sizes = tuple(args[1]) if len(args) == 2 and isinstance(args[1], (tuple, list)) else args[1:]
+            if len(sizes) == args[0].dim() and sizes[0] == self.n:  # (n, …) of one row, as the copies hold it
+                args = (args[0], (1, *sizes[1:]))
+        out = func(*args, **kwargs)
+        if isinstance(out, torch.Tensor) and out.dim() and out.shape[0] == self.n:
+            flat = [u for a in (*args, *kwargs.values()) for u in (a if isinstance(a, (tuple, list)) else (a,))]
+            tensors = [t for t in flat if isinstance(t, torch.Tensor)]
+            # computed from copies, parameters and tensors without the batch's rows only: one sample's, copied
+            if any(self._copy(t) for t in tensors) and all(
+                    self._copy(t) or isinstance(t, nn.Parameter) or not t.dim() or t.shape[0] != self.n
+                    for t in tensors):
+                self.add(out)
+        return out
+
+
+_REPEATS = (torch.Tensor.repeat, torch.Tensor.tile, torch.tile)
+
+
 class _Handles:
     def __init__(self, *handles):
         self.handles = handles
@@ -866,6 +906,7 @@ class HooksEngine:
         recording = [True]
         clone, off = self._clone, set(self._expand_off) if n > 1 else None
         expanded: set[str] = set()  # the rule layers and local modules whose shared outputs were expanded
+        repeats = _Repeats(n)  # and those outputs, as the model got them
 
         def forward_hook(name: str, layer: _Layer):
             cap = caps[name]
@@ -884,6 +925,7 @@ class HooksEngine:
                     # samples; expanded, each sample gets its own copy and its own δ (checked below)
                     x, output = x.expand(n, *x.shape[1:]), output.expand(n, *output.shape[1:])
                     new = output
+                    repeats.add(new)
                     cap.expanded = True
                     expanded.add(name)
                 # the samples on dim 1 and the steps on dim 0 (torch's batch_first=False transformers): captured with
@@ -912,6 +954,8 @@ class HooksEngine:
                     root = torch.zeros((), dtype=output.dtype, device=output.device, requires_grad=True)
                     roots.append(root)
                     output = new = output + root
+                    if cap.expanded:
+                        repeats.add(new)
                 x = x.detach()
                 k = len(cap.inputs)
                 cap.inputs.append(x.clone() if clone else x)
@@ -976,6 +1020,8 @@ class HooksEngine:
                                        requires_grad=True)
                     roots.append(root)
                     outs = [t + root if k else t for t, k in zip(outs, kept)]
+                    for t in (t for t, e in zip(outs, shared) if e):
+                        repeats.add(t)
                 elif sum(out_batched) > 1:
                     # new nodes (views) as the outputs, so that their gradients come from outside the module only:
                     # T5's attention returns its softmax, which it also reads to weigh the values. Not for a single
@@ -1013,7 +1059,7 @@ class HooksEngine:
                 watched.update({pname: self.params[pname] for pname in self.expandable
                                 if pname in self._expand_off and pname not in self._not_elementwise})
                 elementwise = ElementwiseUses(watched, n) if watched else None
-                with elementwise or contextlib.nullcontext():
+                with elementwise or contextlib.nullcontext(), repeats if n > 1 else contextlib.nullcontext():
                     losses = self._losses(batch, n)
                 recording[0] = False
                 uses, opaque = _parameter_uses(losses)
