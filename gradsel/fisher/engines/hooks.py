@@ -1117,9 +1117,10 @@ class HooksEngine:
         if check:
             self._check_samples(batch, n, losses.detach(), caps, unchecked)
             # a layer read from dim 1 whose samples were not there (a window of as many tokens as the chunk has
-            # samples, dim 0 holding each sample's windows): read again from dim 0, and checked again so
+            # samples, dim 0 holding each sample's windows): read again from dim 0, and checked again so (never
+            # under FSDP2, which reads no layer from dim 1: no flag to exchange)
             misread = [name for name in unchecked if name in self._not_batch_first and caps[name].seq_first[0]]
-            if self._agree([bool(misread)])[0]:
+            if misread:
                 self._not_seq_first.update(misread)
                 self._not_batch_first.difference_update(misread)
                 return self._per_layer(batch, n)
