@@ -269,9 +269,9 @@ def _engine(model: nn.Module, names: list[str], reader: Any, fps: dict[str, Any]
             finally:
                 self._reshard()
 
-        def _expansion_holds(self, *args):
+        def _expansion_fails(self, *args):
             try:
-                return super()._expansion_holds(*args)
+                return super()._expansion_fails(*args)
             finally:
                 self._reshard()
 

@@ -8,6 +8,7 @@ batch and the model's parameters and buffers are left exactly as they were.
 from __future__ import annotations
 
 import copy
+import importlib
 import warnings
 
 import pytest
@@ -495,6 +496,41 @@ def test_hooks_repeats_each_copy_of_an_output_repeated_for_the_batch(case):
     assert fell == set()
     _assert_matches(est, ref)
     assert (est.per_sample - ref.per_sample).abs().max() <= TOL * ref.per_sample.abs().max()
+
+
+class _IndexedTables(torch.nn.Module):
+    """Four of HF Swinv2's position-bias MLPs in a row (torchvision's Swin V2 has one a block): each MLP's copies per
+    sample fail their own check, and a fifth batch-shared output (a plain position table) takes its copies."""
+
+    def __init__(self):
+        super().__init__()
+        self.tables = torch.nn.ModuleList(M.IndexedSharedTable() for _ in range(4))
+        self.pos = torch.nn.Linear(2, 6)
+        self.register_buffer("grid", torch.randn(1, 2))
+
+    def forward(self, x):
+        h = x + self.pos(self.grid)
+        return sum(table(h) for table in self.tables)
+
+
+def test_hooks_refuses_the_copies_that_fail_their_own_check_in_one_pass(monkeypatch):
+    # each failing copy is named by its own check: one more pass, not one per copy (torchvision's Swin V2 took
+    # 13.5 s for its first call, whose later calls take 0.4 s; now 2.1 s)
+    from gradsel.fisher.engines import HooksEngine
+
+    passes, per_layer = [], HooksEngine._per_layer
+    monkeypatch.setattr(HooksEngine, "_per_layer", lambda self, *a: passes.append(1) or per_layer(self, *a))
+    torch.manual_seed(0)
+    model = _IndexedTables().double()
+    batch = _double(M.mlp_batch(n=4))
+    est, fell = _hooks_fallback(model, batch, chunk_size=4)
+    _assert_matches(est, gradsel.fisher_loop(model, batch, progress=False))
+    # with the five copies; without the four that failed; with the MLPs in their tables' local gradients (each
+    # copy tried alone in a pass of its own took 9)
+    assert len(passes) == 3
+    assert fell == set()
+    decided = importlib.import_module("gradsel.fisher.engines.hooks")._DECIDED[model][1]
+    assert decided["_expand_ok"] == {"pos"} and decided["_expand_off"] == {f"tables.{i}.mlp" for i in range(4)}
 
 
 def test_a_local_candidate_the_graph_never_reaches_is_zero_without_a_re_run(monkeypatch):

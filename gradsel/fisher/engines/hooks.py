@@ -1084,8 +1084,12 @@ class HooksEngine:
                       for pname, g in zip(leaves, got[len(roots):])}
         tried = expanded | set(leaves)
         if tried - self._expand_ok:
-            if not self._expansion_holds(batch, n, losses.detach(), leaf_grads, caps):
-                self._refuse_expansions(tried, batch, n)
+            failed = self._expansion_fails(batch, n, losses.detach(), leaf_grads, caps)
+            if failed is not None:
+                if failed:  # named by their own checks: refused, and the others checked again
+                    self._expand_off |= failed
+                else:
+                    self._refuse_expansions(tried, batch, n)
                 return self._per_layer(batch, n)
             self._expand_ok |= tried
         if not clone and _modified(caps):
@@ -1180,7 +1184,7 @@ class HooksEngine:
         return out
 
     def _refuse_expansions(self, tried: set[str], batch: Any, n: int) -> None:
-        """The expansions ``tried`` together failed (the forward raised, or :meth:`_expansion_holds` said no): one alone
+        """The expansions ``tried`` together failed (the forward raised, or :meth:`_expansion_fails` named none): one alone
         is refused; of several, each is tried in a pass of its own with the others refused, and those that hold are
         kept (timm's TNT adds ``pixel_pos`` to each sample's patches, rows that a copy per sample does not fit; its
         ``cls_token`` and ``patch_pos`` take copies per sample as a ViT's do)."""
@@ -1195,13 +1199,13 @@ class HooksEngine:
                 good.add(name)
         self._expand_off = before | (tried - good)
 
-    def _expanded_outputs_hold(self, batch: Any, n: int, caps: dict[str, _Capture]) -> bool:
-        """Whether the gradient of each expanded output in row ``i`` is the gradient that output gets on sample
-        ``i`` alone, for the first two samples. A model that reads its copies otherwise (HF Swinv2 flattens its
+    def _expanded_outputs_failing(self, batch: Any, n: int, caps: dict[str, _Capture]) -> set[str]:
+        """The expanded outputs whose gradient in row ``i`` is not the gradient that output gets on sample ``i``
+        alone, for the first two samples. A model that reads its copies otherwise (HF Swinv2 flattens its
         position-bias MLP's output and indexes only the first copy's rows) would credit one sample with the
         whole batch's gradient, and the losses would not show it. Two forwards of one sample each, whatever
         they find (a chunk of one sample checks it twice), so that FSDP2's ranks stay in step."""
-        holds = True
+        failing = set()
         for i in (min(j, n - 1) for j in range(2 if caps else 0)):
             roots: dict[str, list] = {name: [] for name in caps}
 
@@ -1218,14 +1222,16 @@ class HooksEngine:
                          else [None] * len(flat))
             for name, cap in caps.items():
                 got = [next(alone) for _ in roots[name]]
-                holds = holds and len(got) == len(cap.grads)
+                holds = len(got) == len(cap.grads)
                 for root, g, grad in zip(roots[name], got, cap.grads):
                     ref = torch.zeros_like(root) if g is None else g
                     mine = torch.zeros_like(ref) if grad is None else grad[0][i:i + 1].to(ref.dtype)
                     rtol = 1e-7 if ref.dtype == torch.float64 else 1e-3
                     holds = holds and mine.shape == ref.shape and torch.allclose(
                         mine, ref, rtol=rtol, atol=rtol * float(ref.abs().max()) + 1e-30)
-        return holds
+                if not holds:
+                    failing.add(name)
+        return failing
 
     def _loss_alone(self, batch: Any, i: int, hooks: dict[str, Callable]) -> torch.Tensor:
         """Sample ``i``'s loss as a batch of one, with ``hooks`` (rule layer name -> forward hook) on for it."""
@@ -1399,29 +1405,35 @@ class HooksEngine:
             else:
                 self._seq_first_checked.discard(name)
 
-    def _expansion_holds(self, batch: Any, n: int, losses: torch.Tensor, leaf_grads: dict[str, torch.Tensor],
-                         caps: dict[str, _Capture]) -> bool:
+    def _expansion_fails(self, batch: Any, n: int, losses: torch.Tensor, leaf_grads: dict[str, torch.Tensor],
+                         caps: dict[str, _Capture]) -> set[str] | None:
         """Once: with shared outputs and parameters expanded per sample, the losses must be the model's own
         (a model that sums or concatenates them over dim 0 would differ), each expanded output's gradient in
         sample ``i``'s row must be its gradient on sample ``i`` alone, and the expanded parameters' gradients
-        those of the loop on the first samples; otherwise the fallback computes them."""
+        those of the loop on the first samples. None where all hold; else the outputs and parameters whose own
+        check failed (empty where only the losses say which: the caller tries each copy alone). torchvision's
+        Swin V2 flattens each block's position-bias MLP output: its copies fail one by one in one pass."""
         with torch.no_grad():
             plain = self._losses(batch, n)
         holds = torch.allclose(losses, plain, rtol=1e-5, atol=1e-6 * float(plain.abs().max()) + 1e-30)
         # (its forwards run even where the losses already differ: under FSDP2 every rank runs the same ones)
-        holds = self._expanded_outputs_hold(batch, n, {name: cap for name, cap in caps.items() if cap.expanded}) \
-            and holds
-        holds = not self._agree([not holds])[0]  # under FSDP2, every rank decides alike
-        if not holds or not leaf_grads:
-            return holds
+        expanded = sorted(name for name, cap in caps.items() if cap.expanded)
+        failing = self._expanded_outputs_failing(batch, n, {name: caps[name] for name in expanded})
+        flags = self._agree([not holds] + [name in failing for name in expanded])  # under FSDP2, every rank alike
+        failing = {name for name, bad in zip(expanded, flags[1:]) if bad}
+        if failing or flags[0]:
+            return failing
+        if not leaf_grads:
+            return None
         k = min(2, n)
         ref = self._make_last_resort(self.model, list(leaf_grads), self.reader)(self.reader.take(batch, slice(0, k)))
+        failing = set()
         for pname, g in leaf_grads.items():
             r = ref[pname].to(g.dtype)
             rtol = 1e-7 if g.dtype == torch.float64 else 1e-3
             if not torch.allclose(g[:k], r, rtol=rtol, atol=rtol * float(r.abs().max()) + 1e-30):
-                return False
-        return True
+                failing.add(pname)
+        return failing or None
 
     # -- per-sample losses --------------------------------------------------------------------------------
     def _run(self, batch: Any) -> Any:
