@@ -154,6 +154,25 @@ def bert_batch(n: int = 6, t: int = 10, seed: int = 1, vocab: int = 100):
     return {"input_ids": ids, "attention_mask": mask, "labels": torch.randint(0, 2, (n,), generator=g)}
 
 
+def bert_qa(seed: int = 0):
+    """The BERT for extractive question answering (start and end logits; the loss from start and end positions)."""
+    from transformers import BertConfig, BertForQuestionAnswering
+
+    torch.manual_seed(seed)
+    return BertForQuestionAnswering(BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                               intermediate_size=64, max_position_embeddings=64,
+                                               attn_implementation="eager"))
+
+
+def bert_qa_batch(n: int = 6, t: int = 10, seed: int = 1):
+    """A padded dict batch with answer spans (no ``labels``: ``start_positions`` and ``end_positions``)."""
+    batch = bert_batch(n, t, seed)
+    del batch["labels"]
+    g = torch.Generator().manual_seed(seed + 1)
+    start = torch.randint(0, 3, (n,), generator=g)
+    return {**batch, "start_positions": start, "end_positions": start + torch.randint(0, 3, (n,), generator=g)}
+
+
 def bert_lora(seed: int = 0, *, train_b: bool = True):
     """The BERT wrapped with peft LoRA; B made non-zero so that A gets gradients (as after a warm-up)."""
     from peft import LoraConfig, get_peft_model

@@ -93,6 +93,7 @@ CASES = {
     "window_attention": (M.windowed, lambda: M.image_batch(size=4)),
     "window_attention_window_major": (lambda: M.windowed(sample_major=False), lambda: M.image_batch(size=4)),
     "bert_hf_gradient_checkpointing": (_bert_checkpointed, M.bert_batch),
+    "bert_question_answering": (M.bert_qa, M.bert_qa_batch),  # a dict batch whose labels are answer spans
     # nn.Embedding subclasses that scale the rows they look up or compute the ids
     "bart_embedding_subclasses": (M.bart, M.bart_batch, {"loss": _seq2seq_loss}),
     "opt_learned_positions": (M.opt, M.gpt2_batch, {"loss": _lm_loss}),
@@ -297,7 +298,7 @@ def _hooks_fallback(model, batch, **kw):
                                   "local_output_written_in_place", "weight_standardised_convs",
                                   "multihead_attention_masks_and_cross", "rms_norms", "batch_first_lstms",
                                   "sequence_first_lstms_and_grus", "seq_first_transformer",
-                                  "bart_embedding_subclasses", "opt_learned_positions"])
+                                  "bart_embedding_subclasses", "opt_learned_positions", "bert_question_answering"])
 def test_hooks_rules_cover_every_candidate(case):
     # no fallback pass at all: position embeddings (1, T, D) expanded, unused encoder stages zero, in-place
     # ReLU/residuals, depthwise and 1-D convs, transposed convs, a layer called twice, checkpointed blocks
@@ -531,6 +532,33 @@ def test_hooks_refuses_the_copies_that_fail_their_own_check_in_one_pass(monkeypa
     assert fell == set()
     decided = importlib.import_module("gradsel.fisher.engines.hooks")._DECIDED[model][1]
     assert decided["_expand_ok"] == {"pos"} and decided["_expand_off"] == {f"tables.{i}.mlp" for i in range(4)}
+
+
+class _OwnKeys(torch.nn.Module):
+    """A model called on a dict batch that computes its loss from a key of its own (``target``), not ``labels``."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+
+    def forward(self, x, target):
+        logits = self.net(x)
+        return {"loss": torch.nn.functional.cross_entropy(logits, target), "logits": logits}
+
+
+@needs_hooks
+def test_hooks_takes_the_fallback_for_a_dict_batch_whose_loss_comes_from_other_keys():
+    # the model returns its loss, but no per-sample form of it is known: the whole-model fallback, with a warning
+    # that names loss= (this had raised "the model returned no loss", while vmap and the loop ran it)
+    torch.manual_seed(0)
+    model = _OwnKeys().double()
+    x, y = _double(M.mlp_batch(n=5))
+    batch = {"x": x, "target": y}
+    with pytest.warns(RuntimeWarning, match="without 'labels' .keys: x, target.*Pass loss="):
+        est = gradsel.fisher(model, batch, engine="hooks", chunk_size=5, progress=False)
+    _assert_matches(est, gradsel.fisher_loop(model, batch, progress=False))
+    with pytest.raises(GradselError, match="returned no loss for a dict batch"):  # no loss at all: say so
+        gradsel.fisher(M.mlp().double(), {"x": x}, engine="hooks", progress=False, forward=lambda m, b: m(b["x"]))
 
 
 def test_a_local_candidate_the_graph_never_reaches_is_zero_without_a_re_run(monkeypatch):

@@ -636,6 +636,21 @@ def _cross_entropy(logits: torch.Tensor, target: torch.Tensor, n: int) -> torch.
     return el.sum(1) / valid
 
 
+def _span_loss(start: torch.Tensor, end: torch.Tensor, start_positions: torch.Tensor, end_positions: torch.Tensor,
+               n: int) -> torch.Tensor:
+    """Extractive question answering's loss per sample, as HF writes it for a batch of one: the mean of the start's and
+    the end's cross-entropies, positions clamped to the sequence length and that one ignored (a sample alone whose
+    answer lies outside has a loss of NaN, the mean over no position)."""
+    t = start.shape[1]
+
+    def ce(logits, positions):
+        positions = positions.reshape(n).clamp(0, t)
+        el = F.cross_entropy(logits, positions, ignore_index=t, reduction="none")
+        return torch.where(positions == t, torch.nan, el)
+
+    return (ce(start, start_positions) + ce(end, end_positions)) / 2
+
+
 def _hf_forms(model: nn.Module, logits: torch.Tensor, labels: torch.Tensor, n: int) -> dict[str, Callable]:
     """Candidate per-sample forms of an HF model's own loss (which one the model uses is checked on a sample)."""
     forms: dict[str, Callable] = {}
@@ -1450,8 +1465,7 @@ class HooksEngine:
                                 for i in range(n)])
         if isinstance(batch, Mapping):
             if "labels" not in batch:
-                raise GradselError("the model returned no loss for a dict batch: include 'labels' in the batch "
-                                   "or pass loss=(outputs, batch) -> scalar tensor")
+                return self._losses_without_labels(batch, n)
             labels = batch["labels"]
             outputs = self._run(batch)  # with the labels: a forward= may read them; the batch loss goes unused
             try:
@@ -1464,6 +1478,28 @@ class HooksEngine:
             return forms[self._loss_form]()
         outputs = self._run(batch)
         return _cross_entropy(logits_of(outputs), batch[1], n)
+
+    def _losses_without_labels(self, batch: Mapping, n: int) -> torch.Tensor:
+        """A dict batch without ``labels``: extractive question answering's ``start_positions`` and ``end_positions``
+        have a per-sample form (checked as the others are); a model whose loss comes from other keys has none here
+        (the fallback computes its Fisher; ``loss=`` gives the hooks engine one)."""
+        outputs = self._run(batch)
+
+        def get(key):
+            return outputs.get(key) if isinstance(outputs, Mapping) else getattr(outputs, key, None)
+
+        if get("loss") is None:
+            raise GradselError("the model returned no loss for a dict batch: include 'labels' in the batch "
+                               "or pass loss=(outputs, batch) -> scalar tensor")
+        start, end = get("start_logits"), get("end_logits")
+        if isinstance(start, torch.Tensor) and isinstance(end, torch.Tensor) and start.dim() == 2 and {
+                "start_positions", "end_positions"} <= set(batch):
+            forms = {"span": lambda: _span_loss(start, end, batch["start_positions"], batch["end_positions"], n)}
+            if self._loss_form is None:
+                self._loss_form = self._check_form(forms, batch)
+            return forms[self._loss_form]()
+        raise _NoPerSampleLoss(f"{type(self.model).__name__} computes its loss from a batch without 'labels' (keys: "
+                               f"{', '.join(map(str, batch))}), for which no per-sample form is known")
 
     def _check_form(self, forms: dict[str, Callable], batch: Any) -> str:
         """Which per-sample form equals the model's own loss, on the chunk's first sample."""
