@@ -25,7 +25,8 @@ sequence first, torch's default layout), ``lstm_packed`` (a ``PackedSequence`` o
 ``nn.TransformerEncoder``, sequence first), ``bart`` and ``opt`` (HF models whose embeddings are ``nn.Embedding``
 subclasses: BART's scaled token embedding, tied to its LM head, and both models' learned positions, which compute
 their own position ids), ``tnt`` (timm's TNT: each patch's 16 pixels as tokens of their own, windows of dim 0
-that hold 16 rows, as many as the samples at ``--batch 16``).
+that hold 16 rows, as many as the samples at ``--batch 16``), ``wav2vec2_ctc`` (HF wav2vec2 for speech recognition:
+a CTC loss over padded audio and transcripts, which vmap cannot run).
 """
 
 from __future__ import annotations
@@ -94,6 +95,23 @@ def _wav2vec2():
         return {"input_values": torch.randn(n, 16000, generator=g), "labels": torch.randint(0, 3, (n,), generator=g)}
 
     return "HF wav2vec2 (d 256, 4 layers), 16000 samples", Wav2Vec2ForSequenceClassification(config), batch
+
+
+def _wav2vec2_ctc():
+    from transformers import Wav2Vec2Config, Wav2Vec2ForCTC
+
+    config = Wav2Vec2Config(vocab_size=32, hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
+                            intermediate_size=1024, conv_dim=(128, 128, 128), conv_stride=(5, 2, 2),
+                            conv_kernel=(10, 3, 3), num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4,
+                            feat_extract_norm="layer", ctc_loss_reduction="mean", pad_token_id=0)
+
+    def batch(n: int, g: torch.Generator) -> dict:  # padded audio of 10000-16000 samples, transcripts of 20-40
+        mask = (torch.arange(16000) < torch.randint(10000, 16001, (n, 1), generator=g)).long()
+        labels = torch.randint(1, 32, (n, 40), generator=g)
+        labels[torch.arange(40) >= torch.randint(20, 41, (n, 1), generator=g)] = -100
+        return {"input_values": torch.randn(n, 16000, generator=g) * mask, "attention_mask": mask, "labels": labels}
+
+    return "HF wav2vec2 for CTC (d 256, 4 layers), 10000-16000 samples", Wav2Vec2ForCTC(config), batch
 
 
 class _RnnClassifier(torch.nn.Module):
@@ -275,7 +293,8 @@ MODELS = {"swin": _swin, "tv_swin": _tv_swin, "maxvit": _maxvit,
           "lstm3": _rnn(torch.nn.LSTM, "LSTM", layers=3),
           "lstm_seq_first": _rnn(torch.nn.LSTM, "LSTM", batch_first=False),
           "lstm_packed": _rnn(torch.nn.LSTM, "LSTM", packed=True), "torch_transformer": _torch_transformer,
-          "bart": _bart, "opt": _opt, "tnt": _timm("tnt_s_patch16_224", "timm tnt_s_patch16_224, 224²", 224)}
+          "bart": _bart, "opt": _opt, "tnt": _timm("tnt_s_patch16_224", "timm tnt_s_patch16_224, 224²", 224),
+          "wav2vec2_ctc": _wav2vec2_ctc}
 
 
 def hooks_and_fallen(model, batch, **options) -> tuple[dict, set[str]]:

@@ -91,6 +91,28 @@ def wav2vec2_batch(n: int = 4, seed: int = 1):
     return {"input_values": torch.randn(n, 200, generator=g), "labels": torch.randint(0, 3, (n,), generator=g)}
 
 
+def wav2vec2_ctc(seed: int = 0):
+    """HF wav2vec2 for speech recognition (a CTC head, the loss averaged over each target's length), eval mode."""
+    from transformers import Wav2Vec2Config, Wav2Vec2ForCTC
+
+    torch.manual_seed(seed)
+    config = Wav2Vec2Config(vocab_size=12, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                            intermediate_size=32, conv_dim=(8, 8), conv_stride=(5, 2), conv_kernel=(10, 3),
+                            num_conv_pos_embeddings=4, num_conv_pos_embedding_groups=2, feat_extract_norm="layer",
+                            ctc_loss_reduction="mean", pad_token_id=0)
+    return Wav2Vec2ForCTC(config).eval()
+
+
+def wav2vec2_ctc_batch(n: int = 4, seed: int = 1):
+    """Padded audio (an attention mask) and padded transcripts (-100 and the blank, both ignored)."""
+    g = torch.Generator().manual_seed(seed)
+    frames = torch.tensor([200, 150, 180, 120, 200, 160])[:n]
+    mask = (torch.arange(200)[None] < frames[:, None]).long()
+    labels = torch.randint(1, 12, (n, 5), generator=g)
+    labels[1, 3:], labels[2, 4:] = -100, 0
+    return {"input_values": torch.randn(n, 200, generator=g) * mask, "attention_mask": mask, "labels": labels}
+
+
 class MaskedAttention(nn.Module):
     """nn.MultiheadAttention as models use it: a causal self-attention with a padding mask (bool masks), a
     cross-attention to a memory (another key and value, a float mask), called twice, and torch's

@@ -668,6 +668,29 @@ def _hf_forms(model: nn.Module, logits: torch.Tensor, labels: torch.Tensor, n: i
     return forms
 
 
+def _ctc_forms(model: nn.Module, logits: torch.Tensor, batch: Mapping, n: int) -> dict[str, Callable]:
+    """The per-sample form of an HF speech model's CTC loss (wav2vec2, HuBERT, WavLM: ``ctc_loss_reduction`` in the
+    config): each sample's loss over its own frames, divided by its target's length under ``"mean"``; the log-probabilities
+    in float32, as the model takes them."""
+    config = getattr(model, "config", None)
+    reduction = getattr(config, "ctc_loss_reduction", None)
+    lengths_of = getattr(model, "_get_feat_extract_output_lengths", None)
+    if reduction not in ("mean", "sum") or lengths_of is None or logits.dim() != 3 or batch["labels"].dim() != 2:
+        return {}
+
+    def form():
+        mask, labels = batch.get("attention_mask"), batch["labels"]
+        frames = mask.sum(-1) if mask is not None else torch.full((n,), batch["input_values"].shape[-1])
+        keep = (labels != -100) & (labels != config.pad_token_id)
+        targets = keep.sum(-1)
+        log_probs = F.log_softmax(logits, dim=-1, dtype=torch.float32).transpose(0, 1)
+        el = F.ctc_loss(log_probs, labels.masked_select(keep), lengths_of(frames).to(torch.long), targets,
+                        blank=config.pad_token_id, reduction="none", zero_infinity=config.ctc_zero_infinity)
+        return el / targets.clamp(min=1) if reduction == "mean" else el
+
+    return {"ctc": form}
+
+
 class _Forward(nn.Module):
     """The user's forward as a module, so that ``functional_call`` can swap parameters under it."""
 
@@ -1472,7 +1495,7 @@ class HooksEngine:
                 logits = logits_of(outputs)
             except GradselError as exc:  # a model that returns only its loss: no per-sample form to write
                 raise _NoPerSampleLoss(f"{type(self.model).__name__} returns no logits beside its loss") from exc
-            forms = _hf_forms(self.model, logits, labels, n)
+            forms = {**_hf_forms(self.model, logits, labels, n), **_ctc_forms(self.model, logits, batch, n)}
             if self._loss_form is None:
                 self._loss_form = self._check_form(forms, batch)
             return forms[self._loss_form]()
