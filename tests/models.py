@@ -176,6 +176,20 @@ def bert_batch(n: int = 6, t: int = 10, seed: int = 1, vocab: int = 100):
     return {"input_ids": ids, "attention_mask": mask, "labels": torch.randint(0, 2, (n,), generator=g)}
 
 
+def bert_loha(seed: int = 0):
+    """The BERT with peft LoHa: each adapter's weight is a Hadamard product of two low-rank products, formed by a
+    custom ``autograd.Function`` without a vmap rule (torch.func cannot run it); adapters moved off their start."""
+    from peft import LoHaConfig, get_peft_model
+
+    model = get_peft_model(bert(seed), LoHaConfig(r=2, target_modules=["query", "value"]))
+    torch.manual_seed(seed + 1)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.1)
+    return model
+
+
 def bert_qa(seed: int = 0):
     """The BERT for extractive question answering (start and end logits; the loss from start and end positions)."""
     from transformers import BertConfig, BertForQuestionAnswering

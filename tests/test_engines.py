@@ -95,6 +95,7 @@ CASES = {
     "bert_hf_gradient_checkpointing": (_bert_checkpointed, M.bert_batch),
     "bert_question_answering": (M.bert_qa, M.bert_qa_batch),  # a dict batch whose labels are answer spans
     "wav2vec2_ctc_speech_recognition": (M.wav2vec2_ctc, M.wav2vec2_ctc_batch),
+    "peft_loha_custom_autograd_function": (M.bert_loha, M.bert_batch),
     # nn.Embedding subclasses that scale the rows they look up or compute the ids
     "bart_embedding_subclasses": (M.bart, M.bart_batch, {"loss": _seq2seq_loss}),
     "opt_learned_positions": (M.opt, M.gpt2_batch, {"loss": _lm_loss}),
@@ -119,6 +120,7 @@ VMAP_CANNOT = {"torch_checkpoint": "saved tensor hooks", "bert_hf_gradient_check
                "batch_first_lstms": "broadcast shape", "sequence_first_lstms_and_grus": "broadcast shape",
                "packed_sequences": "data pointer", "opt_learned_positions": "index out of range",
                "wav2vec2_ctc_speech_recognition": "shape mismatch",  # its padding mask
+               "peft_loha_custom_autograd_function": "autograd.Function",
                **dict.fromkeys(["gemma3_sliding_window", "modernbert_local_attention", "mpt_alibi"],
                                "outputs change when its 2-D attention_mask is given as the 4-D")}
 # (vmap gets an HF model's 2-D attention mask as the 4-D additive mask it can trace, once the model's outputs are found
@@ -302,7 +304,7 @@ def _hooks_fallback(model, batch, **kw):
                                   "multihead_attention_masks_and_cross", "rms_norms", "batch_first_lstms",
                                   "sequence_first_lstms_and_grus", "seq_first_transformer",
                                   "bart_embedding_subclasses", "opt_learned_positions", "bert_question_answering",
-                                  "wav2vec2_ctc_speech_recognition"])
+                                  "wav2vec2_ctc_speech_recognition", "peft_loha_custom_autograd_function"])
 def test_hooks_rules_cover_every_candidate(case):
     # no fallback pass at all: position embeddings (1, T, D) expanded, unused encoder stages zero, in-place
     # ReLU/residuals, depthwise and 1-D convs, transposed convs, a layer called twice, checkpointed blocks

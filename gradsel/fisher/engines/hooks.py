@@ -1569,7 +1569,18 @@ def _module_grads(module: nn.Module, cands: dict[str, torch.Tensor], consts: dic
     with torch.enable_grad(), warnings.catch_warnings():
         # SDPA has no vmap batching rule yet; torch warns once per op and runs a correct slow path
         warnings.filterwarnings("ignore", message="There is a performance drop")
-        return vmap(grad(one_sample), in_dims=(None, 0, 0))(cands, rows, deltas)
+        try:
+            return vmap(grad(one_sample), in_dims=(None, 0, 0))(cands, rows, deltas)
+        except Exception:  # noqa: BLE001 (torch.func cannot run it: a custom autograd.Function, peft's LoHa)
+            pass
+        # the same gradients sample by sample, of this module alone (not of the whole model, as the fallback takes)
+        params = {k: v.detach().requires_grad_() for k, v in cands.items()}
+        per = []
+        for i in range(rows[0].shape[0]):
+            out = one_sample(params, [t[i] for t in rows], [d[i] for d in deltas])
+            got = torch.autograd.grad(out, list(params.values()), allow_unused=True)
+            per.append([torch.zeros_like(p) if g is None else g for p, g in zip(params.values(), got)])
+        return {k: torch.stack([sample[j] for sample in per]) for j, k in enumerate(params)}
 
 
 _MHA_SIGNATURE = inspect.signature(nn.MultiheadAttention.forward)
