@@ -176,18 +176,22 @@ def bert_batch(n: int = 6, t: int = 10, seed: int = 1, vocab: int = 100):
     return {"input_ids": ids, "attention_mask": mask, "labels": torch.randint(0, 2, (n,), generator=g)}
 
 
-def bert_loha(seed: int = 0):
-    """The BERT with peft LoHa: each adapter's weight is a Hadamard product of two low-rank products, formed by a
-    custom ``autograd.Function`` without a vmap rule (torch.func cannot run it); adapters moved off their start."""
-    from peft import LoHaConfig, get_peft_model
-
-    model = get_peft_model(bert(seed), LoHaConfig(r=2, target_modules=["query", "value"]))
-    torch.manual_seed(seed + 1)
+def _moved(model: nn.Module, seed: int) -> nn.Module:
+    """``model`` with its trainable parameters moved off their initial values (a LoRA-like B of zero has no signal)."""
+    torch.manual_seed(seed)
     with torch.no_grad():
         for p in model.parameters():
             if p.requires_grad:
                 p.add_(torch.randn_like(p) * 0.1)
     return model
+
+
+def bert_loha(seed: int = 0):
+    """The BERT with peft LoHa: each adapter's weight is a Hadamard product of two low-rank products, formed by a
+    custom ``autograd.Function`` without a vmap rule (torch.func cannot run it); adapters moved off their start."""
+    from peft import LoHaConfig, get_peft_model
+
+    return _moved(get_peft_model(bert(seed), LoHaConfig(r=2, target_modules=["query", "value"])), seed + 1)
 
 
 def bert_qa(seed: int = 0):
@@ -231,13 +235,7 @@ def bert_prompt(seed: int = 0, *, encoder: bool = False):
 
     config = (peft.PromptEncoderConfig(task_type="SEQ_CLS", num_virtual_tokens=3, encoder_hidden_size=16) if encoder
               else peft.PromptTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=3))
-    model = peft.get_peft_model(bert(seed), config)
-    torch.manual_seed(seed + 1)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(torch.randn_like(p) * 0.1)
-    return model
+    return _moved(peft.get_peft_model(bert(seed), config), seed + 1)
 
 
 def unet(seed: int = 0):
