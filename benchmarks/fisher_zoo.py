@@ -26,7 +26,8 @@ sequence first, torch's default layout), ``lstm_packed`` (a ``PackedSequence`` o
 subclasses: BART's scaled token embedding, tied to its LM head, and both models' learned positions, which compute
 their own position ids), ``tnt`` (timm's TNT: each patch's 16 pixels as tokens of their own, windows of dim 0
 that hold 16 rows, as many as the samples at ``--batch 16``), ``wav2vec2_ctc`` (HF wav2vec2 for speech recognition:
-a CTC loss over padded audio and transcripts, which vmap cannot run).
+a CTC loss over padded audio and transcripts, which vmap cannot run), ``r3d`` and ``r2plus1d`` (torchvision's video
+ResNets: 3-D convolutions, full and split into spatial and temporal ones).
 """
 
 from __future__ import annotations
@@ -95,6 +96,18 @@ def _wav2vec2():
         return {"input_values": torch.randn(n, 16000, generator=g), "labels": torch.randint(0, 3, (n,), generator=g)}
 
     return "HF wav2vec2 (d 256, 4 layers), 16000 samples", Wav2Vec2ForSequenceClassification(config), batch
+
+
+def _video(name: str):
+    def make():
+        import torchvision
+
+        def batch(n: int, g: torch.Generator) -> tuple:  # 8 frames of 64²
+            return torch.randn(n, 3, 8, 64, 64, generator=g), torch.randint(0, 3, (n,), generator=g)
+
+        return f"torchvision {name}, 8×64²", getattr(torchvision.models.video, name)(num_classes=3), batch
+
+    return make
 
 
 def _wav2vec2_ctc():
@@ -294,7 +307,7 @@ MODELS = {"swin": _swin, "tv_swin": _tv_swin, "maxvit": _maxvit,
           "lstm_seq_first": _rnn(torch.nn.LSTM, "LSTM", batch_first=False),
           "lstm_packed": _rnn(torch.nn.LSTM, "LSTM", packed=True), "torch_transformer": _torch_transformer,
           "bart": _bart, "opt": _opt, "tnt": _timm("tnt_s_patch16_224", "timm tnt_s_patch16_224, 224²", 224),
-          "wav2vec2_ctc": _wav2vec2_ctc}
+          "wav2vec2_ctc": _wav2vec2_ctc, "r3d": _video("r3d_18"), "r2plus1d": _video("r2plus1d_18")}
 
 
 def hooks_and_fallen(model, batch, **options) -> tuple[dict, set[str]]:

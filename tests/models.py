@@ -1168,6 +1168,45 @@ class ConvZoo(nn.Module):
         return self.head(torch.cat([h, v, line], 1), self.bag(ids))
 
 
+class VideoConvs(nn.Module):
+    """3-D convolutions as video models use them (torchvision's R3D and R(2+1)D): a strided 3×3×3, a (1, 3, 3)
+    spatial and a (3, 1, 1) temporal one, torchvision's 3×3×3 subclass, a depthwise one, a strided 1×1×1
+    projection, a transposed one, and BatchNorm3d with running statistics."""
+
+    def __init__(self):
+        from torchvision.models.video.resnet import Conv3DNoTemporal, Conv3DSimple
+
+        super().__init__()
+        self.stem = nn.Conv3d(3, 6, 3, stride=(1, 2, 2), padding=1)
+        self.bn = nn.BatchNorm3d(6)
+        self.spatial = Conv3DNoTemporal(6, 6)  # (1, 3, 3), no bias
+        self.temporal = nn.Conv3d(6, 8, (3, 1, 1), padding=(1, 0, 0))
+        self.simple = Conv3DSimple(8, 8)
+        self.depthwise = nn.Conv3d(8, 8, 3, padding=1, groups=8)
+        self.project = nn.Conv3d(8, 4, 1, stride=2)
+        self.up = nn.ConvTranspose3d(4, 4, 2, stride=2)
+        self.head = nn.Linear(4, 3)
+        with torch.no_grad():
+            self.bn.running_mean.normal_()
+            self.bn.running_var.uniform_(0.5, 2.0)
+
+    def forward(self, x):  # (N, 3, frames, H, W)
+        h = torch.relu(self.bn(self.stem(x)))
+        h = torch.relu(self.simple(torch.relu(self.temporal(torch.relu(self.spatial(h))))))
+        h = self.up(self.project(torch.tanh(self.depthwise(h))))
+        return self.head(h.mean((2, 3, 4)))
+
+
+def video_convs(seed: int = 0):
+    torch.manual_seed(seed)
+    return VideoConvs()
+
+
+def video_batch(n: int = 5, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, 4, 6, 6, generator=g), torch.randint(0, 3, (n,), generator=g)
+
+
 def conv_zoo(seed: int = 0):
     torch.manual_seed(seed)
     return ConvZoo()

@@ -96,6 +96,7 @@ CASES = {
     "bert_question_answering": (M.bert_qa, M.bert_qa_batch),  # a dict batch whose labels are answer spans
     "wav2vec2_ctc_speech_recognition": (M.wav2vec2_ctc, M.wav2vec2_ctc_batch),
     "peft_loha_custom_autograd_function": (M.bert_loha, M.bert_batch),
+    "video_3d_convs": (M.video_convs, M.video_batch),
     # nn.Embedding subclasses that scale the rows they look up or compute the ids
     "bart_embedding_subclasses": (M.bart, M.bart_batch, {"loss": _seq2seq_loss}),
     "opt_learned_positions": (M.opt, M.gpt2_batch, {"loss": _lm_loss}),
@@ -304,7 +305,8 @@ def _hooks_fallback(model, batch, **kw):
                                   "multihead_attention_masks_and_cross", "rms_norms", "batch_first_lstms",
                                   "sequence_first_lstms_and_grus", "seq_first_transformer",
                                   "bart_embedding_subclasses", "opt_learned_positions", "bert_question_answering",
-                                  "wav2vec2_ctc_speech_recognition", "peft_loha_custom_autograd_function"])
+                                  "wav2vec2_ctc_speech_recognition", "peft_loha_custom_autograd_function",
+                                  "video_3d_convs"])
 def test_hooks_rules_cover_every_candidate(case):
     # no fallback pass at all: position embeddings (1, T, D) expanded, unused encoder stages zero, in-place
     # ReLU/residuals, depthwise and 1-D convs, transposed convs, a layer called twice, checkpointed blocks
@@ -938,6 +940,17 @@ def test_timm_norms_have_rules():
         assert ruled == set(names)
 
 
+def test_3d_convs_have_rules():
+    # Conv3d (torchvision's subclasses too) and ConvTranspose3d: rules, not a per-sample torch.func of each module
+    # (torchvision's R3D-18 at 8×64², batch 8: hooks from 2.42x the floor to 1.42x, results/fisher_zoo_video*.md)
+    from gradsel.fisher.engines.hooks import find_layers
+
+    model = M.video_convs()
+    names = [n for n, _ in model.named_parameters()]
+    ruled = {p for layer in find_layers(model, names).values() for p in layer.attrs.values()}
+    assert ruled == set(names)
+
+
 def test_timm_norm_act_layers_string_paddings_and_transposed_convs_have_rules():
     # BatchNormAct2d and its kin are a norm, then an elementwise drop and act: the norm's rule on the gradient
     # passed back through them (a per-sample torch.func of each of MobileNetV2's 52 had made its estimate 2.5x
@@ -1197,22 +1210,23 @@ class _ConvZoo(torch.nn.Module):
         return self.head(h.mean(2))
 
 
-def _conv_zoo_on(route: str, channels_last: bool, monkeypatch):
-    """The conv zoo in float64 with every conv forced onto ``route``; ``seen`` records that the rule ran."""
+def _conv_zoo_on(route: str, channels_last: bool, monkeypatch, video: bool = False):
+    """The conv zoo (``video``: the 3-D convolutions) in float64 with every conv forced onto ``route``; ``seen``
+    records that the rule ran."""
     seen = []
-    monkeypatch.setattr(rules, "_conv_route", lambda m, ds, n=None: (seen.append(route), route[:6])[1])
+    monkeypatch.setattr(rules, "_conv_route", lambda m, ds, n=None: (seen.append(route), route.split("_")[0])[1])
     if route == "matmul_blocks":  # a few output channels of every group at a time
         monkeypatch.setattr(rules, "CONV_BLOCK_BYTES", 600)
     torch.manual_seed(0)
-    model = _ConvZoo(channels_last).double()
-    x, y = _double(M.image_batch(n=5, size=12))
+    model = (M.video_convs() if video else _ConvZoo(channels_last)).double()
+    x, y = _double(M.video_batch() if video else M.image_batch(n=5, size=12))
     mask = {n: torch.rand(p.shape, generator=torch.Generator().manual_seed(4)) > 0.5
             for n, p in model.named_parameters()}
     return model, (x, y), mask, seen
 
 
 @needs_hooks
-@pytest.mark.parametrize("route", ["matmul", "matmul_blocks", "kernel"])
+@pytest.mark.parametrize("route", ["matmul", "matmul_blocks", "kernel", "grouped"])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
 def test_hooks_conv_routes_match_the_loop(route, channels_last, monkeypatch):
     pick = rules._conv_route
@@ -1220,6 +1234,20 @@ def test_hooks_conv_routes_match_the_loop(route, channels_last, monkeypatch):
     est, fell = _hooks_fallback(model, batch, per_sample=mask, chunk_size=3)
     ref = gradsel.fisher_loop(model, batch, per_sample=mask, progress=False)
     assert fell == set() and seen and pick is not rules._conv_route
+    _assert_matches(est, ref)
+    assert (est.per_sample - ref.per_sample).abs().max() <= TOL * ref.per_sample.abs().max()
+
+
+@needs_hooks
+@pytest.mark.parametrize("route", ["grouped", "grouped_blocks", "kernel"])
+def test_hooks_3d_conv_routes_match_the_loop(route, monkeypatch):
+    # (no matmul route: torch's unfold is 2-D only); the grouped route takes the samples as groups of one call
+    if route == "grouped_blocks":  # two samples a call
+        monkeypatch.setattr(rules, "GROUPED_BLOCK_BYTES", 2 * 6 * 3 * 27 * 8)
+    model, batch, mask, seen = _conv_zoo_on(route, False, monkeypatch, video=True)
+    est, fell = _hooks_fallback(model, batch, per_sample=mask, chunk_size=3)
+    ref = gradsel.fisher_loop(model, batch, per_sample=mask, progress=False)
+    assert fell == set() and seen
     _assert_matches(est, ref)
     assert (est.per_sample - ref.per_sample).abs().max() <= TOL * ref.per_sample.abs().max()
 

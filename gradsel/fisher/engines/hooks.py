@@ -9,7 +9,7 @@ per-sample parameter gradient (or only its square) from ``(input_i, δ_i)``:
 
 - ``nn.Linear``: without a token axis ``Σ_i g_i² = (δ²)ᵀ(a²)`` (no per-sample tensor); with tokens (or a
   layer called more than once, its calls stacked as tokens) ``g_i = δ_iᵀ a_i`` a block of samples at a time;
-- ``nn.Conv1d/2d``: the backend's weight-gradient kernel, one sample at a time, calls summed;
+- ``nn.Conv1d/2d/3d``: the backend's weight-gradient kernel, one sample at a time, calls summed;
 - ``nn.Embedding``: the looked-up rows (:class:`~gradsel.fisher.rules.EmbeddingGrads`);
 - LayerNorm, GroupNorm, BatchNorm (running statistics) and every bias: closed forms.
 
@@ -196,12 +196,12 @@ def _conv(module: nn.Module, xs, ds, want, n):
 
 
 def _conv_transpose(module: nn.Module, xs, ds, want, n):
-    """``nn.ConvTranspose1d/2d``: the adjoint of the convolution with the same weight, stride, padding, dilation
+    """``nn.ConvTranspose1d/2d/3d``: the adjoint of the convolution with the same weight, stride, padding, dilation
     and groups, so its weight gradient is that convolution's, run on the output gradient with the input as the
     gradient (``Σ ⟨δ, convT(x, W)⟩ = Σ ⟨x, conv(δ, W)⟩``): the conv rule on a stand-in convolution (on the meta
     device) from the output's channels to the input's, whose weight has the transposed layer's shape. Any
     ``output_padding`` (or ``output_size=``) only adds output rows that the convolution does not reach."""
-    conv = (nn.Conv1d if isinstance(module, nn.ConvTranspose1d) else nn.Conv2d)(
+    conv = {nn.ConvTranspose1d: nn.Conv1d, nn.ConvTranspose2d: nn.Conv2d, nn.ConvTranspose3d: nn.Conv3d}[type(module)](
         module.out_channels, module.in_channels, module.kernel_size, stride=module.stride, padding=module.padding,
         dilation=module.dilation, groups=module.groups, bias=False, device="meta")
     out = _conv(conv, ds, xs, {"weight"} & set(want), n)
@@ -418,8 +418,9 @@ def _rule_for(module: nn.Module):
     subclasses known to compute the same (timm's LayerNorm, RmsNorm, GroupNorm and GroupNorm1; timm's, torchvision's and
     smp's LayerNorm2d, smp's Mix Transformer LayerNorm and HF ConvNext's LayerNorm over the channels), a norm
     followed by an elementwise activation (timm's BatchNormAct2d and its kin), a convolution that pads its input
-    itself (smp's and timm's "SAME"), timm's weight-standardised convolutions, a transposed convolution or a
-    transposed Linear (transformers' Conv1D). A third element, where there is one, names the module's parameters
+    itself (smp's and timm's "SAME"), timm's weight-standardised convolutions, torchvision's video ResNets' Conv3d
+    subclasses (which only add a static method), a transposed convolution or a transposed Linear (transformers'
+    Conv1D). A third element, where there is one, names the module's parameters
     the rule covers (else its weight and bias)."""
     t = type(module)
     if t is nn.Linear:
@@ -450,12 +451,13 @@ def _rule_for(module: nn.Module):
         if module.padding_mode != "zeros" or conv_padding(module) is None or hasattr(module.weight, "to_local"):
             return None  # (under FSDP2 the weight the standardisation reads is a shard)
         return _std_conv, 4, ("weight", "bias", "gain")
-    if t in (nn.Conv1d, nn.Conv2d):
+    if t in (nn.Conv1d, nn.Conv2d, nn.Conv3d) or any(
+            _known(module, "torchvision.models.video.resnet", c) for c in ("Conv3DSimple", "Conv3DNoTemporal")):
         if module.padding_mode != "zeros" or conv_padding(module) is None:
             return None
-        return _conv, 3 if t is nn.Conv1d else 4
-    if t in (nn.ConvTranspose1d, nn.ConvTranspose2d):
-        return (_conv_transpose, 3 if t is nn.ConvTranspose1d else 4) if module.padding_mode == "zeros" else None
+        return _conv, module.weight.dim()
+    if t in (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d):
+        return (_conv_transpose, module.weight.dim()) if module.padding_mode == "zeros" else None
     if isinstance(module, nn.Embedding):  # a subclass too: its lookups are what the rule reads (_hook_layer)
         return (_embedding, 1) if module.max_norm is None and not module.scale_grad_by_freq else None
     if t is nn.LayerNorm:
