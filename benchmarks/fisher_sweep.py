@@ -4,15 +4,15 @@ exact, and what does it leave to the fallback?
 Run: ``python -m benchmarks.fisher_sweep [--models resnet18 deit_tiny_patch16_224:64 ...]``. Writes
 ``benchmarks/results/fisher_sweep.md``; ``--family torchvision`` runs torchvision's classification, segmentation and
 video models instead (``fisher_sweep_torchvision.md``). *default engine*: the error of ``engine="auto"`` (vmap, or the
-loop where vmap cannot run the model), and which ran. Each model: random weights, eval mode, float64, 3 random images at the
-size given after the colon (64 by default; models that fix their resolution get theirs), one chunk of 3. *largest
-error*: over the candidate tensors, ``max |hooks − loop|`` ÷ that tensor's largest loop entry (floored at 1e-10 of
-the model's largest, so that a tensor zero by structure compares its rounding with the model's scale), the
-tolerance of ``tests/test_engines.py``: 1e-8. *fallback tensors*: those the per-layer rules and local gradients
-left to the whole-model fallback (vmap, or the loop where vmap cannot run). Times are one call each, float64 on
-the threads given, for orientation only (``fisher_zoo`` measures speed): the engine's first call on a model runs its
-one-off checks (batch-of-one forwards, and each local gradient against the loop on 2 samples), which cost about as
-much as the loop over these 3 samples; *hooks* is the second call, which keeps the first one's decisions.
+loop where vmap cannot run the model), and which ran. Each model: random weights, eval mode, float64, 3 random images
+at the size given after the colon (64 by default; models that fix their resolution get theirs), one chunk of 3.
+*largest error*: over the candidate tensors, ``max |hooks − loop|`` ÷ that tensor's largest loop entry (floored at
+1e-10 of the model's largest, so that a tensor zero by structure compares its rounding with the model's scale), the
+tolerance of ``tests/test_engines.py``: 1e-8. *fallback tensors*: those the per-layer rules and local gradients left
+to the whole-model fallback (vmap, or the loop where vmap cannot run). Times are one call each, float64 on the threads
+given, for orientation only (``fisher_zoo`` measures speed): the engine's first call on a model runs its one-off
+checks (batch-of-one forwards, and each local gradient against the loop on 2 samples), which cost about as much as the
+loop over these 3 samples; *hooks* is the second call, which keeps the first one's decisions.
 """
 
 from __future__ import annotations
@@ -152,8 +152,8 @@ def render(rows: list[dict], family: str, command: str) -> str:
     worst = max(ran, key=lambda r: r["largest error"], default={"largest error": float("nan"), "model": "none ran"})
     not_run = f"; {len(rows) - len(ran)} not run (below)" if len(ran) < len(rows) else ""
     return (f"# The hooks engine against the loop on {len(rows)} {family} architectures (float64)\n\n"
-            f"Machine: {machine()}. Command: `{command}`. Random weights, eval mode, 3 images, one chunk; error ÷ each "
-            f"tensor's largest loop entry, tolerance 1e-8.\n\n**{exact} of {len(ran)} run exact** (largest error "
+            f"Machine: {machine()}. Command: `{command}`. Random weights, eval mode, 3 images, one chunk; error ÷ "
+            f"each tensor's largest loop entry, tolerance 1e-8.\n\n**{exact} of {len(ran)} run exact** (largest error "
             f"anywhere {worst['largest error']:.2g}, {worst['model']}); {clean} with no tensor left to the "
             f"fallback{not_run}.\n\n" + md_table(rows, COLUMNS) + "\n")
 

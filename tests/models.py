@@ -199,9 +199,9 @@ def bert_qa(seed: int = 0):
     from transformers import BertConfig, BertForQuestionAnswering
 
     torch.manual_seed(seed)
-    return BertForQuestionAnswering(BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                               intermediate_size=64, max_position_embeddings=64,
-                                               attn_implementation="eager"))
+    return BertForQuestionAnswering(BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2,
+                                               num_attention_heads=2, intermediate_size=64,
+                                               max_position_embeddings=64, attn_implementation="eager"))
 
 
 def bert_qa_batch(n: int = 6, t: int = 10, seed: int = 1):

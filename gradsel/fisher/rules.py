@@ -111,16 +111,17 @@ GROUPED_BLOCK_BYTES = 64 << 20  # ... by the grouped route
 class ConvWeightGrads(LazyGrads):
     """Per-sample ``nn.Conv1d/2d/3d`` weight gradients, formed a block at a time, squared and summed.
 
-    Three exact routes, chosen by shape (see :func:`_conv_route`): a depthwise layer's gradients for the
-    whole chunk are one depthwise convolution (:func:`_depthwise_weight_grads`, they are as small as the
-    weight times the samples); where each sample has few output positions (the deep layers of a ResNet,
-    ``L ≤ SMALL_POSITIONS``) the input is unfolded (im2col; a strided slice for a 1×1 convolution) and one
-    batched matmul ``δ_i · unfold(x_i)ᵀ`` per block of output channels gives every sample's gradient (per
-    group: a grouped convolution is a batch of matmuls), a block small enough to stay in cache while it is
-    squared; elsewhere the backend's weight-gradient kernel runs on one sample at a time (large images: each
-    call is a large matrix product). The calls of a layer called more than once are summed before squaring
-    (the matmul route stacks their positions). A call may hold several rows per sample, each sample's one
-    after another (TNT cuts each image into patches on dim 0): a sample's rows are more of its positions."""
+    Four exact routes, chosen by shape (see :func:`_conv_route`): a depthwise layer's gradients for the whole chunk
+    are one depthwise convolution (:func:`_depthwise_weight_grads`, they are as small as the weight times the
+    samples); where each sample has few output positions (the deep layers of a ResNet, ``L ≤ SMALL_POSITIONS``) the
+    input is unfolded (im2col; a strided slice for a 1×1 convolution) and one batched matmul ``δ_i · unfold(x_i)ᵀ``
+    per block of output channels gives every sample's gradient (per group: a grouped convolution is a batch of
+    matmuls), a block small enough to stay in cache while it is squared; elsewhere the backend's weight-gradient
+    kernel runs on one sample at a time (large images: each call is a large matrix product) or, for a Conv3d with many
+    positions a sample, once for a block of samples taken as the groups of a grouped convolution (the grouped route).
+    The calls of a layer called more than once are summed before squaring (the matmul route stacks their positions). A
+    call may hold several rows per sample, each sample's one after another (TNT cuts each image into patches on dim
+    0): a sample's rows are more of its positions."""
 
     module: nn.Module
     xs: list  # each call's input (n·rows, Cin, *spatial): rows per sample, one sample's after another
@@ -284,12 +285,14 @@ def _per_sample(t: torch.Tensor, n: int) -> torch.Tensor:
 
 def _conv_route(module: nn.Module, ds: list, n: int | None = None) -> str:
     """``"depthwise"`` for a depthwise convolution (one input channel a group, any size); ``"matmul"`` for a
-    1×1 convolution without padding (no unfold: a strided slice) and where a sample has few output positions;
-    ``"kernel"`` (one sample per call) elsewhere. Measured on the 3×3 layers of a ResNet-18/50 on CPU: the
-    kernel on one sample is 3-5× the batched weight gradient at 4×4 or 8×8 outputs, the matmul 1.5-2×; at
-    16×16 the two are even (the kernel slightly ahead), from 32×32 on the kernel is within 10% of the batched
-    gradient and the unfold costs more. The depthwise route beat both on every depthwise shape of MobileNetV2,
-    EfficientNet and ConvNeXt measured (3×3-7×7, stride 1-2, 2²-64², one and two threads: 1.2-30× faster)."""
+    1×1 convolution without padding (no unfold: a strided slice) and where a sample has few output positions (not for
+    a Conv3d: torch has no 3-D unfold); ``"grouped"`` (the samples as the groups of one call) for a Conv3d with
+    ``GROUPED_POSITIONS`` or more (on 2-D layers it matched the batched gradient in isolation but made the engine
+    slower on ResNet-50); ``"kernel"`` (one sample per call) elsewhere. Measured on the 3×3 layers of a ResNet-18/50
+    on CPU: the kernel on one sample is 3-5× the batched weight gradient at 4×4 or 8×8 outputs, the matmul 1.5-2×; at
+    16×16 the two are even (the kernel slightly ahead), from 32×32 on the kernel is within 10% of the batched gradient
+    and the unfold costs more. The depthwise route beat both on every depthwise shape of MobileNetV2, EfficientNet and
+    ConvNeXt measured (3×3-7×7, stride 1-2, 2²-64², one and two threads: 1.2-30× faster)."""
     if module.groups > 1 and module.groups == module.in_channels:
         return "depthwise"
     if all(k == 1 for k in module.kernel_size) and all(p == 0 for p in conv_padding(module)):
@@ -335,7 +338,6 @@ def _unfold(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 #: the backend's weight-gradient kernel by the weight's rank (Conv1d, Conv2d, Conv3d)
 _WEIGHT_GRAD = {3: torch.nn.grad.conv1d_weight, 4: torch.nn.grad.conv2d_weight, 5: torch.nn.grad.conv3d_weight}
-
 
 
 def _embedding_grads(module: nn.Embedding, inputs: torch.Tensor, out_grad: torch.Tensor) -> EmbeddingGrads:

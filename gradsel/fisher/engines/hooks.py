@@ -9,7 +9,9 @@ per-sample parameter gradient (or only its square) from ``(input_i, δ_i)``:
 
 - ``nn.Linear``: without a token axis ``Σ_i g_i² = (δ²)ᵀ(a²)`` (no per-sample tensor); with tokens (or a
   layer called more than once, its calls stacked as tokens) ``g_i = δ_iᵀ a_i`` a block of samples at a time;
-- ``nn.Conv1d/2d/3d``: the backend's weight-gradient kernel, one sample at a time, calls summed;
+- ``nn.Conv1d/2d/3d``: each sample's weight gradient by the route that suits the shape (a depthwise convolution,
+  a batched matmul, the backend's kernel one sample or a block of samples at a time:
+  :class:`~gradsel.fisher.rules.ConvWeightGrads`), calls summed;
 - ``nn.Embedding``: the looked-up rows (:class:`~gradsel.fisher.rules.EmbeddingGrads`);
 - LayerNorm, GroupNorm, BatchNorm (running statistics) and every bias: closed forms.
 
@@ -195,13 +197,16 @@ def _conv(module: nn.Module, xs, ds, want, n):
     return out
 
 
+_TRANSPOSED = {nn.ConvTranspose1d: nn.Conv1d, nn.ConvTranspose2d: nn.Conv2d, nn.ConvTranspose3d: nn.Conv3d}
+
+
 def _conv_transpose(module: nn.Module, xs, ds, want, n):
     """``nn.ConvTranspose1d/2d/3d``: the adjoint of the convolution with the same weight, stride, padding, dilation
     and groups, so its weight gradient is that convolution's, run on the output gradient with the input as the
     gradient (``Σ ⟨δ, convT(x, W)⟩ = Σ ⟨x, conv(δ, W)⟩``): the conv rule on a stand-in convolution (on the meta
     device) from the output's channels to the input's, whose weight has the transposed layer's shape. Any
     ``output_padding`` (or ``output_size=``) only adds output rows that the convolution does not reach."""
-    conv = {nn.ConvTranspose1d: nn.Conv1d, nn.ConvTranspose2d: nn.Conv2d, nn.ConvTranspose3d: nn.Conv3d}[type(module)](
+    conv = _TRANSPOSED[type(module)](
         module.out_channels, module.in_channels, module.kernel_size, stride=module.stride, padding=module.padding,
         dilation=module.dilation, groups=module.groups, bias=False, device="meta")
     out = _conv(conv, ds, xs, {"weight"} & set(want), n)
@@ -672,8 +677,8 @@ def _hf_forms(model: nn.Module, logits: torch.Tensor, labels: torch.Tensor, n: i
 
 def _ctc_forms(model: nn.Module, logits: torch.Tensor, batch: Mapping, n: int) -> dict[str, Callable]:
     """The per-sample form of an HF speech model's CTC loss (wav2vec2, HuBERT, WavLM: ``ctc_loss_reduction`` in the
-    config): each sample's loss over its own frames, divided by its target's length under ``"mean"``; the log-probabilities
-    in float32, as the model takes them."""
+    config): each sample's loss over its own frames, divided by its target's length under ``"mean"``; the
+    log-probabilities in float32, as the model takes them."""
     config = getattr(model, "config", None)
     reduction = getattr(config, "ctc_loss_reduction", None)
     lengths_of = getattr(model, "_get_feat_extract_output_lengths", None)
@@ -1224,10 +1229,10 @@ class HooksEngine:
         return out
 
     def _refuse_expansions(self, tried: set[str], batch: Any, n: int) -> None:
-        """The expansions ``tried`` together failed (the forward raised, or :meth:`_expansion_fails` named none): one alone
-        is refused; of several, each is tried in a pass of its own with the others refused, and those that hold are
-        kept (timm's TNT adds ``pixel_pos`` to each sample's patches, rows that a copy per sample does not fit; its
-        ``cls_token`` and ``patch_pos`` take copies per sample as a ViT's do)."""
+        """The expansions ``tried`` together failed (the forward raised, or :meth:`_expansion_fails` named none): one
+        alone is refused; of several, each is tried in a pass of its own with the others refused, and those that hold
+        are kept (timm's TNT adds ``pixel_pos`` to each sample's patches, rows that a copy per sample does not fit;
+        its ``cls_token`` and ``patch_pos`` take copies per sample as a ViT's do)."""
         if len(tried) == 1:
             self._expand_off |= tried
             return
