@@ -6,8 +6,8 @@ are the same; the work is less:
 
 - ``nn.Embedding``: vmap materialises each sample's gradient as a dense table (16 samples × a 30k×256
   table is 500 MB of zeros to write, square and sum). gradsel keeps only the rows a sample looked up.
-- ``nn.Conv1d/2d``: vmap's rule for per-sample convolution weight gradients runs a grouped convolution
-  that is slow on CPU (no faster than the batch-of-one loop). gradsel forms them with
+- ``nn.Conv1d/2d/3d``: vmap's rule for per-sample convolution weight gradients runs a grouped convolution
+  that is slow on CPU where a sample has few output positions (no faster than the batch-of-one loop). gradsel forms them with
   :class:`ConvWeightGrads` (one depthwise convolution over the batch for a depthwise layer, a batched
   matmul over unfolded inputs where a sample has few output positions, the backend's kernel one sample at
   a time elsewhere), the rule the hooks engine uses too.
@@ -361,8 +361,13 @@ def conv_padding(module: nn.Module) -> tuple[int, ...] | None:
     return None if any(r % 2 for r in reach) else tuple(r // 2 for r in reach)
 
 
-def _conv_ok(module: nn.Module) -> bool:
-    return (type(module) in (nn.Conv1d, nn.Conv2d) and module.padding_mode == "zeros"
+def plain_conv(module: nn.Module) -> bool:
+    """An ``nn.Conv1d/2d/3d`` (exact types; torchvision's video ResNets' Conv3d subclasses, which only add a static
+    method, too) with zero padding the rule takes (:func:`conv_padding`)."""
+    t = type(module)
+    known = t.__module__.startswith("torchvision.models.video.resnet") and t.__name__ in ("Conv3DSimple",
+                                                                                           "Conv3DNoTemporal")
+    return ((t in (nn.Conv1d, nn.Conv2d, nn.Conv3d) or known) and module.padding_mode == "zeros"
             and conv_padding(module) is not None)
 
 
@@ -370,7 +375,7 @@ def _embedding_ok(module: nn.Module) -> bool:
     return type(module) is nn.Embedding and module.max_norm is None and not module.scale_grad_by_freq
 
 
-RULES = ((_embedding_ok, _embedding_grads), (_conv_ok, _conv_grads))
+RULES = ((_embedding_ok, _embedding_grads), (plain_conv, _conv_grads))
 
 
 def output_rules(model: nn.Module, names: list[str]) -> dict[str, tuple[nn.Module, object]]:

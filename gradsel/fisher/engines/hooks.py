@@ -49,7 +49,7 @@ from ...errors import GradselError
 from ..batches import BatchReader, logits_of
 from ..layout import norm_gradients_as_inputs
 from ..rules import (ConvWeightGrads, EmbeddingGrads, GainGrads, LazyGrads, Scratch, StandardizedWeightGrads,
-                     conv_padding)
+                     conv_padding, plain_conv)
 from ..swap import swapped_call, tensor_slots
 from .elementwise import ElementwiseUses
 
@@ -456,10 +456,7 @@ def _rule_for(module: nn.Module):
         if module.padding_mode != "zeros" or conv_padding(module) is None or hasattr(module.weight, "to_local"):
             return None  # (under FSDP2 the weight the standardisation reads is a shard)
         return _std_conv, 4, ("weight", "bias", "gain")
-    if t in (nn.Conv1d, nn.Conv2d, nn.Conv3d) or any(
-            _known(module, "torchvision.models.video.resnet", c) for c in ("Conv3DSimple", "Conv3DNoTemporal")):
-        if module.padding_mode != "zeros" or conv_padding(module) is None:
-            return None
+    if plain_conv(module):
         return _conv, module.weight.dim()
     if t in (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d):
         return (_conv_transpose, module.weight.dim()) if module.padding_mode == "zeros" else None
