@@ -392,6 +392,19 @@ def work_bart(rank: int, world: int, out: Path) -> dict:
     return {"fisher": _pack(f)}
 
 
+def _video_batch():  # 512 output positions a clip at the stem: its weight takes the grouped route
+    g = torch.Generator().manual_seed(5)
+    return torch.randn(6, 3, 8, 16, 16, generator=g, dtype=torch.float64), torch.randint(0, 3, (6,), generator=g)
+
+
+def work_video(rank: int, world: int, out: Path) -> dict:
+    model = M.video_convs().double()
+    _shard(model, [model.stem, model.simple, model.up])
+    x, y = _video_batch()
+    half = slice(rank * 3, rank * 3 + 3)
+    return {"fisher": _pack(gradsel.fisher(model, [(x[half], y[half])], progress=False))}
+
+
 # -- tests --------------------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -710,5 +723,14 @@ def test_fisher_bart_shards_equal_one_process(tmp_path, one_thread):
 
     runs = _spawn("work_bart", tmp_path)
     ref = gradsel.fisher_loop(M.bart().double(), M.bart_batch(n=6), loss=_seq2seq_loss, progress=False)
+    for run in runs:
+        _assert_shards(run["fisher"], ref)
+
+
+@pytest.mark.slow
+def test_fisher_video_convs_shard_equal_one_process(tmp_path, one_thread):
+    # Conv3d rules (the grouped route at the stem, the kernel one sample at a time, depthwise, 1×1×1, transposed)
+    runs = _spawn("work_video", tmp_path)
+    ref = gradsel.fisher_loop(M.video_convs().double(), _video_batch(), progress=False)
     for run in runs:
         _assert_shards(run["fisher"], ref)

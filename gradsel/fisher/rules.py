@@ -164,7 +164,7 @@ class ConvWeightGrads(LazyGrads):
             return
         weight_grad = _WEIGHT_GRAD[m.weight.dim()]
         if route == "grouped":  # samples as groups: one kernel call for a block of samples, the calls summed
-            size = m.weight.numel() * m.weight.element_size()
+            size = math.prod(m.weight.shape) * self.ds[0].element_size()  # (the weight may be an FSDP2 shard)
             step = max(1, min(self.n, GROUPED_BLOCK_BYTES // max(1, size)))
             for i in range(0, self.n, step):
                 s = min(self.n, i + step) - i

@@ -206,7 +206,8 @@ def _conv_transpose(module: nn.Module, xs, ds, want, n):
     gradient (``Σ ⟨δ, convT(x, W)⟩ = Σ ⟨x, conv(δ, W)⟩``): the conv rule on a stand-in convolution (on the meta
     device) from the output's channels to the input's, whose weight has the transposed layer's shape. Any
     ``output_padding`` (or ``output_size=``) only adds output rows that the convolution does not reach."""
-    conv = _TRANSPOSED[type(module)](
+    kind = next(conv for t, conv in _TRANSPOSED.items() if isinstance(module, t))  # (FSDP2 subclasses the module)
+    conv = kind(
         module.out_channels, module.in_channels, module.kernel_size, stride=module.stride, padding=module.padding,
         dilation=module.dilation, groups=module.groups, bias=False, device="meta")
     out = _conv(conv, ds, xs, {"weight"} & set(want), n)
