@@ -459,7 +459,7 @@ def _rule_for(module: nn.Module):
         return _std_conv, 4, ("weight", "bias", "gain")
     if plain_conv(module):
         return _conv, module.weight.dim()
-    if t in (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d):
+    if t in _TRANSPOSED:
         return (_conv_transpose, module.weight.dim()) if module.padding_mode == "zeros" else None
     if isinstance(module, nn.Embedding):  # a subclass too: its lookups are what the rule reads (_hook_layer)
         return (_embedding, 1) if module.max_norm is None and not module.scale_grad_by_freq else None
@@ -962,13 +962,12 @@ class HooksEngine:
                 if not isinstance(output, torch.Tensor) or not isinstance(x, torch.Tensor) or x.dim() < layer.min_dim:
                     cap.bad = True
                     return None
-                new = None
+                new, copied = None, False
                 if off is not None and name not in off and x.shape[0] == 1 and output.shape[0] == 1:
                     # shared by the batch (position embeddings of shape (1, T, D)): its δ would be a sum over
                     # samples; expanded, each sample gets its own copy and its own δ (checked below)
                     x, output = x.expand(n, *x.shape[1:]), output.expand(n, *output.shape[1:])
-                    new = output
-                    repeats.add(new)
+                    new, copied = output, True
                     cap.expanded = True
                     expanded.add(name)
                 # the samples on dim 1 and the steps on dim 0 (torch's batch_first=False transformers): captured with
@@ -997,8 +996,8 @@ class HooksEngine:
                     root = torch.zeros((), dtype=output.dtype, device=output.device, requires_grad=True)
                     roots.append(root)
                     output = new = output + root
-                    if cap.expanded:
-                        repeats.add(new)
+                if copied:  # as the model gets it (with its root)
+                    repeats.add(new)
                 x = x.detach()
                 k = len(cap.inputs)
                 cap.inputs.append(x.clone() if clone else x)
@@ -1501,9 +1500,7 @@ class HooksEngine:
             except GradselError as exc:  # a model that returns only its loss: no per-sample form to write
                 raise _NoPerSampleLoss(f"{type(self.model).__name__} returns no logits beside its loss") from exc
             forms = {**_hf_forms(self.model, logits, labels, n), **_ctc_forms(self.model, logits, batch, n)}
-            if self._loss_form is None:
-                self._loss_form = self._check_form(forms, batch)
-            return forms[self._loss_form]()
+            return self._form_losses(forms, batch)
         outputs = self._run(batch)
         return _cross_entropy(logits_of(outputs), batch[1], n)
 
@@ -1523,11 +1520,15 @@ class HooksEngine:
         if isinstance(start, torch.Tensor) and isinstance(end, torch.Tensor) and start.dim() == 2 and {
                 "start_positions", "end_positions"} <= set(batch):
             forms = {"span": lambda: _span_loss(start, end, batch["start_positions"], batch["end_positions"], n)}
-            if self._loss_form is None:
-                self._loss_form = self._check_form(forms, batch)
-            return forms[self._loss_form]()
+            return self._form_losses(forms, batch)
         raise _NoPerSampleLoss(f"{type(self.model).__name__} computes its loss from a batch without 'labels' (keys: "
                                f"{', '.join(map(str, batch))}), for which no per-sample form is known")
+
+    def _form_losses(self, forms: dict[str, Callable], batch: Any) -> torch.Tensor:
+        """The per-sample losses by the form that equals the model's own loss (found once)."""
+        if self._loss_form is None:
+            self._loss_form = self._check_form(forms, batch)
+        return forms[self._loss_form]()
 
     def _check_form(self, forms: dict[str, Callable], batch: Any) -> str:
         """Which per-sample form equals the model's own loss, on the chunk's first sample."""
