@@ -420,7 +420,8 @@ def main() -> None:
                + (f" --batches {args.batches}" if args.batches > 1 else "")
                + (f' --models "{args.models}"' if models != list(CASES) else "")
                + (f' --methods "{args.methods}"' if methods != list(METHODS) else "")
-               + (f" --clock {args.clock}" if args.clock != "wall" else ""))
+               + (f" --clock {args.clock}" if args.clock != "wall" else "")
+               + (f" --repeats {args.repeats}" if args.repeats is not None else ""))
     name = "fisher_peers_quick" if args.quick else "fisher_peers"
     name += (f"_batches{args.batches}" if args.batches > 1 else "") + ("_thread" if args.clock == "thread" else "")
     write(name, rows, markdown(rows, command, repeats, args.batches, args.clock))

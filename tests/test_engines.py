@@ -1457,3 +1457,69 @@ def test_hooks_gives_weights_read_by_a_parent_to_its_local_gradient():
     est, fell = _hooks_fallback(model, batch, chunk_size=3)
     _assert_matches(est, gradsel.fisher_loop(model, batch, progress=False))
     assert fell == set()  # 1.qkv's weight and bias: the module-local gradient of 1, not the whole-model fallback
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(1, 3), groups=st.integers(1, 3), per_group=st.integers(1, 3), dims=st.integers(1, 3),
+       calls=st.integers(1, 2), norm=st.sampled_from(["batch", "group"]),
+       layout=st.sampled_from(["contiguous", "input channels last", "gradient channels last", "gradient transposed"]),
+       seed=st.integers(0, 2**16))
+def test_norm_rules_one_pass_match_per_sample_autograd(n, groups, per_group, dims, calls, norm, layout, seed):
+    """BatchNorm (running statistics) and GroupNorm take each sample's Σ d·x̂ and Σ d from one eval-mode BatchNorm
+    backward with the sample folded into the channel: against torch.func's per-sample gradients of the layer,
+    over 1-3 spatial dims, several calls of the layer, and inputs or gradients that are not contiguous."""
+    hooks = importlib.import_module("gradsel.fisher.engines.hooks")
+    c = groups * per_group
+    g = torch.Generator().manual_seed(seed)
+    if norm == "batch":
+        layer = (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d)[dims - 1](c).double().eval()
+        layer.running_mean.copy_(torch.randn(c, generator=g, dtype=torch.float64))
+        layer.running_var.copy_(torch.rand(c, generator=g, dtype=torch.float64) + 0.5)
+        rule = hooks._batchnorm
+    else:
+        layer, rule = torch.nn.GroupNorm(groups, c).double(), hooks._groupnorm
+    shape = (n, c) + (3, 4, 2)[:dims]
+    xs = [torch.randn(shape, generator=g, dtype=torch.float64) for _ in range(calls)]
+    ds = [torch.randn(shape, generator=g, dtype=torch.float64) for _ in range(calls)]
+    def last(t):  # the same values, laid out with the channels moving fastest
+        return t.movedim(1, -1).contiguous().movedim(-1, 1)
+
+    if layout == "input channels last":
+        xs = [last(x) for x in xs]
+    elif layout == "gradient channels last":  # the layout torch's CPU batch-norm backward misreads (layout.py)
+        ds = [last(d) for d in ds]
+    elif layout == "gradient transposed":
+        ds = [d.transpose(0, -1).contiguous().transpose(0, -1) for d in ds]
+    params = {k: v.detach() for k, v in layer.named_parameters()}
+
+    def one(p, x, d):  # one sample's <layer(x), d> over every call: its gradient is that sample's
+        return sum((torch.func.functional_call(layer, p, (xi.unsqueeze(0),)) * di.unsqueeze(0)).sum()
+                   for xi, di in zip(x, d))
+
+    ref = torch.func.vmap(torch.func.grad(one), in_dims=(None, 1, 1))(params, torch.stack(xs), torch.stack(ds))
+    got = rule(layer, xs, ds, {"weight", "bias"}, n)
+    for k in ("weight", "bias"):
+        torch.testing.assert_close(got[k], ref[k], rtol=0, atol=1e-12)
+
+
+@needs_hooks
+def test_hooks_norm_layers_take_the_one_pass_sums(monkeypatch):
+    """The models' BatchNorm and GroupNorm layers reach the one-pass sums, and the engine stays exact there."""
+    hooks = importlib.import_module("gradsel.fisher.engines.hooks")
+    calls = []
+    sums = hooks._normalized_channel_sums
+    monkeypatch.setattr(hooks, "_normalized_channel_sums", lambda *a: calls.append(len(a[0])) or sums(*a))
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 6, 3), torch.nn.BatchNorm2d(6), torch.nn.ReLU(),
+                                torch.nn.Conv2d(6, 6, 3), torch.nn.GroupNorm(3, 6), torch.nn.Flatten(),
+                                torch.nn.Linear(6 * 16, 3)).double()
+    with torch.no_grad():
+        model[1].running_mean.normal_()
+        model[1].running_var.uniform_(0.5, 2.0)
+    batch = (torch.randn(5, 3, 8, 8, dtype=torch.float64), torch.randint(0, 3, (5,)))
+    mask = {k: torch.rand(v.shape) < 0.5 for k, v in model.named_parameters()}
+    est, fell = _hooks_fallback(model, [batch], per_sample=mask, chunk_size=3)
+    ref = gradsel.fisher_loop(model, [batch], per_sample=mask, progress=False)
+    assert fell == set() and len(calls) == 4  # both norms, both chunks
+    _assert_matches(est, ref)
+    assert (est.per_sample - ref.per_sample).abs().max() <= TOL * ref.per_sample.abs().max()

@@ -317,15 +317,49 @@ def _channel_affine(xhats, ds, want, n):
     return out
 
 
+def _normalized_channel_sums(xs, ds, stats, eps, want, n):
+    """What :func:`_channel_affine` gives for ``x̂ = (x − mean)/√(var + eps)`` per channel (dim 1) of inputs with one
+    row per sample, ``stats(x)`` the ``(mean, var)`` of each ``(sample, channel)`` as ``(n·C,)`` tensors, without
+    forming ``x̂`` or ``d·x̂``: the sample seen as part of the channel, ``(1, n·C, positions)``, one eval-mode
+    BatchNorm backward gives each ``(sample, channel)``'s ``Σ d·x̂`` and ``Σ d`` in one pass over ``x`` and ``d``
+    (the elementwise forms cost 3-10x that in allocations and passes on ResNet-50's layers)."""
+    weight = bias = None
+    for x, d in zip(xs, ds):
+        mean, var = (t.to(x.dtype) for t in stats(x))
+        c = x.shape[1]
+        # one layout for both: torch's CPU batch-norm backward has misread a gradient laid out unlike its input (layout.py)
+        _, w, b = torch.ops.aten.native_batch_norm_backward(
+            d.reshape(1, n * c, -1).contiguous(), x.reshape(1, n * c, -1).contiguous(), None, mean, var, None, None,
+            False, eps, [False, "weight" in want, "bias" in want])
+        if "weight" in want:
+            weight = w.view(n, c) if weight is None else weight + w.view(n, c)
+        if "bias" in want:
+            bias = b.view(n, c) if bias is None else bias + b.view(n, c)
+    return {k: v for k, v in (("weight", weight), ("bias", bias)) if v is not None}
+
+
 def _groupnorm(module: nn.GroupNorm, xs, ds, want, n):
-    return _channel_affine([F.group_norm(x, module.num_groups, None, None, module.eps) for x in xs], ds, want, n)
+    if any(x.shape[0] != n for x in xs):
+        return _channel_affine([F.group_norm(x, module.num_groups, None, None, module.eps) for x in xs], ds, want, n)
+
+    def stats(x):  # each (sample, group)'s biased variance and mean, given to each of the group's channels
+        var, mean = torch.var_mean(x.reshape(n, module.num_groups, -1), dim=-1, correction=0)
+        per = x.shape[1] // module.num_groups
+        return mean.repeat_interleave(per, 1).reshape(-1), var.repeat_interleave(per, 1).reshape(-1)
+
+    return _normalized_channel_sums(xs, ds, stats, module.eps, want, n)
 
 
 def _batchnorm(module: nn.modules.batchnorm._BatchNorm, xs, ds, want, n):
     """BatchNorm on its running statistics, a per-channel affine map; tokens flattened into dim 0 (LeViT's
-    ``bn(x.flatten(0, 1))``) arrive here as ``(n·T, C)`` (see :func:`_per_layer`'s grouped captures)."""
-    xhats = [F.batch_norm(x, module.running_mean, module.running_var, None, None, False, 0.0, module.eps) for x in xs]
-    return _channel_affine(xhats, ds, want, n)
+    ``bn(x.flatten(0, 1))``) arrive here as ``(n·T, C)`` (see :func:`_per_layer`'s grouped captures), and take
+    the elementwise form, as does a 1-D input (no positions to sum over)."""
+    if any(x.shape[0] != n or x.dim() < 3 for x in xs):
+        xhats = [F.batch_norm(x, module.running_mean, module.running_var, None, None, False, 0.0, module.eps)
+                 for x in xs]
+        return _channel_affine(xhats, ds, want, n)
+    stats = (module.running_mean.repeat(n), module.running_var.repeat(n))
+    return _normalized_channel_sums(xs, ds, lambda x: stats, module.eps, want, n)
 
 
 def _normalized(module: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, bool]:
