@@ -1461,23 +1461,35 @@ def test_hooks_gives_weights_read_by_a_parent_to_its_local_gradient():
 
 @settings(max_examples=40, deadline=None)
 @given(n=st.integers(1, 3), groups=st.integers(1, 3), per_group=st.integers(1, 3), dims=st.integers(1, 3),
-       calls=st.integers(1, 2), norm=st.sampled_from(["batch", "group"]),
+       calls=st.integers(1, 2), norm=st.sampled_from(["batch", "group", "timm batch + act", "timm group + act"]),
        layout=st.sampled_from(["contiguous", "input channels last", "gradient channels last", "gradient transposed"]),
        seed=st.integers(0, 2**16))
 def test_norm_rules_one_pass_match_per_sample_autograd(n, groups, per_group, dims, calls, norm, layout, seed):
-    """BatchNorm (running statistics) and GroupNorm take each sample's Σ d·x̂ and Σ d from one eval-mode BatchNorm
-    backward with the sample folded into the channel: against torch.func's per-sample gradients of the layer,
-    over 1-3 spatial dims, several calls of the layer, and inputs or gradients that are not contiguous."""
+    """BatchNorm (running statistics) and GroupNorm, alone or as timm's norm + activation layers, take each
+    sample's Σ d·x̂ and Σ d from one eval-mode BatchNorm backward with the sample folded into the channel: against
+    torch.func's per-sample gradients of the layer, over 1-3 spatial dims, several calls of the layer, and inputs
+    or gradients that are not contiguous."""
     hooks = importlib.import_module("gradsel.fisher.engines.hooks")
     c = groups * per_group
     g = torch.Generator().manual_seed(seed)
+    from timm.layers.norm_act import BatchNormAct2d, GroupNormAct
+
     if norm == "batch":
-        layer = (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d)[dims - 1](c).double().eval()
-        layer.running_mean.copy_(torch.randn(c, generator=g, dtype=torch.float64))
-        layer.running_var.copy_(torch.rand(c, generator=g, dtype=torch.float64) + 0.5)
+        layer = (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d)[dims - 1](c)
         rule = hooks._batchnorm
+    elif norm == "timm batch + act":  # the norm's gradient passed back through ReLU6 first
+        layer, rule, dims = BatchNormAct2d(c, act_layer=torch.nn.ReLU6), hooks._norm_act, 2
+    elif norm == "group":
+        layer, rule = torch.nn.GroupNorm(groups, c), hooks._groupnorm
     else:
-        layer, rule = torch.nn.GroupNorm(groups, c).double(), hooks._groupnorm
+        layer, rule = GroupNormAct(c, num_groups=groups, act_layer=torch.nn.SiLU), hooks._norm_act
+    layer = layer.double().eval()
+    with torch.no_grad():
+        if "batch" in norm:
+            layer.running_mean.copy_(torch.randn(c, generator=g, dtype=torch.float64))
+            layer.running_var.copy_(torch.rand(c, generator=g, dtype=torch.float64) + 0.5)
+        layer.weight.copy_(torch.randn(c, generator=g, dtype=torch.float64))  # ReLU6 cuts at both ends
+        layer.bias.copy_(torch.randn(c, generator=g, dtype=torch.float64))
     shape = (n, c) + (3, 4, 2)[:dims]
     xs = [torch.randn(shape, generator=g, dtype=torch.float64) for _ in range(calls)]
     ds = [torch.randn(shape, generator=g, dtype=torch.float64) for _ in range(calls)]

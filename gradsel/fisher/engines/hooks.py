@@ -317,12 +317,31 @@ def _channel_affine(xhats, ds, want, n):
     return out
 
 
+def _channel_stats(module: nn.Module, xs, n):
+    """For a BatchNorm (running statistics) or GroupNorm whose inputs hold one sample a row of dim 0 and some
+    positions, ``x -> (mean, var)`` of each ``(sample, channel)`` as ``(n·C,)`` tensors (what
+    :func:`_normalized_channel_sums` reads); else None (the elementwise forms: tokens flattened into dim 0, as
+    LeViT's ``bn(x.flatten(0, 1))`` arrives here as ``(n·T, C)``, or nothing to sum over)."""
+    if any(x.shape[0] != n or x.dim() < 3 for x in xs):
+        return None
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        stats = (module.running_mean.repeat(n), module.running_var.repeat(n))
+        return lambda x: stats
+    if isinstance(module, nn.GroupNorm):
+        def group_stats(x):  # each (sample, group)'s biased variance and mean, given to each of its channels
+            var, mean = torch.var_mean(x.reshape(n, module.num_groups, -1), dim=-1, correction=0)
+            per = x.shape[1] // module.num_groups
+            return mean.repeat_interleave(per, 1).reshape(-1), var.repeat_interleave(per, 1).reshape(-1)
+        return group_stats
+    return None
+
+
 def _normalized_channel_sums(xs, ds, stats, eps, want, n):
-    """What :func:`_channel_affine` gives for ``x̂ = (x − mean)/√(var + eps)`` per channel (dim 1) of inputs with one
-    row per sample, ``stats(x)`` the ``(mean, var)`` of each ``(sample, channel)`` as ``(n·C,)`` tensors, without
-    forming ``x̂`` or ``d·x̂``: the sample seen as part of the channel, ``(1, n·C, positions)``, one eval-mode
-    BatchNorm backward gives each ``(sample, channel)``'s ``Σ d·x̂`` and ``Σ d`` in one pass over ``x`` and ``d``
-    (the elementwise forms cost 3-10x that in allocations and passes on ResNet-50's layers)."""
+    """What :func:`_channel_affine` gives for ``x̂ = (x − mean)/√(var + eps)`` per channel, ``stats`` from
+    :func:`_channel_stats`, without forming ``x̂`` or ``d·x̂``: the sample seen as part of the channel,
+    ``(1, n·C, positions)``, one eval-mode BatchNorm backward gives each ``(sample, channel)``'s ``Σ d·x̂`` and
+    ``Σ d`` in one pass over ``x`` and ``d`` (the elementwise forms cost 3-10x that in allocations and passes on
+    ResNet-50's layers)."""
     weight = bias = None
     for x, d in zip(xs, ds):
         mean, var = (t.to(x.dtype) for t in stats(x))
@@ -339,27 +358,20 @@ def _normalized_channel_sums(xs, ds, stats, eps, want, n):
 
 
 def _groupnorm(module: nn.GroupNorm, xs, ds, want, n):
-    if any(x.shape[0] != n for x in xs):
-        return _channel_affine([F.group_norm(x, module.num_groups, None, None, module.eps) for x in xs], ds, want, n)
-
-    def stats(x):  # each (sample, group)'s biased variance and mean, given to each of the group's channels
-        var, mean = torch.var_mean(x.reshape(n, module.num_groups, -1), dim=-1, correction=0)
-        per = x.shape[1] // module.num_groups
-        return mean.repeat_interleave(per, 1).reshape(-1), var.repeat_interleave(per, 1).reshape(-1)
-
-    return _normalized_channel_sums(xs, ds, stats, module.eps, want, n)
+    stats = _channel_stats(module, xs, n)
+    if stats is not None:
+        return _normalized_channel_sums(xs, ds, stats, module.eps, want, n)
+    return _channel_affine([F.group_norm(x, module.num_groups, None, None, module.eps) for x in xs], ds, want, n)
 
 
 def _batchnorm(module: nn.modules.batchnorm._BatchNorm, xs, ds, want, n):
     """BatchNorm on its running statistics, a per-channel affine map; tokens flattened into dim 0 (LeViT's
-    ``bn(x.flatten(0, 1))``) arrive here as ``(n·T, C)`` (see :func:`_per_layer`'s grouped captures), and take
-    the elementwise form, as does a 1-D input (no positions to sum over)."""
-    if any(x.shape[0] != n or x.dim() < 3 for x in xs):
-        xhats = [F.batch_norm(x, module.running_mean, module.running_var, None, None, False, 0.0, module.eps)
-                 for x in xs]
-        return _channel_affine(xhats, ds, want, n)
-    stats = (module.running_mean.repeat(n), module.running_var.repeat(n))
-    return _normalized_channel_sums(xs, ds, lambda x: stats, module.eps, want, n)
+    ``bn(x.flatten(0, 1))``) arrive here as ``(n·T, C)`` (see :func:`_per_layer`'s grouped captures)."""
+    stats = _channel_stats(module, xs, n)
+    if stats is not None:
+        return _normalized_channel_sums(xs, ds, stats, module.eps, want, n)
+    xhats = [F.batch_norm(x, module.running_mean, module.running_var, None, None, False, 0.0, module.eps) for x in xs]
+    return _channel_affine(xhats, ds, want, n)
 
 
 def _normalized(module: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, bool]:
@@ -398,7 +410,19 @@ def _norm_act(module: nn.Module, xs, ds, want, n):
     """timm's ``BatchNormAct2d``/``GroupNormAct``/``LayerNormAct(2d)``: ``act(drop(norm(x)))`` with an elementwise
     ``act`` and a ``drop`` that eval mode makes the identity (see :func:`_pointwise`), so the gradient at the
     norm's output is each sample's own: the output gradient passed back through ``act`` at the recomputed norm
-    output, then the norm's closed form."""
+    output, then the norm's closed form (for a BatchNorm or GroupNorm, the one-pass sums of
+    :func:`_normalized_channel_sums` on that gradient)."""
+    stats = _channel_stats(module, xs, n)
+    if stats is not None:
+        def norm(x):  # the norm's output, affine part included, in the input's (widened) dtype
+            w, b = (None if t is None else t.to(x.dtype) for t in (module.weight, module.bias))
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                return F.batch_norm(x, module.running_mean.to(x.dtype), module.running_var.to(x.dtype), w, b,
+                                    False, 0.0, module.eps)
+            return F.group_norm(x, module.num_groups, w, b, module.eps)
+
+        inner = [_act_backward(module.act, norm(x), d) for x, d in zip(xs, ds)]
+        return _normalized_channel_sums(xs, inner, stats, module.eps, want, n)
     hats, inner = [], []
     for x, d in zip(xs, ds):
         h, channels = _normalized(module, x)
