@@ -211,8 +211,8 @@ class _Refuse:
             f"under FSDP2 gradsel computes the Fisher with per-layer rules only (Linear, Conv1d/2d, Embedding, "
             f"LayerNorm, GroupNorm, BatchNorm with running statistics, transformers' Conv1D); {len(names)} "
             f"candidate(s) need another engine (first {names[0]!r}): torch.func transforms do not run through "
-            "FSDP2's sharded parameters. Leave them out with exclude= (or params=), or estimate on the model "
-            "before fully_shard and pass fisher=")
+            "FSDP2's sharded parameters. Leave them out (gradsel.select's exclude=, or params= of select and "
+            "fisher), or estimate on the model before fully_shard and pass fisher=")
 
 
 class _LiveParams(Mapping):

@@ -405,6 +405,25 @@ def work_video(rank: int, world: int, out: Path) -> dict:
     return {"fisher": _pack(gradsel.fisher(model, [(x[half], y[half])], progress=False))}
 
 
+def _not_same_even(name, param):  # a params= spec
+    return not name.startswith("same_even.")
+
+
+def _norm_batch():
+    g = torch.Generator().manual_seed(6)
+    return torch.randn(6, 3, 8, 8, generator=g, dtype=torch.float64), torch.randint(0, 3, (6,), generator=g)
+
+
+def work_norm_act(rank: int, world: int, out: Path) -> dict:
+    model = M.norm_act_depthwise().double()
+    _shard(model, [model.bn, model.gn, model.ln2d])  # the norms as units of their own, and in the root (ln)
+    x, y = _norm_batch()
+    half = slice(rank * 3, rank * 3 + 3)
+    # (the even kernel padded "same", which torch pads unevenly, takes a fallback: FSDP2 has none)
+    f = gradsel.fisher(model, [(x[half], y[half])], params=_not_same_even, progress=False)
+    return {"fisher": _pack(f)}
+
+
 # -- tests --------------------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -732,5 +751,15 @@ def test_fisher_video_convs_shard_equal_one_process(tmp_path, one_thread):
     # Conv3d rules (the grouped route at the stem, the kernel one sample at a time, depthwise, 1×1×1, transposed)
     runs = _spawn("work_video", tmp_path)
     ref = gradsel.fisher_loop(M.video_convs().double(), _video_batch(), progress=False)
+    for run in runs:
+        _assert_shards(run["fisher"], ref)
+
+
+@pytest.mark.slow
+def test_fisher_norm_act_shards_equal_one_process(tmp_path, one_thread):
+    # timm's norm + activation layers read their affine parameters to recompute the norm's output: under FSDP2,
+    # after the backward, those are the rank's shards
+    runs = _spawn("work_norm_act", tmp_path)
+    ref = gradsel.fisher_loop(M.norm_act_depthwise().double(), _norm_batch(), params=_not_same_even, progress=False)
     for run in runs:
         _assert_shards(run["fisher"], ref)

@@ -381,7 +381,7 @@ def _normalized(module: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, bool]
         return F.batch_norm(x, module.running_mean, module.running_var, None, None, False, 0.0, module.eps), True
     if isinstance(module, nn.GroupNorm):
         return F.group_norm(x, module.num_groups, None, None, module.eps), True
-    if type(module).__name__ == "LayerNormAct2d":
+    if any(c.__name__ == "LayerNormAct2d" for c in type(module).__mro__):  # (FSDP2 subclasses a unit's class)
         h = F.layer_norm(x.permute(0, 2, 3, 1), module.normalized_shape, None, None, module.eps)
         return h.permute(0, 3, 1, 2), True
     return F.layer_norm(x, module.normalized_shape, None, None, module.eps), False
@@ -406,16 +406,25 @@ def _act_backward(act: nn.Module, z: torch.Tensor, d: torch.Tensor) -> torch.Ten
     return torch.func.vjp(lambda v: act(v.clone()), z)[1](d)[0]
 
 
-def _norm_act(module: nn.Module, xs, ds, want, n):
+def _keep_affine(cap: _Capture) -> Callable:
+    """A forward hook keeping a copy of the module's weight and bias (small: one value a channel) in ``cap``."""
+    def hook(module, inputs, output):
+        cap.affine = tuple(None if t is None else t.detach().clone() for t in (module.weight, module.bias))
+    return hook
+
+
+def _norm_act(module: nn.Module, xs, ds, want, n, affine: tuple | None = None):
     """timm's ``BatchNormAct2d``/``GroupNormAct``/``LayerNormAct(2d)``: ``act(drop(norm(x)))`` with an elementwise
     ``act`` and a ``drop`` that eval mode makes the identity (see :func:`_pointwise`), so the gradient at the
     norm's output is each sample's own: the output gradient passed back through ``act`` at the recomputed norm
     output, then the norm's closed form (for a BatchNorm or GroupNorm, the one-pass sums of
-    :func:`_normalized_channel_sums` on that gradient)."""
+    :func:`_normalized_channel_sums` on that gradient). ``affine``: the weight and bias the forward read (the
+    module's own by default; under FSDP2 they are shards again by the time the rule runs)."""
+    weight, bias = (module.weight, module.bias) if affine is None else affine
     stats = _channel_stats(module, xs, n)
     if stats is not None:
         def norm(x):  # the norm's output, affine part included, in the input's (widened) dtype
-            w, b = (None if t is None else t.to(x.dtype) for t in (module.weight, module.bias))
+            w, b = (None if t is None else t.to(x.dtype) for t in (weight, bias))
             if isinstance(module, nn.modules.batchnorm._BatchNorm):
                 return F.batch_norm(x, module.running_mean.to(x.dtype), module.running_var.to(x.dtype), w, b,
                                     False, 0.0, module.eps)
@@ -426,7 +435,7 @@ def _norm_act(module: nn.Module, xs, ds, want, n):
     hats, inner = [], []
     for x, d in zip(xs, ds):
         h, channels = _normalized(module, x)
-        w, b = module.weight, module.bias
+        w, b = weight, bias
         if channels:  # (C,) over dim 1; a LayerNorm's own shape broadcasts over the trailing dims as it is
             view = (1, -1) + (1,) * (h.dim() - 2)
             w, b = (None if t is None else t.reshape(view) for t in (w, b))
@@ -563,6 +572,7 @@ class _Capture:
     group: int = 1  # rows of dim 0 per sample (windows), read as more tokens
     expanded: bool = False  # shared by the batch (dim 0 of 1): given a copy per sample
     seq_first: list = field(default_factory=list)  # per call: the samples were on dim 1 (captured transposed)
+    affine: tuple | None = None  # a norm + activation layer's (weight, bias) as its forward read them
 
 
 _EMBEDDING = inspect.signature(F.embedding)
@@ -1146,6 +1156,10 @@ class HooksEngine:
                 p = self.params[pname]
                 leaves[pname] = p.detach().expand(n, *p.shape[1:]).clone().requires_grad_(True)
         handles = [_hook_layer(layer.module, forward_hook(name, layer)) for name, layer in self.layers.items()]
+        # a norm + activation layer's rule recomputes the norm's output: its affine parameters as the forward read
+        # them, taken before FSDP2's own forward hook (registered first) reshards a unit's parameters into DTensors
+        handles += [layer.module.register_forward_hook(_keep_affine(caps[name]), prepend=True)
+                    for name, layer in self.layers.items() if layer.rule is _norm_act]
         handles += [module.register_forward_hook(local_hook(name), with_kwargs=True)
                     for name, (module, _) in self.local.items()]
         retry = False
@@ -1261,7 +1275,8 @@ class HooksEngine:
                 xs, ds = _widened(cap.inputs, [g[0] for g in cap.grads])
                 if cap.group > 1 and layer.rule in _FLAT_ROWS:
                     xs, ds = [x.flatten(0, 1) for x in xs], [d.flatten(0, 1) for d in ds]
-                made = layer.rule(layer.module, xs, ds, want, n)
+                made = layer.rule(layer.module, xs, ds, want, n, **({} if cap.affine is None else
+                                                                     {"affine": cap.affine}))
                 for attr, g in made.items():
                     parts.setdefault(layer.attrs[attr], []).append(g)
         scales = {}
