@@ -208,8 +208,9 @@ class _Refuse:
 
     def __init__(self, model, names, reader):
         raise GradselError(
-            f"under FSDP2 gradsel computes the Fisher with per-layer rules only (Linear, Conv1d/2d, Embedding, "
-            f"LayerNorm, GroupNorm, BatchNorm with running statistics, transformers' Conv1D); {len(names)} "
+            f"under FSDP2 gradsel computes the Fisher with per-layer rules only (Linear, Conv1d/2d/3d and their "
+            f"transposes, Embedding, LayerNorm, GroupNorm, BatchNorm with running statistics, timm's norm + "
+            f"activation layers, transformers' Conv1D); {len(names)} "
             f"candidate(s) need another engine (first {names[0]!r}): torch.func transforms do not run through "
             "FSDP2's sharded parameters. Leave them out (gradsel.select's exclude=, or params= of select and "
             "fisher), or estimate on the model before fully_shard and pass fisher=")
