@@ -1991,6 +1991,15 @@ def _summed(parts: list, n: int, param: torch.Tensor) -> BlockGrads:
     return BlockGrads(lambda s, e, scratch=None: sum(m(s, e) for m in makers), n, block)
 
 
+def _passes_through(node: Any) -> bool:
+    """FSDP2's ``RegisterPostBackwardFunction``, which every unit's forward applies to its inputs: an identity that
+    reads no parameter, so it hides no use (taken as opaque, every FSDP2 model was, and a layer that never runs,
+    as smp's Unet with ``encoder_depth=3`` leaves its encoder's last stages, went to a fallback FSDP2 cannot run)."""
+    cls = getattr(node, "_forward_cls", None)
+    return (cls is not None and cls.__name__ == "RegisterPostBackwardFunction"
+            and cls.__module__.startswith("torch.distributed.fsdp"))
+
+
 def _parameter_uses(losses: torch.Tensor) -> tuple[Counter, bool]:
     """How often each parameter enters autograd's graph of ``losses``, and whether the graph holds custom
     Python functions (reentrant checkpointing) that can hide parameter uses.
@@ -2006,7 +2015,7 @@ def _parameter_uses(losses: torch.Tensor) -> tuple[Counter, bool]:
         if id(node) in nodes:
             continue
         nodes[id(node)] = node
-        if isinstance(node, torch.autograd.function.BackwardCFunction):
+        if isinstance(node, torch.autograd.function.BackwardCFunction) and not _passes_through(node):
             opaque = True
         for nxt, _ in node.next_functions:
             if nxt is not None:
