@@ -111,14 +111,16 @@ def _conv_layers(case) -> list[dict]:
         name, m, xi, d = layer["layer"], layer["module"], layer["x"], layer["d"]
         acc = torch.zeros_like(m.weight, dtype=torch.float32)
         route = rules._conv_route(m, [d])
+        scratch = rules.Scratch()  # the engine's reused block buffer (fresh blocks cost page faults, not arithmetic)
 
         def per_sample(forced=None, m=m, xi=xi, d=d, acc=acc):
+            grads = rules.ConvWeightGrads(m, [xi], [d], xi.shape[0], scratch)
             if forced is None:
-                return rules.ConvWeightGrads(m, [xi], [d], xi.shape[0]).accumulate(acc, False, None, torch.float32)
+                return grads.accumulate(acc, False, None, torch.float32)
             orig = rules._conv_route
             rules._conv_route = lambda *_: forced
             try:
-                return rules.ConvWeightGrads(m, [xi], [d], xi.shape[0]).accumulate(acc, False, None, torch.float32)
+                return grads.accumulate(acc, False, None, torch.float32)
             finally:
                 rules._conv_route = orig
 
