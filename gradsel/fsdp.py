@@ -40,7 +40,7 @@ from .errors import GradselError
 from .fisher.result import Fisher
 from .masking import MaskHandle, _Entries, _Guard
 from .optim import _local
-from .policies.base import split_budget
+from .policies.base import output_dims, split_budget
 from .selection import Selection, resolve_budget
 
 __all__ = ["Layout", "layouts", "ShardedFisher", "estimate", "top_k", "ShardedSelection", "select",
@@ -501,6 +501,63 @@ def _all_reduce_long(values: torch.Tensor, group: Any) -> torch.Tensor:
     return t.cpu()
 
 
+def top_rows(scores: dict[str, torch.Tensor], lays: dict[str, Layout], k: int, *, largest: bool = True,
+             group: Any = None) -> tuple[dict[str, torch.Tensor], dict]:
+    """Exactly ``k`` elements as whole rows of largest (or smallest) Fisher mass, one row possibly partial, as
+    local masks: :func:`gradsel.policies.base.top_rows` over the full tensors, mask for mask. FSDP2 cuts dim 0,
+    so each row (a weight's output row with its bias entry, or one element of a 1-D tensor) lies on one rank:
+    each rank sums its rows, one all-reduce gives every rank every row's mass (one float64 a row, the masks'
+    only full-size data), and every rank ranks them alike; the rank holding the partial row fills it."""
+    from .policies.base import _row_view, _unit_rows, row_units, rows_taken
+    from .policies.base import top_k as plain_top_k
+
+    shapes = {n: torch.Size(lays[n].shape) for n in scores}
+    if any(len(s) == 0 for s in shapes.values()):
+        raise GradselError("under FSDP2 granularity='row' takes tensors of one or more dimensions (a scalar has no "
+                           "dim 0 to shard): leave scalar candidates out with params=/exclude=")
+    units = row_units(shapes)
+    dims = [_unit_rows(shapes, u) for u in units]
+    mass = torch.zeros(sum(r for r, _ in dims), dtype=torch.float64)
+    offset = 0
+    for unit, (total, _) in zip(units, dims):
+        lay = lays[unit[0]]
+        if lay.rows:
+            mass[offset + lay.start: offset + lay.start + lay.rows] = sum(
+                _row_view(scores[n].detach().to("cpu", torch.float64), lay.rows).sum(1) for n in unit)
+        offset += total
+    dist = _dist()
+    wire = mass.to(gd._comm_device(group))
+    dist.all_reduce(wire, op=dist.ReduceOp.SUM, group=group)  # each row is one rank's: the sum is the mass
+    mass = wire.cpu()
+    if torch.isnan(mass).any():
+        raise GradselError("scores contain NaN: the Fisher estimate is broken; check the data and the loss")
+    order = torch.sort(mass, descending=largest, stable=True).indices
+    starts, chosen, whole, remainder = rows_taken(dims, order, k)
+    partial = None  # (unit index, its row) of the partial row
+    if remainder > 0:
+        row = int(order[whole])
+        u = max(i for i in range(len(units)) if starts[i] <= row)
+        partial = (u, row - starts[u])
+    masks = {}
+    for i, (unit, (total, _)) in enumerate(zip(units, dims)):
+        lay = lays[unit[0]]
+        picked = chosen[starts[i] + lay.start: starts[i] + lay.start + lay.rows]
+        fill = None
+        if partial is not None and partial[0] == i and lay.start <= partial[1] < lay.start + lay.rows:
+            local = partial[1] - lay.start  # this rank's row: its r largest (smallest) entries, ties by position
+            part = plain_top_k({n: _row_view(scores[n].detach(), lay.rows)[local] for n in unit}, remainder,
+                               largest=largest)
+            fill = (local, part)
+        for n in unit:
+            width = shapes[n].numel() // total if total else 0
+            mask = picked.reshape(lay.rows, 1).expand(lay.rows, width).clone()
+            if fill is not None:
+                mask[fill[0]] = fill[1][n]
+            masks[n] = mask.reshape(lays[n].local_shape)
+    partial_name = None if partial is None else f"{units[partial[0]][0]}[{partial[1]}]"
+    return masks, {"rows": starts[-1], "whole_rows": whole, "partial_row": partial_name}
+
+
 def top_k(scores: dict[str, torch.Tensor], lays: dict[str, Layout], k: int, *, largest: bool = True,
           group: Any = None) -> dict[str, torch.Tensor]:
     """Exactly ``k`` True entries over all ranks' shards at the largest (or smallest) scores, as local masks.
@@ -852,12 +909,14 @@ def select(model: nn.Module, data: Any, pol: Any, *, keep: Any, params: Any, exc
     from .params import resolve
 
     budget = getattr(pol, "budget", "global")
+    rows = getattr(pol, "granularity", "element") == "row"
     if pol.name not in ("fish", "reverse", "random") or budget not in ("global", "per_tensor") \
-            or getattr(pol, "granularity", "element") != "element":
+            or getattr(pol, "granularity", "element") not in ("element", "row") \
+            or (rows and (pol.name == "random" or budget != "global")):
         raise GradselError(f"under FSDP2 gradsel selects with 'fish' or 'reverse' (budget 'global' or 'per_tensor') "
-                           f"or 'random', by element, so far; {pol!r} is not supported on sharded models yet. Select "
-                           "on the model before fully_shard (every rank alike) if it fits, and shard the masks with "
-                           "gradsel.fsdp.shard_selection")
+                           f"or 'random', by element, and with 'fish' or 'reverse' by row (budget 'global'), so far; "
+                           f"{pol!r} is not supported on sharded models yet. Select on the model before fully_shard "
+                           "(every rank alike) if it fits, and shard the masks with gradsel.fsdp.shard_selection")
     always_names = resolve(model, always, what="always") if always is not None else []
     names = [n for n in resolve(model, params, exclude) if n not in set(always_names)]
     if not names:
@@ -874,7 +933,17 @@ def select(model: nn.Module, data: Any, pol: Any, *, keep: Any, params: Any, exc
     else:
         scores = _fisher_shards(model, data, names, lays, fisher, fisher_options)
     largest = pol.name != "reverse"
-    if budget == "global":
+    info = {}
+    if rows:
+        with _plain_classes(model):  # (output_dims reads transformers' Conv1D by its class name)
+            moved = output_dims(model, names)
+        if moved:
+            raise GradselError(f"under FSDP2 granularity='row' takes weights whose output rows are on dim 0, which "
+                               f"FSDP2 shards; {sorted(moved)[0]!r} holds them on dim 1 (transformers' Conv1D, a "
+                               "transposed convolution): leave such weights out (params=/exclude=), or select before "
+                               "fully_shard and shard the masks with gradsel.fsdp.shard_selection")
+        masks, info["rows"] = top_rows(scores, lays, k, largest=largest, group=group)
+    elif budget == "global":
         masks = top_k(scores, lays, k, largest=largest, group=group)
     else:  # each tensor its share of k (the one-process split), one sharded top-k per tensor
         parts = split_budget([math.prod(lays[n].shape) for n in names], k)
@@ -884,7 +953,7 @@ def select(model: nn.Module, data: Any, pol: Any, *, keep: Any, params: Any, exc
     for n in always_names:
         masks[n] = torch.ones(lays[n].local_shape, dtype=torch.bool)
     sel = ShardedSelection(masks, layouts=lays, group=group, policy=pol.name, options=pol.options, candidates=names,
-                           always=always_names, budget=k, seed=seed, info={}, policy_object=pol)
+                           always=always_names, budget=k, seed=seed, info=info, policy_object=pol)
     got = sel.selected()
     if got != k:
         raise GradselError(f"internal: the sharded top-k selected {got} elements, the budget is {k}; please "

@@ -144,8 +144,13 @@ def work_core(rank: int, world: int, out: Path) -> dict:
                                                 progress=False).masks for policy in ("fish", "reverse")}
     res["random"] = {seed: gradsel.select(model, None, "random", keep=20, seed=seed, progress=False).masks
                      for seed in (0, 3)}
+    # whole rows: budgets that end inside a row of 0 (weight + bias, 7 elements), of the LayerNorm's, of 5, ...
+    res["rows"] = {(policy, keep): gradsel.select(model, None, policy, keep=keep, granularity="row", fisher=f,
+                                                  progress=False)
+                   for policy in ("fish", "reverse") for keep in (1, 10, 20, 47, 85)}
+    res["rows"] = {key: {"masks": sel.masks, "info": sel.info["rows"]} for key, sel in res["rows"].items()}
     # bad inputs
-    res["row_error"] = _error(lambda: gradsel.select(model, None, "fish", keep=5, granularity="row", fisher=f,
+    res["row_error"] = _error(lambda: gradsel.select(model, None, "random", keep=5, granularity="row", fisher=f,
                                                      progress=False))
     try:
         gradsel.fisher(model, _loader(ds), progress=False, engine="vmap")
@@ -517,6 +522,23 @@ def test_per_tensor_masks_equal_one_process(core_runs, policy, one_thread):
             assert torch.equal(run["per_tensor"][policy][n], m[lays[n].start:lays[n].start + lays[n].rows]), n
 
 
+@pytest.mark.parametrize("policy", ["fish", "reverse"])
+def test_row_masks_equal_one_process(core_runs, policy, one_thread):
+    """granularity='row' on the shards: the one-process masks, the partial row included (filled by its rank)."""
+    runs, _ = core_runs
+    x, y = _data()
+    f = gradsel.fisher_loop(_mlp(), (x, y), progress=False)
+    for keep in (1, 10, 20, 47, 85):
+        ref = gradsel.select(_mlp(), None, policy, keep=keep, granularity="row", fisher=f, progress=False)
+        for run in runs:
+            got = run["rows"][(policy, keep)]
+            lays = run["fisher"]["layouts"]
+            assert got["info"] == ref.info["rows"], (policy, keep)
+            for n, m in ref.masks.items():
+                assert torch.equal(got["masks"][n], m[lays[n].start:lays[n].start + lays[n].rows]), (policy, keep, n)
+        assert sum(int(run["rows"][(policy, keep)]["masks"][n].sum()) for run in runs for n in ref.masks) == keep
+
+
 def test_random_masks_by_global_position(core_runs):
     """FSDP2's random masks: the top 20 of position_scores over the full tensors' global positions (one process),
     each rank holding its rows; other seeds, other masks."""
@@ -615,7 +637,7 @@ def test_sharded_delta_is_one_complete_file(core_runs, one_thread):
 def test_sharded_bad_inputs(core_runs):
     runs, _ = core_runs
     for run in runs:
-        assert "granularity='row'" in run["row_error"] and "not supported" in run["row_error"]
+        assert "granularity='row'" in run["row_error"] and "not supported" in run["row_error"]  # random by row
         assert "engine='vmap'" in run["vmap_error"]
         assert "not sharded by fully_shard" in run["apply_error"]
         assert "'1.s'" in run["no_rule_error"] and "exclude=" in run["no_rule_error"]

@@ -12,7 +12,7 @@ from ..errors import GradselError
 from ..fisher import Fisher, fisher
 
 __all__ = ["Policy", "Context", "top_k", "split_budget", "masks_from_flat", "row_units", "top_rows", "fill_rows",
-           "rank_rows", "RowView", "output_dims"]
+           "rows_taken", "rank_rows", "RowView", "output_dims"]
 
 
 @dataclass
@@ -343,18 +343,7 @@ def fill_rows(shapes: dict[str, torch.Size], units: list[tuple[str, ...]], order
         (``"name[i]"`` of the partial row's first tensor, or None).
     """
     dims = [_unit_rows(shapes, u) for u in units]
-    sizes = torch.cat([torch.full((r,), s, dtype=torch.int64) for r, s in dims]) if dims else torch.zeros(0)
-    starts = [0]
-    for r, _ in dims:
-        starts.append(starts[-1] + r)
-    total = int(sizes.sum())
-    if not 0 <= k <= total:
-        raise GradselError(f"cannot select {k} of {total} elements")
-    cum = sizes[order].cumsum(0)
-    whole = int(torch.searchsorted(cum, torch.tensor(k), right=True))
-    chosen = torch.zeros(len(sizes), dtype=torch.bool)
-    chosen[order[:whole]] = True
-    remainder = k - (int(cum[whole - 1]) if whole else 0)
+    starts, chosen, whole, remainder = rows_taken(dims, order, k)
     masks, extra, partial_name = {}, None, None
     if remainder > 0:
         row = int(order[whole])
@@ -374,7 +363,25 @@ def fill_rows(shapes: dict[str, torch.Size], units: list[tuple[str, ...]], order
                 mask[extra[1]] = extra[2][offset:offset + width]
                 offset += width
             masks[name] = mask.reshape(shape)
-    return masks, {"rows": len(sizes), "whole_rows": whole, "partial_row": partial_name}
+    return masks, {"rows": starts[-1], "whole_rows": whole, "partial_row": partial_name}
+
+
+def rows_taken(dims: list[tuple[int, int]], order: torch.Tensor, k: int) -> tuple[list[int], torch.Tensor, int, int]:
+    """What :func:`fill_rows` takes for units of ``dims`` ((rows, elements per row) each) in ``order``: the global
+    number of each unit's first row (and the total last), the rows taken whole (a bool per row), how many, and the
+    elements left for the next row in ``order`` (0: none is partial)."""
+    sizes = torch.cat([torch.full((r,), s, dtype=torch.int64) for r, s in dims]) if dims else torch.zeros(0)
+    starts = [0]
+    for r, _ in dims:
+        starts.append(starts[-1] + r)
+    total = int(sizes.sum())
+    if not 0 <= k <= total:
+        raise GradselError(f"cannot select {k} of {total} elements")
+    cum = sizes[order].cumsum(0)
+    whole = int(torch.searchsorted(cum, torch.tensor(k), right=True))
+    chosen = torch.zeros(len(sizes), dtype=torch.bool)
+    chosen[order[:whole]] = True
+    return starts, chosen, whole, k - (int(cum[whole - 1]) if whole else 0)
 
 
 def rank_rows(scores: dict[str, torch.Tensor], units: list[tuple[str, ...]], *, largest: bool = True) -> torch.Tensor:
