@@ -231,22 +231,57 @@ COMPACT_WEIGHTS = WeakIdKeyDictionary()  # weight -> True; tensors compare by id
 class _Layer:
     """One row-sparse layer: where its weight's mask is read from, and the touched rows derived from it."""
 
-    def __init__(self, masks: Any, name: str, compact: bool):
+    def __init__(self, masks: Any, name: str, compact: bool, sharded_rows: torch.Tensor | None = None):
         self._source = masks
         self.name = name
         self.compact = compact
         self._seen: tuple | None = None
         self._rows: torch.Tensor | None = None
+        # a ShardedSelection's mask is this rank's rows only: the touched rows of every rank, fixed at the call
+        self._sharded = sharded_rows
+        if sharded_rows is not None:
+            mask = _masks_of(masks)[name]
+            self._seen = (id(mask), mask._version)
 
     def rows(self, weight: torch.Tensor) -> torch.Tensor | None:
         """Indices of the rows with a selected element, on the weight's device; None when all rows have one."""
         mask = _masks_of(self._source)[self.name]
+        if self._sharded is not None:  # (re-deriving them would take a collective inside the forward)
+            if (id(mask), mask._version) != self._seen:
+                raise GradselError(f"the mask of {self.name!r} changed after row_sparse was called on this FSDP2 "
+                                   "model: call remove() and row_sparse(model, selection) again on every rank")
+            if self._rows is None or self._rows.device != weight.device:
+                self._rows = self._sharded.nonzero().flatten().to(weight.device)
+            return self._rows
         key = (id(mask), mask._version, weight.device)
         if key != self._seen:  # the selection changed (a progressive policy) or the model moved
             touched = mask.reshape(mask.shape[0], -1).any(1)
             self._rows = None if bool(touched.all()) else touched.nonzero().flatten().to(weight.device)
             self._seen = key
         return self._rows
+
+
+def _touched_rows(masks: Any, names: list[str]) -> dict[str, torch.Tensor]:
+    """``name -> `` a bool over the weight's full dim 0: its rows with a selected element. A
+    :class:`gradsel.fsdp.ShardedSelection` holds this rank's rows of each mask only: every rank's, by one
+    all-reduce (every rank calls row_sparse), so that each rank's backward forms the rows that any rank selected
+    (FSDP2 sums the ranks' gradients into the shard that holds each row)."""
+    current = _masks_of(masks)
+    if not hasattr(masks, "layouts"):
+        return {n: current[n].reshape(current[n].shape[0], -1).any(1) for n in names}
+    from .fsdp import _all_reduce_long
+
+    lays = masks.layouts
+    flat = torch.zeros(sum(lays[n].shape[0] for n in names), dtype=torch.int64)
+    offset, spans = 0, {}
+    for n in names:
+        lay = lays[n]
+        if lay.rows:
+            flat[offset + lay.start: offset + lay.start + lay.rows] = current[n].reshape(lay.rows, -1).any(1)
+        spans[n] = (offset, lay.shape[0])
+        offset += lay.shape[0]
+    flat = _all_reduce_long(flat, masks.group) > 0
+    return {n: flat[o:o + r] for n, (o, r) in spans.items()}
 
 
 def _masks_of(source: Any) -> dict[str, torch.Tensor]:
@@ -285,13 +320,13 @@ class RowSparse:
         self.skipped: dict[str, str] = {}
         self.removed = False
         current = _masks_of(masks)
-        for prefix, module in model.named_modules():
-            wname = f"{prefix}.weight" if prefix else "weight"
-            if not isinstance(module, (nn.Linear, *_CONV)) or wname not in current:
-                continue
-            mask = current[wname]
-            touched = int(mask.reshape(mask.shape[0], -1).any(1).sum())
-            if touched == mask.shape[0]:
+        layers = [(prefix, module, f"{prefix}.weight" if prefix else "weight") for prefix, module in model.named_modules()
+                  if isinstance(module, (nn.Linear, *_CONV)) and (f"{prefix}.weight" if prefix else "weight") in current]
+        rows = _touched_rows(masks, [wname for _, _, wname in layers])
+        sharded = hasattr(masks, "layouts")
+        for prefix, module, wname in layers:
+            touched = int(rows[wname].sum())
+            if touched == rows[wname].numel():
                 continue  # every row has a selected element: nothing to skip
             if module in _OWNERS:
                 self.remove()
@@ -301,12 +336,12 @@ class RowSparse:
             if reason:
                 self.skipped[prefix] = reason
                 continue
-            _OWNERS[module] = _Layer(masks, wname, compact)
+            _OWNERS[module] = _Layer(masks, wname, compact, rows[wname] if sharded else None)
             if compact:
                 COMPACT_WEIGHTS[module.weight] = True
             module.forward = types.MethodType(_row_forward, module)
             self._modules.append(module)
-            self.layers[prefix] = (touched, mask.shape[0])
+            self.layers[prefix] = (touched, rows[wname].numel())
 
     def remove(self) -> None:
         """Give every layer its plain forward back. Idempotent."""

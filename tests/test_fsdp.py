@@ -410,6 +410,29 @@ def work_video(rank: int, world: int, out: Path) -> dict:
     return {"fisher": _pack(gradsel.fisher(model, [(x[half], y[half])], progress=False))}
 
 
+def work_row_sparse(rank: int, world: int, out: Path) -> dict:
+    """Each rank's gradients with the row-sparse backward and with the dense one, for a row selection whose rows
+    lie on one rank or the other."""
+    from gradsel.rowsparse import row_sparse
+
+    model = _sharded_mlp()
+    x, y = _data()
+    half = slice(rank * 7, rank * 7 + 7)
+    f = gradsel.fisher_loop(_mlp(), (x, y), progress=False)  # one process's: the same selection on every rank
+    sel = gradsel.select(model, None, "fish", keep=25, granularity="row", fisher=f, progress=False)
+    grads = {}
+    for mode in ("dense", "rows"):
+        model.zero_grad()
+        handle = row_sparse(model, sel) if mode == "rows" else None
+        torch.nn.functional.cross_entropy(model(x[half]), y[half]).backward()
+        grads[mode] = {n: None if p.grad is None else p.grad.to_local().clone() for n, p in model.named_parameters()}
+        if handle is not None:
+            grads["layers"] = dict(handle.layers)
+            handle.remove()
+    return {"grads": grads, "masks": {n: m.clone() for n, m in sel.masks.items()},
+            "layouts": {n: (lay.start, lay.rows) for n, lay in sel.layouts.items()}}
+
+
 def _not_same_even(name, param):  # a params= spec
     return not name.startswith("same_even.")
 
@@ -537,6 +560,26 @@ def test_row_masks_equal_one_process(core_runs, policy, one_thread):
             for n, m in ref.masks.items():
                 assert torch.equal(got["masks"][n], m[lays[n].start:lays[n].start + lays[n].rows]), (policy, keep, n)
         assert sum(int(run["rows"][(policy, keep)]["masks"][n].sum()) for run in runs for n in ref.masks) == keep
+
+
+def test_row_sparse_backward_on_shards_forms_every_ranks_rows(tmp_path, one_thread):
+    # a ShardedSelection holds each rank's rows of the masks: row_sparse had taken those local row numbers for the
+    # full weight's, so a row selected on rank 1 got another row's gradient (2.weight 0.09 off), silently
+    runs = _spawn("work_row_sparse", tmp_path)
+    full = gradsel.select(_mlp(), None, "fish", keep=25, granularity="row",
+                          fisher=gradsel.fisher_loop(_mlp(), _data(), progress=False), progress=False)
+    for rank, run in enumerate(runs):
+        dense, rows = run["grads"]["dense"], run["grads"]["rows"]
+        for n, m in run["masks"].items():
+            if m.any():
+                torch.testing.assert_close(rows[n][m], dense[n][m], rtol=0, atol=1e-15, msg=(rank, n))
+            if m.any() and m.dim() == 2:  # (a bias keeps its full gradient: a sum over the output gradient)
+                touched = full.masks[n].any(1)[run["layouts"][n][0]:][:m.shape[0]]
+                assert not rows[n][~touched].any(), (rank, n)  # rows no rank selected: no gradient formed
+        # the touched rows counted over every rank's shard, as the full masks have them
+        for layer, (touched, total) in run["grads"]["layers"].items():
+            mask = full.masks[f"{layer}.weight"]
+            assert (touched, total) == (int(mask.any(1).sum()), mask.shape[0])
 
 
 def test_random_masks_by_global_position(core_runs):
