@@ -501,22 +501,61 @@ def _all_reduce_long(values: torch.Tensor, group: Any) -> torch.Tensor:
     return t.cpu()
 
 
-def top_rows(scores: dict[str, torch.Tensor], lays: dict[str, Layout], k: int, *, largest: bool = True,
-             group: Any = None) -> tuple[dict[str, torch.Tensor], dict]:
-    """Exactly ``k`` elements as whole rows of largest (or smallest) Fisher mass, one row possibly partial, as
-    local masks: :func:`gradsel.policies.base.top_rows` over the full tensors, mask for mask. FSDP2 cuts dim 0,
-    so each row (a weight's output row with its bias entry, or one element of a 1-D tensor) lies on one rank:
-    each rank sums its rows, one all-reduce gives every rank every row's mass (one float64 a row, the masks'
-    only full-size data), and every rank ranks them alike; the rank holding the partial row fills it."""
-    from .policies.base import _row_view, _unit_rows, row_units, rows_taken
-    from .policies.base import top_k as plain_top_k
+def _row_dims(lays: dict[str, Layout], names: list[str]) -> tuple[list, list, dict]:
+    """The row units of ``names`` (:func:`gradsel.policies.base.row_units`), (rows, elements per row) of each,
+    and the full shapes."""
+    from .policies.base import _unit_rows, row_units
 
-    shapes = {n: torch.Size(lays[n].shape) for n in scores}
+    shapes = {n: torch.Size(lays[n].shape) for n in names}
     if any(len(s) == 0 for s in shapes.values()):
         raise GradselError("under FSDP2 granularity='row' takes tensors of one or more dimensions (a scalar has no "
                            "dim 0 to shard): leave scalar candidates out with params=/exclude=")
     units = row_units(shapes)
-    dims = [_unit_rows(shapes, u) for u in units]
+    return units, [_unit_rows(shapes, u) for u in units], shapes
+
+
+def _fill_rows(lays: dict[str, Layout], names: list[str], order: torch.Tensor, k: int, partial) -> tuple[dict, dict]:
+    """:func:`gradsel.policies.base.fill_rows` as local masks: rows taken whole in ``order`` (global row numbers,
+    the same on every rank) until ``k`` elements, the next one partly; ``partial(unit, local_row, r)`` (called on
+    the rank holding that row only) gives ``{name: bool over the row}`` with ``r`` set. FSDP2 cuts dim 0, so each
+    row (a weight's output row with its bias entry, or one element of a 1-D tensor) lies on one rank."""
+    from .policies.base import rows_taken
+
+    units, dims, shapes = _row_dims(lays, names)
+    starts, chosen, whole, remainder = rows_taken(dims, order, k)
+    partial_row = None  # (unit index, its row)
+    if remainder > 0:
+        row = int(order[whole])
+        u = max(i for i in range(len(units)) if starts[i] <= row)
+        partial_row = (u, row - starts[u])
+    masks = {}
+    for i, (unit, (total, _)) in enumerate(zip(units, dims)):
+        lay = lays[unit[0]]
+        picked = chosen[starts[i] + lay.start: starts[i] + lay.start + lay.rows]
+        fill = None
+        if partial_row is not None and partial_row[0] == i and lay.start <= partial_row[1] < lay.start + lay.rows:
+            fill = (partial_row[1] - lay.start, partial(unit, partial_row[1] - lay.start, remainder))
+        for n in unit:
+            width = shapes[n].numel() // total if total else 0
+            mask = picked.reshape(lay.rows, 1).expand(lay.rows, width).clone()
+            if fill is not None:
+                mask[fill[0]] = fill[1][n]
+            masks[n] = mask.reshape(lays[n].local_shape)
+    name = None if partial_row is None else f"{units[partial_row[0]][0]}[{partial_row[1]}]"
+    return masks, {"rows": starts[-1], "whole_rows": whole, "partial_row": name}
+
+
+def top_rows(scores: dict[str, torch.Tensor], lays: dict[str, Layout], k: int, *, largest: bool = True,
+             group: Any = None) -> tuple[dict[str, torch.Tensor], dict]:
+    """Exactly ``k`` elements as whole rows of largest (or smallest) Fisher mass, one row possibly partial, as
+    local masks: :func:`gradsel.policies.base.top_rows` over the full tensors, mask for mask. Each rank sums its
+    own rows, one all-reduce gives every rank every row's mass (one float64 a row, the only full-size data), every
+    rank ranks them alike, and the rank holding the partial row keeps its ``r`` largest (smallest) entries."""
+    from .policies.base import _row_view
+    from .policies.base import top_k as plain_top_k
+
+    names = list(scores)
+    units, dims, _ = _row_dims(lays, names)
     mass = torch.zeros(sum(r for r, _ in dims), dtype=torch.float64)
     offset = 0
     for unit, (total, _) in zip(units, dims):
@@ -531,31 +570,29 @@ def top_rows(scores: dict[str, torch.Tensor], lays: dict[str, Layout], k: int, *
     mass = wire.cpu()
     if torch.isnan(mass).any():
         raise GradselError("scores contain NaN: the Fisher estimate is broken; check the data and the loss")
-    order = torch.sort(mass, descending=largest, stable=True).indices
-    starts, chosen, whole, remainder = rows_taken(dims, order, k)
-    partial = None  # (unit index, its row) of the partial row
-    if remainder > 0:
-        row = int(order[whole])
-        u = max(i for i in range(len(units)) if starts[i] <= row)
-        partial = (u, row - starts[u])
-    masks = {}
-    for i, (unit, (total, _)) in enumerate(zip(units, dims)):
-        lay = lays[unit[0]]
-        picked = chosen[starts[i] + lay.start: starts[i] + lay.start + lay.rows]
-        fill = None
-        if partial is not None and partial[0] == i and lay.start <= partial[1] < lay.start + lay.rows:
-            local = partial[1] - lay.start  # this rank's row: its r largest (smallest) entries, ties by position
-            part = plain_top_k({n: _row_view(scores[n].detach(), lay.rows)[local] for n in unit}, remainder,
-                               largest=largest)
-            fill = (local, part)
-        for n in unit:
-            width = shapes[n].numel() // total if total else 0
-            mask = picked.reshape(lay.rows, 1).expand(lay.rows, width).clone()
-            if fill is not None:
-                mask[fill[0]] = fill[1][n]
-            masks[n] = mask.reshape(lays[n].local_shape)
-    partial_name = None if partial is None else f"{units[partial[0]][0]}[{partial[1]}]"
-    return masks, {"rows": starts[-1], "whole_rows": whole, "partial_row": partial_name}
+
+    def partial(unit, row, r):  # ties by position, as the one-process partial row
+        return plain_top_k({n: _row_view(scores[n].detach(), lays[n].rows)[row] for n in unit}, r, largest=largest)
+
+    return _fill_rows(lays, names, torch.sort(mass, descending=largest, stable=True).indices, k, partial)
+
+
+def random_rows(names: list[str], lays: dict[str, Layout], k: int, seed: int) -> tuple[dict[str, torch.Tensor], dict]:
+    """The unsharded ``random`` policy's ``granularity="row"`` masks, as local masks: its draws are over rows
+    (one ``randperm`` of every row, then one of the partial row's elements), which every rank repeats alike
+    (8 bytes a row), the rank holding the partial row drawing its elements."""
+    gen = torch.Generator().manual_seed(seed)
+    units, dims, shapes = _row_dims(lays, names)
+    order = torch.randperm(sum(r for r, _ in dims), generator=gen)
+
+    def partial(unit, row, r):  # the same draw as the one-process policy's, split into the unit's tensors
+        size = next(s for u, (_, s) in zip(units, dims) if u == unit)
+        flat = torch.zeros(size, dtype=torch.bool)
+        flat[torch.randperm(size, generator=gen)[:r]] = True
+        widths = [shapes[n].numel() // shapes[unit[0]][0] for n in unit]
+        return dict(zip(unit, flat.split(widths)))
+
+    return _fill_rows(lays, names, order, k, partial)
 
 
 def top_k(scores: dict[str, torch.Tensor], lays: dict[str, Layout], k: int, *, largest: bool = True,
@@ -912,9 +949,9 @@ def select(model: nn.Module, data: Any, pol: Any, *, keep: Any, params: Any, exc
     rows = getattr(pol, "granularity", "element") == "row"
     if pol.name not in ("fish", "reverse", "random") or budget not in ("global", "per_tensor") \
             or getattr(pol, "granularity", "element") not in ("element", "row") \
-            or (rows and (pol.name == "random" or budget != "global")):
+            or (rows and budget != "global"):
         raise GradselError(f"under FSDP2 gradsel selects with 'fish' or 'reverse' (budget 'global' or 'per_tensor') "
-                           f"or 'random', by element, and with 'fish' or 'reverse' by row (budget 'global'), so far; "
+                           f"or 'random', by element or by row (budget 'global' by row), so far; "
                            f"{pol!r} is not supported on sharded models yet. Select on the model before fully_shard "
                            "(every rank alike) if it fits, and shard the masks with gradsel.fsdp.shard_selection")
     always_names = resolve(model, always, what="always") if always is not None else []
@@ -929,7 +966,7 @@ def select(model: nn.Module, data: Any, pol: Any, *, keep: Any, params: Any, exc
             raise GradselError(f"policy {pol.name!r} needs keep=: a fraction in (0, 1] or an integer count")
     k = resolve_budget(keep, total)
     if pol.name == "random":
-        scores = random_scores(names, lays, seed)
+        scores = None if rows else random_scores(names, lays, seed)
     else:
         scores = _fisher_shards(model, data, names, lays, fisher, fisher_options)
     largest = pol.name != "reverse"
@@ -942,7 +979,10 @@ def select(model: nn.Module, data: Any, pol: Any, *, keep: Any, params: Any, exc
                                f"FSDP2 shards; {sorted(moved)[0]!r} holds them on dim 1 (transformers' Conv1D, a "
                                "transposed convolution): leave such weights out (params=/exclude=), or select before "
                                "fully_shard and shard the masks with gradsel.fsdp.shard_selection")
-        masks, info["rows"] = top_rows(scores, lays, k, largest=largest, group=group)
+        if pol.name == "random":
+            masks, info["rows"] = random_rows(names, lays, k, seed)
+        else:
+            masks, info["rows"] = top_rows(scores, lays, k, largest=largest, group=group)
     elif budget == "global":
         masks = top_k(scores, lays, k, largest=largest, group=group)
     else:  # each tensor its share of k (the one-process split), one sharded top-k per tensor

@@ -148,10 +148,13 @@ def work_core(rank: int, world: int, out: Path) -> dict:
     res["rows"] = {(policy, keep): gradsel.select(model, None, policy, keep=keep, granularity="row", fisher=f,
                                                   progress=False)
                    for policy in ("fish", "reverse") for keep in (1, 10, 20, 47, 85)}
+    res["rows"].update({("random", keep, seed): gradsel.select(model, None, "random", keep=keep, granularity="row",
+                                                              seed=seed, progress=False)
+                        for keep in (1, 20, 47, 85) for seed in (0, 3)})
     res["rows"] = {key: {"masks": sel.masks, "info": sel.info["rows"]} for key, sel in res["rows"].items()}
     # bad inputs
-    res["row_error"] = _error(lambda: gradsel.select(model, None, "random", keep=5, granularity="row", fisher=f,
-                                                     progress=False))
+    res["row_error"] = _error(lambda: gradsel.select(model, None, "fish", keep=5, granularity="row", fisher=f,
+                                                     budget="per_tensor", progress=False))
     try:
         gradsel.fisher(model, _loader(ds), progress=False, engine="vmap")
         res["vmap_error"] = None
@@ -562,6 +565,19 @@ def test_row_masks_equal_one_process(core_runs, policy, one_thread):
         assert sum(int(run["rows"][(policy, keep)]["masks"][n].sum()) for run in runs for n in ref.masks) == keep
 
 
+def test_random_row_masks_equal_one_process(core_runs, one_thread):
+    """random by row on the shards draws what one process draws for the same seed (over rows, 8 bytes each)."""
+    runs, _ = core_runs
+    for keep in (1, 20, 47, 85):
+        for seed in (0, 3):
+            ref = gradsel.select(_mlp(), None, "random", keep=keep, granularity="row", seed=seed, progress=False)
+            for run in runs:
+                got, lays = run["rows"][("random", keep, seed)], run["fisher"]["layouts"]
+                assert got["info"] == ref.info["rows"], (keep, seed)
+                for n, m in ref.masks.items():
+                    assert torch.equal(got["masks"][n], m[lays[n].start:lays[n].start + lays[n].rows]), (keep, seed, n)
+
+
 def test_row_sparse_backward_on_shards_forms_every_ranks_rows(tmp_path, one_thread):
     # a ShardedSelection holds each rank's rows of the masks: row_sparse had taken those local row numbers for the
     # full weight's, so a row selected on rank 1 got another row's gradient (2.weight 0.09 off), silently
@@ -680,7 +696,7 @@ def test_sharded_delta_is_one_complete_file(core_runs, one_thread):
 def test_sharded_bad_inputs(core_runs):
     runs, _ = core_runs
     for run in runs:
-        assert "granularity='row'" in run["row_error"] and "not supported" in run["row_error"]  # random by row
+        assert "granularity='row'" in run["row_error"] and "not supported" in run["row_error"]  # per_tensor by row
         assert "engine='vmap'" in run["vmap_error"]
         assert "not sharded by fully_shard" in run["apply_error"]
         assert "'1.s'" in run["no_rule_error"] and "exclude=" in run["no_rule_error"]
