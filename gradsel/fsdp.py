@@ -43,8 +43,8 @@ from .optim import _local
 from .policies.base import output_dims, split_budget
 from .selection import Selection, resolve_budget
 
-__all__ = ["Layout", "layouts", "ShardedFisher", "estimate", "top_k", "ShardedSelection", "select",
-           "sparse_adamw", "local_rows", "position_scores", "random_scores", "shard_selection"]
+__all__ = ["Layout", "layouts", "ShardedFisher", "estimate", "top_k", "top_rows", "random_rows", "ShardedSelection",
+           "select", "sparse_adamw", "local_rows", "position_scores", "random_scores", "shard_selection"]
 
 #: samples per chunk when neither ``chunk_size`` nor the data's batches say otherwise
 MAX_CHUNK = 32

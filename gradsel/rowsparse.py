@@ -320,8 +320,11 @@ class RowSparse:
         self.skipped: dict[str, str] = {}
         self.removed = False
         current = _masks_of(masks)
-        layers = [(prefix, module, f"{prefix}.weight" if prefix else "weight") for prefix, module in model.named_modules()
-                  if isinstance(module, (nn.Linear, *_CONV)) and (f"{prefix}.weight" if prefix else "weight") in current]
+        layers = []
+        for prefix, module in model.named_modules():
+            wname = f"{prefix}.weight" if prefix else "weight"
+            if isinstance(module, (nn.Linear, *_CONV)) and wname in current:
+                layers.append((prefix, module, wname))
         rows = _touched_rows(masks, [wname for _, _, wname in layers])
         sharded = hasattr(masks, "layouts")
         for prefix, module, wname in layers:
