@@ -501,6 +501,31 @@ def _all_reduce_long(values: torch.Tensor, group: Any) -> torch.Tensor:
     return t.cpu()
 
 
+def _head_layouts(model: nn.Module, names: list[str], lays: dict[str, Layout]) -> dict[str, Layout]:
+    """The layouts as ``granularity="head"`` sees the tensors (:func:`gradsel.policies.base.head_shapes`: an
+    attention projection's rows in blocks of one head, a block a row); a GradselError where a rank's shard
+    does not hold whole heads (FSDP2's ``ceil(rows / world)``-row chunks cut through one)."""
+    from dataclasses import replace
+
+    from .policies.base import head_shapes
+
+    shapes = head_shapes(model, {n: torch.Size(lays[n].shape) for n in names})
+    out = {}
+    for n in names:
+        lay, blocks = lays[n], shapes[n][0] if len(shapes[n]) else 0
+        if tuple(shapes[n]) == tuple(lay.shape):
+            out[n] = lay
+            continue
+        per = lay.shape[0] // blocks  # output rows a head
+        if lay.chunk % per:  # (the same answer on every rank: the shards start at multiples of the chunk)
+            raise GradselError(f"under FSDP2 granularity='head' needs whole heads on each rank; {n!r} has "
+                               f"{blocks} heads of {per} rows, and FSDP2 gives each rank {lay.chunk} rows of it: use "
+                               "granularity='row', or a world size that divides the heads")
+        out[n] = replace(lay, shape=tuple(shapes[n]), start=lay.start // per, rows=lay.rows // per,
+                         chunk=lay.chunk // per)
+    return out
+
+
 def _row_dims(lays: dict[str, Layout], names: list[str]) -> tuple[list, list, dict]:
     """The row units of ``names`` (:func:`gradsel.policies.base.row_units`), (rows, elements per row) of each,
     and the full shapes."""
@@ -946,12 +971,12 @@ def select(model: nn.Module, data: Any, pol: Any, *, keep: Any, params: Any, exc
     from .params import resolve
 
     budget = getattr(pol, "budget", "global")
-    rows = getattr(pol, "granularity", "element") == "row"
+    granularity = getattr(pol, "granularity", "element")
+    rows = granularity in ("row", "head")
     if pol.name not in ("fish", "reverse", "random") or budget not in ("global", "per_tensor") \
-            or getattr(pol, "granularity", "element") not in ("element", "row") \
-            or (rows and budget != "global"):
+            or granularity not in ("element", "row", "head") or (rows and budget != "global"):
         raise GradselError(f"under FSDP2 gradsel selects with 'fish' or 'reverse' (budget 'global' or 'per_tensor') "
-                           f"or 'random', by element or by row (budget 'global' by row), so far; "
+                           f"or 'random', by element, row or head (budget 'global' by row or head), so far; "
                            f"{pol!r} is not supported on sharded models yet. Select on the model before fully_shard "
                            "(every rank alike) if it fits, and shard the masks with gradsel.fsdp.shard_selection")
     always_names = resolve(model, always, what="always") if always is not None else []
@@ -972,17 +997,20 @@ def select(model: nn.Module, data: Any, pol: Any, *, keep: Any, params: Any, exc
     largest = pol.name != "reverse"
     info = {}
     if rows:
-        with _plain_classes(model):  # (output_dims reads transformers' Conv1D by its class name)
+        with _plain_classes(model):  # (output_dims and head_shapes read modules by their class)
             moved = output_dims(model, names)
+            view = _head_layouts(model, names, lays) if granularity == "head" else lays
         if moved:
-            raise GradselError(f"under FSDP2 granularity='row' takes weights whose output rows are on dim 0, which "
-                               f"FSDP2 shards; {sorted(moved)[0]!r} holds them on dim 1 (transformers' Conv1D, a "
-                               "transposed convolution): leave such weights out (params=/exclude=), or select before "
-                               "fully_shard and shard the masks with gradsel.fsdp.shard_selection")
+            raise GradselError(f"under FSDP2 granularity={granularity!r} takes weights whose output rows are on dim "
+                               f"0, which FSDP2 shards; {sorted(moved)[0]!r} holds them on dim 1 (transformers' "
+                               "Conv1D, a transposed convolution): leave such weights out (params=/exclude=), or "
+                               "select before fully_shard and shard the masks with gradsel.fsdp.shard_selection")
         if pol.name == "random":
-            masks, info["rows"] = random_rows(names, lays, k, seed)
+            masks, info["rows"] = random_rows(names, view, k, seed)
         else:
-            masks, info["rows"] = top_rows(scores, lays, k, largest=largest, group=group)
+            scores = {n: scores[n].reshape(view[n].local_shape) for n in names}
+            masks, info["rows"] = top_rows(scores, view, k, largest=largest, group=group)
+        masks = {n: masks[n].reshape(lays[n].local_shape) for n in names}
     elif budget == "global":
         masks = top_k(scores, lays, k, largest=largest, group=group)
     else:  # each tensor its share of k (the one-process split), one sharded top-k per tensor

@@ -436,6 +436,36 @@ def work_row_sparse(rank: int, world: int, out: Path) -> dict:
             "layouts": {n: (lay.start, lay.rows) for n, lay in sel.layouts.items()}}
 
 
+def _bert_heads(hidden: int = 32, heads: int = 2):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    return BertForSequenceClassification(BertConfig(
+        vocab_size=100, hidden_size=hidden, num_hidden_layers=2, num_attention_heads=heads,
+        intermediate_size=2 * hidden, max_position_embeddings=64, num_labels=2, attn_implementation="eager")).double()
+
+
+HEAD_BUDGETS = [(policy, keep) for policy in ("fish", "reverse", "random") for keep in (50, 700, 3000)]
+
+
+def work_heads(rank: int, world: int, out: Path) -> dict:
+    """granularity='head' on a BERT whose encoder layers are units (2 heads of 16 rows: one a rank)."""
+    bert = _bert_heads()
+    _shard(bert, list(bert.bert.encoder.layer))
+    f = gradsel.fisher_loop(_bert_heads(), M.bert_batch(n=6), progress=False)
+    res = {}
+    for policy, keep in HEAD_BUDGETS:
+        sel = gradsel.select(bert, None, policy, keep=keep, granularity="head", fisher=f, seed=1, progress=False)
+        res[(policy, keep)] = {"masks": sel.masks, "info": sel.info["rows"],
+                               "layouts": {n: (lay.start, lay.rows) for n, lay in sel.layouts.items()}}
+    odd = _bert_heads(hidden=24, heads=3)  # 3 heads of 8 rows: rank 1's 12 rows start inside the second head
+    _shard(odd, list(odd.bert.encoder.layer))
+    res["error"] = _error(lambda: gradsel.select(odd, None, "fish", keep=50, granularity="head",
+                                                 fisher=gradsel.fisher_loop(_bert_heads(24, 3), M.bert_batch(n=6),
+                                                                            progress=False), progress=False))
+    return res
+
+
 def _not_same_even(name, param):  # a params= spec
     return not name.startswith("same_even.")
 
@@ -596,6 +626,27 @@ def test_row_sparse_backward_on_shards_forms_every_ranks_rows(tmp_path, one_thre
         for layer, (touched, total) in run["grads"]["layers"].items():
             mask = full.masks[f"{layer}.weight"]
             assert (touched, total) == (int(mask.any(1).sum()), mask.shape[0])
+
+
+def test_head_masks_equal_one_process(tmp_path, one_thread):
+    """granularity='head' on the shards (each rank holding whole heads): the one-process masks, for the three
+    policies, with a partial head or row where the budget ends inside one."""
+    runs = _spawn("work_heads", tmp_path)
+    f = gradsel.fisher_loop(_bert_heads(), M.bert_batch(n=6), progress=False)
+    partial = set()
+    for policy, keep in HEAD_BUDGETS:
+        ref = gradsel.select(_bert_heads(), None, policy, keep=keep, granularity="head", fisher=f, seed=1,
+                             progress=False)
+        partial.add(ref.info["rows"]["partial_row"])
+        for run in runs:
+            got = run[(policy, keep)]
+            assert got["info"] == ref.info["rows"], (policy, keep)
+            for n, m in ref.masks.items():
+                start, rows = got["layouts"][n]
+                assert torch.equal(got["masks"][n], m[start:start + rows]), (policy, keep, n)
+    assert any(p and "attention.self" in p for p in partial)  # a head cut by the budget
+    for run in runs:
+        assert "whole heads" in run["error"] and "'bert.encoder.layer.0.attention.self.query.weight'" in run["error"]
 
 
 def test_random_masks_by_global_position(core_runs):
