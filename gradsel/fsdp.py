@@ -974,9 +974,9 @@ def select(model: nn.Module, data: Any, pol: Any, *, keep: Any, params: Any, exc
     granularity = getattr(pol, "granularity", "element")
     rows = granularity in ("row", "head")
     if pol.name not in ("fish", "reverse", "random") or budget not in ("global", "per_tensor") \
-            or granularity not in ("element", "row", "head") or (rows and budget != "global"):
+            or granularity not in ("element", "row", "head"):
         raise GradselError(f"under FSDP2 gradsel selects with 'fish' or 'reverse' (budget 'global' or 'per_tensor') "
-                           f"or 'random', by element, row or head (budget 'global' by row or head), so far; "
+                           f"or 'random', by element, row or head, so far; "
                            f"{pol!r} is not supported on sharded models yet. Select on the model before fully_shard "
                            "(every rank alike) if it fits, and shard the masks with gradsel.fsdp.shard_selection")
     always_names = resolve(model, always, what="always") if always is not None else []
@@ -1007,9 +1007,21 @@ def select(model: nn.Module, data: Any, pol: Any, *, keep: Any, params: Any, exc
                                "select before fully_shard and shard the masks with gradsel.fsdp.shard_selection")
         if pol.name == "random":
             masks, info["rows"] = random_rows(names, view, k, seed)
-        else:
+        elif budget == "global":
             scores = {n: scores[n].reshape(view[n].local_shape) for n in names}
             masks, info["rows"] = top_rows(scores, view, k, largest=largest, group=group)
+        else:  # each row unit (a weight with its bias) its share of k, as one process splits it
+            from .policies.base import row_units
+
+            units = row_units({n: torch.Size(view[n].shape) for n in names})
+            parts = split_budget([sum(math.prod(view[n].shape) for n in u) for u in units], k)
+            masks, info["rows"] = {}, {"whole_rows": 0, "partial_rows": []}
+            for unit, part in zip(units, parts):
+                got, one = top_rows({n: scores[n].reshape(view[n].local_shape) for n in unit},
+                                    {n: view[n] for n in unit}, part, largest=largest, group=group)
+                masks.update(got)
+                info["rows"]["whole_rows"] += one["whole_rows"]
+                info["rows"]["partial_rows"] += [one["partial_row"]] if one["partial_row"] else []
         masks = {n: masks[n].reshape(lays[n].local_shape) for n in names}
     elif budget == "global":
         masks = top_k(scores, lays, k, largest=largest, group=group)

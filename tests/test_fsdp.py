@@ -151,10 +151,12 @@ def work_core(rank: int, world: int, out: Path) -> dict:
     res["rows"].update({("random", keep, seed): gradsel.select(model, None, "random", keep=keep, granularity="row",
                                                               seed=seed, progress=False)
                         for keep in (1, 20, 47, 85) for seed in (0, 3)})
+    res["rows"].update({(policy, keep, "per_tensor"): gradsel.select(
+        model, None, policy, keep=keep, granularity="row", budget="per_tensor", fisher=f, progress=False)
+        for policy in ("fish", "reverse") for keep in (5, 20, 85)})
     res["rows"] = {key: {"masks": sel.masks, "info": sel.info["rows"]} for key, sel in res["rows"].items()}
     # bad inputs
-    res["row_error"] = _error(lambda: gradsel.select(model, None, "fish", keep=5, granularity="row", fisher=f,
-                                                     budget="per_tensor", progress=False))
+    res["ird_error"] = _error(lambda: gradsel.select(model, None, "ird", keep=5, fisher=f, progress=False))
     try:
         gradsel.fisher(model, _loader(ds), progress=False, engine="vmap")
         res["vmap_error"] = None
@@ -595,6 +597,22 @@ def test_row_masks_equal_one_process(core_runs, policy, one_thread):
         assert sum(int(run["rows"][(policy, keep)]["masks"][n].sum()) for run in runs for n in ref.masks) == keep
 
 
+@pytest.mark.parametrize("policy", ["fish", "reverse"])
+def test_per_tensor_row_masks_equal_one_process(core_runs, policy, one_thread):
+    """budget='per_tensor' by row: each row unit (a weight with its bias) its one-process share of k."""
+    runs, _ = core_runs
+    x, y = _data()
+    f = gradsel.fisher_loop(_mlp(), (x, y), progress=False)
+    for keep in (5, 20, 85):
+        ref = gradsel.select(_mlp(), None, policy, keep=keep, granularity="row", budget="per_tensor", fisher=f,
+                             progress=False)
+        for run in runs:
+            got, lays = run["rows"][(policy, keep, "per_tensor")], run["fisher"]["layouts"]
+            assert got["info"] == ref.info["rows"], (policy, keep)
+            for n, m in ref.masks.items():
+                assert torch.equal(got["masks"][n], m[lays[n].start:lays[n].start + lays[n].rows]), (policy, keep, n)
+
+
 def test_random_row_masks_equal_one_process(core_runs, one_thread):
     """random by row on the shards draws what one process draws for the same seed (over rows, 8 bytes each)."""
     runs, _ = core_runs
@@ -747,7 +765,7 @@ def test_sharded_delta_is_one_complete_file(core_runs, one_thread):
 def test_sharded_bad_inputs(core_runs):
     runs, _ = core_runs
     for run in runs:
-        assert "granularity='row'" in run["row_error"] and "not supported" in run["row_error"]  # per_tensor by row
+        assert "not supported on sharded models" in run["ird_error"]  # IRD
         assert "engine='vmap'" in run["vmap_error"]
         assert "not sharded by fully_shard" in run["apply_error"]
         assert "'1.s'" in run["no_rule_error"] and "exclude=" in run["no_rule_error"]
