@@ -964,7 +964,9 @@ def select(model: nn.Module, data: Any, pol: Any, *, keep: Any, params: Any, exc
     """``gradsel.select`` on an FSDP2 model (called by it); masks are local shards (:class:`ShardedSelection`).
 
     ``fish`` and ``reverse`` (budget ``"global"`` or ``"per_tensor"``, by element) rank the sharded Fisher with
-    :func:`top_k`, per tensor with the one-process split of ``k`` for ``per_tensor``: the one-process masks.
+    :func:`top_k`, per tensor with the one-process split of ``k`` for ``per_tensor``: the one-process masks. By
+    row or head (``granularity=``) they rank whole rows with :func:`top_rows`, and ``random`` draws them with
+    :func:`random_rows`: the one-process masks too.
     ``random`` ranks :func:`random_scores` (a hash of ``seed`` and the global position), the same masks for any
     world size, though not the unsharded ``random`` policy's (a ``randperm`` over all candidates, which no
     rank of a sharded model should hold)."""
