@@ -438,6 +438,29 @@ def work_row_sparse(rank: int, world: int, out: Path) -> dict:
             "layouts": {n: (lay.start, lay.rows) for n, lay in sel.layouts.items()}}
 
 
+def work_row_training(rank: int, world: int, out: Path) -> dict:
+    """Whole-row training on FSDP2: a row selection sharded onto the model, Selection.apply with AdamW and the
+    row-sparse backward, 10 steps; the full parameters at the end (gathered on every rank)."""
+    from gradsel.rowsparse import row_sparse
+
+    x, y = _data()
+    full = gradsel.select(_mlp(seed=2), [(x, y)], "fish", keep=30, granularity="row", progress=False)
+    model = _sharded_mlp(seed=2)
+    sel = gf.shard_selection(full, model)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    handle, rows = sel.apply(model, opt), row_sparse(model, sel)
+    for xb, tb in list(_batches())[:10]:
+        half = slice(rank * 4, rank * 4 + 4)
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(xb[half]), tb[half]).backward()
+        opt.step()
+        handle.step()
+    layers = dict(rows.layers)
+    rows.remove()
+    handle.remove()
+    return {"end": {n: gf._full(p).detach().clone() for n, p in model.named_parameters()}, "layers": layers}
+
+
 def _bert_heads(hidden: int = 32, heads: int = 2):
     from transformers import BertConfig, BertForSequenceClassification
 
@@ -665,6 +688,28 @@ def test_head_masks_equal_one_process(tmp_path, one_thread):
     assert any(p and "attention.self" in p for p in partial)  # a head cut by the budget
     for run in runs:
         assert "whole heads" in run["error"] and "'bert.encoder.layer.0.attention.self.query.weight'" in run["error"]
+
+
+def test_row_sparse_training_on_fsdp2_equals_one_process(tmp_path, one_thread):
+    # the row selection, Selection.apply and the row-sparse backward together on shards: one process's masked
+    # AdamW trajectory (dense backward) over the same global batches
+    runs = _spawn("work_row_training", tmp_path)
+    x, y = _data()
+    model = _mlp(seed=2)
+    sel = gradsel.select(model, [(x, y)], "fish", keep=30, granularity="row", progress=False)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    start = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with sel.apply(model, opt) as handle:
+        for xb, tb in list(_batches())[:10]:
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(xb), tb).backward()
+            opt.step()
+            handle.step()
+    assert runs[0]["layers"] and runs[0]["layers"] == runs[1]["layers"]  # some layers skipped rows, alike
+    for n, p in model.named_parameters():
+        assert not torch.equal(p.detach(), start[n]) or not sel.masks[n].any(), n
+        for run in runs:
+            torch.testing.assert_close(run["end"][n], p.detach(), rtol=0, atol=1e-10, msg=n)
 
 
 def test_random_masks_by_global_position(core_runs):
