@@ -95,6 +95,36 @@ def work_fisher(rank: int, world: int) -> dict:
     return out
 
 
+def _row_training(model: nn.Module, x, y, ddp: bool, steps: int = 8, sparse: bool = True) -> dict:
+    """A row selection (the same on every rank: one process's Fisher), Selection.apply with AdamW before any
+    wrapping (it freezes the tensors with nothing selected), then the row-sparse backward, under DDP or not."""
+    from gradsel.rowsparse import row_sparse
+
+    # 90 elements: 6 of the first layer's 16 rows (one partly) and all of the last's
+    sel = gradsel.select(M.mlp().double(), [(x, y)], "fish", keep=90, granularity="row", progress=False)
+    model.eval()  # (its Dropout would draw other masks on each rank than one process draws)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    handle = sel.apply(model, opt)
+    net = nn.parallel.DistributedDataParallel(model) if ddp else model
+    rows = row_sparse(net, sel) if sparse else None
+    for _ in range(steps):
+        opt.zero_grad()
+        nn.functional.cross_entropy(net(x), y).backward()
+        opt.step()
+        handle.step()
+    layers = dict(rows.layers) if rows else {}
+    if rows:
+        rows.remove()
+    handle.remove()
+    return {"end": {n: p.detach().clone() for n, p in model.named_parameters()}, "layers": layers}
+
+
+def work_row_training(rank: int, world: int) -> dict:
+    x, y = _mlp_data(n=12)
+    sl = _rank_slice(12, rank, world)
+    return _row_training(M.mlp().double(), x[sl], y[sl], ddp=True)
+
+
 def work_models(rank: int, world: int) -> dict:
     bert, batch = M.bert().double(), M.bert_batch(n=6)
     out = {"bert": _pack(gradsel.fisher(bert, [_take(batch, _rank_slice(6, rank, world))], progress=False))}
@@ -358,6 +388,20 @@ def test_sparse_adamw_under_ddp_equals_dense_adamw_one_process(ddp_runs, one_thr
             torch.testing.assert_close(run["sparse"]["end"][n], p.detach(), rtol=0, atol=1e-6)
         # state only for the selected elements (the 0.* tensors) and the dense always= head
         assert run["sparse"]["state"] == {n: int(m.sum()) for n, m in sel.masks.items() if bool(m.any())}
+
+
+def test_row_sparse_training_under_ddp_equals_one_process(tmp_path, one_thread):
+    """The row-sparse backward's dense gradients (zeros outside the touched rows) go through DDP's all-reduce:
+    the replicas stay equal and follow one process's dense masked AdamW over the whole batch."""
+    runs = _spawn("work_row_training", tmp_path)
+    x, y = _mlp_data(n=12)
+    ref = _row_training(M.mlp().double(), x, y, ddp=False)
+    assert runs[0]["layers"] == ref["layers"] == {"0": (6, 16)}  # the first layer's other 10 rows skipped
+    start = M.mlp().double().state_dict()
+    for n, p in ref["end"].items():
+        assert not torch.equal(p, start[n]), n  # every tensor trained
+        for run in runs:
+            torch.testing.assert_close(run["end"][n], p, rtol=0, atol=1e-10, msg=n)
 
 
 def test_single_process_needs_no_group():
