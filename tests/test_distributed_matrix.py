@@ -1,7 +1,7 @@
 """The engines' float64 matrix (``tests/test_engines.py: CASES``) across 2 gloo processes, against one process.
 
-Each rank takes its half of every case's batch; the Fisher over both halves must equal the loop over the whole
-batch in one process. Under DDP every case must; under FSDP2 (each block of the model's first ``ModuleList`` a
+Each rank takes its half of every case's batch; the Fisher over both halves, and each sample's contribution
+(``per_sample=True``, gathered in global order), must equal the loop over the whole batch in one process. Under DDP every case must; under FSDP2 (each block of the model's first ``ModuleList`` a
 unit of its own, the root another) a case either equals one process or raises the ``GradselError`` that names
 the candidates needing a fallback FSDP2 cannot run (module-local ``torch.func`` gradients, per-sample copies of
 a parameter). One spawned pair runs all the cases of a test (about 15 s each on this project's 2 cores).
@@ -74,13 +74,15 @@ def _entry(rank: int, world: int, port: int, how: str, names: list, out: str) ->
             model, batch, opts = _case(name)
             try:
                 model = _wrap(model, how)
-                f = gradsel.fisher(model, [_half(batch, _size(batch), rank)], loss=opts.get("loss"), progress=False)
+                f = gradsel.fisher(model, [_half(batch, _size(batch), rank)], loss=opts.get("loss"), progress=False,
+                                   per_sample=True)
             except gradsel.GradselError as e:
                 got[name] = str(e)
                 continue
             # a shard's rows under FSDP2 (f.layouts: where they start), the whole tensor under DDP
             starts = {k: f.layouts[k].start for k in f} if hasattr(f, "layouts") else {k: 0 for k in f}
             got[name] = {k: (starts[k], t.clone()) for k, t in f.items()}
+            got[name]["per sample"] = (0, f.per_sample.clone())  # every rank's, in global sample order
         torch.save(got, Path(out) / f"{how}_{rank}.pt")
 
 
@@ -91,9 +93,11 @@ def _run(how: str, names: list, tmp_path: Path) -> list:
 
 def _assert_one_process(name: str, runs: list, sharded: bool) -> None:
     model, batch, opts = _case(name)
-    ref = gradsel.fisher_loop(model, batch, loss=opts.get("loss"), progress=False)
+    ref = gradsel.fisher_loop(model, batch, loss=opts.get("loss"), progress=False, per_sample=True)
     tol = opts.get("tol", 1e-10)
     largest = max(float(t.abs().max()) for t in ref.values())
+    for run in runs:  # each sample's contribution (its sum of squares), the same on every rank
+        torch.testing.assert_close(run[name]["per sample"][1], ref.per_sample, rtol=tol, atol=0, msg=name)
     for run in runs if not sharded else [None]:
         for k, full in ref.items():
             if sharded:  # the two ranks' rows, in order, are the whole tensor
