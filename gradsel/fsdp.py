@@ -43,8 +43,9 @@ from .optim import _local
 from .policies.base import output_dims, split_budget
 from .selection import Selection, resolve_budget
 
-__all__ = ["Layout", "layouts", "ShardedFisher", "estimate", "top_k", "top_rows", "random_rows", "ShardedSelection",
-           "select", "sparse_adamw", "local_rows", "position_scores", "random_scores", "shard_selection"]
+__all__ = ["Layout", "layouts", "ShardedFisher", "estimate", "top_k", "top_rows", "random_rows", "full_rows",
+           "ShardedSelection", "select", "sparse_adamw", "local_rows", "position_scores", "random_scores",
+           "shard_selection"]
 
 #: samples per chunk when neither ``chunk_size`` nor the data's batches say otherwise
 MAX_CHUNK = 32
@@ -494,7 +495,8 @@ def _keys(t: torch.Tensor, largest: bool) -> torch.Tensor:
     return key if largest else ~key
 
 
-def _all_reduce_long(values: torch.Tensor, group: Any) -> torch.Tensor:
+def _all_reduce_sum(values: torch.Tensor, group: Any) -> torch.Tensor:
+    """The sum over ranks of ``values`` (any dtype), back on the CPU."""
     dist = _dist()
     t = values.to(gd._comm_device(group))
     dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
@@ -526,6 +528,24 @@ def _head_layouts(model: nn.Module, names: list[str], lays: dict[str, Layout]) -
     return out
 
 
+def full_rows(local: dict[str, torch.Tensor], lays: dict[str, Layout], group: Any = None) -> dict[str, torch.Tensor]:
+    """Each tensor's per-row values over its full dim 0, on every rank, from each rank's values for the rows it
+    holds (``local[name]``: one value per local row). Each row is one rank's, so one all-reduce of one value a
+    row (zeros for the others' rows) gives them all."""
+    names = list(local)
+    if not names:
+        return {}
+    flat = torch.zeros(sum(lays[n].shape[0] for n in names), dtype=local[names[0]].dtype)
+    offset, spans = 0, {}
+    for n in names:
+        lay = lays[n]
+        flat[offset + lay.start: offset + lay.start + lay.rows] = local[n]
+        spans[n] = (offset, lay.shape[0])
+        offset += lay.shape[0]
+    flat = _all_reduce_sum(flat, group)
+    return {n: flat[o:o + r] for n, (o, r) in spans.items()}
+
+
 def _row_dims(lays: dict[str, Layout], names: list[str]) -> tuple[list, list, dict]:
     """The row units of ``names`` (:func:`gradsel.policies.base.row_units`), (rows, elements per row) of each,
     and the full shapes."""
@@ -539,14 +559,15 @@ def _row_dims(lays: dict[str, Layout], names: list[str]) -> tuple[list, list, di
     return units, [_unit_rows(shapes, u) for u in units], shapes
 
 
-def _fill_rows(lays: dict[str, Layout], names: list[str], order: torch.Tensor, k: int, partial) -> tuple[dict, dict]:
+def _fill_rows(lays: dict[str, Layout], rows: tuple, order: torch.Tensor, k: int, partial) -> tuple[dict, dict]:
     """:func:`gradsel.policies.base.fill_rows` as local masks: rows taken whole in ``order`` (global row numbers,
     the same on every rank) until ``k`` elements, the next one partly; ``partial(unit, local_row, r)`` (called on
     the rank holding that row only) gives ``{name: bool over the row}`` with ``r`` set. FSDP2 cuts dim 0, so each
-    row (a weight's output row with its bias entry, or one element of a 1-D tensor) lies on one rank."""
+    row (a weight's output row with its bias entry, or one element of a 1-D tensor) lies on one rank. ``rows``:
+    :func:`_row_dims` of the tensors."""
     from .policies.base import rows_taken
 
-    units, dims, shapes = _row_dims(lays, names)
+    units, dims, shapes = rows
     starts, chosen, whole, remainder = rows_taken(dims, order, k)
     partial_row = None  # (unit index, its row)
     if remainder > 0:
@@ -579,27 +600,19 @@ def top_rows(scores: dict[str, torch.Tensor], lays: dict[str, Layout], k: int, *
     from .policies.base import _row_view
     from .policies.base import top_k as plain_top_k
 
-    names = list(scores)
-    units, dims, _ = _row_dims(lays, names)
-    mass = torch.zeros(sum(r for r, _ in dims), dtype=torch.float64)
-    offset = 0
-    for unit, (total, _) in zip(units, dims):
-        lay = lays[unit[0]]
-        if lay.rows:
-            mass[offset + lay.start: offset + lay.start + lay.rows] = sum(
-                _row_view(scores[n].detach().to("cpu", torch.float64), lay.rows).sum(1) for n in unit)
-        offset += total
-    dist = _dist()
-    wire = mass.to(gd._comm_device(group))
-    dist.all_reduce(wire, op=dist.ReduceOp.SUM, group=group)  # each row is one rank's: the sum is the mass
-    mass = wire.cpu()
+    rows = _row_dims(lays, list(scores))
+    units = rows[0]
+    local = {u[0]: sum(_row_view(scores[n].detach().to("cpu", torch.float64), lays[n].rows).sum(1) for n in u)
+             for u in units}  # a unit's rows are its first tensor's (a bias shares its weight's dim 0)
+    mass = full_rows(local, lays, group)
+    mass = torch.cat([mass[u[0]] for u in units]) if units else torch.zeros(0, dtype=torch.float64)
     if torch.isnan(mass).any():
         raise GradselError("scores contain NaN: the Fisher estimate is broken; check the data and the loss")
 
     def partial(unit, row, r):  # ties by position, as the one-process partial row
         return plain_top_k({n: _row_view(scores[n].detach(), lays[n].rows)[row] for n in unit}, r, largest=largest)
 
-    return _fill_rows(lays, names, torch.sort(mass, descending=largest, stable=True).indices, k, partial)
+    return _fill_rows(lays, rows, torch.sort(mass, descending=largest, stable=True).indices, k, partial)
 
 
 def random_rows(names: list[str], lays: dict[str, Layout], k: int, seed: int) -> tuple[dict[str, torch.Tensor], dict]:
@@ -607,7 +620,7 @@ def random_rows(names: list[str], lays: dict[str, Layout], k: int, seed: int) ->
     (one ``randperm`` of every row, then one of the partial row's elements), which every rank repeats alike
     (8 bytes a row), the rank holding the partial row drawing its elements."""
     gen = torch.Generator().manual_seed(seed)
-    units, dims, shapes = _row_dims(lays, names)
+    rows = units, dims, shapes = _row_dims(lays, names)
     order = torch.randperm(sum(r for r, _ in dims), generator=gen)
 
     def partial(unit, row, r):  # the same draw as the one-process policy's, split into the unit's tensors
@@ -617,7 +630,7 @@ def random_rows(names: list[str], lays: dict[str, Layout], k: int, seed: int) ->
         widths = [shapes[n].numel() // shapes[unit[0]][0] for n in unit]
         return dict(zip(unit, flat.split(widths)))
 
-    return _fill_rows(lays, names, order, k, partial)
+    return _fill_rows(lays, rows, order, k, partial)
 
 
 def top_k(scores: dict[str, torch.Tensor], lays: dict[str, Layout], k: int, *, largest: bool = True,
@@ -640,7 +653,7 @@ def top_k(scores: dict[str, torch.Tensor], lays: dict[str, Layout], k: int, *, l
     total = sum(math.prod(lays[n].shape) for n in names)
     if not 0 <= k <= total:
         raise GradselError(f"cannot select {k} of {total} elements")
-    nan = _all_reduce_long(torch.tensor([sum(int(torch.isnan(scores[n]).sum()) for n in names)]), group)
+    nan = _all_reduce_sum(torch.tensor([sum(int(torch.isnan(scores[n]).sum()) for n in names)]), group)
     if int(nan[0]):
         raise GradselError("scores contain NaN: the Fisher estimate is broken; check the data and the loss")
     if k in (0, total):
@@ -653,7 +666,7 @@ def top_k(scores: dict[str, torch.Tensor], lays: dict[str, Layout], k: int, *, l
             if shift < 56:
                 u = u[((u >> (shift + 8)) & ((1 << (56 - shift)) - 1)) == prefix]
             hist += torch.bincount(((u >> shift) & 0xFF), minlength=256)
-        counts = _all_reduce_long(hist, group).tolist()
+        counts = _all_reduce_sum(hist, group).tolist()
         above = 0
         for digit in range(255, -1, -1):
             if above + counts[digit] >= need:
@@ -707,7 +720,7 @@ class ShardedSelection(Selection):
 
     def _counts(self, names: list[str]) -> list[int]:
         local = torch.tensor([int(self.masks[n].sum()) for n in names], dtype=torch.int64)
-        return _all_reduce_long(local, self.group).tolist() if names else []
+        return _all_reduce_sum(local, self.group).tolist() if names else []
 
     def selected(self) -> int:
         """Selected candidate elements over all ranks (a collective)."""

@@ -269,19 +269,11 @@ def _touched_rows(masks: Any, names: list[str]) -> dict[str, torch.Tensor]:
     current = _masks_of(masks)
     if not hasattr(masks, "layouts"):
         return {n: current[n].reshape(current[n].shape[0], -1).any(1) for n in names}
-    from .fsdp import _all_reduce_long
+    from .fsdp import full_rows
+    from .policies.base import _row_view
 
-    lays = masks.layouts
-    flat = torch.zeros(sum(lays[n].shape[0] for n in names), dtype=torch.int64)
-    offset, spans = 0, {}
-    for n in names:
-        lay = lays[n]
-        if lay.rows:
-            flat[offset + lay.start: offset + lay.start + lay.rows] = current[n].reshape(lay.rows, -1).any(1)
-        spans[n] = (offset, lay.shape[0])
-        offset += lay.shape[0]
-    flat = _all_reduce_long(flat, masks.group) > 0
-    return {n: flat[o:o + r] for n, (o, r) in spans.items()}
+    local = {n: _row_view(current[n], masks.layouts[n].rows).any(1).long() for n in names}  # (a shard may be empty)
+    return {n: t > 0 for n, t in full_rows(local, masks.layouts, masks.group).items()}
 
 
 def _masks_of(source: Any) -> dict[str, torch.Tensor]:
